@@ -1,0 +1,174 @@
+"""Request and reply bodies of the `P.api.*` subjects (PROTOCOL.md section 2).
+
+The HTTP API returns the same bodies. Requests ignore unknown fields; replies are
+always one of these Structs or an `ErrorReply`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas.types import (
+    ConfigType,
+    Count,
+    GatewayId,
+    GatewayStatus,
+    NonNegativeFloat,
+    Percent,
+    Region,
+    Role,
+    StrategyName,
+)
+from schemas.wire import DistributionId
+
+ErrorCode = Literal["bad_request", "not_found", "unavailable", "internal"]
+ClientId = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class _Body(msgspec.Struct, frozen=True, kw_only=True):
+    """Base for API bodies."""
+
+
+class ErrorDetail(_Body):
+    code: ErrorCode
+    message: str
+
+
+class ErrorReply(_Body):
+    error: ErrorDetail
+
+
+class Empty(_Body):
+    """`{}`: the request body of status, load-balancing.get and gateways."""
+
+
+class Features(_Body):
+    load_balancing: str = "enabled"
+    configuration_distribution: str = "enabled"
+    health_monitoring: str = "enabled"
+
+
+class StatusReply(_Body):
+    status: str = "ok"
+    features: Features = msgspec.field(default_factory=Features)
+    active_distributions: Count = 0
+    successfully_completed_distributions: Count = 0
+    failed_distributions: Count = 0
+    gateways_managed: Count = 0
+    gateways_healthy: Count = 0
+    load_balancing_strategy: StrategyName = "RoundRobin"
+    health_check_threshold: Percent = 70.0
+    ha_enabled: bool = True
+    # Additions to the protocol (allowed: optional fields).
+    malformed_messages: dict[str, int] = msgspec.field(default_factory=dict)
+    actor_restarts: Count = 0
+
+
+class LoadBalancingConfig(_Body):
+    """Reply of load-balancing.get/set, and the request of set."""
+
+    strategy: StrategyName
+    health_threshold: Percent
+
+
+class SelectRequest(_Body):
+    region: Region | None = None
+    client_id: ClientId | None = None
+
+
+class SelectReply(_Body):
+    gateway_id: GatewayId | None
+    strategy: StrategyName
+    reason: str
+    # Addition: the audit event that explains this selection (`gatefleet audit explain`).
+    selection_id: str | None = None
+
+
+class DistributeRequest(_Body):
+    config_type: ConfigType
+    config_data: dict[str, Any]
+    target_gateways: list[GatewayId] | None = None
+
+
+class DistributeReply(_Body):
+    distribution_id: DistributionId
+    status: str = "pending"
+
+
+class DistributionGetRequest(_Body):
+    distribution_id: DistributionId
+
+
+class DistributionListRequest(_Body):
+    include_completed: bool = True
+
+
+DistributionStatus = Literal["pending", "in_progress", "completed", "partially_failed", "failed"]
+GatewayDeliveryState = Literal[
+    "pending", "sent", "acked", "nacked", "timed_out", "retrying", "failed"
+]
+
+
+class GatewayDelivery(_Body):
+    state: GatewayDeliveryState = "pending"
+    attempts: Count = 0
+    error: str | None = None
+
+
+class Distribution(_Body):
+    id: DistributionId
+    status: DistributionStatus
+    config_type: ConfigType
+    version: Count
+    target_gateways: list[str]
+    successful_gateways: list[str]
+    failed_gateways: list[str]
+    gateways: dict[str, GatewayDelivery]
+    created_at: datetime
+    completed_at: datetime | None = None
+    # Additions: why it ended as it did (e.g. "no targets"), and the batch in flight.
+    reason: str | None = None
+    batch: Count = 0
+
+
+class DistributionListReply(_Body):
+    distributions: list[Distribution]
+
+
+class GatewaySnapshot(_Body):
+    """One gateway as gatefleet sees it: a row of `P.api.gateways` and of the LB table."""
+
+    gateway_id: GatewayId
+    region: str
+    role: Role = "primary"
+    backup_for: GatewayId | None = None
+    status: GatewayStatus = "unknown"
+    score: Percent = 0.0
+    cpu_percent: Percent | None = None
+    memory_percent: Percent | None = None
+    active_connections: Count | None = None
+    max_connections: int | None = None
+    # The gateway's own measure, from its heartbeat.
+    reported_latency_ms: NonNegativeFloat | None = None
+    # gatefleet's smoothed ping round trip.
+    probe_latency_ms: NonNegativeFloat | None = None
+    consecutive_failures: Count = 0
+    last_seq: int | None = None
+    last_seen: datetime | None = None
+    config_versions: dict[str, int] = msgspec.field(default_factory=dict)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The latency a client would see: our probe if we have one, else the gateway's."""
+        return self.probe_latency_ms if self.probe_latency_ms is not None else (
+            self.reported_latency_ms
+        )
+
+
+class GatewaysReply(_Body):
+    gateways: list[GatewaySnapshot]

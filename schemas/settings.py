@@ -1,0 +1,131 @@
+"""The configuration tree: every key gatefleet reads, with its default and its bounds.
+
+`config/default.toml` mirrors these defaults (a test keeps the two equal). Loading and
+error reporting live in `gatefleet.config`; this module is types only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas.types import GatewayId, Percent, StrategyName
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Milliseconds = Annotated[int, Meta(ge=1, le=86_400_000)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Weight = Annotated[float, Meta(ge=0.0, le=1000.0)]
+RegionName = Annotated[str, Meta(min_length=1, max_length=64)]
+# Dot-separated NATS tokens, no wildcards.
+SubjectPrefix = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length=128)]
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base for config sections: a typo in a key is an error, not a silent default."""
+
+
+class OrchestratorSettings(_Section):
+    enabled: bool = True
+    distribution_batch_size: PositiveInt = 5
+    distribution_retry_count: NonNegativeInt = 3
+    distribution_retry_delay_ms: Milliseconds = 1000
+    distribution_ack_timeout_ms: Milliseconds = 5000
+    # Largest `config_data` accepted by P.api.distribute, as encoded JSON.
+    max_config_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    load_balancing_strategy: StrategyName = "RoundRobin"
+    health_threshold_percent: Percent = 70.0
+    ha_enabled: bool = True
+
+
+class BusSettings(_Section):
+    # Empty: start the embedded nats-server. Otherwise the NATS server(s) to use.
+    url: str = ""
+    # Port of the embedded server; 0 picks a free one (clients then find it in data_dir).
+    port: Port = 4222
+    subject_prefix: SubjectPrefix = "gatefleet"
+    # JetStream store of the embedded server. Empty: $XDG_STATE_HOME/gatefleet.
+    data_dir: str = ""
+
+
+class HealthWeights(_Section):
+    """How much each metric counts in the 0-100 score (normalised by their sum)."""
+
+    cpu: Weight = 0.30
+    memory: Weight = 0.25
+    connections: Weight = 0.25
+    latency: Weight = 0.20
+    # Points taken off per consecutive failure (missed heartbeat or failed probe).
+    failure_penalty: Weight = 15.0
+
+
+class HealthSettings(_Section):
+    heartbeat_interval_ms: Milliseconds = 1000
+    # Consecutive missed heartbeat intervals before a gateway is `down`.
+    fall: PositiveInt = 3
+    # Consecutive good heartbeats before a degraded or down gateway is `healthy` again.
+    rise: PositiveInt = 2
+    # gatefleet's own ping of each gateway (0 turns probing off).
+    probe_interval_ms: Annotated[int, Meta(ge=0, le=86_400_000)] = 2000
+    probe_timeout_ms: Milliseconds = 500
+    # Weight of the newest probe in the smoothed response latency (EWMA).
+    latency_smoothing: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.3
+    # Latency at which the latency part of the score reaches 0.
+    latency_budget_ms: Annotated[float, Meta(gt=0.0)] = 500.0
+    # Connection count treated as full load when a gateway reports no max_connections.
+    connection_reference: PositiveInt = 1000
+    weights: HealthWeights = msgspec.field(default_factory=HealthWeights)
+
+
+class LoadBalancingSettings(_Section):
+    # Strategy used inside a region by RegionAware.
+    region_inner_strategy: StrategyName = "LeastConnections"
+    # LatencyBased shares load among gateways within max(percent of best, ms) of the best.
+    latency_margin_percent: Annotated[float, Meta(ge=0.0, le=1000.0)] = 10.0
+    latency_margin_ms: Annotated[float, Meta(ge=0.0)] = 2.0
+    # Seed for WeightedRandom; absent means seeded from the OS.
+    random_seed: int | None = None
+
+
+class HaSettings(_Section):
+    failback: Literal["auto", "manual"] = "auto"
+    max_failover_percent: Percent = 50.0
+    # Window for the mass-failure guard; 0 means (fall + 1) heartbeat intervals.
+    detection_window_ms: Annotated[int, Meta(ge=0, le=86_400_000)] = 0
+
+
+class AuditSettings(_Section):
+    record_selections: bool = True
+    max_age_hours: Annotated[float, Meta(ge=0.0)] = 720.0  # 0: keep forever
+    max_bytes: Annotated[int, Meta(ge=-1)] = 1024 * 1024 * 1024  # -1: no limit
+
+
+class HttpSettings(_Section):
+    # HOST:PORT to serve the HTTP API on; empty: no HTTP API.
+    listen: str = ""
+    # When set, every API call needs `Authorization: Bearer <token>`.
+    token: str = ""
+
+
+class GatewayEntry(_Section):
+    """A gateway named in the config file: known (as `unknown`) before it first beats."""
+
+    id: GatewayId
+    region: RegionName
+    role: Literal["primary", "backup"] = "primary"
+    backup_for: GatewayId | None = None
+
+
+class Settings(_Section):
+    orchestrator: OrchestratorSettings = msgspec.field(default_factory=OrchestratorSettings)
+    bus: BusSettings = msgspec.field(default_factory=BusSettings)
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    load_balancing: LoadBalancingSettings = msgspec.field(default_factory=LoadBalancingSettings)
+    ha: HaSettings = msgspec.field(default_factory=HaSettings)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
+    http: HttpSettings = msgspec.field(default_factory=HttpSettings)
+    # Region -> nearer regions, nearest first; used by RegionAware when a region has no one.
+    regions: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    gateways: list[GatewayEntry] = msgspec.field(default_factory=list)

@@ -1,0 +1,31 @@
+"""Constrained scalar types shared by the wire messages and the settings."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final, Literal
+
+from msgspec import Meta
+
+GATEWAY_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
+GATEWAY_ID_RE: Final = re.compile(GATEWAY_ID_PATTERN)
+
+GatewayId = Annotated[str, Meta(pattern=GATEWAY_ID_PATTERN)]
+Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
+Count = Annotated[int, Meta(ge=0)]
+ConfigType = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")]
+Region = Annotated[str, Meta(min_length=1, max_length=64)]
+
+StrategyName = Literal[
+    "RoundRobin", "LeastConnections", "WeightedRandom", "LatencyBased", "RegionAware"
+]
+STRATEGIES: Final[tuple[str, ...]] = (
+    "RoundRobin",
+    "LeastConnections",
+    "WeightedRandom",
+    "LatencyBased",
+    "RegionAware",
+)
+GatewayStatus = Literal["unknown", "healthy", "degraded", "down"]
+Role = Literal["primary", "backup"]

@@ -1,0 +1,77 @@
+"""What a gateway and gatefleet say to each other (PROTOCOL.md section 1).
+
+Unknown fields are ignored (gateways may be newer than us); missing required fields,
+wrong types and out-of-range values fail decoding with a path such as `$.cpu_percent`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from schemas.types import ConfigType, Count, GatewayId, NonNegativeFloat, Percent, Region, Role
+
+Label = Annotated[str, Meta(max_length=256)]
+DistributionId = Annotated[str, Meta(pattern=r"^dist-[A-Za-z0-9-]{1,64}$")]
+Version = Annotated[int, Meta(ge=1)]
+
+
+class _Wire(msgspec.Struct, frozen=True, kw_only=True):
+    """Base for wire bodies."""
+
+
+class Heartbeat(_Wire):
+    gateway_id: GatewayId
+    region: Region
+    seq: Count
+    ts: datetime
+    cpu_percent: Percent
+    memory_percent: Percent
+    active_connections: Count
+    latency_ms: NonNegativeFloat | None = None
+    max_connections: Annotated[int, Meta(ge=1)] | None = None
+    role: Role = "primary"
+    backup_for: GatewayId | None = None
+    config_versions: dict[ConfigType, Count] = msgspec.field(default_factory=dict)
+    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
+
+
+class ConfigPush(_Wire):
+    distribution_id: DistributionId
+    config_type: ConfigType
+    version: Version
+    config_data: dict[str, Any]
+    attempt: Annotated[int, Meta(ge=1)] = 1
+
+
+class ConfigAck(_Wire):
+    distribution_id: DistributionId
+    gateway_id: GatewayId
+    ok: bool
+    version: Version
+    error: Annotated[str, Meta(max_length=4096)] | None = None
+
+
+class Ping(_Wire):
+    """The probe's request body: `{}`."""
+
+
+class Pong(_Wire):
+    gateway_id: GatewayId
+
+
+class Goodbye(_Wire):
+    gateway_id: GatewayId
+
+
+class Redirect(_Wire):
+    """Published on `P.redirect.<from>` when traffic moves off a gateway (or back)."""
+
+    from_: GatewayId = msgspec.field(name="from")
+    to: GatewayId | None
+    reason: str
