@@ -33,26 +33,26 @@ class _Body(msgspec.Struct, frozen=True, kw_only=True):
     """Base for API bodies."""
 
 
-class ErrorDetail(_Body):
+class ErrorDetail(_Body, frozen=True):
     code: ErrorCode
     message: str
 
 
-class ErrorReply(_Body):
+class ErrorReply(_Body, frozen=True):
     error: ErrorDetail
 
 
-class Empty(_Body):
+class Empty(_Body, frozen=True):
     """`{}`: the request body of status, load-balancing.get and gateways."""
 
 
-class Features(_Body):
+class Features(_Body, frozen=True):
     load_balancing: str = "enabled"
     configuration_distribution: str = "enabled"
     health_monitoring: str = "enabled"
 
 
-class StatusReply(_Body):
+class StatusReply(_Body, frozen=True):
     status: str = "ok"
     features: Features = msgspec.field(default_factory=Features)
     active_distributions: Count = 0
@@ -68,19 +68,26 @@ class StatusReply(_Body):
     actor_restarts: Count = 0
 
 
-class LoadBalancingConfig(_Body):
+class LoadBalancingConfig(_Body, frozen=True):
     """Reply of load-balancing.get/set, and the request of set."""
 
     strategy: StrategyName
     health_threshold: Percent
 
 
-class SelectRequest(_Body):
+class LoadBalancingUpdate(_Body, frozen=True):
+    """Request of load-balancing.set: either field may be left out to keep it as it is."""
+
+    strategy: StrategyName | None = None
+    health_threshold: Percent | None = None
+
+
+class SelectRequest(_Body, frozen=True):
     region: Region | None = None
     client_id: ClientId | None = None
 
 
-class SelectReply(_Body):
+class SelectReply(_Body, frozen=True):
     gateway_id: GatewayId | None
     strategy: StrategyName
     reason: str
@@ -88,22 +95,22 @@ class SelectReply(_Body):
     selection_id: str | None = None
 
 
-class DistributeRequest(_Body):
+class DistributeRequest(_Body, frozen=True):
     config_type: ConfigType
     config_data: dict[str, Any]
     target_gateways: list[GatewayId] | None = None
 
 
-class DistributeReply(_Body):
+class DistributeReply(_Body, frozen=True):
     distribution_id: DistributionId
     status: str = "pending"
 
 
-class DistributionGetRequest(_Body):
+class DistributionGetRequest(_Body, frozen=True):
     distribution_id: DistributionId
 
 
-class DistributionListRequest(_Body):
+class DistributionListRequest(_Body, frozen=True):
     include_completed: bool = True
 
 
@@ -113,13 +120,13 @@ GatewayDeliveryState = Literal[
 ]
 
 
-class GatewayDelivery(_Body):
+class GatewayDelivery(_Body, frozen=True):
     state: GatewayDeliveryState = "pending"
     attempts: Count = 0
     error: str | None = None
 
 
-class Distribution(_Body):
+class Distribution(_Body, frozen=True):
     id: DistributionId
     status: DistributionStatus
     config_type: ConfigType
@@ -135,11 +142,11 @@ class Distribution(_Body):
     batch: Count = 0
 
 
-class DistributionListReply(_Body):
+class DistributionListReply(_Body, frozen=True):
     distributions: list[Distribution]
 
 
-class GatewaySnapshot(_Body):
+class GatewaySnapshot(_Body, frozen=True):
     """One gateway as gatefleet sees it: a row of `P.api.gateways` and of the LB table."""
 
     gateway_id: GatewayId
@@ -165,10 +172,12 @@ class GatewaySnapshot(_Body):
     @property
     def latency_ms(self) -> float | None:
         """The latency a client would see: our probe if we have one, else the gateway's."""
-        return self.probe_latency_ms if self.probe_latency_ms is not None else (
-            self.reported_latency_ms
+        return (
+            self.probe_latency_ms
+            if self.probe_latency_ms is not None
+            else (self.reported_latency_ms)
         )
 
 
-class GatewaysReply(_Body):
+class GatewaysReply(_Body, frozen=True):
     gateways: list[GatewaySnapshot]

@@ -27,7 +27,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Base for config sections: a typo in a key is an error, not a silent default."""
 
 
-class OrchestratorSettings(_Section):
+class OrchestratorSettings(_Section, frozen=True):
     enabled: bool = True
     distribution_batch_size: PositiveInt = 5
     distribution_retry_count: NonNegativeInt = 3
@@ -40,7 +40,7 @@ class OrchestratorSettings(_Section):
     ha_enabled: bool = True
 
 
-class BusSettings(_Section):
+class BusSettings(_Section, frozen=True):
     # Empty: start the embedded nats-server. Otherwise the NATS server(s) to use.
     url: str = ""
     # Port of the embedded server; 0 picks a free one (clients then find it in data_dir).
@@ -50,7 +50,7 @@ class BusSettings(_Section):
     data_dir: str = ""
 
 
-class HealthWeights(_Section):
+class HealthWeights(_Section, frozen=True):
     """How much each metric counts in the 0-100 score (normalised by their sum)."""
 
     cpu: Weight = 0.30
@@ -61,7 +61,7 @@ class HealthWeights(_Section):
     failure_penalty: Weight = 15.0
 
 
-class HealthSettings(_Section):
+class HealthSettings(_Section, frozen=True):
     heartbeat_interval_ms: Milliseconds = 1000
     # Consecutive missed heartbeat intervals before a gateway is `down`.
     fall: PositiveInt = 3
@@ -79,7 +79,7 @@ class HealthSettings(_Section):
     weights: HealthWeights = msgspec.field(default_factory=HealthWeights)
 
 
-class LoadBalancingSettings(_Section):
+class LoadBalancingSettings(_Section, frozen=True):
     # Strategy used inside a region by RegionAware.
     region_inner_strategy: StrategyName = "LeastConnections"
     # LatencyBased shares load among gateways within max(percent of best, ms) of the best.
@@ -89,27 +89,27 @@ class LoadBalancingSettings(_Section):
     random_seed: int | None = None
 
 
-class HaSettings(_Section):
+class HaSettings(_Section, frozen=True):
     failback: Literal["auto", "manual"] = "auto"
     max_failover_percent: Percent = 50.0
     # Window for the mass-failure guard; 0 means (fall + 1) heartbeat intervals.
     detection_window_ms: Annotated[int, Meta(ge=0, le=86_400_000)] = 0
 
 
-class AuditSettings(_Section):
+class AuditSettings(_Section, frozen=True):
     record_selections: bool = True
     max_age_hours: Annotated[float, Meta(ge=0.0)] = 720.0  # 0: keep forever
     max_bytes: Annotated[int, Meta(ge=-1)] = 1024 * 1024 * 1024  # -1: no limit
 
 
-class HttpSettings(_Section):
+class HttpSettings(_Section, frozen=True):
     # HOST:PORT to serve the HTTP API on; empty: no HTTP API.
     listen: str = ""
     # When set, every API call needs `Authorization: Bearer <token>`.
     token: str = ""
 
 
-class GatewayEntry(_Section):
+class GatewayEntry(_Section, frozen=True):
     """A gateway named in the config file: known (as `unknown`) before it first beats."""
 
     id: GatewayId
@@ -118,7 +118,7 @@ class GatewayEntry(_Section):
     backup_for: GatewayId | None = None
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True):
     orchestrator: OrchestratorSettings = msgspec.field(default_factory=OrchestratorSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)

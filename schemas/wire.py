@@ -23,7 +23,7 @@ class _Wire(msgspec.Struct, frozen=True, kw_only=True):
     """Base for wire bodies."""
 
 
-class Heartbeat(_Wire):
+class Heartbeat(_Wire, frozen=True):
     gateway_id: GatewayId
     region: Region
     seq: Count
@@ -33,15 +33,13 @@ class Heartbeat(_Wire):
     active_connections: Count
     latency_ms: NonNegativeFloat | None = None
     max_connections: Annotated[int, Meta(ge=1)] | None = None
-    role: Role = "primary"
+    role: Role | None = None  # absent: as configured, else primary
     backup_for: GatewayId | None = None
     config_versions: dict[ConfigType, Count] = msgspec.field(default_factory=dict)
-    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
-        default_factory=dict
-    )
+    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(default_factory=dict)
 
 
-class ConfigPush(_Wire):
+class ConfigPush(_Wire, frozen=True):
     distribution_id: DistributionId
     config_type: ConfigType
     version: Version
@@ -49,7 +47,7 @@ class ConfigPush(_Wire):
     attempt: Annotated[int, Meta(ge=1)] = 1
 
 
-class ConfigAck(_Wire):
+class ConfigAck(_Wire, frozen=True):
     distribution_id: DistributionId
     gateway_id: GatewayId
     ok: bool
@@ -57,19 +55,19 @@ class ConfigAck(_Wire):
     error: Annotated[str, Meta(max_length=4096)] | None = None
 
 
-class Ping(_Wire):
+class Ping(_Wire, frozen=True):
     """The probe's request body: `{}`."""
 
 
-class Pong(_Wire):
+class Pong(_Wire, frozen=True):
     gateway_id: GatewayId
 
 
-class Goodbye(_Wire):
+class Goodbye(_Wire, frozen=True):
     gateway_id: GatewayId
 
 
-class Redirect(_Wire):
+class Redirect(_Wire, frozen=True):
     """Published on `P.redirect.<from>` when traffic moves off a gateway (or back)."""
 
     from_: GatewayId = msgspec.field(name="from")

@@ -1,0 +1,1 @@
+"""pykka actors (Gateway, Supervisor, LoadBalancer, Distribution) and their pure logic."""

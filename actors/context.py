@@ -1,0 +1,25 @@
+"""What every actor is given at start: the bus facade, subjects, settings and sinks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bus.edge import Drops
+from bus.jetstream import KvStore
+from bus.runtime import Bus
+from bus.subjects import Subjects
+from schemas.events import Event
+from schemas.settings import Settings
+
+
+@dataclass(frozen=True)
+class Context:
+    bus: Bus
+    subjects: Subjects
+    settings: Settings
+    emit: Callable[[Event], None]
+    drops: Drops
+    buckets: dict[str, KvStore]
+    clock: Callable[[], float] = field(default=time.monotonic)

@@ -1,0 +1,231 @@
+"""GatewayActor: one per gateway; owns that gateway's health.
+
+Owns: a HealthTracker (metrics, score, status with hysteresis), the subscription to
+`P.gw.<id>.heartbeat`, the probe timer (`P.gw.<id>.ping`) and the staleness timer.
+Receives: HeartbeatReceived, Tick, ProbeDue, ProbeAnswered, SetThreshold.
+Emits: gateway.status_changed, gateway.down, gateway.recovered; tells the load balancer
+GatewayUpdated on every accepted heartbeat and change, and the supervisor on changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pykka
+
+from actors.base import SafeActor, safe_tell
+from actors.context import Context
+from actors.health import HealthTracker, Transition
+from actors.messages import (
+    GatewayUpdated,
+    HeartbeatReceived,
+    ProbeAnswered,
+    ProbeDue,
+    SetThreshold,
+    Tick,
+)
+from bus.edge import decode_or_drop
+from bus.runtime import Inbound, Reply, RequestFailed, SubscriptionHandle
+from schemas.codec import DecodeError, decode
+from schemas.events import GatewayDown, GatewayRecovered, GatewayStatusChanged
+from schemas.settings import GatewayEntry
+from schemas.wire import Heartbeat, Ping, Pong
+
+log = logging.getLogger(__name__)
+
+PING = Ping()
+
+
+def heartbeat_handler(gateway_id: str, ref: pykka.ActorRef[Any], context: Context) -> Any:
+    """The loop-side handler of one gateway's heartbeat subject: decode, check, tell."""
+    drops = context.drops
+
+    def handle(msg: Inbound) -> None:
+        heartbeat = decode_or_drop(msg, Heartbeat, drops)
+        if heartbeat is None:
+            return
+        if heartbeat.gateway_id != gateway_id:
+            drops.drop("id_mismatch", msg.subject, f"payload says {heartbeat.gateway_id!r}")
+            return
+        safe_tell(
+            ref,
+            HeartbeatReceived(
+                heartbeat=heartbeat, received_at=time.monotonic(), wall=datetime.now(UTC)
+            ),
+        )
+
+    return handle
+
+
+class GatewayActor(SafeActor):
+    def __init__(
+        self,
+        context: Context,
+        entry: GatewayEntry,
+        *,
+        threshold: float,
+        listeners: list[pykka.ActorRef[Any]],
+        first: HeartbeatReceived | None = None,
+        on_subscribed: Any = None,
+    ) -> None:
+        super().__init__()
+        self.ctx = context
+        self.bus = context.bus
+        self.gateway_id = entry.id
+        self.tracker = HealthTracker(
+            entry.id,
+            region=entry.region,
+            role=entry.role,
+            backup_for=entry.backup_for,
+            settings=context.settings.health,
+            threshold=threshold,
+        )
+        self.listeners = listeners
+        self._first = first
+        self._on_subscribed = on_subscribed
+        self._subscription: SubscriptionHandle | None = None
+        self._tick_at: float | None = None
+        self._tick_generation = 0
+        self.heartbeats_accepted = 0
+
+    def on_start(self) -> None:
+        subject = self.ctx.subjects.heartbeat(self.gateway_id)
+        handler = heartbeat_handler(self.gateway_id, self.actor_ref, self.ctx)
+        self._subscription = self.bus.subscribe(subject, handler)
+        if self._on_subscribed is not None:
+            self._on_subscribed(self.gateway_id)
+        if self._first is not None:
+            self._on_heartbeat(self._first)
+        else:
+            self._tell_listeners(self.tracker.status)
+        if self.ctx.settings.health.probe_interval_ms:
+            self._schedule_probe()
+
+    def on_stop(self) -> None:
+        if self._subscription is not None:
+            self._subscription.unsubscribe()
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case HeartbeatReceived():
+                self._on_heartbeat(message)
+            case Tick(generation=generation):
+                if generation == self._tick_generation:
+                    self._tick_at = None
+                    self._apply(self.tracker.on_tick(self.ctx.clock()))
+                    self._schedule_tick()
+            case ProbeDue():
+                self._probe()
+            case ProbeAnswered(rtt_ms=rtt_ms, error=error):
+                now = self.ctx.clock()
+                if rtt_ms is None:
+                    log.debug("probe of %s failed: %s", self.gateway_id, error)
+                    self._apply(self.tracker.on_probe_failed(now))
+                else:
+                    self._apply(self.tracker.on_probe_ok(rtt_ms, now))
+                self._schedule_probe()
+            case SetThreshold(threshold=threshold):
+                self._apply(self.tracker.set_threshold(threshold))
+            case _:
+                return super().handle(message)
+        return None
+
+    def _on_heartbeat(self, received: HeartbeatReceived) -> None:
+        heartbeat = received.heartbeat
+        if heartbeat.seq == self.tracker.last_seq and self.heartbeats_accepted:
+            return  # the same message seen twice around registration: not a replay attack
+        outcome = self.tracker.on_heartbeat(heartbeat, received.received_at, received.wall)
+        if not outcome.accepted:
+            subject = self.ctx.subjects.heartbeat(self.gateway_id)
+            self.ctx.drops.drop(outcome.reason or "rejected", subject, f"seq {heartbeat.seq}")
+            return
+        self.heartbeats_accepted += 1
+        if outcome.transition is None:
+            self._tell_listeners(self.tracker.status, supervisor_too=False)
+        self._apply(outcome.transition)
+        self._schedule_tick()
+
+    def _apply(self, transition: Transition | None) -> None:
+        """Publishes a status change and tells the load balancer and supervisor."""
+        if transition is None:
+            return
+        old, new = transition.old_status, transition.new_status
+        emit = self.ctx.emit
+        emit(
+            GatewayStatusChanged(
+                gateway_id=self.gateway_id,
+                old_status=old,
+                new_status=new,
+                score=transition.score,
+                reason=transition.reason,
+            )
+        )
+        if new == "down":
+            emit(
+                GatewayDown(
+                    gateway_id=self.gateway_id,
+                    missed_heartbeats=self.tracker.missed_heartbeats,
+                    reason=transition.reason,
+                )
+            )
+        elif old == "down" and new == "healthy":
+            emit(GatewayRecovered(gateway_id=self.gateway_id, score=transition.score))
+        log.info(
+            "gateway %s: %s -> %s (score %.1f, %s)",
+            self.gateway_id,
+            old,
+            new,
+            transition.score,
+            transition.reason,
+        )
+        self._tell_listeners(old)
+
+    def _tell_listeners(self, old_status: Any, *, supervisor_too: bool = True) -> None:
+        update = GatewayUpdated(snapshot=self.tracker.snapshot(), old_status=old_status)
+        # listeners[0] is the load balancer (every update); the rest only want changes.
+        targets = self.listeners if supervisor_too else self.listeners[:1]
+        for ref in targets:
+            safe_tell(ref, update)
+
+    def _schedule_tick(self) -> None:
+        now = self.ctx.clock()
+        at = self.tracker.next_check_at(now)
+        if at is None or (self._tick_at is not None and self._tick_at <= at):
+            return  # nothing to watch, or an earlier tick will re-plan
+        self._tick_at = at
+        self._tick_generation += 1
+        self.bus.call_later(
+            max(0.0, at - now), safe_tell, self.actor_ref, Tick(generation=self._tick_generation)
+        )
+
+    def _schedule_probe(self) -> None:
+        delay = self.ctx.settings.health.probe_interval_ms / 1000
+        self.bus.call_later(delay, safe_tell, self.actor_ref, ProbeDue())
+
+    def _probe(self) -> None:
+        if self.tracker.status in ("unknown", "down"):
+            self._schedule_probe()  # nothing to measure; heartbeats decide when it is back
+            return
+        ref, gateway_id = self.actor_ref, self.gateway_id
+        started = time.monotonic()
+
+        def on_result(result: Reply | RequestFailed) -> None:
+            if isinstance(result, RequestFailed):
+                safe_tell(ref, ProbeAnswered(rtt_ms=None, error=result.reason))
+                return
+            rtt_ms = (time.monotonic() - started) * 1000
+            try:
+                pong = decode(result.data, Pong)
+            except DecodeError as exc:
+                safe_tell(ref, ProbeAnswered(rtt_ms=None, error=f"bad pong: {exc}"))
+                return
+            if pong.gateway_id != gateway_id:
+                safe_tell(ref, ProbeAnswered(rtt_ms=None, error=f"pong from {pong.gateway_id}"))
+                return
+            safe_tell(ref, ProbeAnswered(rtt_ms=rtt_ms))
+
+        timeout = self.ctx.settings.health.probe_timeout_ms / 1000
+        self.bus.request(self.ctx.subjects.ping(gateway_id), PING, timeout, on_result)

@@ -1,0 +1,298 @@
+"""Health scoring and the per-gateway health state machine: pure logic, no I/O.
+
+Nothing here reads a clock, sleeps or touches NATS. The GatewayActor passes a monotonic
+``now`` (seconds) and, for display only, a wall-clock ``datetime``; it publishes whatever
+the returned outcome says.
+
+Score (0-100)
+-------------
+Each metric becomes a sub-score in [0, 1], 1 being best::
+
+    cpu         = 1 - cpu_percent / 100
+    memory      = 1 - memory_percent / 100
+    connections = 1 - min(1, active / max_connections)     # unknown max: connection_reference
+    latency     = 1 - min(1, latency_ms / latency_budget_ms)
+                  # latency_ms: our smoothed probe, else the gateway's own, else 0 (perfect)
+
+    score = 100 * sum(weight * sub) / sum(weights)          # 100 when all four weights are 0
+            - failure_penalty * consecutive_failures        # missed heartbeats + failed probes
+
+clamped to [0, 100]. A down gateway, and one never heard from, scores 0. With the default
+weights a gateway at 95% CPU and 95% memory, otherwise idle, scores 47.75; an idle one 100.
+
+Status
+------
+    unknown -> healthy | degraded   first accepted heartbeat (healthy iff score >= threshold)
+    healthy -> degraded             score < threshold, whatever lowered it (heartbeat, failed
+                                    probe, missed heartbeat, slow probes, new threshold)
+    degraded | down -> healthy      after `rise` consecutive good heartbeats (score >=
+                                    threshold); a missed interval breaks the run. A down
+                                    gateway stays down during that probation.
+    down -> degraded                a heartbeat whose score is below threshold
+    healthy | degraded -> down      `fall` missed heartbeat intervals (only ticks mark down;
+                                    failed probes only lower the score)
+
+Invariant: ``status == "healthy"`` implies ``score >= threshold``, since every change of
+either is re-evaluated. Missed intervals are counted with half an interval of jitter
+tolerance, ``floor((now - last_seen - interval/2) / interval)``, so down is detected at the
+first tick at or after ``last_seen + (fall + 1/2) * interval`` and never before.
+
+Replays and restarts
+--------------------
+``seq`` increases within one gateway process. A heartbeat with ``seq <= last_seq`` is
+ignored (reason ``"replay"``, no state change) unless it reads as a restart of the process:
+
+* the gateway had been silent for at least one interval (``now - last_seen >= interval``), or
+* it is the second heartbeat in a row of a new strictly increasing run that began below
+  ``last_seq`` (the first one of that run was ignored).
+
+So one replayed old message changes nothing, while a restarted gateway whose seq starts over
+is accepted by its second heartbeat at the latest (reason ``"restart"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from schemas.api import GatewaySnapshot
+from schemas.settings import HealthSettings
+from schemas.types import GatewayStatus, Role
+from schemas.wire import Heartbeat
+
+# Added to the times next_check_at returns, so that a timer firing a little early, or float
+# rounding, cannot land the check just before the boundary it is meant for.
+CHECK_SLACK_S = 0.001
+_EPS = 1e-9
+
+HeartbeatReason = Literal["replay", "restart", "wrong_gateway"]
+
+
+def _unit(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def health_score(
+    settings: HealthSettings,
+    *,
+    cpu_percent: float,
+    memory_percent: float,
+    active_connections: int,
+    max_connections: int | None = None,
+    probe_latency_ms: float | None = None,
+    reported_latency_ms: float | None = None,
+    consecutive_failures: int = 0,
+) -> float:
+    """The 0-100 score of a gateway that is not down (formula in the module docstring)."""
+    w = settings.weights
+    latency = probe_latency_ms if probe_latency_ms is not None else reported_latency_ms
+    capacity = max_connections if max_connections is not None else settings.connection_reference
+    parts = (
+        (w.cpu, 1.0 - cpu_percent / 100.0),
+        (w.memory, 1.0 - memory_percent / 100.0),
+        (w.connections, 1.0 - active_connections / max(1, capacity)),
+        (w.latency, 1.0 - (latency or 0.0) / settings.latency_budget_ms),
+    )
+    total = sum(weight for weight, _ in parts)
+    mean = sum(weight * _unit(sub) for weight, sub in parts) / total if total > 0 else 1.0
+    return min(100.0, max(0.0, 100.0 * mean - w.failure_penalty * consecutive_failures))
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A status change; ``score`` is the score after it."""
+
+    gateway_id: str
+    old_status: GatewayStatus
+    new_status: GatewayStatus
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOutcome:
+    accepted: bool
+    reason: HeartbeatReason | None = None  # why ignored, or "restart" when accepted as one
+    transition: Transition | None = None
+
+
+class HealthTracker:
+    """One gateway's health: held by its GatewayActor, fed heartbeats, probes and ticks."""
+
+    def __init__(
+        self,
+        gateway_id: str,
+        *,
+        region: str,
+        role: Role = "primary",
+        backup_for: str | None = None,
+        settings: HealthSettings,
+        threshold: float,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.region = region
+        self.role: Role = role
+        self.backup_for = backup_for
+        self.settings = settings
+        self.threshold = threshold
+        self.status: GatewayStatus = "unknown"
+        self.last_heartbeat: Heartbeat | None = None
+        self.last_seq: int | None = None
+        self.last_seen: float | None = None
+        self.last_seen_wall: datetime | None = None
+        self.missed_heartbeats = 0
+        self.failed_probes = 0
+        self.probe_latency_ms: float | None = None
+        self.last_probe_at: float | None = None
+        self.good_heartbeats = 0
+        self.labels: dict[str, str] = {}
+        self.config_versions: dict[str, int] = {}
+        # seq of the previous heartbeat if it was ignored as a replay, else None.
+        self._ignored_seq: int | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.settings.heartbeat_interval_ms / 1000.0
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self.missed_heartbeats + self.failed_probes
+
+    @property
+    def score(self) -> float:
+        return 0.0 if self.status == "down" else self._raw_score()
+
+    def _raw_score(self) -> float:
+        hb = self.last_heartbeat
+        if hb is None:
+            return 0.0
+        return health_score(
+            self.settings,
+            cpu_percent=hb.cpu_percent,
+            memory_percent=hb.memory_percent,
+            active_connections=hb.active_connections,
+            max_connections=hb.max_connections,
+            probe_latency_ms=self.probe_latency_ms,
+            reported_latency_ms=hb.latency_ms,
+            consecutive_failures=self.consecutive_failures,
+        )
+
+    def _move(self, new: GatewayStatus, reason: str) -> Transition | None:
+        old = self.status
+        if new == old:
+            return None
+        self.status = new
+        if new != "healthy":
+            self.good_heartbeats = 0  # rise counts heartbeats after the demotion
+        return Transition(self.gateway_id, old, new, self.score, reason)
+
+    def _check_score(self, cause: str) -> Transition | None:
+        """healthy -> degraded when the score fell below the threshold."""
+        score = self._raw_score()
+        if self.status != "healthy" or score >= self.threshold:
+            return None
+        return self._move("degraded", f"score {score:.1f} below {self.threshold:g} ({cause})")
+
+    def _missed_at(self, now: float) -> int:
+        if self.last_seen is None:
+            return 0
+        i = self.interval
+        return max(0, math.floor((now - self.last_seen - i / 2) / i + _EPS))
+
+    def set_threshold(self, threshold: float) -> Transition | None:
+        self.threshold = threshold
+        return self._check_score("threshold changed")
+
+    def on_heartbeat(self, hb: Heartbeat, now: float, wall: datetime) -> HeartbeatOutcome:
+        if hb.gateway_id != self.gateway_id:
+            return HeartbeatOutcome(accepted=False, reason="wrong_gateway")
+        reason: HeartbeatReason | None = None
+        if self.last_seq is not None and self.last_seen is not None and hb.seq <= self.last_seq:
+            silent = now - self.last_seen >= self.interval
+            second_of_run = self._ignored_seq is not None and hb.seq > self._ignored_seq
+            if not (silent or second_of_run):
+                self._ignored_seq = hb.seq
+                return HeartbeatOutcome(accepted=False, reason="replay")
+            reason = "restart"
+        self._ignored_seq = None
+        if self._missed_at(now):  # a gap breaks the rise run, whether or not a tick saw it
+            self.good_heartbeats = 0
+        self.last_heartbeat = hb
+        self.last_seq, self.last_seen, self.last_seen_wall = hb.seq, now, wall
+        self.region = hb.region
+        if hb.role is not None:  # a heartbeat without a role keeps the configured one
+            self.role, self.backup_for = hb.role, hb.backup_for
+        self.labels, self.config_versions = dict(hb.labels), dict(hb.config_versions)
+        self.missed_heartbeats = 0
+
+        score = self._raw_score()
+        good = score >= self.threshold
+        self.good_heartbeats = self.good_heartbeats + 1 if good else 0
+        old = self.status
+        if old == "unknown":
+            new: GatewayStatus = "healthy" if good else "degraded"
+            why = "first heartbeat"
+        elif not good:
+            new, why = "degraded", f"score {score:.1f} below {self.threshold:g}"
+        elif old != "healthy" and self.good_heartbeats >= self.settings.rise:
+            new, why = "healthy", f"{self.good_heartbeats} good heartbeats"
+        else:
+            new, why = old, ""
+        return HeartbeatOutcome(accepted=True, reason=reason, transition=self._move(new, why))
+
+    def on_tick(self, now: float) -> Transition | None:
+        """Count missed heartbeats; mark down after `fall`. Idempotent: extra ticks are harmless."""
+        if self.status == "unknown" or self.last_seen is None:
+            return None
+        missed = self._missed_at(now)
+        self.missed_heartbeats = missed
+        if missed:
+            self.good_heartbeats = 0
+        if self.status == "down":
+            return None
+        if missed >= self.settings.fall:
+            return self._move("down", f"missed {missed} heartbeats")
+        return self._check_score(f"missed {missed} heartbeats") if missed else None
+
+    def next_check_at(self, now: float) -> float | None:
+        """When on_tick should next run (may be <= now: run it at once); None: no need."""
+        if self.status in ("unknown", "down") or self.last_seen is None:
+            return None
+        k = min(self._missed_at(now) + 1, self.settings.fall)
+        return self.last_seen + (k + 0.5) * self.interval + CHECK_SLACK_S
+
+    def on_probe_ok(self, rtt_ms: float, now: float) -> Transition | None:
+        rtt, a, prev = max(0.0, rtt_ms), self.settings.latency_smoothing, self.probe_latency_ms
+        self.probe_latency_ms = rtt if prev is None else a * rtt + (1.0 - a) * prev
+        self.failed_probes = 0
+        self.last_probe_at = now
+        return self._check_score(f"probe latency {self.probe_latency_ms:.1f} ms")
+
+    def on_probe_failed(self, now: float) -> Transition | None:
+        self.failed_probes += 1
+        self.last_probe_at = now
+        return self._check_score(f"{self.failed_probes} failed probes")
+
+    def snapshot(self) -> GatewaySnapshot:
+        hb = self.last_heartbeat
+        return GatewaySnapshot(
+            gateway_id=self.gateway_id,
+            region=self.region,
+            role=self.role,
+            backup_for=self.backup_for,
+            status=self.status,
+            score=self.score,
+            cpu_percent=hb.cpu_percent if hb else None,
+            memory_percent=hb.memory_percent if hb else None,
+            active_connections=hb.active_connections if hb else None,
+            max_connections=hb.max_connections if hb else None,
+            reported_latency_ms=hb.latency_ms if hb else None,
+            probe_latency_ms=self.probe_latency_ms,
+            consecutive_failures=self.consecutive_failures,
+            last_seq=self.last_seq,
+            last_seen=self.last_seen_wall,
+            config_versions=dict(self.config_versions),
+            labels=dict(self.labels),
+        )

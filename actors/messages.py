@@ -1,0 +1,135 @@
+"""Messages actors tell each other (in-process only; the wire vocabulary is in schemas/).
+
+Requests from the bus carry `reply`, the subject the actor publishes its answer on.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import pykka
+
+from schemas.api import (
+    DistributeRequest,
+    DistributionGetRequest,
+    DistributionListRequest,
+    GatewaySnapshot,
+    LoadBalancingConfig,
+    LoadBalancingUpdate,
+    SelectRequest,
+)
+from schemas.types import GatewayStatus
+from schemas.wire import Heartbeat
+
+
+class _Message(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+# Gateways ---------------------------------------------------------------------------------
+
+
+class HeartbeatReceived(_Message, frozen=True):
+    heartbeat: Heartbeat
+    received_at: float  # receiver's monotonic clock
+    wall: datetime
+
+
+class GoodbyeReceived(_Message, frozen=True):
+    gateway_id: str
+
+
+class Tick(_Message, frozen=True):
+    """A timer fired; `generation` lets an actor ignore timers it has replaced."""
+
+    generation: int
+
+
+class ProbeDue(_Message, frozen=True):
+    pass
+
+
+class ProbeAnswered(_Message, frozen=True):
+    rtt_ms: float | None  # None: timed out or no responders
+    error: str | None = None
+
+
+class SetThreshold(_Message, frozen=True):
+    threshold: float
+
+
+class GatewayUpdated(_Message, frozen=True):
+    """GatewayActor -> LoadBalancer (every accepted heartbeat) and Supervisor (on changes)."""
+
+    snapshot: GatewaySnapshot
+    old_status: GatewayStatus
+
+
+class GatewayRemoved(_Message, frozen=True):
+    gateway_id: str
+
+
+# Load balancing ---------------------------------------------------------------------------
+
+
+class SelectGateway(_Message, frozen=True):
+    request: SelectRequest
+    reply: str
+
+
+class GetLoadBalancing(_Message, frozen=True):
+    reply: str
+
+
+class SetLoadBalancing(_Message, frozen=True):
+    update: LoadBalancingUpdate
+    reply: str
+
+
+class ListGateways(_Message, frozen=True):
+    reply: str
+
+
+class LoadBalancingInForce(_Message, frozen=True):
+    """LoadBalancer -> listeners: the settings now in force."""
+
+    config: LoadBalancingConfig
+
+
+class AddListener(_Message, frozen=True):
+    listener: pykka.ActorRef[Any]
+
+
+# Status -----------------------------------------------------------------------------------
+
+
+class GetStatus(_Message, frozen=True):
+    reply: str
+
+
+# Distribution -----------------------------------------------------------------------------
+
+
+class Distribute(_Message, frozen=True):
+    request: DistributeRequest
+    reply: str
+
+
+class GetDistribution(_Message, frozen=True):
+    request: DistributionGetRequest
+    reply: str
+
+
+class ListDistributions(_Message, frozen=True):
+    request: DistributionListRequest
+    reply: str
+
+
+class DistributionCounts(_Message, frozen=True):
+    """Distributor -> Supervisor: the numbers `P.api.status` reports."""
+
+    active: int
+    completed: int
+    failed: int

@@ -1,0 +1,204 @@
+"""SupervisorActor: owns the fleet's membership and the orchestrator's status.
+
+Owns: one GatewayActor per known gateway (spawned from the config file at start or on a
+first valid heartbeat), the catch-all subscription `P.gw.>` that discovers new gateways,
+hears goodbyes and counts malformed subjects, and the numbers of `P.api.status`.
+Receives: HeartbeatReceived (discovery), GoodbyeReceived, GatewayUpdated (status
+changes), LoadBalancingInForce, GetStatus.
+Emits: gateway.registered, gateway.left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pykka
+
+from actors.base import SafeActor, safe_tell
+from actors.context import Context
+from actors.gateway import GatewayActor
+from actors.messages import (
+    AddListener,
+    DistributionCounts,
+    GatewayRemoved,
+    GatewayUpdated,
+    GetStatus,
+    GoodbyeReceived,
+    HeartbeatReceived,
+    LoadBalancingInForce,
+    SetThreshold,
+)
+from bus.edge import decode_or_drop, request_handler
+from bus.runtime import Inbound, SubscriptionHandle
+from schemas.api import Empty, LoadBalancingConfig, StatusReply
+from schemas.events import GatewayLeft, GatewayRegistered
+from schemas.settings import GatewayEntry
+from schemas.types import GATEWAY_ID_RE, GatewayStatus
+from schemas.wire import Goodbye, Heartbeat
+
+log = logging.getLogger(__name__)
+
+API_QUEUE = "gatefleet-api"
+# Verbs on P.gw.<id>.* that gatefleet itself sends: seen by the catch-all, ignored.
+OUR_OWN_VERBS = frozenset({"config", "ping"})
+
+
+class SupervisorActor(SafeActor):
+    def __init__(self, context: Context, load_balancer: pykka.ActorRef[Any]) -> None:
+        super().__init__()
+        self.ctx = context
+        self.bus = context.bus
+        self.load_balancer = load_balancer
+        self.lb_config = LoadBalancingConfig(
+            strategy=context.settings.orchestrator.load_balancing_strategy,
+            health_threshold=context.settings.orchestrator.health_threshold_percent,
+        )
+        self.gateways: dict[str, pykka.ActorRef[Any]] = {}
+        self.statuses: dict[str, GatewayStatus] = {}
+        # Read by the loop-side handler: ids whose own subscription is live. Replaced, never
+        # mutated, so the loop always sees a consistent set.
+        self.subscribed: frozenset[str] = frozenset()
+        self._subscribed_lock = threading.Lock()
+        self._subscriptions: list[SubscriptionHandle] = []
+        self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
+
+    # Life cycle --------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.load_balancer.tell(AddListener(listener=self.actor_ref))
+        for entry in self.ctx.settings.gateways:
+            self._spawn(entry, first=None, source="config")
+        subjects = self.ctx.subjects
+        self._subscriptions.append(
+            self.bus.subscribe(f"{subjects.prefix}.gw.>", self._gateway_traffic_handler())
+        )
+        me = self.actor_ref
+        status = request_handler(
+            self.bus, Empty, lambda _r, to: me.tell(GetStatus(reply=to)), self.ctx.drops
+        )
+        self._subscriptions.append(
+            self.bus.subscribe(subjects.api("status"), status, queue=API_QUEUE)
+        )
+
+    def on_stop(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.unsubscribe()
+        for ref in self.gateways.values():
+            ref.stop(timeout=5)
+
+    def _gateway_traffic_handler(self) -> Any:
+        """Loop side of `P.gw.>`: discovery and goodbyes; everything else is not for us."""
+        prefix = self.ctx.subjects.prefix + ".gw."
+        drops, me = self.ctx.drops, self.actor_ref
+
+        def handle(msg: Inbound) -> None:
+            gateway_id, _, verb = msg.subject[len(prefix) :].partition(".")
+            if verb in OUR_OWN_VERBS:
+                return
+            if not GATEWAY_ID_RE.fullmatch(gateway_id) or verb not in ("heartbeat", "goodbye"):
+                drops.drop("bad_subject", msg.subject, "not P.gw.<id>.heartbeat|goodbye")
+                return
+            if verb == "heartbeat":
+                if gateway_id in self.subscribed:
+                    return  # its GatewayActor's own subscription has it
+                heartbeat = decode_or_drop(msg, Heartbeat, drops)
+                if heartbeat is None:
+                    return
+                if heartbeat.gateway_id != gateway_id:
+                    drops.drop("id_mismatch", msg.subject, f"payload says {heartbeat.gateway_id!r}")
+                    return
+                safe_tell(
+                    me,
+                    HeartbeatReceived(
+                        heartbeat=heartbeat, received_at=time.monotonic(), wall=datetime.now(UTC)
+                    ),
+                )
+                return
+            goodbye = decode_or_drop(msg, Goodbye, drops)
+            if goodbye is None:
+                return
+            if goodbye.gateway_id != gateway_id:
+                drops.drop("id_mismatch", msg.subject, f"payload says {goodbye.gateway_id!r}")
+                return
+            safe_tell(me, GoodbyeReceived(gateway_id=gateway_id))
+
+        return handle
+
+    # Messages ----------------------------------------------------------------------------
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case HeartbeatReceived(heartbeat=heartbeat):
+                ref = self.gateways.get(heartbeat.gateway_id)
+                if ref is not None:
+                    ref.tell(message)  # arrived before its actor's subscription was live
+                else:
+                    entry = GatewayEntry(id=heartbeat.gateway_id, region=heartbeat.region)
+                    self._spawn(entry, first=message, source="heartbeat")
+            case GoodbyeReceived(gateway_id=gateway_id):
+                self._remove(gateway_id, "goodbye")
+            case GatewayUpdated(snapshot=snapshot):
+                if snapshot.gateway_id in self.gateways:
+                    self.statuses[snapshot.gateway_id] = snapshot.status
+            case LoadBalancingInForce(config=config):
+                if config.health_threshold != self.lb_config.health_threshold:
+                    for ref in self.gateways.values():
+                        ref.tell(SetThreshold(threshold=config.health_threshold))
+                self.lb_config = config
+            case DistributionCounts():
+                self.distribution_counts = message
+            case GetStatus(reply=reply):
+                self.bus.publish(reply, self.status())
+            case _:
+                return super().handle(message)
+        return None
+
+    def _spawn(self, entry: GatewayEntry, *, first: HeartbeatReceived | None, source: str) -> None:
+        self.gateways[entry.id] = GatewayActor.start(
+            self.ctx,
+            entry,
+            threshold=self.lb_config.health_threshold,
+            listeners=[self.load_balancer, self.actor_ref],
+            first=first,
+            on_subscribed=self._mark_subscribed,
+        )
+        self.statuses[entry.id] = "unknown"
+        self.ctx.emit(GatewayRegistered(gateway_id=entry.id, region=entry.region, source=source))
+        log.info("gateway %s registered from %s (region %s)", entry.id, source, entry.region)
+
+    def _mark_subscribed(self, gateway_id: str) -> None:
+        """Called from the GatewayActor's thread once its own subscription is live."""
+        with self._subscribed_lock:
+            self.subscribed = self.subscribed | {gateway_id}
+
+    def _remove(self, gateway_id: str, reason: str) -> None:
+        ref = self.gateways.pop(gateway_id, None)
+        if ref is None:
+            return
+        with self._subscribed_lock:
+            self.subscribed = self.subscribed - {gateway_id}
+        self.statuses.pop(gateway_id, None)
+        # Stopped before the load balancer hears of it, so no late update re-adds the row.
+        ref.stop(timeout=5)
+        self.load_balancer.tell(GatewayRemoved(gateway_id=gateway_id))
+        self.ctx.emit(GatewayLeft(gateway_id=gateway_id, reason=reason))
+        log.info("gateway %s left (%s)", gateway_id, reason)
+
+    def status(self) -> StatusReply:
+        settings = self.ctx.settings
+        counts = self.distribution_counts
+        return StatusReply(
+            active_distributions=counts.active,
+            successfully_completed_distributions=counts.completed,
+            failed_distributions=counts.failed,
+            gateways_managed=len(self.gateways),
+            gateways_healthy=sum(1 for s in self.statuses.values() if s == "healthy"),
+            load_balancing_strategy=self.lb_config.strategy,
+            health_check_threshold=self.lb_config.health_threshold,
+            ha_enabled=settings.orchestrator.ha_enabled,
+            malformed_messages=self.ctx.drops.counts(),
+        )

@@ -1,0 +1,1 @@
+"""The only package that imports nats: connection, subjects, codec, JetStream, server."""

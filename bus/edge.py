@@ -1,0 +1,98 @@
+"""The bus edge: where bytes become Structs, bad input is dropped and counted, and
+requests that cannot be served get an error reply.
+
+Handlers built here run on the bus loop: they decode and hand over (a `tell`), nothing
+more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import msgspec
+
+from bus.runtime import Bus, Inbound
+from schemas.api import ErrorCode, ErrorDetail, ErrorReply
+from schemas.codec import decode, encode, error_cause
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=msgspec.Struct)
+
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+LOG_EVERY_S = 1.0
+
+
+class Drops:
+    """Malformed messages dropped, counted per cause, logged at most once a second per cause."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._last_logged: dict[str, float] = {}
+
+    def drop(self, cause: str, subject: str, detail: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            count = self._counts[cause] = self._counts.get(cause, 0) + 1
+            if now - self._last_logged.get(cause, -LOG_EVERY_S) < LOG_EVERY_S:
+                return
+            self._last_logged[cause] = now
+        log.warning("dropped message on %s (%s, %d so far): %s", subject, cause, count, detail)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def decode_or_drop(msg: Inbound, kind: type[T], drops: Drops) -> T | None:
+    try:
+        return decode(msg.data, kind)
+    except msgspec.DecodeError as exc:
+        drops.drop(error_cause(exc), msg.subject, str(exc))
+        return None
+
+
+def error_body(code: ErrorCode, message: str) -> bytes:
+    return encode(ErrorReply(error=ErrorDetail(code=code, message=message)))
+
+
+def reply_error(bus: Bus, reply: str, code: ErrorCode, message: str) -> None:
+    """Sends an error reply; also adds the NATS micro error headers for micro-aware clients."""
+    headers = {"Nats-Service-Error-Code": _HTTP_LIKE[code], "Nats-Service-Error": message[:200]}
+    bus.publish(reply, error_body(code, message), headers=headers)
+
+
+_HTTP_LIKE: dict[ErrorCode, str] = {
+    "bad_request": "400",
+    "not_found": "404",
+    "unavailable": "503",
+    "internal": "500",
+}
+
+
+def request_handler(
+    bus: Bus, kind: type[T], on_request: Callable[[T, str], object], drops: Drops
+) -> Callable[[Inbound], None]:
+    """A subscription handler for `P.api.*`: decodes the request (empty body = `{}`) and
+    calls `on_request(request, reply_subject)`, or answers `bad_request` itself."""
+
+    def handle(msg: Inbound) -> None:
+        if not msg.reply:
+            drops.drop("no_reply_subject", msg.subject, "a request needs a reply subject")
+            return
+        if len(msg.data) > MAX_REQUEST_BYTES:
+            reply_error(bus, msg.reply, "bad_request", f"request over {MAX_REQUEST_BYTES} bytes")
+            return
+        try:
+            request = decode(msg.data or b"{}", kind)
+        except msgspec.DecodeError as exc:
+            drops.drop("bad_request", msg.subject, str(exc))
+            reply_error(bus, msg.reply, "bad_request", str(exc))
+            return
+        on_request(request, msg.reply)
+
+    return handle

@@ -1,0 +1,322 @@
+"""The bus: one asyncio loop in one thread running nats-py, and a thread-safe facade.
+
+Actors (pykka threads) never touch the loop or nats directly. They call:
+
+- `publish(subject, body)`: fire-and-forget, ordered per calling thread;
+- `subscribe(subject, handler)`: `handler(Inbound)` runs *on the loop* and must only
+  decode and `tell` (it must never block: nats-py delivers a subscription's messages
+  one at a time);
+- `request(subject, body, timeout, on_result)`: `on_result(Reply | RequestFailed)` runs
+  on the loop, typically `actor_ref.tell`;
+- `call_later(delay, fn, *args)`: a timer on the loop, typically telling an actor;
+- `run(coro)`: blocks the *calling* thread until a coroutine finishes on the loop
+  (start-up, key-value reads); refused on the loop thread itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from schemas.codec import encode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Body = bytes | msgspec.Struct
+
+# Deliberately deep buffers: heartbeats from thousands of gateways arrive in bursts.
+SUBSCRIPTION_PENDING_MSGS = 512 * 1024
+SUBSCRIPTION_PENDING_BYTES = 256 * 1024 * 1024
+
+
+class BusError(RuntimeError):
+    """The bus could not connect, or was used after it stopped."""
+
+
+class Inbound(NamedTuple):
+    """A received message, without nats types (actors never import nats)."""
+
+    subject: str
+    data: bytes
+    reply: str
+    headers: dict[str, str] | None
+
+
+class Reply(NamedTuple):
+    data: bytes
+    headers: dict[str, str] | None
+
+
+class RequestFailed(NamedTuple):
+    reason: str  # "timeout", "no_responders" or "error: ..."
+
+
+class Timer:
+    """A cancellable `call_later`; cancelling from any thread is safe."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._cancelled = False
+
+    def _arm(self, delay: float, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        if not self._cancelled:
+            self._handle = self._loop.call_later(delay, fn, *args)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._handle is not None:
+            self._loop.call_soon_threadsafe(self._handle.cancel)
+
+
+class SubscriptionHandle:
+    def __init__(self, bus: Bus, sub: Any) -> None:
+        self._bus = bus
+        self._sub = sub
+
+    def unsubscribe(self) -> None:
+        self._bus.call_soon(self._bus.spawn, self._sub.unsubscribe())
+
+
+class Bus:
+    """A NATS connection on a private event loop thread."""
+
+    def __init__(self, url: str, *, name: str = "gatefleet", use_uvloop: bool = True) -> None:
+        self.url = url
+        self.name = name
+        self._use_uvloop = use_uvloop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.publish_errors = 0
+        self._closing = False
+
+    # Life cycle --------------------------------------------------------------------------
+
+    def start(self, connect_timeout: float = 10.0) -> None:
+        loop_ready = threading.Event()
+
+        def run_loop() -> None:
+            loop = _new_loop(self._use_uvloop)
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            loop_ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run_loop, name="gatefleet-bus", daemon=True)
+        self._thread.start()
+        loop_ready.wait()
+        try:
+            self.run(self._connect(connect_timeout), timeout=connect_timeout + 5)
+        except Exception:
+            self._stop_loop()
+            raise
+
+    async def _connect(self, connect_timeout: float) -> None:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc)
+
+        async def on_disconnected() -> None:
+            if not self._closing:
+                log.warning("nats disconnected from %s; reconnecting", self.url)
+
+        async def on_reconnected() -> None:
+            log.info("nats reconnected to %s", self._nc.connected_url if self._nc else "?")
+
+        async def on_closed() -> None:
+            log.info("nats connection closed")
+
+        try:
+            self._nc = await nats.connect(
+                self.url,
+                name=self.name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,  # forever
+                reconnect_time_wait=1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                closed_cb=on_closed,
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            raise BusError(
+                f"cannot connect to NATS at {self.url}: {exc or type(exc).__name__}"
+            ) from exc
+        self._js = self._nc.jetstream()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drains the connection (delivering what is in flight), then stops the loop."""
+        if self._loop is None:
+            return
+        self._closing = True
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                self.run(self._nc.drain(), timeout=timeout)
+            except (concurrent.futures.TimeoutError, nats.errors.Error, BusError) as exc:
+                log.warning("nats drain did not finish cleanly: %s", exc)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise BusError("the bus is not running")
+        return self._loop
+
+    @property
+    def nc(self) -> Client:
+        """The nats client, for code that runs on the loop (bus/ modules only)."""
+        if self._nc is None:
+            raise BusError("the bus is not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise BusError("the bus is not connected")
+        return self._js
+
+    @property
+    def server_name(self) -> str:
+        """The connected server's name from its INFO, to check we talk to our own server."""
+        info: dict[str, Any] = getattr(self.nc, "_server_info", {}) or {}
+        return str(info.get("server_name", ""))
+
+    @property
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # Thread-safe facade -----------------------------------------------------------------
+
+    def call_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Runs a coroutine as a task on the loop (call on the loop thread)."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def publish(self, subject: str, body: Body, headers: dict[str, str] | None = None) -> None:
+        data = body if isinstance(body, bytes) else encode(body)
+        self.loop.call_soon_threadsafe(self._start_publish, subject, data, headers)
+
+    def _start_publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.spawn(self._publish(subject, data, headers))
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            await self.nc.publish(subject, data, headers=headers)
+        except (nats.errors.Error, BusError) as exc:
+            self.publish_errors += 1
+            log.warning("publish to %s failed: %s", subject, exc)
+
+    def subscribe(
+        self, subject: str, handler: Callable[[Inbound], None], *, queue: str = ""
+    ) -> SubscriptionHandle:
+        """Subscribes and waits until the server has the interest (blocks the caller)."""
+
+        async def callback(msg: Msg) -> None:
+            try:
+                handler(Inbound(msg.subject, msg.data, msg.reply, msg.headers))
+            except Exception:  # a handler bug must not kill the subscription
+                log.exception("handler for %s failed", msg.subject)
+
+        async def do_subscribe() -> Any:
+            sub = await self.nc.subscribe(
+                subject,
+                queue=queue,
+                cb=callback,
+                pending_msgs_limit=SUBSCRIPTION_PENDING_MSGS,
+                pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES,
+            )
+            await self.nc.flush()
+            return sub
+
+        return SubscriptionHandle(self, self.run(do_subscribe()))
+
+    def request(
+        self,
+        subject: str,
+        body: Body,
+        timeout: float,
+        on_result: Callable[[Reply | RequestFailed], object],
+    ) -> None:
+        data = body if isinstance(body, bytes) else encode(body)
+
+        async def do_request() -> None:
+            try:
+                msg = await self.nc.request(subject, data, timeout=timeout)
+            except nats.errors.NoRespondersError:
+                on_result(RequestFailed("no_responders"))
+            except (nats.errors.TimeoutError, TimeoutError):
+                on_result(RequestFailed("timeout"))
+            except (nats.errors.Error, BusError) as exc:
+                on_result(RequestFailed(f"error: {exc}"))
+            else:
+                on_result(Reply(msg.data, msg.headers))
+
+        self.call_soon(self.spawn, do_request())
+
+    def ask(self, subject: str, body: Body, timeout: float) -> bytes:
+        """A blocking request for client code (not actors): the reply's bytes, or BusError."""
+        data = body if isinstance(body, bytes) else encode(body)
+
+        async def do_request() -> bytes:
+            return (await self.nc.request(subject, data, timeout=timeout)).data
+
+        try:
+            return self.run(do_request(), timeout=timeout + 5)
+        except nats.errors.NoRespondersError as exc:
+            raise BusError(f"nobody answers on {subject}: is gatefleet running?") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise BusError(f"no answer on {subject} within {timeout:g}s") from exc
+
+    def call_later(self, delay: float, fn: Callable[..., object], *args: Any) -> Timer:
+        timer = Timer(self.loop)
+        self.loop.call_soon_threadsafe(timer._arm, delay, fn, args)
+        return timer
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Runs `coro` on the loop and waits for it: never call this on the loop thread."""
+        if self.on_loop_thread:
+            coro.close()
+            raise BusError("Bus.run() called on the bus loop: it would deadlock")
+        return self.submit(coro).result(timeout)
+
+
+def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
+    if use_uvloop:
+        try:
+            import uvloop  # noqa: PLC0415 - optional speed-up
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

@@ -1,0 +1,71 @@
+"""Every NATS subject gatefleet uses, built in one place from the configured prefix.
+
+Gateway ids are validated before they go into a subject, so an id can never smuggle a
+`.`, `*` or `>` into one. Wildcards appear only in the subscription patterns here.
+"""
+
+from __future__ import annotations
+
+from schemas.types import GATEWAY_ID_RE
+
+
+class InvalidGatewayId(ValueError):
+    """A gateway id that is not 1-64 chars of [A-Za-z0-9_-]."""
+
+
+def check_gateway_id(gateway_id: str) -> str:
+    if not GATEWAY_ID_RE.fullmatch(gateway_id):
+        raise InvalidGatewayId(f"invalid gateway id {gateway_id!r}: need 1-64 of [A-Za-z0-9_-]")
+    return gateway_id
+
+
+class Subjects:
+    """Subjects under one prefix (default `gatefleet`)."""
+
+    def __init__(self, prefix: str = "gatefleet") -> None:
+        self.prefix = prefix
+
+    # Gateway side (PROTOCOL.md section 1).
+    def heartbeat(self, gateway_id: str) -> str:
+        return f"{self.prefix}.gw.{check_gateway_id(gateway_id)}.heartbeat"
+
+    def config(self, gateway_id: str) -> str:
+        return f"{self.prefix}.gw.{check_gateway_id(gateway_id)}.config"
+
+    def ping(self, gateway_id: str) -> str:
+        return f"{self.prefix}.gw.{check_gateway_id(gateway_id)}.ping"
+
+    def goodbye(self, gateway_id: str) -> str:
+        return f"{self.prefix}.gw.{check_gateway_id(gateway_id)}.goodbye"
+
+    def redirect(self, gateway_id: str) -> str:
+        return f"{self.prefix}.redirect.{check_gateway_id(gateway_id)}"
+
+    @property
+    def all_heartbeats(self) -> str:
+        return f"{self.prefix}.gw.*.heartbeat"
+
+    @property
+    def all_goodbyes(self) -> str:
+        return f"{self.prefix}.gw.*.goodbye"
+
+    def gateway_id_of(self, subject: str) -> str | None:
+        """The `<id>` token of a `P.gw.<id>.<verb>` subject, or None if it is not one."""
+        head = f"{self.prefix}.gw."
+        if not subject.startswith(head):
+            return None
+        token, _, _verb = subject[len(head) :].partition(".")
+        return token if GATEWAY_ID_RE.fullmatch(token) else None
+
+    # Client side (PROTOCOL.md section 2).
+    def api(self, name: str) -> str:
+        """`P.api.<name>`, e.g. api("select-gateway")."""
+        return f"{self.prefix}.api.{name}"
+
+    # Events and audit (section 3).
+    def event(self, event_type: str) -> str:
+        return f"{self.prefix}.events.{event_type}"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.events.>"

@@ -1,0 +1,1 @@
+"""The application: configuration, command line, process wiring, HTTP API."""

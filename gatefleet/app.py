@@ -1,0 +1,127 @@
+"""Process wiring: start-up and shut-down of the whole orchestrator, in one place.
+
+Start: embedded nats-server (when no URL is configured) -> bus -> JetStream -> actors
+(load balancer, then supervisor, which spawns the gateway actors, then the distributor)
+-> a ping barrier. Stop: the same in reverse inside `finally`, then a sweep that loudly
+stops any actor still alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pykka
+
+from actors.base import PING
+from actors.context import Context
+from actors.load_balancer import LoadBalancerActor
+from actors.supervisor import SupervisorActor
+from bus.edge import Drops
+from bus.jetstream import JetStream
+from bus.runtime import Bus
+from bus.server import EmbeddedServer
+from bus.subjects import Subjects
+from gatefleet.config import resolve_data_dir
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+URL_FILE = "nats.url"
+
+
+class Orchestrator:
+    """The running gatefleet: a bus, its durable state and the actors."""
+
+    def __init__(self, settings: Settings, *, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.data_dir = resolve_data_dir(settings, os.environ if env is None else env)
+        self.subjects = Subjects(settings.bus.subject_prefix)
+        self.drops = Drops()
+        self.server: EmbeddedServer | None = None
+        self.bus: Bus | None = None
+        self._actors: list[pykka.ActorRef[Any]] = []
+        self.url = settings.bus.url
+
+    def start(self) -> str:
+        """Starts everything; on any failure stops what did start and re-raises."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def _start(self) -> None:
+        if not self.url:
+            self.server = EmbeddedServer(self.data_dir, port=self.settings.bus.port)
+            self.url = self.server.start()
+            (self.data_dir / URL_FILE).write_text(self.url + "\n")
+        self.bus = Bus(self.url)
+        self.bus.start()
+        jetstream = JetStream(self.bus, self.subjects)
+        audit = self.settings.audit
+        jetstream.setup(max_age_s=audit.max_age_hours * 3600, max_bytes=audit.max_bytes)
+        context = Context(
+            bus=self.bus,
+            subjects=self.subjects,
+            settings=self.settings,
+            emit=jetstream.emit,
+            drops=self.drops,
+            buckets=jetstream.buckets,
+        )
+        load_balancer = LoadBalancerActor.start(context)
+        self._actors.append(load_balancer)
+        self._actors.append(SupervisorActor.start(context, load_balancer))
+        # Barrier: each actor has finished on_start (and subscribed) once it answers.
+        for ref in self._actors:
+            ref.ask(PING, timeout=10)
+
+    def stop(self) -> None:
+        try:
+            for ref in reversed(self._actors):
+                ref.stop(timeout=5)
+            self._actors.clear()
+        finally:
+            try:
+                if self.bus is not None:
+                    self.bus.stop()
+                    self.bus = None
+            finally:
+                if self.server is not None:
+                    self.server.stop()
+                    (self.data_dir / URL_FILE).unlink(missing_ok=True)
+                    self.server = None
+                _sweep_actors()
+
+    def __enter__(self) -> Orchestrator:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _sweep_actors() -> None:
+    leftovers = pykka.ActorRegistry.get_all()
+    if leftovers:
+        log.error("%d actors still alive after shutdown: %s", len(leftovers), leftovers)
+        pykka.ActorRegistry.stop_all(block=True, timeout=5)
+
+
+def discover_url(settings: Settings, env: dict[str, str] | os._Environ[str]) -> str:
+    """The NATS URL a client should use: configured, or the embedded server's."""
+    if settings.bus.url:
+        return settings.bus.url
+    url_file = Path(resolve_data_dir(settings, env)) / URL_FILE
+    if url_file.exists():
+        return url_file.read_text().strip()
+    return f"nats://127.0.0.1:{settings.bus.port or 4222}"

@@ -1,0 +1,151 @@
+"""A Python client for gatefleet over NATS, mirroring the seed's usage examples.
+
+    with GatefleetClient("nats://127.0.0.1:4222") as client:
+        choice = client.select_optimal_gateway("us-west")
+        client.update_load_balancing_config("LeastConnections", 75.0)
+
+Error replies become typed exceptions; an unreachable server is `Unavailable`.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgspec
+
+from bus.runtime import Bus, BusError
+from bus.subjects import Subjects
+from schemas.api import (
+    DistributeReply,
+    DistributeRequest,
+    Distribution,
+    DistributionGetRequest,
+    DistributionListReply,
+    DistributionListRequest,
+    Empty,
+    ErrorDetail,
+    GatewaysReply,
+    LoadBalancingConfig,
+    LoadBalancingUpdate,
+    SelectReply,
+    SelectRequest,
+    StatusReply,
+)
+from schemas.codec import decode
+from schemas.types import StrategyName
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class GatefleetError(Exception):
+    """An error reply from gatefleet (or no reply at all)."""
+
+    code = "internal"
+
+
+class BadRequest(GatefleetError):
+    code = "bad_request"
+
+
+class NotFound(GatefleetError):
+    code = "not_found"
+
+
+class Unavailable(GatefleetError):
+    code = "unavailable"
+
+
+class InternalError(GatefleetError):
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[GatefleetError]] = {
+    cls.code: cls for cls in (BadRequest, NotFound, Unavailable, InternalError)
+}
+
+
+class _MaybeError(msgspec.Struct):
+    error: ErrorDetail | None = None
+
+
+class GatefleetClient:
+    def __init__(self, url: str, *, prefix: str = "gatefleet", timeout: float = 5.0) -> None:
+        self.subjects = Subjects(prefix)
+        self.timeout = timeout
+        self._bus = Bus(url, name="gatefleet-client", use_uvloop=False)
+
+    def connect(self) -> None:
+        try:
+            self._bus.start(connect_timeout=self.timeout)
+        except BusError as exc:
+            raise Unavailable(str(exc)) from exc
+
+    def close(self) -> None:
+        self._bus.stop()
+
+    def __enter__(self) -> GatefleetClient:
+        self.connect()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def call(self, name: str, body: msgspec.Struct, reply_type: type[T]) -> T:
+        """Requests `P.api.<name>` and decodes the reply, raising the typed error."""
+        try:
+            data = self._bus.ask(self.subjects.api(name), body, self.timeout)
+        except BusError as exc:
+            raise Unavailable(str(exc)) from exc
+        maybe = decode(data, _MaybeError)
+        if maybe.error is not None:
+            raise _BY_CODE.get(maybe.error.code, GatefleetError)(maybe.error.message)
+        return decode(data, reply_type)
+
+    # The seed's operations ---------------------------------------------------------------
+
+    def status(self) -> StatusReply:
+        return self.call("status", Empty(), StatusReply)
+
+    def gateways(self) -> GatewaysReply:
+        return self.call("gateways", Empty(), GatewaysReply)
+
+    def select_optimal_gateway(
+        self, region: str | None = None, client_id: str | None = None
+    ) -> SelectReply:
+        return self.call(
+            "select-gateway", SelectRequest(region=region, client_id=client_id), SelectReply
+        )
+
+    def get_load_balancing_config(self) -> LoadBalancingConfig:
+        return self.call("load-balancing.get", Empty(), LoadBalancingConfig)
+
+    def update_load_balancing_config(
+        self, strategy: StrategyName | None = None, health_threshold: float | None = None
+    ) -> LoadBalancingConfig:
+        update = LoadBalancingUpdate(strategy=strategy, health_threshold=health_threshold)
+        return self.call("load-balancing.set", update, LoadBalancingConfig)
+
+    def distribute(
+        self,
+        config_type: str,
+        config_data: dict[str, Any],
+        target_gateways: list[str] | None = None,
+    ) -> DistributeReply:
+        request = DistributeRequest(
+            config_type=config_type, config_data=config_data, target_gateways=target_gateways
+        )
+        return self.call("distribute", request, DistributeReply)
+
+    def get_distribution(self, distribution_id: str) -> Distribution:
+        request = DistributionGetRequest(distribution_id=distribution_id)
+        return self.call("distributions.get", request, Distribution)
+
+    def list_distributions(self, include_completed: bool = True) -> DistributionListReply:
+        request = DistributionListRequest(include_completed=include_completed)
+        return self.call("distributions.list", request, DistributionListReply)

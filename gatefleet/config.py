@@ -1,0 +1,243 @@
+"""Load the configuration: defaults from `Settings`, a user TOML file on top, one-line errors."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import msgspec
+import tomli
+
+from schemas.settings import Settings
+
+CONFIG_ENV = "GATEFLEET_CONFIG"
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_MSGSPEC_PATH = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_NOUNS = {"int": "integer", "str": "string", "bool": "boolean", "object": "table"}  # TOML words
+Key = str | int
+
+
+class ConfigError(Exception):
+    """A configuration problem; str is one line: `<file>: <where>: <reason>`."""
+
+    def __init__(self, file: str, where: str, reason: str) -> None:
+        self.file, self.where, self.reason = file, where, " ".join(reason.split("\n"))
+        super().__init__(": ".join(part for part in (file, where, self.reason) if part))
+
+
+class _KeyPathError(Exception):
+    def __init__(self, path: list[Any], reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    nats_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults, then the user file (`path`, else $GATEFLEET_CONFIG) key by key, then --nats."""
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get(CONFIG_ENV) or None
+    file = "(defaults)" if path is None else str(path)
+    user = {} if path is None else _read_toml(Path(path), file)
+    merged = _merge(msgspec.to_builtins(Settings()), user)
+    if nats_url is not None and isinstance(merged["bus"], dict):  # else convert reports `bus`
+        merged["bus"]["url"] = nats_url
+    try:
+        _check_keys(user, Settings, [])
+        settings = _convert(merged)
+        _check_semantics(settings)
+    except _KeyPathError as problem:
+        raise ConfigError(file, format_key_path(problem.path), problem.reason) from None
+    return settings
+
+
+def resolve_data_dir(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """The embedded server's store: bus.data_dir, $XDG_STATE_HOME or ~/.local/state/gatefleet."""
+    env = os.environ if env is None else env
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    data_dir = settings.bus.data_dir
+    if data_dir == "~" or data_dir.startswith("~/"):
+        return home / data_dir[2:]
+    if data_dir:
+        return Path(data_dir).expanduser()
+    state = env.get("XDG_STATE_HOME", "")
+    base = Path(state) if Path(state).is_absolute() else home / ".local" / "state"
+    return base / "gatefleet"
+
+
+def format_key_path(path: list[Key]) -> str:
+    """["gateways", 0, "id"] -> `gateways[0].id`; keys that are not bare TOML keys are quoted."""
+    out = ""
+    for key in path:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        else:
+            text = key if _BARE_KEY.match(key) else json.dumps(key)
+            out += f".{text}" if out else text
+    return out
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:8080`) -> (host, port); ValueError if it is not that."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+def _read_toml(path: Path, file: str) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(file, "cannot read", e.strerror or str(e)) from None
+    try:
+        return tomli.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(file, f"line {line}", "not valid UTF-8") from None
+    except tomli.TOMLDecodeError as e:
+        raise ConfigError(file, f"line {e.lineno}, column {e.colno}", e.msg) from None
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; anything else (arrays included) replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        out[key] = (
+            _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        )
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated[...] and `X | None` down to the type that has children or choices."""
+    if get_origin(tp) is Annotated:
+        return _unwrap(get_args(tp)[0])
+    union = get_origin(tp) in (Union, types.UnionType)
+    args = [a for a in get_args(tp) if a is not type(None)] if union else []
+    return _unwrap(args[0]) if len(args) == 1 else tp
+
+
+def _child_types(tp: Any) -> tuple[dict[str, Any] | None, Any]:
+    """(fields by name if a Struct, else None; item/value type of a list or dict, else None)."""
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return {f.encode_name: f.type for f in msgspec.structs.fields(tp)}, None
+    if get_origin(tp) in (list, dict):
+        return None, get_args(tp)[-1]
+    return None, None
+
+
+def _check_keys(data: Any, tp: Any, path: list[Key]) -> None:
+    """Raise _KeyPathError at the first key (in file order) that no Struct in the tree declares."""
+    fields, item = _child_types(tp)
+    if fields is not None and isinstance(data, dict):
+        for key, value in data.items():
+            if key not in fields:
+                what = "unknown section" if not path and isinstance(value, dict) else "unknown key"
+                raise _KeyPathError([*path, key], what + _did_you_mean(key, fields))
+            _check_keys(value, fields[key], [*path, key])
+    elif item is not None and isinstance(data, list | dict):
+        pairs = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in pairs:
+            _check_keys(value, item, [*path, key])
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(word.lower(), lower, n=1)
+    return f" (did you mean {lower[close[0]]!r}?)" if close else ""
+
+
+def _convert(merged: dict[str, Any]) -> Settings:
+    try:
+        return msgspec.convert(merged, Settings)
+    except msgspec.ValidationError as e:
+        message, _, where = str(e).rpartition(" - at `")
+        path, value, tp = _locate(merged, where.rstrip("`"))
+        if m := re.fullmatch(r"Object missing required field `([^`]+)`", message):
+            raise _KeyPathError([*path, m[1]], "missing required key") from None
+        raise _KeyPathError(path, _reason(message or str(e), value, tp)) from None
+
+
+def _locate(data: Any, where: str) -> tuple[list[Key], Any, Any]:
+    """Follow msgspec's `$.a[0][...]` through the data: (key path, value there, its type)."""
+    path: list[Key] = []
+    tp: Any = Settings
+    for match in _MSGSPEC_PATH.finditer(where.removeprefix("$")):
+        name, index = match.group(1), match.group(2)
+        fields, item = _child_types(tp)
+        if name is not None:
+            key: Key = name
+            tp = fields.get(name) if fields else None
+        else:
+            key = int(index) if index is not None else _first_invalid(data, item)
+            tp = item
+        path.append(key)
+        data = data[key] if isinstance(data, dict | list) else None  # type: ignore[index]
+    return path, data, tp
+
+
+def _first_invalid(data: Any, value_type: Any) -> str:
+    """msgspec writes a dict key as `[...]`: find the first entry that does not convert."""
+    for key, value in data.items():
+        try:
+            msgspec.convert(value, value_type)
+        except msgspec.ValidationError:
+            return str(key)
+    return "..."
+
+
+def _noun(names: str) -> str:
+    """msgspec's `int | null` -> `an integer` (TOML has no null)."""
+    words = [_NOUNS.get(n, n) for n in names.split(" | ") if n != "null"]
+    return " or ".join(("an " if w[0] in "aeiou" else "a ") + w for w in words)
+
+
+def _reason(message: str, value: Any, tp: Any) -> str:
+    """msgspec's message in config words, with the offending value."""
+    if m := re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", message):
+        return f"expected {_noun(m[1])}, got {_noun(m[2])}"
+    if m := re.fullmatch(r"Expected `([^`]+)` (.+)", message):
+        return f"expected {_noun(m[1])} {m[2]}, got {value!r}"
+    if message.startswith("Invalid enum value"):
+        choices = get_args(_unwrap(tp)) if get_origin(_unwrap(tp)) is Literal else ()
+        hint = _did_you_mean(str(value), choices) if choices else ""
+        return f"expected one of {', '.join(map(repr, choices))}, got {value!r}{hint}"
+    return message[:1].lower() + message[1:]
+
+
+def _check_semantics(settings: Settings) -> None:
+    """What the types cannot say: unique gateway ids, real backups, a HOST:PORT listen."""
+    first: dict[str, int] = {}
+    for i, gateway in enumerate(settings.gateways):
+        if gateway.id in first:
+            where = f"gateways[{first[gateway.id]}]"
+            reason = f"duplicate gateway id {gateway.id!r}, already used by {where}"
+            raise _KeyPathError(["gateways", i, "id"], reason)
+        first[gateway.id] = i
+    for i, gateway in enumerate(settings.gateways):
+        target, path = gateway.backup_for, ["gateways", i, "backup_for"]
+        if target == gateway.id:
+            raise _KeyPathError(path, f"gateway {target!r} cannot be its own backup")
+        if target is not None and target not in first:
+            hint = _did_you_mean(target, first)
+            raise _KeyPathError(path, f"unknown gateway id {target!r}{hint}")
+    if settings.http.listen:
+        try:
+            split_host_port(settings.http.listen)
+        except ValueError as e:
+            raise _KeyPathError(["http", "listen"], str(e)) from None

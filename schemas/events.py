@@ -1,0 +1,154 @@
+"""Events: everything gatefleet decides or observes, published on `P.events.<type>`.
+
+Each event is a frozen Struct tagged by `type` (its subject suffix too), with a unique
+`id` (also the `Nats-Msg-Id`, so a re-publish is stored once) and `ts`. The union
+`Event` decodes any of them; audit tools match on the concrete classes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from schemas.api import GatewaySnapshot
+from schemas.types import GatewayStatus, StrategyName
+
+
+def new_event_id() -> str:
+    return f"evt-{uuid.uuid4().hex}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=False):
+    id: str = msgspec.field(default_factory=new_event_id)
+    ts: datetime = msgspec.field(default_factory=utc_now)
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+# Gateways ---------------------------------------------------------------------------------
+
+
+class GatewayRegistered(_Event, frozen=True, tag="gateway.registered"):
+    gateway_id: str
+    region: str
+    source: str  # "heartbeat" or "config"
+
+
+class GatewayStatusChanged(_Event, frozen=True, tag="gateway.status_changed"):
+    gateway_id: str
+    old_status: GatewayStatus
+    new_status: GatewayStatus
+    score: float
+    reason: str
+
+
+class GatewayDown(_Event, frozen=True, tag="gateway.down"):
+    gateway_id: str
+    missed_heartbeats: int
+    reason: str
+
+
+class GatewayRecovered(_Event, frozen=True, tag="gateway.recovered"):
+    gateway_id: str
+    score: float
+
+
+class GatewayLeft(_Event, frozen=True, tag="gateway.left"):
+    gateway_id: str
+    reason: str
+
+
+# Load balancing ---------------------------------------------------------------------------
+
+
+class LoadBalancingChanged(_Event, frozen=True, tag="lb.changed"):
+    old_strategy: StrategyName
+    new_strategy: StrategyName
+    old_threshold: float
+    new_threshold: float
+    requested_by: str | None = None
+
+
+class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
+    """One selection decision, with everything needed to explain it later."""
+
+    region: str | None
+    client_id: str | None
+    strategy: StrategyName
+    threshold: float
+    gateway_id: str | None
+    reason: str
+    candidates: list[GatewaySnapshot]
+    excluded: dict[str, str]
+
+
+# Distribution -----------------------------------------------------------------------------
+
+
+class DistributionEvent(_Event, frozen=True, tag="distribution.step"):
+    """A step of a distribution: `step` is created, batch_sent, gateway_acked, ...
+
+    One class with a `step` keeps the state machine's vocabulary in one place.
+    """
+
+    distribution_id: str
+    config_type: str
+    version: int
+    step: str
+    gateway_id: str | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+# High availability ------------------------------------------------------------------------
+
+
+class Failover(_Event, frozen=True, tag="ha.failover"):
+    from_gateway: str
+    to_gateway: str | None
+    reason: str
+
+
+class Failback(_Event, frozen=True, tag="ha.failback"):
+    from_gateway: str
+    to_gateway: str
+    reason: str
+
+
+class Alarm(_Event, frozen=True, tag="ha.alarm"):
+    kind: str
+    message: str
+    active: bool
+
+
+class Reconciliation(_Event, frozen=True, tag="ha.reconcile"):
+    gateway_id: str
+    config_type: str
+    desired_version: int
+    reported_version: int | None
+    distribution_id: str | None
+    reason: str
+
+
+Event = (
+    GatewayRegistered
+    | GatewayStatusChanged
+    | GatewayDown
+    | GatewayRecovered
+    | GatewayLeft
+    | LoadBalancingChanged
+    | GatewaySelected
+    | DistributionEvent
+    | Failover
+    | Failback
+    | Alarm
+    | Reconciliation
+)
