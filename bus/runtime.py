@@ -23,7 +23,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
-import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -128,6 +127,18 @@ class Bus:
             raise
 
     async def _connect(self, connect_timeout: float) -> None:
+        # nats-py retries the first connection forever too: bound it so start-up fails clearly.
+        client = Client()
+        try:
+            await asyncio.wait_for(self._open(client, connect_timeout), connect_timeout)
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            await client.close()
+            reason = str(exc) or f"no server answered within {connect_timeout:g}s"
+            raise BusError(f"cannot connect to NATS at {self.url}: {reason}") from exc
+        self._nc = client
+        self._js = client.jetstream()
+
+    async def _open(self, client: Client, connect_timeout: float) -> None:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error: %s", exc)
 
@@ -136,29 +147,23 @@ class Bus:
                 log.warning("nats disconnected from %s; reconnecting", self.url)
 
         async def on_reconnected() -> None:
-            log.info("nats reconnected to %s", self._nc.connected_url if self._nc else "?")
+            log.info("nats reconnected to %s", client.connected_url)
 
         async def on_closed() -> None:
-            log.info("nats connection closed")
+            log.debug("nats connection closed")
 
-        try:
-            self._nc = await nats.connect(
-                self.url,
-                name=self.name,
-                connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,  # forever
-                reconnect_time_wait=1,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-                closed_cb=on_closed,
-            )
-        except (OSError, nats.errors.Error, TimeoutError) as exc:
-            raise BusError(
-                f"cannot connect to NATS at {self.url}: {exc or type(exc).__name__}"
-            ) from exc
-        self._js = self._nc.jetstream()
+        await client.connect(
+            self.url,
+            name=self.name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,  # forever
+            reconnect_time_wait=1,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            closed_cb=on_closed,
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drains the connection (delivering what is in flight), then stops the loop."""

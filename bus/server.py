@@ -90,9 +90,8 @@ class EmbeddedServer:
         ready = threading.Event()
         threading.Thread(target=self._read_log, args=(ready,), daemon=True).start()
         if not ready.wait(timeout) or not self.url:
-            tail = b"".join(self._log_tail[-5:]).decode(errors="replace").strip()
             self.stop()
-            raise ServerError(f"nats-server did not become ready in {timeout:.0f}s: {tail}")
+            raise ServerError(f"nats-server did not become ready: {self._last_complaint()}")
         log.info("embedded nats-server %s ready on %s", self.server_name, self.url)
         return self.url
 
@@ -113,6 +112,15 @@ class EmbeddedServer:
             elif b"[ERR]" in line or b"[FTL]" in line:
                 log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
         ready.set()  # the process ended: unblock start(), which sees no url
+
+    def _last_complaint(self) -> str:
+        """The server's last error line, without its pid and timestamp, on one line."""
+        for line in reversed(self._log_tail):
+            text = line.decode(errors="replace").strip()
+            for level in ("[FTL] ", "[ERR] "):
+                if level in text:
+                    return text.split(level, 1)[1]
+        return "no error logged (timed out)"
 
     @property
     def pid(self) -> int | None:

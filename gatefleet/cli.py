@@ -67,6 +67,8 @@ class ClientContext:
 def connected(
     config: str | None, nats: str | None, as_json: bool
 ) -> Iterator[tuple[GatefleetClient, ClientContext]]:
+    # Connection retries are logged as warnings by the bus; a client reports failure once.
+    logging.basicConfig(level=logging.ERROR)
     settings = _settings(config, nats)
     url = discover_url(settings, os.environ)
     client = GatefleetClient(url, prefix=settings.bus.subject_prefix)

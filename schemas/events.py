@@ -152,3 +152,9 @@ Event = (
     | Alarm
     | Reconciliation
 )
+
+_event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+def decode_event(data: bytes) -> Event:
+    return _event_decoder.decode(data)

@@ -22,8 +22,7 @@ import pytest
 from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
-from schemas.codec import decode
-from schemas.events import Event
+from schemas.events import Event, decode_event
 from schemas.settings import Settings
 
 E = TypeVar("E")
@@ -95,14 +94,14 @@ def start_orchestrator() -> Iterator[Callable[[Settings], Orchestrator]]:
     yield start
     for orchestrator in reversed(started):
         orchestrator.stop()
+    assert not pykka.ActorRegistry.get_all(), "the orchestrator left actors running"
 
 
 @pytest.fixture(autouse=True)
-def _no_actor_left_behind() -> Iterator[None]:
+def _stop_all_actors() -> Iterator[None]:
+    """pykka threads are not daemons: whatever a test started is stopped here."""
     yield
-    leftovers = pykka.ActorRegistry.get_all()
     pykka.ActorRegistry.stop_all(block=True, timeout=5)
-    assert not leftovers, f"actors left running: {leftovers}"
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +147,7 @@ def event_log(bus: Bus, prefix: str) -> EventLog:
     log = EventLog()
 
     def on_event(msg: Inbound) -> None:
-        log.add(decode(msg.data, Event))  # type: ignore[arg-type]
+        log.add(decode_event(msg.data))
 
     bus.subscribe(f"{prefix}.events.>", on_event)
     return log

@@ -1,0 +1,3 @@
+from gatefleet.cli import main
+
+main()

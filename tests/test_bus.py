@@ -1,0 +1,162 @@
+"""The bus facade against a real nats-server: actors publish, subscribe, request, time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pykka
+import pytest
+
+from bus.runtime import Bus, BusError, Inbound, Reply, RequestFailed
+from bus.server import EmbeddedServer
+from bus.subjects import InvalidGatewayId, Subjects
+from schemas.codec import decode
+from schemas.wire import Pong
+
+
+class Recorder(pykka.ThreadingActor):
+    """Collects what it is told; answers requests by publishing the reply itself."""
+
+    def __init__(self, bus: Bus, expected: int = 1) -> None:
+        super().__init__()
+        self.bus = bus
+        self.received: list[Any] = []
+        self.done = threading.Event()
+        self.expected = expected
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Inbound) and message.reply:
+            self.bus.publish(message.reply, Pong(gateway_id="answered-by-actor"))
+        self.received.append(message)
+        if len(self.received) >= self.expected:
+            self.done.set()
+        return None
+
+
+def received(ref: pykka.ActorRef[Recorder], timeout: float = 5.0) -> list[Any]:
+    proxy = ref.proxy()
+    assert proxy.done.get().wait(timeout), "the actor did not receive everything in time"
+    return list(proxy.received.get())
+
+
+def test_server_is_ours(nats_server: EmbeddedServer, bus: Bus) -> None:
+    assert nats_server.url.startswith("nats://127.0.0.1:")
+    assert bus.server_name == nats_server.server_name
+
+
+def test_publish_reaches_an_actor(bus: Bus, prefix: str) -> None:
+    recorder = Recorder.start(bus)
+    bus.subscribe(f"{prefix}.x", recorder.tell)
+    bus.publish(f"{prefix}.x", b"hello", headers={"k": "v"})
+    [message] = received(recorder)
+    assert message.data == b"hello"
+    assert message.subject == f"{prefix}.x"
+    assert message.headers == {"k": "v"}
+
+
+def test_request_answered_by_an_actor(bus: Bus, prefix: str) -> None:
+    responder = Recorder.start(bus)
+    bus.subscribe(f"{prefix}.api", responder.tell)
+    caller = Recorder.start(bus)
+    bus.request(f"{prefix}.api", b"{}", 2.0, caller.tell)
+    [result] = received(caller)
+    assert isinstance(result, Reply)
+    assert decode(result.data, Pong).gateway_id == "answered-by-actor"
+
+
+def test_request_without_responders_fails_fast(bus: Bus, prefix: str) -> None:
+    caller = Recorder.start(bus)
+    started = time.monotonic()
+    bus.request(f"{prefix}.nobody", b"{}", 5.0, caller.tell)
+    [result] = received(caller)
+    assert result == RequestFailed("no_responders")
+    assert time.monotonic() - started < 2.0
+
+
+def test_request_times_out(bus: Bus, prefix: str) -> None:
+    bus.subscribe(f"{prefix}.silent", lambda _msg: None)  # interest, but never a reply
+    caller = Recorder.start(bus)
+    bus.request(f"{prefix}.silent", b"{}", 0.2, caller.tell)
+    [result] = received(caller)
+    assert result == RequestFailed("timeout")
+
+
+def test_call_later_tells_an_actor_after_the_delay(bus: Bus) -> None:
+    recorder = Recorder.start(bus)
+    started = time.monotonic()
+    bus.call_later(0.15, recorder.tell, "tick")
+    assert received(recorder) == ["tick"]
+    assert time.monotonic() - started >= 0.15
+
+
+def test_cancelled_timer_never_fires(bus: Bus) -> None:
+    recorder = Recorder.start(bus)
+    timer = bus.call_later(0.1, recorder.tell, "cancelled")
+    timer.cancel()
+    bus.call_later(0.3, recorder.tell, "kept")
+    assert received(recorder) == ["kept"]
+
+
+def test_eight_threads_publishing_lose_nothing(bus: Bus, prefix: str) -> None:
+    threads, per_thread = 8, 2_000
+    recorder = Recorder.start(bus, expected=threads * per_thread)
+    bus.subscribe(f"{prefix}.load", recorder.tell)
+
+    def publish_many(n: int) -> None:
+        for i in range(per_thread):
+            bus.publish(f"{prefix}.load", f"{n}:{i}".encode())
+
+    workers = [threading.Thread(target=publish_many, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    messages = received(recorder, timeout=20)
+    assert len(messages) == threads * per_thread
+    assert len({m.data for m in messages}) == threads * per_thread
+    for n in range(threads):  # each thread's messages arrive in the order it sent them
+        mine = [int(m.data.split(b":")[1]) for m in messages if m.data.startswith(f"{n}:".encode())]
+        assert mine == list(range(per_thread))
+
+
+def test_run_on_the_loop_thread_is_refused(bus: Bus) -> None:
+    errors: list[BaseException] = []
+
+    async def nested() -> None:
+        async def inner() -> None:
+            return None
+
+        try:
+            bus.run(inner())
+        except BusError as exc:
+            errors.append(exc)
+
+    bus.run(nested())
+    assert len(errors) == 1
+
+
+def test_connect_to_nothing_is_a_clear_error() -> None:
+    bus = Bus("nats://127.0.0.1:1", use_uvloop=False)
+    with pytest.raises(BusError, match="cannot connect to NATS at nats://127.0.0.1:1"):
+        bus.start(connect_timeout=1)
+
+
+@pytest.mark.parametrize("bad", ["a.b", "a*", ">", "a b", "", "x" * 65])
+def test_subjects_refuse_invalid_gateway_ids(bad: str) -> None:
+    with pytest.raises(InvalidGatewayId):
+        Subjects("gatefleet").heartbeat(bad)
+
+
+def test_subjects_follow_the_protocol() -> None:
+    subjects = Subjects("gf")
+    assert subjects.heartbeat("edge-1") == "gf.gw.edge-1.heartbeat"
+    assert subjects.config("edge-1") == "gf.gw.edge-1.config"
+    assert subjects.ping("edge-1") == "gf.gw.edge-1.ping"
+    assert subjects.goodbye("edge-1") == "gf.gw.edge-1.goodbye"
+    assert subjects.redirect("edge-1") == "gf.redirect.edge-1"
+    assert subjects.api("select-gateway") == "gf.api.select-gateway"
+    assert subjects.all_events == "gf.events.>"
+    assert subjects.gateway_id_of("gf.gw.edge-1.heartbeat") == "edge-1"
+    assert subjects.gateway_id_of("gf.api.status") is None
