@@ -147,6 +147,7 @@ class HealthTracker:
         self.probe_latency_ms: float | None = None
         self.last_probe_at: float | None = None
         self.good_heartbeats = 0
+        self.heartbeats = 0  # accepted since the actor started
         self.labels: dict[str, str] = {}
         self.config_versions: dict[str, int] = {}
         # seq of the previous heartbeat if it was ignored as a replay, else None.
@@ -220,6 +221,7 @@ class HealthTracker:
         if self._missed_at(now):  # a gap breaks the rise run, whether or not a tick saw it
             self.good_heartbeats = 0
         self.last_heartbeat = hb
+        self.heartbeats += 1
         self.last_seq, self.last_seen, self.last_seen_wall = hb.seq, now, wall
         self.region = hb.region
         if hb.role is not None:  # a heartbeat without a role keeps the configured one
@@ -293,6 +295,7 @@ class HealthTracker:
             consecutive_failures=self.consecutive_failures,
             last_seq=self.last_seq,
             last_seen=self.last_seen_wall,
+            heartbeats=self.heartbeats,
             config_versions=dict(self.config_versions),
             labels=dict(self.labels),
         )

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.runtime import BusError
+from bus.connection import CONNECT_ERRORS, open_connection
 from bus.subjects import Subjects, check_gateway_id
 from schemas.codec import DecodeError, decode, encode
 from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
@@ -45,7 +45,7 @@ from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
 log = logging.getLogger(__name__)
 
 _MAX_ERROR_CHARS = 4096  # ConfigAck.error's limit
-_NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
+_NATS_ERRORS = CONNECT_ERRORS
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,40 +83,8 @@ MetricsSource = Callable[[], Metrics]
 async def connect(
     url: str, *, name: str = "gatefleet-agent", connect_timeout_s: float = 10.0, **options: Any
 ) -> Client:
-    """A nats-py connection for one agent or many to share.
-
-    Once up it reconnects forever; the first connection must succeed within `connect_timeout_s`
-    seconds, else BusError (nats-py alone would retry it forever).
-    """
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("nats error: %s", exc)
-
-    async def on_disconnected() -> None:
-        if not client.is_closed:  # closing on purpose also reports a disconnect
-            log.warning("%s: disconnected from %s; reconnecting", name, url)
-
-    async def on_reconnected() -> None:
-        log.info("%s: reconnected to %s", name, client.connected_url)
-
-    settings: dict[str, Any] = {
-        "name": name,
-        "connect_timeout": connect_timeout_s,
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 1,
-        "error_cb": on_error,
-        "disconnected_cb": on_disconnected,
-        "reconnected_cb": on_reconnected,
-    }
-    settings.update(options)
-    client = Client()
-    try:
-        await asyncio.wait_for(client.connect(url, **settings), connect_timeout_s)
-    except _NATS_ERRORS as exc:
-        await client.close()
-        raise BusError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from exc
-    return client
+    """A nats-py connection for one agent or many to share (see bus.connection)."""
+    return await open_connection(url, name=name, connect_timeout_s=connect_timeout_s, **options)
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -145,6 +113,8 @@ class GatewayAgent:
         """`nc` is a shared connection (left open by stop) or a URL (owned, closed by stop)."""
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
+        if not 1 <= len(region) <= 64:
+            raise ValueError("region must be 1-64 characters")
         self.gateway_id = check_gateway_id(gateway_id)
         if backup_for is not None:
             check_gateway_id(backup_for)
@@ -227,7 +197,7 @@ class GatewayAgent:
         )
 
     async def stop(self, *, goodbye: bool = True, flush: bool = True) -> None:
-        """Stops beating and answering; publishes Goodbye first unless `goodbye=False`."""
+        """Stops beating and answering, then publishes Goodbye unless `goodbye=False`."""
         if not self.running:
             return
         await self._halt()

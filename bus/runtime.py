@@ -28,6 +28,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from bus.connection import BusError, open_connection
 from schemas.codec import encode
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ Body = bytes | msgspec.Struct
 # Deliberately deep buffers: heartbeats from thousands of gateways arrive in bursts.
 SUBSCRIPTION_PENDING_MSGS = 512 * 1024
 SUBSCRIPTION_PENDING_BYTES = 256 * 1024 * 1024
-
-
-class BusError(RuntimeError):
-    """The bus could not connect, or was used after it stopped."""
 
 
 class Inbound(NamedTuple):
@@ -127,43 +124,13 @@ class Bus:
             raise
 
     async def _connect(self, connect_timeout: float) -> None:
-        # nats-py retries the first connection forever too: bound it so start-up fails clearly.
-        client = Client()
-        try:
-            await asyncio.wait_for(self._open(client, connect_timeout), connect_timeout)
-        except (OSError, nats.errors.Error, TimeoutError) as exc:
-            await client.close()
-            reason = str(exc) or f"no server answered within {connect_timeout:g}s"
-            raise BusError(f"cannot connect to NATS at {self.url}: {reason}") from exc
-        self._nc = client
-        self._js = client.jetstream()
-
-    async def _open(self, client: Client, connect_timeout: float) -> None:
-        async def on_error(exc: Exception) -> None:
-            log.warning("nats error: %s", exc)
-
-        async def on_disconnected() -> None:
-            if not self._closing:
-                log.warning("nats disconnected from %s; reconnecting", self.url)
-
-        async def on_reconnected() -> None:
-            log.info("nats reconnected to %s", client.connected_url)
-
-        async def on_closed() -> None:
-            log.debug("nats connection closed")
-
-        await client.connect(
+        self._nc = await open_connection(
             self.url,
             name=self.name,
-            connect_timeout=connect_timeout,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,  # forever
-            reconnect_time_wait=1,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-            closed_cb=on_closed,
+            connect_timeout_s=connect_timeout,
+            closing=lambda: self._closing,
         )
+        self._js = self._nc.jetstream()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drains the connection (delivering what is in flight), then stops the loop."""

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bus.agent import GatewayAgent, Metrics, connect
+from schemas.types import Role
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Faults:
 class GatewayPlan:
     gateway_id: str
     region: str
-    role: str  # "primary" | "backup"
+    role: Role
     backup_for: str | None
     max_connections: int
 
@@ -117,7 +118,7 @@ def plan_gateways(
         is_backup = backup_every > 0 and n % backup_every == 0
         backup_for = f"sim-{region_token(region)}-{n - 1}" if is_backup else None
         capacity = rng.choice((500, 750, 1000))
-        role = "backup" if is_backup else "primary"
+        role: Role = "backup" if is_backup else "primary"
         plans.append(GatewayPlan(name, region, role, backup_for, capacity))
     return plans
 
@@ -195,7 +196,7 @@ async def run_simulation(
                 prefix=prefix,
                 metrics=MetricsWalk(seed, plan.gateway_id, plan.max_connections),
                 interval_s=interval_s,
-                role="backup" if plan.role == "backup" else "primary",
+                role=plan.role,
                 backup_for=plan.backup_for,
                 labels={"simulated": "true"},
             )

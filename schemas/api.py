@@ -166,6 +166,8 @@ class GatewaySnapshot(_Body, frozen=True):
     consecutive_failures: Count = 0
     last_seq: int | None = None
     last_seen: datetime | None = None
+    # Heartbeats accepted since gatefleet started tracking this gateway.
+    heartbeats: Count = 0
     config_versions: dict[str, int] = msgspec.field(default_factory=dict)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
 

@@ -121,10 +121,17 @@ class EventLog:
             self.events.append(event)
             self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 5.0) -> Event:
-        """The first event (already seen or arriving) matching `predicate`."""
+    def mark(self) -> int:
+        """A position in the log: pass it as `since` to wait only for later events."""
+        with self._cond:
+            return len(self.events)
+
+    def wait_for(
+        self, predicate: Callable[[Event], bool], timeout: float = 5.0, since: int = 0
+    ) -> Event:
+        """The first event after `since` (already seen or arriving) matching `predicate`."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         with self._cond:
             while True:
                 for event in self.events[seen:]:
@@ -154,11 +161,17 @@ def event_log(bus: Bus, prefix: str) -> EventLog:
 
 
 def wait_until(
-    condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+    condition: Callable[[], bool],
+    timeout: float = 5.0,
+    what: str = "condition",
+    show: Callable[[], object] | None = None,
 ) -> None:
-    """For state with no event to wait on (e.g. a reply): re-checks until true or timeout."""
+    """For state with no event to wait on (e.g. a reply): re-checks until true or timeout.
+
+    `show()` describes the state in the failure message."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
+            seen = f"; last seen: {show()}" if show else ""
+            raise AssertionError(f"{what} not met within {timeout}s{seen}")
         time.sleep(0.01)

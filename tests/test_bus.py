@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -139,7 +140,7 @@ def test_run_on_the_loop_thread_is_refused(bus: Bus) -> None:
 
 def test_connect_to_nothing_is_a_clear_error() -> None:
     bus = Bus("nats://127.0.0.1:1", use_uvloop=False)
-    with pytest.raises(BusError, match="cannot connect to NATS at nats://127.0.0.1:1"):
+    with pytest.raises(BusError, match=re.escape("cannot connect to NATS at nats://127.0.0.1:1")):
         bus.start(connect_timeout=1)
 
 
