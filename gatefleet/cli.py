@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bus.runtime import BusError
+from bus.connection import BusError
 from bus.server import ServerError
 from gatefleet import output
 from gatefleet.app import Orchestrator, discover_url

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.runtime import Bus, BusError
+from bus.connection import BusError
+from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.api import (
     DistributeReply,

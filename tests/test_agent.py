@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from bus import agent as agent_module
 from bus.agent import ConfigResult, GatewayAgent, Metrics
-from bus.runtime import BusError
+from bus.connection import BusError
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
 from gatefleet import simulate

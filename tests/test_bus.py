@@ -10,7 +10,8 @@ from typing import Any
 import pykka
 import pytest
 
-from bus.runtime import Bus, BusError, Inbound, Reply, RequestFailed
+from bus.connection import BusError
+from bus.runtime import Bus, Inbound, Reply, RequestFailed
 from bus.server import EmbeddedServer
 from bus.subjects import InvalidGatewayId, Subjects
 from schemas.codec import decode

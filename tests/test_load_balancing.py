@@ -1,0 +1,241 @@
+"""Load balancing through `P.api.*` with a real server, real agents and the Python client."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from bus.agent import Metrics
+from bus.runtime import Bus
+from gatefleet.app import Orchestrator
+from gatefleet.client import BadRequest, GatefleetClient, Unavailable
+from schemas.api import SelectReply, SelectRequest
+from schemas.events import GatewayStatusChanged, LoadBalancingChanged
+from schemas.settings import Settings
+from tests.conftest import EventLog, SettingsFactory, wait_until
+from tests.fleet import Fleet, MutableMetrics
+
+
+def load(cpu: float, connections: int, latency: float) -> MutableMetrics:
+    return MutableMetrics(
+        Metrics(
+            cpu_percent=cpu,
+            memory_percent=20.0,
+            active_connections=connections,
+            max_connections=1000,
+            latency_ms=latency,
+        )
+    )
+
+
+@pytest.fixture
+def fleet(bus: Bus, prefix: str) -> Iterator[Fleet]:
+    fleet = Fleet(bus, prefix)
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture
+def settings(make_settings: SettingsFactory) -> Settings:
+    return make_settings(
+        health={"heartbeat_interval_ms": 100},
+        load_balancing={"random_seed": 1},
+        regions={"eu-central": ["eu-west", "us-east"]},
+    )
+
+
+@pytest.fixture
+def gatefleet(
+    settings: Settings, start_orchestrator: Callable[[Settings], Orchestrator]
+) -> Orchestrator:
+    return start_orchestrator(settings)
+
+
+@pytest.fixture
+def client(gatefleet: Orchestrator, prefix: str) -> Iterator[GatefleetClient]:
+    with GatefleetClient(gatefleet.url, prefix=prefix) as client:
+        yield client
+
+
+def healthy(event_log: EventLog, *ids: str) -> None:
+    for gateway_id in ids:
+        event_log.wait_for(
+            lambda e, g=gateway_id: (
+                isinstance(e, GatewayStatusChanged)  # type: ignore[misc]
+                and e.gateway_id == g
+                and e.new_status == "healthy"
+            )
+        )
+
+
+@pytest.fixture
+def three(gatefleet: Orchestrator, fleet: Fleet, event_log: EventLog) -> Fleet:
+    """edge-a busy with many connections and slow; edge-b idle and fast; edge-c in eu-west."""
+    fleet.add("edge-a", "us-west", metrics=load(cpu=30, connections=500, latency=30))
+    fleet.add("edge-b", "us-west", metrics=load(cpu=10, connections=100, latency=5))
+    fleet.add("edge-c", "eu-west", metrics=load(cpu=20, connections=300, latency=20))
+    healthy(event_log, "edge-a", "edge-b", "edge-c")
+    return fleet
+
+
+def picks(client: GatefleetClient, n: int, **request: Any) -> Counter[str | None]:
+    return Counter(client.select_optimal_gateway(**request).gateway_id for _ in range(n))
+
+
+def test_round_robin_is_fair(three: Fleet, client: GatefleetClient) -> None:
+    assert client.get_load_balancing_config().strategy == "RoundRobin"
+    assert picks(client, 300) == {"edge-a": 100, "edge-b": 100, "edge-c": 100}
+
+
+def test_strategy_change_applies_to_the_next_selection(
+    three: Fleet, client: GatefleetClient, event_log: EventLog
+) -> None:
+    config = client.update_load_balancing_config("LeastConnections")
+    assert (config.strategy, config.health_threshold) == ("LeastConnections", 70.0)
+    reply = client.select_optimal_gateway()
+    assert (reply.gateway_id, reply.strategy) == ("edge-b", "LeastConnections")
+    changed = event_log.wait_for(lambda e: isinstance(e, LoadBalancingChanged))
+    assert isinstance(changed, LoadBalancingChanged)
+    assert (changed.old_strategy, changed.new_strategy) == ("RoundRobin", "LeastConnections")
+
+    client.update_load_balancing_config("LatencyBased")
+    assert picks(client, 20) == {"edge-b": 20}
+
+    client.update_load_balancing_config("RegionAware")
+    assert picks(client, 10, region="eu-west") == {"edge-c": 10}
+    assert picks(client, 10, region="us-west") == {"edge-b": 10}  # inner: LeastConnections
+    # Nobody serves eu-central: the proximity table sends it to eu-west first.
+    reply = client.select_optimal_gateway("eu-central")
+    assert reply.gateway_id == "edge-c"
+    assert "eu-west" in reply.reason
+    # A region with no table entry falls back to any eligible gateway.
+    assert client.select_optimal_gateway("ap-south").gateway_id in {"edge-a", "edge-b", "edge-c"}
+
+    client.update_load_balancing_config("WeightedRandom")
+    counts = picks(client, 300)
+    assert set(counts) == {"edge-a", "edge-b", "edge-c"}
+    assert counts["edge-b"] > counts["edge-a"]  # healthier, so more likely
+
+
+def test_threshold_excludes_and_includes(three: Fleet, client: GatefleetClient) -> None:
+    scores = {g.gateway_id: g.score for g in client.gateways().gateways}
+    # Exactly at edge-c's score: edge-c is still selectable, edge-a (lower) is not.
+    threshold = scores["edge-c"]
+    assert scores["edge-a"] < threshold <= scores["edge-b"]
+    client.update_load_balancing_config("RoundRobin", threshold)
+    wait_until(
+        lambda: set(picks(client, 4)) == {"edge-b", "edge-c"},
+        what="edge-a excluded",
+        show=lambda: picks(client, 4),
+    )
+    client.update_load_balancing_config(health_threshold=100.0)
+    reply = client.select_optimal_gateway()
+    assert reply.gateway_id is None
+    assert "no eligible gateway" in reply.reason
+
+
+def test_down_gateway_is_never_selected(
+    three: Fleet, client: GatefleetClient, event_log: EventLog
+) -> None:
+    three.agents["edge-b"].pause_heartbeats()
+    event_log.wait_for(
+        lambda e: (
+            isinstance(e, GatewayStatusChanged)
+            and e.gateway_id == "edge-b"
+            and e.new_status in ("degraded", "down")
+        )
+    )
+    assert "edge-b" not in picks(client, 30)
+
+
+def test_sticky_clients(three: Fleet, client: GatefleetClient, event_log: EventLog) -> None:
+    first = client.select_optimal_gateway(client_id="alice").gateway_id
+    assert first is not None
+    assert picks(client, 10, client_id="alice") == {first: 10}
+    three.agents[first].pause_heartbeats()
+    event_log.wait_for(
+        lambda e: (
+            isinstance(e, GatewayStatusChanged)
+            and e.gateway_id == first
+            and e.new_status in ("degraded", "down")
+        )
+    )
+    moved = client.select_optimal_gateway(client_id="alice").gateway_id
+    assert moved not in (None, first)
+    assert picks(client, 5, client_id="alice") == {moved: 5}
+
+
+def test_empty_pool_answers_null_not_an_error(
+    gatefleet: Orchestrator, client: GatefleetClient
+) -> None:
+    reply = client.select_optimal_gateway("us-west")
+    assert reply.gateway_id is None
+    assert reply.strategy == "RoundRobin"
+    assert reply.reason
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"strategy": "Fastest"}',
+        b'{"health_threshold": 101}',
+        b'{"health_threshold": -0.5}',
+        b'{"health_threshold": "high"}',
+        b"[]",
+    ],
+)
+def test_bad_load_balancing_requests_change_nothing(
+    gatefleet: Orchestrator, fleet: Fleet, body: bytes
+) -> None:
+    reply = fleet.raw_call("load-balancing.set", body)
+    assert reply["error"]["code"] == "bad_request"
+    assert reply["error"]["message"]
+    assert fleet.raw_call("load-balancing.get", b"{}") == {
+        "strategy": "RoundRobin",
+        "health_threshold": 70.0,
+    }
+
+
+@pytest.mark.parametrize("body", [b"{oops", b'{"region": 5}', b'{"client_id": ""}'])
+def test_bad_select_requests_get_bad_request(
+    gatefleet: Orchestrator, fleet: Fleet, body: bytes
+) -> None:
+    assert fleet.raw_call("select-gateway", body)["error"]["code"] == "bad_request"
+
+
+def test_client_raises_typed_errors(gatefleet: Orchestrator, client: GatefleetClient) -> None:
+    with pytest.raises(BadRequest, match="health_threshold"):
+        client.update_load_balancing_config(health_threshold=150.0)
+    with (
+        GatefleetClient(gatefleet.url, prefix="nobody-home", timeout=1) as lonely,
+        pytest.raises(Unavailable, match="nobody answers"),
+    ):
+        lonely.get_load_balancing_config()
+
+
+def test_settings_survive_a_restart(
+    settings: Settings, start_orchestrator: Callable[[Settings], Orchestrator], prefix: str
+) -> None:
+    first = start_orchestrator(settings)
+    with GatefleetClient(first.url, prefix=prefix) as client:
+        client.update_load_balancing_config("LatencyBased", 80.0)
+    first.stop()
+    second = start_orchestrator(settings)
+    with GatefleetClient(second.url, prefix=prefix) as client:
+        config = client.get_load_balancing_config()
+        status = client.status()
+    assert (config.strategy, config.health_threshold) == ("LatencyBased", 80.0)
+    assert (status.load_balancing_strategy, status.health_check_threshold) == ("LatencyBased", 80.0)
+
+
+def test_selection_reply_links_to_its_audit_event(
+    three: Fleet, fleet: Fleet, event_log: EventLog
+) -> None:
+    reply = fleet.call("select-gateway", SelectRequest(region="us-west"), SelectReply)
+    assert reply.selection_id is not None
+    event = event_log.wait_for(lambda e: e.id == reply.selection_id)
+    assert event.type == "lb.selected"
