@@ -26,12 +26,15 @@ from gatefleet import output
 from gatefleet.app import Orchestrator, discover_url
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
 from gatefleet.config import ConfigError, load_settings
+from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.settings import Settings
+from schemas.types import STRATEGIES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_USAGE = 2
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> None:
@@ -92,16 +95,30 @@ def main() -> None:
 @click.option("--config", envvar="GATEFLEET_CONFIG", help="Configuration file.")
 @click.option("--nats", help="Use this NATS server instead of the embedded one.")
 @click.option(
+    "--simulate",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Also run N simulated gateways, so there is a live fleet to look at.",
+)
+@click.option(
+    "--regions",
+    default="us-west,us-east,eu-west",
+    show_default=True,
+    help="Regions of the simulated gateways.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def up(config: str | None, nats: str | None, log_level: str) -> None:
+def up(config: str | None, nats: str | None, simulate: int, regions: str, log_level: str) -> None:
     """Run the orchestrator (on an embedded nats-server unless a URL is configured)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    log = logging.getLogger("gatefleet")
     settings = _settings(config, nats)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -113,19 +130,52 @@ def up(config: str | None, nats: str | None, log_level: str) -> None:
     except (BusError, ServerError, OSError) as exc:
         fail(f"cannot start: {exc}")
     embedded = "embedded nats-server" if orchestrator.server else "external NATS"
-    logging.getLogger("gatefleet").info(
+    log.info(
         "gatefleet ready in %.2fs: %s at %s, subject prefix %r",
         time.monotonic() - started,
         embedded,
         url,
         settings.bus.subject_prefix,
     )
+    simulation = _start_simulation(url, simulate, regions, settings, stop) if simulate else None
     try:
         stop.wait()
     finally:
-        logging.getLogger("gatefleet").info("shutting down")
+        log.info("shutting down")
+        if simulation is not None:
+            simulation.join(10)
         orchestrator.stop()
-        logging.getLogger("gatefleet").info("stopped")
+        log.info("stopped")
+
+
+def _start_simulation(
+    url: str, count: int, regions: str, settings: Settings, stop: threading.Event
+) -> threading.Thread:
+    """Simulated gateways on their own thread and loop; they say goodbye when `stop` is set."""
+
+    def run() -> None:
+        try:
+            run_simulation_blocking(
+                url,
+                count,
+                _regions(regions),
+                stop=stop,
+                prefix=settings.bus.subject_prefix,
+                interval_s=settings.health.heartbeat_interval_ms / 1000,
+            )
+        except BusError as exc:
+            logging.getLogger("gatefleet").error("simulation stopped: %s", exc)  # noqa: TRY400 - expected, no traceback
+
+    thread = threading.Thread(target=run, name="gatefleet-simulation")
+    thread.start()
+    return thread
+
+
+def _regions(text: str) -> list[str]:
+    regions = [r.strip() for r in text.split(",") if r.strip()]
+    if not regions:
+        fail("--regions needs at least one region", EXIT_USAGE)
+    return regions
 
 
 @main.command()
@@ -134,3 +184,147 @@ def status(config: str | None, nats: str | None, as_json: bool) -> None:
     """Show the orchestrator's status."""
     with connected(config, nats, as_json) as (client, ctx):
         output.show_status(client.status(), as_json=ctx.as_json)
+
+
+@main.command()
+@common_options
+def gateways(config: str | None, nats: str | None, as_json: bool) -> None:
+    """List the gateways with their health."""
+    with connected(config, nats, as_json) as (client, ctx):
+        output.show_gateways(client.gateways(), as_json=ctx.as_json)
+
+
+@main.command()
+@click.option("--region", help="The client's region (used by RegionAware).")
+@click.option("--client-id", help="Stick to the same gateway for this client.")
+@common_options
+def select(
+    region: str | None, client_id: str | None, config: str | None, nats: str | None, as_json: bool
+) -> None:
+    """Ask which gateway a client should use."""
+    with connected(config, nats, as_json) as (client, ctx):
+        output.show_selection(client.select_optimal_gateway(region, client_id), as_json=ctx.as_json)
+
+
+@main.command()
+@click.argument("name", required=False, type=click.Choice(STRATEGIES))
+@click.option("--threshold", type=click.FloatRange(0, 100), help="Health threshold, 0-100.")
+@common_options
+def strategy(
+    name: str | None, threshold: float | None, config: str | None, nats: str | None, as_json: bool
+) -> None:
+    """Show the load-balancing strategy, or set it (and/or the threshold)."""
+    with connected(config, nats, as_json) as (client, ctx):
+        if name is None and threshold is None:
+            in_force = client.get_load_balancing_config()
+        else:
+            in_force = client.update_load_balancing_config(name, threshold)  # type: ignore[arg-type]
+        output.show_load_balancing(in_force, as_json=ctx.as_json)
+
+
+@main.command()
+@click.option("--count", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--regions", default="us-west,us-east,eu-west", show_default=True)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between heartbeats.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+@click.option(
+    "--backup-every",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Every Nth gateway of a region is a backup for the one before (0: none).",
+)
+@click.option(
+    "--stop-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of gateways that stop beating after --fault-after.",
+)
+@click.option(
+    "--crash-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share that crash (no goodbye) after --fault-after.",
+)
+@click.option(
+    "--flap-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share that keep going silent and coming back.",
+)
+@click.option("--slow-rate", type=click.FloatRange(0, 1), default=0.0, help="Share with slow acks.")
+@click.option(
+    "--fail-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share that reject (nack) every config push.",
+)
+@click.option(
+    "--silent-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share that never answer config pushes.",
+)
+@click.option("--fault-after", type=click.FloatRange(min=0), default=10.0, show_default=True)
+@click.option(
+    "--recover-after",
+    type=click.FloatRange(min=0),
+    help="Stopped and crashed gateways come back this many seconds later.",
+)
+@common_options
+def simulate(
+    count: int,
+    regions: str,
+    interval: float,
+    seed: int,
+    duration: float | None,
+    backup_every: int,
+    stop_rate: float,
+    crash_rate: float,
+    flap_rate: float,
+    slow_rate: float,
+    fail_rate: float,
+    silent_rate: float,
+    fault_after: float,
+    recover_after: float | None,
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+) -> None:
+    """Run simulated gateways with changing metrics and optional faults, until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings(config, nats)
+    url = discover_url(settings, os.environ)
+    faults = Faults(
+        stop_beating=stop_rate,
+        crash=crash_rate,
+        flap=flap_rate,
+        slow_acks=slow_rate,
+        fail_acks=fail_rate,
+        silent=silent_rate,
+        after_s=fault_after,
+        recover_after_s=recover_after,
+    )
+    try:
+        summary = run_simulation_blocking(
+            url,
+            count,
+            _regions(regions),
+            stop=threading.Event(),
+            prefix=settings.bus.subject_prefix,
+            interval_s=interval,
+            seed=seed,
+            faults=faults,
+            duration_s=duration,
+            backup_every=backup_every,
+        )
+    except BusError as exc:
+        fail(str(exc))
+    output.show_simulation(summary, as_json=as_json)
