@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from actors.tally import Tally
 from bus.edge import Drops
 from bus.jetstream import KvStore
 from bus.runtime import Bus
@@ -22,4 +23,6 @@ class Context:
     emit: Callable[[Event], None]
     drops: Drops
     buckets: dict[str, KvStore]
+    # Selections made, per strategy (LoadBalancer writes, Supervisor reports).
+    selections: Tally = field(default_factory=Tally)
     clock: Callable[[], float] = field(default=time.monotonic)

@@ -138,6 +138,7 @@ class LoadBalancerActor(SafeActor):
             sticky_gateway=self.sticky.get(client_id) if client_id else None,
             connection_reference=settings.health.connection_reference,
         )
+        self.ctx.selections.add(self.config.strategy)
         event = self._selection_event(request, selection)
         if client_id:
             self._remember(client_id, selection.gateway_id)

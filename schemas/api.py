@@ -66,6 +66,7 @@ class StatusReply(_Body, frozen=True):
     # Additions to the protocol (allowed: optional fields).
     malformed_messages: dict[str, int] = msgspec.field(default_factory=dict)
     actor_restarts: Count = 0
+    selections: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class LoadBalancingConfig(_Body, frozen=True):
