@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -25,7 +25,8 @@ from bus.server import ServerError
 from gatefleet import output
 from gatefleet.app import Orchestrator, discover_url
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
-from gatefleet.config import ConfigError, load_settings
+from gatefleet.config import ConfigError, load_settings, split_host_port
+from gatefleet.http import HttpApi
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.settings import Settings
 from schemas.types import STRATEGIES
@@ -37,7 +38,7 @@ EXIT_CONFIG = 2
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_FAILURE) -> None:
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     click.echo(f"gatefleet: {message}", err=True)
     sys.exit(code)
 
@@ -47,7 +48,6 @@ def _settings(config: str | None, nats: str | None) -> Settings:
         return load_settings(config, nats_url=nats)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
-        raise  # unreachable: fail() exits
 
 
 def common_options(fn: F) -> F:
@@ -95,6 +95,12 @@ def main() -> None:
 @click.option("--config", envvar="GATEFLEET_CONFIG", help="Configuration file.")
 @click.option("--nats", help="Use this NATS server instead of the embedded one.")
 @click.option(
+    "--http",
+    "http_listen",
+    metavar="HOST:PORT",
+    help="Serve the HTTP API here (overrides [http] listen).",
+)
+@click.option(
     "--simulate",
     type=click.IntRange(min=0),
     default=0,
@@ -113,7 +119,14 @@ def main() -> None:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def up(config: str | None, nats: str | None, simulate: int, regions: str, log_level: str) -> None:
+def up(
+    config: str | None,
+    nats: str | None,
+    http_listen: str | None,
+    simulate: int,
+    regions: str,
+    log_level: str,
+) -> None:
     """Run the orchestrator (on an embedded nats-server unless a URL is configured)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -137,6 +150,7 @@ def up(config: str | None, nats: str | None, simulate: int, regions: str, log_le
         url,
         settings.bus.subject_prefix,
     )
+    http_api = _start_http(http_listen or settings.http.listen, url, settings, orchestrator)
     simulation = _start_simulation(url, simulate, regions, settings, stop) if simulate else None
     try:
         stop.wait()
@@ -144,8 +158,29 @@ def up(config: str | None, nats: str | None, simulate: int, regions: str, log_le
         log.info("shutting down")
         if simulation is not None:
             simulation.join(10)
+        if http_api is not None:
+            http_api.stop()  # drains its own connection while the server is still up
         orchestrator.stop()
         log.info("stopped")
+
+
+def _start_http(
+    listen: str, url: str, settings: Settings, orchestrator: Orchestrator
+) -> HttpApi | None:
+    if not listen:
+        return None
+    try:
+        host, port = split_host_port(listen)
+    except ValueError as exc:
+        orchestrator.stop()
+        fail(f"--http: {exc}", EXIT_USAGE)
+    http_api = HttpApi()
+    try:
+        http_api.start(url, settings.bus.subject_prefix, host, port, settings.http.token)
+    except (BusError, OSError) as exc:
+        orchestrator.stop()
+        fail(f"cannot serve HTTP on {listen}: {exc}")
+    return http_api
 
 
 def _start_simulation(

@@ -70,6 +70,8 @@ def make_settings(nats_server: EmbeddedServer, prefix: str, tmp_path: Path) -> S
         raw: dict[str, Any] = {
             "bus": {"url": nats_server.url, "subject_prefix": prefix, "data_dir": str(tmp_path)},
             "health": {"probe_interval_ms": 0},
+            # Each test's stream reserves this much of the shared server's storage.
+            "audit": {"max_bytes": 16 * 1024 * 1024},
         }
         for name, values in sections.items():
             if isinstance(values, dict):

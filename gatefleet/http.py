@@ -1,0 +1,386 @@
+"""The HTTP API: the seed's endpoints, plus gateways, health and Prometheus metrics.
+
+A thin translator. Each API call becomes the NATS request on the matching `P.api.*`
+subject and the reply body is returned as it is, so HTTP and NATS bodies are the same
+by construction; an error reply's code picks the status (bad_request 400, not_found 404,
+unavailable 503, internal 500), and no answer at all is 503 `unavailable`.
+
+| HTTP | NATS request |
+|---|---|
+| GET  /api/v1/orchestration/status | `P.api.status` `{}` |
+| GET  /api/v1/orchestration/gateways | `P.api.gateways` `{}` |
+| GET  /api/v1/orchestration/load-balancing | `P.api.load-balancing.get` `{}` |
+| POST /api/v1/orchestration/load-balancing | `P.api.load-balancing.set` (the body) |
+| POST /api/v1/orchestration/select-gateway | `P.api.select-gateway` (the body) |
+| POST /api/v1/orchestration/distribute | `P.api.distribute` (the body) |
+| GET  /api/v1/orchestration/distributions/{id} | `P.api.distributions.get` |
+| GET  /api/v1/orchestration/distributions?include_completed=true | `P.api.distributions.list` |
+| GET  /healthz | `P.api.status`: 200 `{"status": "ok"}` or 503 |
+| GET  /metrics | status, gateways and distributions.list, as Prometheus text |
+
+POST bodies are forwarded untouched (an empty one as `{}`): the actors validate them, so
+a bad body gets the same `bad_request` over HTTP as over NATS. Bodies over 8 MiB are
+refused with 413. When a token is configured, every path but `/healthz` needs
+`Authorization: Bearer <token>` (401 otherwise): `/healthz` is for load balancers and
+orchestrators' probes, which say nothing beyond "up or not".
+
+The server runs on its own bus (own loop thread, own NATS connection), never on the
+orchestrator's, so a slow HTTP client cannot delay a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import get_args
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from bus import http_bridge
+from bus.edge import MAX_REQUEST_BYTES, error_body
+from bus.runtime import Bus
+from bus.subjects import Subjects
+from schemas.api import DistributionStatus, ErrorCode, StatusReply
+from schemas.codec import decode, encode
+from schemas.types import STRATEGIES, GatewayStatus
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1/orchestration"
+HEALTH_PATH = "/healthz"
+DEFAULT_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 2.0
+SHUTDOWN_TIMEOUT_S = 5.0
+JSON = "application/json"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpApi:
+    """The HTTP server and its bus, started and stopped from any thread but the bus's."""
+
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT_S, access_log: bool = True) -> None:
+        self.timeout = timeout
+        self.access_log = access_log
+        self._bus: Bus | None = None
+        self._runner: web.AppRunner | None = None
+
+    def start(self, url: str, prefix: str, host: str, port: int, token: str) -> tuple[str, int]:
+        """Connects to NATS at `url` and serves on `host:port` (0: a free port).
+
+        Returns the bound (host, port). Raises BusError if NATS is unreachable, OSError
+        if the address cannot be bound; either way nothing is left running."""
+        if self._bus is not None:
+            raise RuntimeError("the HTTP API is already running")
+        bus = Bus(url, name="gatefleet-http")
+        bus.start()
+        try:
+            app = make_app(bus, Subjects(prefix), token=token, timeout=self.timeout)
+            self._runner = bus.run(self._serve(app, host, port), timeout=30)
+        except BaseException:
+            bus.stop()
+            raise
+        self._bus = bus
+        bound_host, bound_port = (str(part) for part in self._runner.addresses[0][:2])
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        log.info("HTTP API on http://%s:%s%s", shown, bound_port, API)
+        return bound_host, int(bound_port)
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> web.AppRunner:
+        if self.access_log:
+            runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        else:
+            runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner
+
+    def stop(self) -> None:
+        """Stops serving (in-flight calls get up to SHUTDOWN_TIMEOUT_S), then the bus."""
+        bus, runner = self._bus, self._runner
+        self._bus = self._runner = None
+        if bus is None:
+            return
+        try:
+            if runner is not None:
+                bus.run(runner.cleanup(), timeout=SHUTDOWN_TIMEOUT_S + 5)
+        finally:
+            bus.stop()
+
+
+def make_app(bus: Bus, subjects: Subjects, *, token: str, timeout: float) -> web.Application:
+    """The aiohttp application; its handlers must run on `bus`'s loop."""
+    api = _Api(bus, subjects, timeout)
+    app = web.Application(
+        middlewares=[_error_bodies, _bearer_auth(token)], client_max_size=MAX_REQUEST_BYTES
+    )
+    app.router.add_get(f"{API}/status", api.forward_get("status"))
+    app.router.add_get(f"{API}/gateways", api.forward_get("gateways"))
+    app.router.add_get(f"{API}/load-balancing", api.forward_get("load-balancing.get"))
+    app.router.add_post(f"{API}/load-balancing", api.forward_post("load-balancing.set"))
+    app.router.add_post(f"{API}/select-gateway", api.forward_post("select-gateway"))
+    app.router.add_post(f"{API}/distribute", api.forward_post("distribute"))
+    app.router.add_get(f"{API}/distributions", api.list_distributions)
+    app.router.add_get(f"{API}/distributions/{{distribution_id}}", api.get_distribution)
+    app.router.add_get(HEALTH_PATH, api.healthz)
+    app.router.add_get("/metrics", api.metrics)
+    return app
+
+
+class _Api:
+    """The handlers: each one NATS request (three for /metrics)."""
+
+    def __init__(self, bus: Bus, subjects: Subjects, timeout: float) -> None:
+        self.bus = bus
+        self.subjects = subjects
+        self.timeout = timeout
+
+    async def ask(
+        self,
+        name: str,
+        body: bytes,
+        timeout: float | None = None,  # noqa: ASYNC109 - passed on as the NATS request timeout
+    ) -> tuple[int, bytes]:
+        subject = self.subjects.api(name)
+        return await http_bridge.request(self.bus, subject, body, timeout or self.timeout)
+
+    def forward_get(self, name: str) -> Handler:
+        async def handle(_request: web.Request) -> web.Response:
+            return _json(*await self.ask(name, b"{}"))
+
+        return handle
+
+    def forward_post(self, name: str) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            return _json(*await self.ask(name, body if body.strip() else b"{}"))
+
+        return handle
+
+    async def get_distribution(self, request: web.Request) -> web.Response:
+        body = encode({"distribution_id": request.match_info["distribution_id"]})
+        return _json(*await self.ask("distributions.get", body))
+
+    async def list_distributions(self, request: web.Request) -> web.Response:
+        text = request.query.get("include_completed", "true").lower()
+        if text not in _BOOLEANS:
+            return _error(400, "bad_request", "include_completed must be true or false")
+        body = encode({"include_completed": _BOOLEANS[text]})
+        return _json(*await self.ask("distributions.list", body))
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        if not http_bridge.connected(self.bus):
+            return _error(503, "unavailable", "not connected to NATS")
+        status, body = await self.ask("status", b"{}", min(self.timeout, HEALTH_TIMEOUT_S))
+        if status != http_bridge.OK:
+            return _json(503, body)
+        return _json(200, b'{"status":"ok"}')
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        """Prometheus text; `gatefleet_up 0` alone when the orchestrator does not answer."""
+        text = await self._collect_metrics()
+        if text is None:
+            text = _family("gatefleet_up", "gauge", _UP_HELP, [("", 0)])
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def _collect_metrics(self) -> str | None:
+        (
+            (status, status_body),
+            (gw_status, gw_body),
+            (dist_status, dist_body),
+        ) = await asyncio.gather(
+            self.ask("status", b"{}"),
+            self.ask("gateways", b"{}"),
+            self.ask("distributions.list", b'{"include_completed":true}'),
+        )
+        if (status, gw_status, dist_status) != (http_bridge.OK,) * 3:
+            log.warning("metrics: gatefleet did not answer: %s", (status_body, gw_body, dist_body))
+            return None
+        try:
+            return render_metrics(
+                decode(status_body, StatusReply),
+                [g.status for g in decode(gw_body, _Gateways).gateways],
+                [d.status for d in decode(dist_body, _Distributions).distributions],
+            )
+        except msgspec.DecodeError:
+            log.exception("metrics: unexpected reply")
+            return None
+
+
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+class _WithStatus(msgspec.Struct):
+    status: str
+
+
+class _Gateways(msgspec.Struct):
+    gateways: list[_WithStatus]
+
+
+class _Distributions(msgspec.Struct):
+    distributions: list[_WithStatus]
+
+
+# Prometheus text format ------------------------------------------------------------------
+
+_UP_HELP = "1 when gatefleet answered this scrape's requests, else 0."
+
+
+def render_metrics(
+    status: StatusReply, gateway_statuses: list[str], distribution_states: list[str]
+) -> str:
+    """The /metrics page (Prometheus text format 0.0.4). Every known label value is listed,
+    zeros included, so that a series does not vanish when its count drops to 0."""
+    families = [
+        _family("gatefleet_up", "gauge", _UP_HELP, [("", 1)]),
+        _family(
+            "gatefleet_gateways_managed",
+            "gauge",
+            "Gateways gatefleet tracks.",
+            [("", status.gateways_managed)],
+        ),
+        _family(
+            "gatefleet_gateways",
+            "gauge",
+            "Gateways by health status.",
+            _by_label("status", _tally(gateway_statuses, get_args(GatewayStatus))),
+        ),
+        _family(
+            "gatefleet_selections_total",
+            "counter",
+            "Gateway selections served since start, by the strategy in force.",
+            _by_label("strategy", _merge(dict.fromkeys(STRATEGIES, 0), status.selections)),
+        ),
+        _family(
+            "gatefleet_distributions",
+            "gauge",
+            "Configuration distributions on record, by state.",
+            _by_label("state", _tally(distribution_states, get_args(DistributionStatus))),
+        ),
+        _family(
+            "gatefleet_malformed_messages_total",
+            "counter",
+            "Messages dropped as malformed since start, by cause.",
+            _by_label("cause", status.malformed_messages),
+        ),
+        _family(
+            "gatefleet_actor_restarts_total",
+            "counter",
+            "Actors restarted after a crash since start.",
+            [("", status.actor_restarts)],
+        ),
+        _family(
+            "gatefleet_health_threshold_percent",
+            "gauge",
+            "Health score a gateway needs to be selectable.",
+            [("", status.health_check_threshold)],
+        ),
+        _family(
+            "gatefleet_load_balancing_strategy",
+            "gauge",
+            "The load-balancing strategy in force (always 1, the strategy is the label).",
+            [(_labels("strategy", status.load_balancing_strategy), 1)],
+        ),
+    ]
+    return "".join(families)
+
+
+def _family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> str:
+    lines = [f"# HELP {name} {help_text}\n", f"# TYPE {name} {kind}\n"]
+    lines += [f"{name}{labels} {_number(value)}\n" for labels, value in samples]
+    return "".join(lines)
+
+
+def _by_label(label: str, counts: dict[str, int]) -> list[tuple[str, float]]:
+    return [(_labels(label, value), count) for value, count in sorted(counts.items())]
+
+
+def _labels(label: str, value: str) -> str:
+    escaped = value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+    return f'{{{label}="{escaped}"}}'
+
+
+def _tally(values: list[str], known: tuple[str, ...]) -> dict[str, int]:
+    counts = dict.fromkeys(known, 0)
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _merge(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
+    return {**base, **extra}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# Responses, authentication and error bodies ----------------------------------------------
+
+
+def _json(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type=JSON)
+
+
+def _error(
+    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = _json(status, error_body(code, message))
+    response.headers.update(headers or {})
+    return response
+
+
+def _bearer_auth(token: str) -> Middleware:
+    """A middleware refusing calls without `Authorization: Bearer <token>` (none if no token)."""
+    expected = token.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token and request.path != HEALTH_PATH:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode(), expected
+            )
+            if not ok:
+                challenge = {"WWW-Authenticate": 'Bearer realm="gatefleet"'}
+                return _error(401, "bad_request", "missing or wrong bearer token", challenge)
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def _error_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, wrong method, body too large) and crashes,
+    answered with the protocol's error body instead of plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code: ErrorCode = "not_found" if exc.status == 404 else "bad_request"
+        if exc.status >= 500:
+            code = "unavailable" if exc.status == 503 else "internal"
+        message = _MESSAGES.get(exc.status) or exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k in _KEPT_HEADERS}
+        return _error(exc.status, code, message, headers)
+    except Exception:
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return _error(500, "internal", "internal error")
+
+
+_KEPT_HEADERS = {"Allow"}
+_MESSAGES = {
+    404: "no such path",
+    405: "method not allowed",
+    413: f"request body over {MAX_REQUEST_BYTES} bytes",
+}
