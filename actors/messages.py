@@ -6,13 +6,14 @@ Requests from the bus carry `reply`, the subject the actor publishes its answer 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pykka
 
 from schemas.api import (
     DistributeRequest,
+    Distribution,
     DistributionGetRequest,
     DistributionListRequest,
     GatewaySnapshot,
@@ -133,3 +134,24 @@ class DistributionCounts(_Message, frozen=True):
     active: int
     completed: int
     failed: int
+
+
+class DistributionChanged(_Message, frozen=True):
+    """DistributionActor -> Distributor: its record as just stored (final once it has ended)."""
+
+    record: Distribution
+
+
+class PushAnswered(_Message, frozen=True):
+    """Bus loop -> DistributionActor: how one ConfigPush attempt ended."""
+
+    gateway_id: str
+    attempt: int
+    outcome: Literal["ack", "nack", "no_answer"]
+    detail: str | None = None  # the nack's error, or why there was no (valid) answer
+
+
+class RetryDue(_Message, frozen=True):
+    """Timer -> DistributionActor: a gateway's retry delay is over."""
+
+    gateway_id: str

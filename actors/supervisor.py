@@ -48,11 +48,18 @@ OUR_OWN_VERBS = frozenset({"config", "ping"})
 
 
 class SupervisorActor(SafeActor):
-    def __init__(self, context: Context, load_balancer: pykka.ActorRef[Any]) -> None:
+    def __init__(
+        self,
+        context: Context,
+        load_balancer: pykka.ActorRef[Any],
+        distributor: pykka.ActorRef[Any],
+    ) -> None:
         super().__init__()
         self.ctx = context
         self.bus = context.bus
         self.load_balancer = load_balancer
+        # Hears gateway status changes and removals (it started first, so it misses none).
+        self.distributor = distributor
         self.lb_config = LoadBalancingConfig(
             strategy=context.settings.orchestrator.load_balancing_strategy,
             health_threshold=context.settings.orchestrator.health_threshold_percent,
@@ -162,7 +169,7 @@ class SupervisorActor(SafeActor):
             self.ctx,
             entry,
             threshold=self.lb_config.health_threshold,
-            listeners=[self.load_balancer, self.actor_ref],
+            listeners=[self.load_balancer, self.actor_ref, self.distributor],
             first=first,
             on_subscribed=self._mark_subscribed,
         )
@@ -185,6 +192,7 @@ class SupervisorActor(SafeActor):
         # Stopped before the load balancer hears of it, so no late update re-adds the row.
         ref.stop(timeout=5)
         self.load_balancer.tell(GatewayRemoved(gateway_id=gateway_id))
+        self.distributor.tell(GatewayRemoved(gateway_id=gateway_id))
         self.ctx.emit(GatewayLeft(gateway_id=gateway_id, reason=reason))
         log.info("gateway %s left (%s)", gateway_id, reason)
 
@@ -201,4 +209,5 @@ class SupervisorActor(SafeActor):
             health_check_threshold=self.lb_config.health_threshold,
             ha_enabled=settings.orchestrator.ha_enabled,
             malformed_messages=self.ctx.drops.counts(),
+            selections=self.ctx.selections.counts(),
         )

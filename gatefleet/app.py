@@ -1,9 +1,9 @@
 """Process wiring: start-up and shut-down of the whole orchestrator, in one place.
 
 Start: embedded nats-server (when no URL is configured) -> bus -> JetStream -> actors
-(load balancer, then supervisor, which spawns the gateway actors, then the distributor)
--> a ping barrier. Stop: the same in reverse inside `finally`, then a sweep that loudly
-stops any actor still alive.
+(load balancer, distributor, then the supervisor, which spawns the gateway actors and
+tells both of them about each) -> a ping barrier. Stop: the same in reverse inside
+`finally`, then a sweep that loudly stops any actor still alive.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import pykka
 
 from actors.base import PING
 from actors.context import Context
+from actors.distributor import DistributorActor
 from actors.load_balancer import LoadBalancerActor
+from actors.messages import AddListener
 from actors.supervisor import SupervisorActor
 from bus.edge import Drops
 from bus.jetstream import JetStream
@@ -75,7 +77,12 @@ class Orchestrator:
         )
         load_balancer = LoadBalancerActor.start(context)
         self._actors.append(load_balancer)
-        self._actors.append(SupervisorActor.start(context, load_balancer))
+        # Before the supervisor, so it hears of every gateway the supervisor spawns.
+        distributor = DistributorActor.start(context)
+        self._actors.append(distributor)
+        supervisor = SupervisorActor.start(context, load_balancer, distributor)
+        self._actors.append(supervisor)
+        distributor.tell(AddListener(listener=supervisor))
         # Barrier: each actor has finished on_start (and subscribed) once it answers.
         for ref in self._actors:
             ref.ask(PING, timeout=10)

@@ -1,0 +1,197 @@
+"""DistributionActor: carries one configuration distribution from start to end.
+
+Owns: a `DistributionMachine` (actors/distribution_machine.py: the batches, retries and
+the final status are decided there) and the pushes in flight. Every step stores the new
+record in the `distributions` bucket first, tells the parent, then carries out the
+machine's commands (store, then act), so a crash at any point resumes from a record that
+is never behind what gateways have been sent.
+Receives: PushAnswered (from the bus loop), RetryDue (its own timers).
+Emits: `distribution.step` events (created, batch_sent, gateway_acked, gateway_nacked,
+gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush requests on
+`P.gw.<id>.config`; tells the parent DistributionChanged after every stored step, and
+stops itself once the distribution has ended.
+
+A pending distribution also sets its desired state (schemas/desired.py) before anything
+is sent. An ack that does not decode or does not match the push (distribution, version,
+gateway) is dropped, counted and taken as no answer: the attempt fails and is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pykka
+
+from actors.base import SafeActor, safe_tell
+from actors.context import Context
+from actors.distribution_machine import (
+    Command,
+    DistributionMachine,
+    Emit,
+    Finished,
+    ScheduleRetry,
+    Send,
+)
+from actors.messages import DistributionChanged, PushAnswered, RetryDue
+from bus.edge import Drops
+from bus.runtime import Reply, RequestFailed
+from schemas.api import Distribution
+from schemas.codec import DecodeError, decode, encode, error_cause
+from schemas.desired import DesiredConfig, DistributionSpec
+from schemas.events import DistributionEvent, utc_now
+from schemas.wire import ConfigAck, ConfigPush
+
+log = logging.getLogger(__name__)
+
+
+def read_answer(
+    result: Reply | RequestFailed, push: ConfigPush, gateway_id: str, drops: Drops, subject: str
+) -> PushAnswered:
+    """Runs on the bus loop: what the answer to `push` (sent to `gateway_id`) amounts to."""
+
+    def no_answer(reason: str) -> PushAnswered:
+        return PushAnswered(
+            gateway_id=gateway_id, attempt=push.attempt, outcome="no_answer", detail=reason
+        )
+
+    if isinstance(result, RequestFailed):
+        return no_answer(result.reason)
+    try:
+        ack = decode(result.data, ConfigAck)
+    except DecodeError as exc:
+        drops.drop(error_cause(exc), subject, f"config ack: {exc}")
+        return no_answer("malformed ack")
+    expected = (push.distribution_id, push.version, gateway_id)
+    if (ack.distribution_id, ack.version, ack.gateway_id) != expected:
+        got = f"{ack.distribution_id} v{ack.version} from {ack.gateway_id}"
+        drops.drop("ack_mismatch", subject, f"ack for {got}")
+        return no_answer("mismatched ack")
+    if ack.ok:
+        return PushAnswered(gateway_id=gateway_id, attempt=push.attempt, outcome="ack")
+    return PushAnswered(
+        gateway_id=gateway_id,
+        attempt=push.attempt,
+        outcome="nack",
+        detail=ack.error or "rejected",
+    )
+
+
+def step_event(record: Distribution, emit: Emit) -> DistributionEvent:
+    """The event for one of the machine's Emit commands."""
+    details = {k: v for k, v in emit.fields.items() if k not in ("distribution_id", "gateway_id")}
+    return DistributionEvent(
+        distribution_id=record.id,
+        config_type=record.config_type,
+        version=record.version,
+        step=emit.step,
+        gateway_id=emit.fields.get("gateway_id"),
+        details=details,
+    )
+
+
+class DistributionActor(SafeActor):
+    def __init__(
+        self,
+        context: Context,
+        record: Distribution,
+        spec: DistributionSpec,
+        parent: pykka.ActorRef[Any],
+    ) -> None:
+        super().__init__()
+        self.ctx = context
+        self.bus = context.bus
+        self.spec = spec
+        self.parent = parent
+        settings = context.settings.orchestrator
+        self.machine = DistributionMachine(
+            record,
+            batch_size=settings.distribution_batch_size,
+            retry_count=settings.distribution_retry_count,
+            retry_delay_s=settings.distribution_retry_delay_ms / 1000,
+        )
+        self.ack_timeout_s = settings.distribution_ack_timeout_ms / 1000
+        self._stored = record
+        self._pushes: dict[int, tuple[ConfigPush, bytes]] = {}  # per attempt number
+
+    def on_start(self) -> None:
+        if self.machine.record.status == "pending":
+            self._set_desired()
+        self._step(self.machine.resume(utc_now()))
+
+    def handle(self, message: Any) -> Any:
+        machine, now = self.machine, utc_now()
+        match message:
+            case PushAnswered(gateway_id=gw, attempt=attempt, outcome="ack"):
+                self._step(machine.on_ack(gw, now_wall=now, attempt=attempt))
+            case PushAnswered(gateway_id=gw, attempt=attempt, outcome="nack", detail=error):
+                self._step(machine.on_nack(gw, error or "rejected", now_wall=now, attempt=attempt))
+            case PushAnswered(gateway_id=gw, attempt=attempt, detail=reason):
+                self._step(
+                    machine.on_timeout(gw, reason or "no ack", now_wall=now, attempt=attempt)
+                )
+            case RetryDue(gateway_id=gw):
+                self._step(machine.on_retry_due(gw))
+            case _:
+                return super().handle(message)
+        return None
+
+    def _step(self, commands: list[Command]) -> None:
+        """Store the record if it changed, tell the parent, then carry out the commands."""
+        record = self.machine.record
+        if record is not self._stored:
+            self.ctx.buckets["distributions"].put(record.id, record)
+            self._stored = record
+            safe_tell(self.parent, DistributionChanged(record=record))
+        for command in commands:
+            match command:
+                case Send(gateway_id=gw, attempt=attempt):
+                    self._send(gw, attempt)
+                case ScheduleRetry(gateway_id=gw, delay_s=delay_s):
+                    self.bus.call_later(delay_s, safe_tell, self.actor_ref, RetryDue(gateway_id=gw))
+                case Emit():
+                    self.ctx.emit(step_event(record, command))
+                case Finished(status=status):
+                    log.info("distribution %s finished: %s", record.id, status)
+                    self.stop()
+
+    def _send(self, gateway_id: str, attempt: int) -> None:
+        push, body = self._push(attempt)
+        subject = self.ctx.subjects.config(gateway_id)
+        ref, drops = self.actor_ref, self.ctx.drops
+
+        def on_result(result: Reply | RequestFailed) -> None:
+            safe_tell(ref, read_answer(result, push, gateway_id, drops, subject))
+
+        self.bus.request(subject, body, self.ack_timeout_s, on_result)
+
+    def _push(self, attempt: int) -> tuple[ConfigPush, bytes]:
+        """The push for `attempt`, encoded once: it is the same for every gateway."""
+        found = self._pushes.get(attempt)
+        if found is None:
+            record = self.machine.record
+            push = ConfigPush(
+                distribution_id=record.id,
+                config_type=record.config_type,
+                version=record.version,
+                config_data=self.spec.config_data,
+                attempt=attempt,
+            )
+            found = self._pushes[attempt] = (push, encode(push))
+        return found
+
+    def _set_desired(self) -> None:
+        """Fleet-wide for a distribution to every gateway, else per named (known) gateway."""
+        record, desired = self.machine.record, self.ctx.buckets["desired"]
+        value = DesiredConfig(
+            config_type=record.config_type,
+            version=record.version,
+            distribution_id=record.id,
+            set_at=utc_now(),
+        )
+        if self.spec.target_gateways is None:
+            desired.put(record.config_type, value)
+            return
+        for gw, delivery in record.gateways.items():
+            if delivery.state == "pending":  # not an unknown id, failed from the start
+                desired.put(f"{record.config_type}.{gw}", value)
