@@ -1,8 +1,10 @@
 """SupervisorActor: owns the fleet's membership and the orchestrator's status.
 
 Owns: one GatewayActor per known gateway (spawned from the config file at start or on a
-first valid heartbeat), the catch-all subscription `P.gw.>` that discovers new gateways,
-hears goodbyes and counts malformed subjects, and the numbers of `P.api.status`.
+first valid heartbeat), the wildcard subscriptions `P.gw.*.heartbeat|goodbye` that
+discover new gateways and hear goodbyes, and `P.gw.*.*.>` that counts malformed subjects
+(an id with a dot in it); never `P.gw.>`, which would answer for absent gateways' config
+and ping requests and hide their "no responders", and the numbers of `P.api.status`.
 Receives: HeartbeatReceived (discovery), GoodbyeReceived, GatewayUpdated (status
 changes), LoadBalancingInForce, GetStatus.
 Emits: gateway.registered, gateway.left.
@@ -43,8 +45,6 @@ from schemas.wire import Goodbye, Heartbeat
 log = logging.getLogger(__name__)
 
 API_QUEUE = "gatefleet-api"
-# Verbs on P.gw.<id>.* that gatefleet itself sends: seen by the catch-all, ignored.
-OUR_OWN_VERBS = frozenset({"config", "ping"})
 
 
 class SupervisorActor(SafeActor):
@@ -80,9 +80,9 @@ class SupervisorActor(SafeActor):
         for entry in self.ctx.settings.gateways:
             self._spawn(entry, first=None, source="config")
         subjects = self.ctx.subjects
-        self._subscriptions.append(
-            self.bus.subscribe(f"{subjects.prefix}.gw.>", self._gateway_traffic_handler())
-        )
+        traffic = self._gateway_traffic_handler()
+        for pattern in (subjects.all_heartbeats, subjects.all_goodbyes, subjects.malformed_gateway):
+            self._subscriptions.append(self.bus.subscribe(pattern, traffic))
         me = self.actor_ref
         status = request_handler(
             self.bus, Empty, lambda _r, to: me.tell(GetStatus(reply=to)), self.ctx.drops
@@ -98,14 +98,12 @@ class SupervisorActor(SafeActor):
             ref.stop(timeout=5)
 
     def _gateway_traffic_handler(self) -> Any:
-        """Loop side of `P.gw.>`: discovery and goodbyes; everything else is not for us."""
+        """Loop side of the gateway wildcards: discovery, goodbyes, malformed subjects."""
         prefix = self.ctx.subjects.prefix + ".gw."
         drops, me = self.ctx.drops, self.actor_ref
 
         def handle(msg: Inbound) -> None:
             gateway_id, _, verb = msg.subject[len(prefix) :].partition(".")
-            if verb in OUR_OWN_VERBS:
-                return
             if not GATEWAY_ID_RE.fullmatch(gateway_id) or verb not in ("heartbeat", "goodbye"):
                 drops.drop("bad_subject", msg.subject, "not P.gw.<id>.heartbeat|goodbye")
                 return

@@ -49,6 +49,11 @@ class Subjects:
     def all_goodbyes(self) -> str:
         return f"{self.prefix}.gw.*.goodbye"
 
+    @property
+    def malformed_gateway(self) -> str:
+        """Subjects with more tokens than `P.gw.<id>.<verb>`: an id with a dot in it."""
+        return f"{self.prefix}.gw.*.*.>"
+
     def gateway_id_of(self, subject: str) -> str | None:
         """The `<id>` token of a `P.gw.<id>.<verb>` subject, or None if it is not one."""
         head = f"{self.prefix}.gw."

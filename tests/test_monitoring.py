@@ -268,7 +268,7 @@ def test_burst_of_malformed_messages_changes_nothing(
         f"{prefix}.gw.edge-1.heartbeat",
         f"{prefix}.gw.newcomer.heartbeat",
         f"{prefix}.gw.edge-1.goodbye",
-        f"{prefix}.gw.edge-1.bogus",
+        f"{prefix}.gw.edge.1.heartbeat",  # an id with a dot: more tokens than allowed
     ]
     burst = 10_000
     for i in range(burst):
