@@ -25,4 +25,6 @@ class Context:
     buckets: dict[str, KvStore]
     # Selections made, per strategy (LoadBalancer writes, Supervisor reports).
     selections: Tally = field(default_factory=Tally)
+    # Actors restarted after dying, per kind (parents write, Supervisor reports).
+    restarts: Tally = field(default_factory=Tally)
     clock: Callable[[], float] = field(default=time.monotonic)

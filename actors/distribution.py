@@ -102,7 +102,9 @@ class DistributionActor(SafeActor):
         self.ctx = context
         self.bus = context.bus
         self.spec = spec
-        self.parent = parent
+        self.distributor = parent
+        self.parent = parent  # told ChildDied if this actor dies (SafeActor)
+        self.supervision_key = record.id
         settings = context.settings.orchestrator
         self.machine = DistributionMachine(
             record,
@@ -142,7 +144,7 @@ class DistributionActor(SafeActor):
         if record is not self._stored:
             self.ctx.buckets["distributions"].put(record.id, record)
             self._stored = record
-            safe_tell(self.parent, DistributionChanged(record=record))
+            safe_tell(self.distributor, DistributionChanged(record=record))
         for command in commands:
             match command:
                 case Send(gateway_id=gw, attempt=attempt):

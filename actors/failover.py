@@ -35,9 +35,10 @@ def choose_replacement(
     state: SelectorState,
     rng: random.Random,
     settings: LoadBalancingSettings,
+    held: frozenset[str] = frozenset(),
 ) -> Replacement:
     others = [g for g in gateways if g.gateway_id != failed.gateway_id]
-    eligible, _excluded = partition_pool(others, threshold)
+    eligible, _excluded = partition_pool(others, threshold, held)
     backups = [
         g.gateway_id for g in eligible if g.role == "backup" and g.backup_for == failed.gateway_id
     ]
@@ -55,6 +56,7 @@ def choose_replacement(
         rng=rng,
         settings=settings,
         regions={},
+        held=held,
     )
     return Replacement(selection.gateway_id, f"{strategy} in region {failed.region}")
 
@@ -100,3 +102,112 @@ class MassFailureGuard:
                 False, f"fleet seen again ({down_now} of {fleet_size} down): failover resumed"
             )
         return None
+
+
+# --- What the supervisor does with status changes ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FindReplacement:
+    """Ask the load balancer for a replacement of this (down) gateway."""
+
+    gateway_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Publish on `P.redirect.<subject_id>` and emit a failover or failback event."""
+
+    subject_id: str
+    from_gateway: str
+    to_gateway: str | None
+    reason: str
+    failback: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Keep a failed-over gateway out of the selection pool until it is released."""
+
+    gateway_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Let a held gateway back into the selection pool."""
+
+    gateway_id: str
+
+
+Action = FindReplacement | Redirect | Hold | Release | GuardChange
+
+
+class FailoverPlanner:
+    """The supervisor's failover bookkeeping: who failed over to whom, what waits.
+
+    Down (HA on): ask for a replacement, unless the mass-failure guard is frozen, in which
+    case the gateway waits until the fleet is seen again. Recovered (down -> healthy) after a
+    failover: with `failback = "auto"` traffic returns to it at once; with "manual" it was
+    put on hold in the load balancer when it failed over (so it is never picked for a moment
+    on recovery) and stays there until `failback(primary)` is called.
+    """
+
+    def __init__(self, guard: MassFailureGuard, *, manual_failback: bool) -> None:
+        self.guard = guard
+        self.manual_failback = manual_failback
+        self.failed_over: dict[str, str | None] = {}  # down gateway -> where its traffic went
+        self.waiting: set[str] = set()  # down while frozen: failover when the guard thaws
+        self.held: dict[str, str | None] = {}  # recovered, awaiting a manual failback
+
+    def on_change(
+        self, gateway_id: str, old: str, new: str, statuses: dict[str, str], now: float
+    ) -> list[Action]:
+        actions: list[Action] = []
+        if new == "down" and old != "down":
+            change = self.guard.on_down(gateway_id, now, len(statuses))
+            if change is not None:
+                actions.append(change)
+            if self.guard.frozen:
+                self.waiting.add(gateway_id)
+            else:
+                actions.append(FindReplacement(gateway_id))
+        elif old == "down" and new != "down":
+            self.waiting.discard(gateway_id)
+            down_now = sum(1 for s in statuses.values() if s == "down")
+            change = self.guard.on_fleet_seen(down_now, len(statuses))
+            if change is not None:
+                actions.append(change)
+                actions += [FindReplacement(g) for g in sorted(self.waiting)]
+                self.waiting.clear()
+        if new == "healthy" and gateway_id in self.failed_over:
+            replacement = self.failed_over.pop(gateway_id)
+            if self.manual_failback:
+                self.held[gateway_id] = replacement
+            else:
+                actions.append(self._failback(gateway_id, replacement, "recovered"))
+        return actions
+
+    def on_replacement(self, gateway_id: str, to: str | None, reason: str) -> list[Action]:
+        self.failed_over[gateway_id] = to
+        redirect = Redirect(gateway_id, gateway_id, to, reason, failback=False)
+        return [Hold(gateway_id), redirect] if self.manual_failback else [redirect]
+
+    def failback(self, gateway_id: str) -> list[Action] | None:
+        """An operator's manual failback; None when nothing is held for that gateway."""
+        if gateway_id not in self.held:
+            return None
+        replacement = self.held.pop(gateway_id)
+        return [Release(gateway_id), self._failback(gateway_id, replacement, "operator request")]
+
+    def forget(self, gateway_id: str) -> list[Action]:
+        """The gateway left: nothing waits for it any more."""
+        held = gateway_id in self.held or (self.manual_failback and gateway_id in self.failed_over)
+        self.failed_over.pop(gateway_id, None)
+        self.held.pop(gateway_id, None)
+        self.waiting.discard(gateway_id)
+        return [Release(gateway_id)] if held else []
+
+    @staticmethod
+    def _failback(primary: str, replacement: str | None, why: str) -> Redirect:
+        source = replacement or primary
+        return Redirect(source, source, primary, f"failback to {primary}: {why}", failback=True)

@@ -4,7 +4,8 @@ Owns: a HealthTracker (metrics, score, status with hysteresis), the subscription
 `P.gw.<id>.heartbeat`, the probe timer (`P.gw.<id>.ping`) and the staleness timer.
 Receives: HeartbeatReceived, Tick, ProbeDue, ProbeAnswered, SetThreshold.
 Emits: gateway.status_changed, gateway.down, gateway.recovered; tells the load balancer
-GatewayUpdated on every accepted heartbeat and change, and the supervisor on changes.
+GatewayUpdated on every accepted heartbeat, and every listener on a change of status or
+of the config versions the gateway reports (what reconciliation acts on).
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ class GatewayActor(SafeActor):
         listeners: list[pykka.ActorRef[Any]],
         first: HeartbeatReceived | None = None,
         on_subscribed: Any = None,
+        parent: pykka.ActorRef[Any] | None = None,
     ) -> None:
         super().__init__()
+        self.parent = parent
+        self.supervision_key = entry.id
         self.ctx = context
         self.bus = context.bus
         self.gateway_id = entry.id
@@ -137,14 +141,16 @@ class GatewayActor(SafeActor):
         heartbeat = received.heartbeat
         if heartbeat.seq == self.tracker.last_seq and self.heartbeats_accepted:
             return  # the same message seen twice around registration: not a replay attack
+        previous_versions = self.tracker.config_versions
         outcome = self.tracker.on_heartbeat(heartbeat, received.received_at, received.wall)
         if not outcome.accepted:
             subject = self.ctx.subjects.heartbeat(self.gateway_id)
             self.ctx.drops.drop(outcome.reason or "rejected", subject, f"seq {heartbeat.seq}")
             return
         self.heartbeats_accepted += 1
+        versions_changed = self.tracker.config_versions != previous_versions
         if outcome.transition is None:
-            self._tell_listeners(self.tracker.status, supervisor_too=False)
+            self._tell_listeners(self.tracker.status, everyone=versions_changed)
         self._apply(outcome.transition)
         self._schedule_tick()
 
@@ -183,10 +189,10 @@ class GatewayActor(SafeActor):
         )
         self._tell_listeners(old)
 
-    def _tell_listeners(self, old_status: Any, *, supervisor_too: bool = True) -> None:
+    def _tell_listeners(self, old_status: Any, *, everyone: bool = True) -> None:
         update = GatewayUpdated(snapshot=self.tracker.snapshot(), old_status=old_status)
-        # listeners[0] is the load balancer (every update); the rest only want changes.
-        targets = self.listeners if supervisor_too else self.listeners[:1]
+        # listeners[0] is the load balancer (every update); the others only want changes.
+        targets = self.listeners if everyone else self.listeners[:1]
         for ref in targets:
             safe_tell(ref, update)
 

@@ -4,7 +4,9 @@ Owns: the table of every gateway's latest snapshot (fed by GatewayActors' tells,
 asked at selection time), the strategy and threshold in force (persisted in the
 `settings` bucket), round-robin cursors and sticky-client assignments.
 Receives: GatewayUpdated, GatewayRemoved, SelectGateway, Get/SetLoadBalancing,
-ListGateways, AddListener.
+ListGateways, AddListener; from the supervisor FindReplacementFor (answered with
+ReplacementFound) and Hold/ReleaseGateway (failed-over primaries kept out of the pool
+until a manual failback).
 Emits: `lb.selected` per decision (when audit.record_selections), `lb.changed`;
 tells listeners LoadBalancingInForce.
 Serves: `P.api.select-gateway`, `P.api.load-balancing.get|set`, `P.api.gateways`.
@@ -21,13 +23,18 @@ import pykka
 
 from actors.base import SafeActor
 from actors.context import Context
+from actors.failover import choose_replacement
 from actors.messages import (
     AddListener,
+    FindReplacementFor,
     GatewayRemoved,
     GatewayUpdated,
     GetLoadBalancing,
+    HoldGateway,
     ListGateways,
     LoadBalancingInForce,
+    ReleaseGateway,
+    ReplacementFound,
     SelectGateway,
     SetLoadBalancing,
 )
@@ -67,6 +74,7 @@ class LoadBalancerActor(SafeActor):
         self.rng = random.Random(context.settings.load_balancing.random_seed)
         self.sticky: OrderedDict[str, str] = OrderedDict()
         self.listeners: list[pykka.ActorRef[Any]] = []
+        self.held: frozenset[str] = frozenset()
         self._subscriptions: list[SubscriptionHandle] = []
 
     def on_start(self) -> None:
@@ -119,6 +127,12 @@ class LoadBalancerActor(SafeActor):
             case AddListener(listener=listener):
                 self.listeners.append(listener)
                 listener.tell(LoadBalancingInForce(config=self.config))
+            case FindReplacementFor(gateway_id=gateway_id, reply_to=reply_to):
+                reply_to.tell(self._replacement(gateway_id))
+            case HoldGateway(gateway_id=gateway_id):
+                self.held |= {gateway_id}
+            case ReleaseGateway(gateway_id=gateway_id):
+                self.held -= {gateway_id}
             case _:
                 return super().handle(message)
         return None
@@ -137,6 +151,7 @@ class LoadBalancerActor(SafeActor):
             regions=settings.regions,
             sticky_gateway=self.sticky.get(client_id) if client_id else None,
             connection_reference=settings.health.connection_reference,
+            held=self.held,
         )
         self.ctx.selections.add(self.config.strategy)
         event = self._selection_event(request, selection)
@@ -169,6 +184,22 @@ class LoadBalancerActor(SafeActor):
             candidates=[self.table[g] for g in selection.candidates if g in self.table],
             excluded=selection.excluded,
         )
+
+    def _replacement(self, gateway_id: str) -> ReplacementFound:
+        failed = self.table.get(gateway_id)
+        if failed is None:
+            return ReplacementFound(gateway_id=gateway_id, to=None, reason="unknown gateway")
+        choice = choose_replacement(
+            failed,
+            list(self.table.values()),
+            self.config.health_threshold,
+            strategy=self.config.strategy,
+            state=self.state,
+            rng=self.rng,
+            settings=self.ctx.settings.load_balancing,
+            held=self.held,
+        )
+        return ReplacementFound(gateway_id=gateway_id, to=choice.gateway_id, reason=choice.reason)
 
     def _remember(self, client_id: str, gateway_id: str | None) -> None:
         if gateway_id is None:

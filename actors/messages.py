@@ -16,6 +16,7 @@ from schemas.api import (
     Distribution,
     DistributionGetRequest,
     DistributionListRequest,
+    FailbackRequest,
     GatewaySnapshot,
     LoadBalancingConfig,
     LoadBalancingUpdate,
@@ -155,3 +156,40 @@ class RetryDue(_Message, frozen=True):
     """Timer -> DistributionActor: a gateway's retry delay is over."""
 
     gateway_id: str
+
+
+class ChildDied(_Message, frozen=True):
+    """A supervised actor -> its parent, from the dying actor's thread."""
+
+    kind: str  # the actor class, e.g. "GatewayActor"
+    key: str  # what it looked after: a gateway id, a distribution id
+    error: str
+
+
+# High availability -----------------------------------------------------------------------
+
+
+class FindReplacementFor(_Message, frozen=True):
+    """Supervisor -> LoadBalancer: where should a down gateway's traffic go?"""
+
+    gateway_id: str
+    reply_to: pykka.ActorRef[Any]
+
+
+class ReplacementFound(_Message, frozen=True):
+    gateway_id: str
+    to: str | None
+    reason: str
+
+
+class HoldGateway(_Message, frozen=True):
+    gateway_id: str
+
+
+class ReleaseGateway(_Message, frozen=True):
+    gateway_id: str
+
+
+class FailbackRequested(_Message, frozen=True):
+    request: FailbackRequest
+    reply: str

@@ -60,9 +60,12 @@ class SelectorState:
 
 
 def partition_pool(
-    gateways: Sequence[GatewaySnapshot], threshold: float
+    gateways: Sequence[GatewaySnapshot], threshold: float, held: frozenset[str] = frozenset()
 ) -> tuple[list[GatewaySnapshot], dict[str, str]]:
-    """Split `gateways` into the eligible pool (sorted by id) and the excluded (id -> why)."""
+    """Split `gateways` into the eligible pool (sorted by id) and the excluded (id -> why).
+
+    `held`: recovered primaries whose traffic stays on their backups until an operator
+    fails them back (`[ha] failback = "manual"`)."""
     by_id = {g.gateway_id: g for g in gateways}
     verdicts: dict[str, str | None] = {}  # id -> exclusion reason; None means eligible
 
@@ -75,6 +78,8 @@ def partition_pool(
             reason = f"status {g.status}"
         elif g.score < threshold:
             reason = f"score {float(g.score)} below threshold {float(threshold)}"
+        elif gw_id in held:
+            reason = "held on its backup until an operator fails it back"
         elif g.role == "backup" and g.backup_for is not None:
             primary = g.backup_for
             # A primary absent (or caught in a backup cycle) is not in the pool.
@@ -261,6 +266,7 @@ def select(
     regions: dict[str, list[str]],
     sticky_gateway: str | None = None,
     connection_reference: int = DEFAULT_CONNECTION_REFERENCE,
+    held: frozenset[str] = frozenset(),
 ) -> Selection:
     """Choose a gateway for one request. Never raises for an empty pool (gateway_id is
     None); raises ValueError only for an unknown strategy or inner strategy."""
@@ -269,7 +275,7 @@ def select(
     inner = settings.region_inner_strategy
     if strategy == "RegionAware" and (inner not in STRATEGIES or inner == "RegionAware"):
         raise ValueError(f"region_inner_strategy cannot be {inner!r}")
-    eligible, excluded = partition_pool(gateways, threshold)
+    eligible, excluded = partition_pool(gateways, threshold, held)
     if not eligible:
         known = f"{len(gateways)} gateway{'s' if len(gateways) != 1 else ''}, all excluded"
         why = f"no eligible gateway: {known if gateways else 'no gateway known'}"

@@ -5,9 +5,14 @@ first valid heartbeat), the wildcard subscriptions `P.gw.*.heartbeat|goodbye` th
 discover new gateways and hear goodbyes, and `P.gw.*.*.>` that counts malformed subjects
 (an id with a dot in it); never `P.gw.>`, which would answer for absent gateways' config
 and ping requests and hide their "no responders", and the numbers of `P.api.status`.
+Also runs failover (actors/failover.py): a gateway that goes down has its traffic
+redirected to a replacement the load balancer picks (`P.redirect.<id>`), recovered
+primaries fail back (at once, or on `P.api.failback` when `[ha] failback = "manual"`),
+and a mass failure freezes all this. It restarts GatewayActors that die.
 Receives: HeartbeatReceived (discovery), GoodbyeReceived, GatewayUpdated (status
-changes), LoadBalancingInForce, GetStatus.
-Emits: gateway.registered, gateway.left.
+changes), LoadBalancingInForce, DistributionCounts, ReplacementFound, ChildDied,
+FailbackRequested, GetStatus.
+Emits: gateway.registered, gateway.left, ha.failover, ha.failback, ha.alarm.
 """
 
 from __future__ import annotations
@@ -22,25 +27,49 @@ import pykka
 
 from actors.base import SafeActor, safe_tell
 from actors.context import Context
+from actors.failover import (
+    Action,
+    FailoverPlanner,
+    FindReplacement,
+    GuardChange,
+    Hold,
+    MassFailureGuard,
+    Redirect,
+    Release,
+)
 from actors.gateway import GatewayActor
 from actors.messages import (
     AddListener,
+    ChildDied,
     DistributionCounts,
+    FailbackRequested,
+    FindReplacementFor,
     GatewayRemoved,
     GatewayUpdated,
     GetStatus,
     GoodbyeReceived,
     HeartbeatReceived,
+    HoldGateway,
     LoadBalancingInForce,
+    ReleaseGateway,
+    ReplacementFound,
     SetThreshold,
 )
-from bus.edge import decode_or_drop, request_handler
+from bus.edge import decode_or_drop, reply_error, request_handler
 from bus.runtime import Inbound, SubscriptionHandle
-from schemas.api import Empty, LoadBalancingConfig, StatusReply
-from schemas.events import GatewayLeft, GatewayRegistered
+from schemas.api import (
+    Empty,
+    FailbackReply,
+    FailbackRequest,
+    GatewaySnapshot,
+    LoadBalancingConfig,
+    StatusReply,
+)
+from schemas.events import Alarm, Failback, Failover, GatewayLeft, GatewayRegistered
 from schemas.settings import GatewayEntry
 from schemas.types import GATEWAY_ID_RE, GatewayStatus
 from schemas.wire import Goodbye, Heartbeat
+from schemas.wire import Redirect as RedirectNotice
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +101,15 @@ class SupervisorActor(SafeActor):
         self._subscribed_lock = threading.Lock()
         self._subscriptions: list[SubscriptionHandle] = []
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
+        self.entries: dict[str, GatewayEntry] = {}  # latest identity, to restart an actor
+        settings = context.settings
+        window_ms = settings.ha.detection_window_ms or (
+            (settings.health.fall + 1) * settings.health.heartbeat_interval_ms
+        )
+        self.planner = FailoverPlanner(
+            MassFailureGuard(settings.ha.max_failover_percent, window_ms / 1000),
+            manual_failback=settings.ha.failback == "manual",
+        )
 
     # Life cycle --------------------------------------------------------------------------
 
@@ -89,6 +127,15 @@ class SupervisorActor(SafeActor):
         )
         self._subscriptions.append(
             self.bus.subscribe(subjects.api("status"), status, queue=API_QUEUE)
+        )
+        failback = request_handler(
+            self.bus,
+            FailbackRequest,
+            lambda r, to: me.tell(FailbackRequested(request=r, reply=to)),
+            self.ctx.drops,
+        )
+        self._subscriptions.append(
+            self.bus.subscribe(subjects.api("failback"), failback, queue=API_QUEUE)
         )
 
     def on_stop(self) -> None:
@@ -147,8 +194,14 @@ class SupervisorActor(SafeActor):
             case GoodbyeReceived(gateway_id=gateway_id):
                 self._remove(gateway_id, "goodbye")
             case GatewayUpdated(snapshot=snapshot):
-                if snapshot.gateway_id in self.gateways:
-                    self.statuses[snapshot.gateway_id] = snapshot.status
+                self._on_gateway_update(snapshot)
+            case ReplacementFound(gateway_id=gateway_id, to=to, reason=reason):
+                if self.statuses.get(gateway_id) == "down":  # it may be back already
+                    self._act(self.planner.on_replacement(gateway_id, to, reason))
+            case FailbackRequested(request=request, reply=reply):
+                self._failback(request.gateway_id, reply)
+            case ChildDied(kind="GatewayActor", key=gateway_id, error=error):
+                self._restart(gateway_id, error)
             case LoadBalancingInForce(config=config):
                 if config.health_threshold != self.lb_config.health_threshold:
                     for ref in self.gateways.values():
@@ -162,7 +215,80 @@ class SupervisorActor(SafeActor):
                 return super().handle(message)
         return None
 
+    def _on_gateway_update(self, snapshot: GatewaySnapshot) -> None:
+        gateway_id = snapshot.gateway_id
+        if gateway_id not in self.gateways:
+            return  # a late update from a gateway that has left
+        old = self.statuses.get(gateway_id, "unknown")
+        self.statuses[gateway_id] = snapshot.status
+        self.entries[gateway_id] = GatewayEntry(
+            id=gateway_id,
+            region=snapshot.region,
+            role=snapshot.role,
+            backup_for=snapshot.backup_for,
+        )
+        if self.ctx.settings.orchestrator.ha_enabled and old != snapshot.status:
+            statuses: dict[str, str] = dict(self.statuses)
+            self._act(
+                self.planner.on_change(gateway_id, old, snapshot.status, statuses, self.ctx.clock())
+            )
+
+    def _act(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case FindReplacement(gateway_id=gateway_id):
+                    self.load_balancer.tell(
+                        FindReplacementFor(gateway_id=gateway_id, reply_to=self.actor_ref)
+                    )
+                case Redirect():
+                    self._redirect(action)
+                case Hold(gateway_id=gateway_id):
+                    self.load_balancer.tell(HoldGateway(gateway_id=gateway_id))
+                case Release(gateway_id=gateway_id):
+                    self.load_balancer.tell(ReleaseGateway(gateway_id=gateway_id))
+                case GuardChange(frozen=frozen, message=text):
+                    log.warning("mass-failure guard: %s", text)
+                    self.ctx.emit(Alarm(kind="mass_failure", message=text, active=frozen))
+
+    def _redirect(self, redirect: Redirect) -> None:
+        source, target, reason = redirect.from_gateway, redirect.to_gateway, redirect.reason
+        notice = RedirectNotice(from_=source, to=target, reason=reason)
+        self.bus.publish(self.ctx.subjects.redirect(redirect.subject_id), notice)
+        if redirect.failback:
+            assert target is not None  # a failback always names the primary
+            self.ctx.emit(Failback(from_gateway=source, to_gateway=target, reason=reason))
+        else:
+            self.ctx.emit(Failover(from_gateway=source, to_gateway=target, reason=reason))
+        log.info("redirect %s -> %s (%s)", source, target, reason)
+
+    def _failback(self, gateway_id: str, reply: str) -> None:
+        actions = self.planner.failback(gateway_id)
+        if actions is None:
+            reply_error(self.bus, reply, "not_found", f"no failback is pending for {gateway_id}")
+            return
+        released = next((a.from_gateway for a in actions if isinstance(a, Redirect)), None)
+        self._act(actions)
+        self.bus.publish(reply, FailbackReply(gateway_id=gateway_id, released_from=released))
+
+    def _restart(self, gateway_id: str, error: str) -> None:
+        """A GatewayActor died: a new one takes over, rebuilding health from heartbeats."""
+        entry = self.entries.get(gateway_id)
+        if entry is None or gateway_id not in self.gateways:
+            return
+        with self._subscribed_lock:
+            self.subscribed = self.subscribed - {gateway_id}
+        self.ctx.restarts.add("GatewayActor")
+        log.warning("gateway actor %s died (%s); restarting it", gateway_id, error)
+        self._start_gateway(entry, first=None)
+
     def _spawn(self, entry: GatewayEntry, *, first: HeartbeatReceived | None, source: str) -> None:
+        self.entries[entry.id] = entry
+        self._start_gateway(entry, first=first)
+        self.statuses[entry.id] = "unknown"
+        self.ctx.emit(GatewayRegistered(gateway_id=entry.id, region=entry.region, source=source))
+        log.info("gateway %s registered from %s (region %s)", entry.id, source, entry.region)
+
+    def _start_gateway(self, entry: GatewayEntry, *, first: HeartbeatReceived | None) -> None:
         self.gateways[entry.id] = GatewayActor.start(
             self.ctx,
             entry,
@@ -170,10 +296,8 @@ class SupervisorActor(SafeActor):
             listeners=[self.load_balancer, self.actor_ref, self.distributor],
             first=first,
             on_subscribed=self._mark_subscribed,
+            parent=self.actor_ref,
         )
-        self.statuses[entry.id] = "unknown"
-        self.ctx.emit(GatewayRegistered(gateway_id=entry.id, region=entry.region, source=source))
-        log.info("gateway %s registered from %s (region %s)", entry.id, source, entry.region)
 
     def _mark_subscribed(self, gateway_id: str) -> None:
         """Called from the GatewayActor's thread once its own subscription is live."""
@@ -187,6 +311,8 @@ class SupervisorActor(SafeActor):
         with self._subscribed_lock:
             self.subscribed = self.subscribed - {gateway_id}
         self.statuses.pop(gateway_id, None)
+        self.entries.pop(gateway_id, None)
+        self._act(self.planner.forget(gateway_id))
         # Stopped before the load balancer hears of it, so no late update re-adds the row.
         ref.stop(timeout=5)
         self.load_balancer.tell(GatewayRemoved(gateway_id=gateway_id))
@@ -208,4 +334,5 @@ class SupervisorActor(SafeActor):
             ha_enabled=settings.orchestrator.ha_enabled,
             malformed_messages=self.ctx.drops.counts(),
             selections=self.ctx.selections.counts(),
+            actor_restarts=sum(self.ctx.restarts.counts().values()),
         )

@@ -184,3 +184,15 @@ class GatewaySnapshot(_Body, frozen=True):
 
 class GatewaysReply(_Body, frozen=True):
     gateways: list[GatewaySnapshot]
+
+
+class FailbackRequest(_Body, frozen=True):
+    """`P.api.failback`: return traffic to a recovered primary (`[ha] failback = "manual"`)."""
+
+    gateway_id: GatewayId
+
+
+class FailbackReply(_Body, frozen=True):
+    gateway_id: GatewayId
+    # The gateway that carried its traffic meanwhile (null if none could).
+    released_from: GatewayId | None

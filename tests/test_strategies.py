@@ -378,3 +378,15 @@ def test_unknown_strategy_raises() -> None:
             FLEET,
             settings=LoadBalancingSettings(region_inner_strategy="RegionAware"),
         )
+
+
+def test_held_primary_stays_out_and_its_backup_serves() -> None:
+    fleet = [
+        GatewaySnapshot(gateway_id="p", region="r", status="healthy", score=90.0),
+        GatewaySnapshot(
+            gateway_id="b", region="r", status="healthy", score=90.0, role="backup", backup_for="p"
+        ),
+    ]
+    eligible, excluded = partition_pool(fleet, 70.0, held=frozenset({"p"}))
+    assert [g.gateway_id for g in eligible] == ["b"]
+    assert excluded == {"p": "held on its backup until an operator fails it back"}
