@@ -11,9 +11,11 @@ gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush request
 `P.gw.<id>.config`; tells the parent DistributionChanged after every stored step, and
 stops itself once the distribution has ended.
 
-A pending distribution also sets its desired state (schemas/desired.py) before anything
-is sent. An ack that does not decode or does not match the push (distribution, version,
-gateway) is dropped, counted and taken as no answer: the attempt fails and is retried.
+Its parent, the distributor, writes its desired state (schemas/desired.py) before
+starting it, and starts a new one from the stored record if it dies (SafeActor tells it
+ChildDied). An ack that does not decode or does not match the push (distribution,
+version, gateway) is dropped, counted and taken as no answer: the attempt fails and is
+retried.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from bus.edge import Drops
 from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
-from schemas.desired import DesiredConfig, DistributionSpec
+from schemas.desired import DistributionSpec
 from schemas.events import DistributionEvent, utc_now
 from schemas.wire import ConfigAck, ConfigPush
 
@@ -117,8 +119,6 @@ class DistributionActor(SafeActor):
         self._pushes: dict[int, tuple[ConfigPush, bytes]] = {}  # per attempt number
 
     def on_start(self) -> None:
-        if self.machine.record.status == "pending":
-            self._set_desired()
         self._step(self.machine.resume(utc_now()))
 
     def handle(self, message: Any) -> Any:
@@ -181,19 +181,3 @@ class DistributionActor(SafeActor):
             )
             found = self._pushes[attempt] = (push, encode(push))
         return found
-
-    def _set_desired(self) -> None:
-        """Fleet-wide for a distribution to every gateway, else per named (known) gateway."""
-        record, desired = self.machine.record, self.ctx.buckets["desired"]
-        value = DesiredConfig(
-            config_type=record.config_type,
-            version=record.version,
-            distribution_id=record.id,
-            set_at=utc_now(),
-        )
-        if self.spec.target_gateways is None:
-            desired.put(record.config_type, value)
-            return
-        for gw, delivery in record.gateways.items():
-            if delivery.state == "pending":  # not an unknown id, failed from the start
-                desired.put(f"{record.config_type}.{gw}", value)

@@ -193,3 +193,20 @@ class ReleaseGateway(_Message, frozen=True):
 class FailbackRequested(_Message, frozen=True):
     request: FailbackRequest
     reply: str
+
+
+# Reconciliation ---------------------------------------------------------------------------
+
+
+class Reconcile(_Message, frozen=True):
+    """`P.api.reconcile` -> Distributor: push a gateway's desired versions now (forced)."""
+
+    gateway_id: str
+    config_type: str | None  # None: every type with a desired version
+    reply: str
+
+
+class ReconcileDue(_Message, frozen=True):
+    """Timer -> Distributor: a gateway's cooldown after timed-out pushes is over."""
+
+    gateway_id: str

@@ -283,9 +283,10 @@ class SupervisorActor(SafeActor):
 
     def _spawn(self, entry: GatewayEntry, *, first: HeartbeatReceived | None, source: str) -> None:
         self.entries[entry.id] = entry
-        self._start_gateway(entry, first=first)
         self.statuses[entry.id] = "unknown"
+        # Registered first: the actor's first status change must come after it in the stream.
         self.ctx.emit(GatewayRegistered(gateway_id=entry.id, region=entry.region, source=source))
+        self._start_gateway(entry, first=first)
         log.info("gateway %s registered from %s (region %s)", entry.id, source, entry.region)
 
     def _start_gateway(self, entry: GatewayEntry, *, first: HeartbeatReceived | None) -> None:

@@ -65,6 +65,7 @@ class EmbeddedServer:
         self.url = ""
         self.server_name = ""
         self._process: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
         self._log_tail: list[bytes] = []
 
     def _write_config(self) -> Path:
@@ -88,7 +89,8 @@ class EmbeddedServer:
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it
         )
         ready = threading.Event()
-        threading.Thread(target=self._read_log, args=(ready,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, args=(ready,), daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not self.url:
             self.stop()
             raise ServerError(f"nats-server did not become ready: {self._last_complaint()}")
@@ -137,6 +139,8 @@ class EmbeddedServer:
             log.warning("nats-server did not stop in %.0fs; killing it", timeout)
             process.kill()
             process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout)  # it ends at EOF; close the pipe only after it
         with contextlib.suppress(OSError):
             if process.stderr:
                 process.stderr.close()

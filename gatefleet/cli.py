@@ -24,6 +24,7 @@ from bus.connection import BusError
 from bus.server import ServerError
 from gatefleet import output
 from gatefleet.app import Orchestrator, discover_url
+from gatefleet.audit import audit
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
 from gatefleet.config import ConfigError, load_settings, split_host_port
 from gatefleet.http import HttpApi
@@ -363,3 +364,6 @@ def simulate(
     except BusError as exc:
         fail(str(exc))
     output.show_simulation(summary, as_json=as_json)
+
+
+main.add_command(audit)

@@ -141,6 +141,9 @@ class Distribution(_Body, frozen=True):
     # Additions: why it ended as it did (e.g. "no targets"), and the batch in flight.
     reason: str | None = None
     batch: Count = 0
+    # Addition: "reconcile" for a push of a gateway's desired version (P.api.reconcile or
+    # automatic), "distribute" for P.api.distribute.
+    origin: Literal["distribute", "reconcile"] = "distribute"
 
 
 class DistributionListReply(_Body, frozen=True):
@@ -196,3 +199,17 @@ class FailbackReply(_Body, frozen=True):
     gateway_id: GatewayId
     # The gateway that carried its traffic meanwhile (null if none could).
     released_from: GatewayId | None
+
+
+class ReconcileRequest(_Body, frozen=True):
+    """`P.api.reconcile`: `config_type` null means every type with a desired version."""
+
+    gateway_id: GatewayId
+    config_type: ConfigType | None = None
+
+
+class ReconcileReply(_Body, frozen=True):
+    # The reconciliations created (or joined while waiting in their queue).
+    distributions: list[DistributionId]
+    # Config type -> why nothing was pushed for it (in sync, a distribution in flight...).
+    skipped: dict[str, str] = msgspec.field(default_factory=dict)

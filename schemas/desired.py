@@ -16,10 +16,18 @@ Bucket `desired` (`DesiredConfig`, the content being the spec of its `distributi
 - `<config_type>.<gateway_id>`: what one gateway should run, set by a distribution that
   named it.
 
-A gateway's desired version of a type is the higher of the two. Both are written when the
-distribution starts, before its first push, whatever its outcome: desired state is the
-operator's intent, and a gateway that failed or rejected it differs from it until a later
-distribution (or reconciliation) brings it in line.
+A gateway's desired version of a type is the higher of the two. The distributor writes them
+when a distribution starts, before its first push, whatever its outcome: desired state is
+the operator's intent, and a gateway that failed or rejected it differs from it until a
+later distribution (or reconciliation) brings it in line.
+
+A reconciliation (`Distribution.origin` "reconcile") pushes a gateway's desired version
+again: its spec is a copy of the spec that set that version, naming the gateway it was
+created for (gateways added while it waited in its queue are in its record), with no new
+version and no change to desired state.
+
+`P.api.reconcile` (an operator's request to push a gateway's desired versions now) has
+its request and reply bodies here, beside the state they act on.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""gatefleet's benchmarks: `python -m bench` from the repository root (see bench/README.md)."""

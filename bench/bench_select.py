@@ -1,0 +1,462 @@
+"""Selection latency and throughput, next to a bare nats-py echo on the same event loop.
+
+    python -m bench select [--gateways 100 1000] [--audit both|on|off]
+
+Each case (fleet size x `audit.record_selections`) runs in a fresh process with its own
+embedded nats-server and Orchestrator (RoundRobin, probing off, heartbeats never stale).
+Three subjects are served by that process, all on the orchestrator's *own* bus loop and
+connection:
+
+- `echo`: a bare nats-py responder (`orchestrator.bus.nc`) that publishes a fixed,
+  SelectReply-sized answer: the baseline the aim is stated against;
+- `actor`: the load balancer's path without the selection: the product's request_handler
+  decodes a SelectRequest on the loop and tells a pykka actor, which publishes the same
+  fixed answer through the Bus facade (the cost of the thread hop alone);
+- `select`: `P.api.select-gateway` itself.
+
+A client *process* registers N gateways (one heartbeat each), then measures the three with
+the same connection: latency from sequential requests (p50/p99), throughput from
+`--inflight` requests kept in flight, each in ABC-CBA order to cancel drift. The
+orchestrator process's CPU time over each throughput window gives CPU per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import pykka
+
+from actors.messages import SelectGateway
+from bench.common import (
+    HeartbeatTemplate,
+    accepted_heartbeats,
+    bench_settings,
+    cpu_seconds,
+    embedded_server,
+    fmt_ratio,
+    heartbeat_templates,
+    load_balancer_table,
+    machine_line,
+    percentile,
+    print_table,
+    run_case,
+    running_orchestrator,
+    safe_div,
+    spawn,
+    wait_for,
+)
+from bus.agent import connect
+from bus.edge import request_handler
+from bus.runtime import Bus, SubscriptionHandle
+from gatefleet.app import Orchestrator
+from schemas.api import SelectReply, SelectRequest
+from schemas.codec import decode, encode
+
+ECHO_REPLY = encode(
+    SelectReply(
+        gateway_id="gw-00000",
+        strategy="RoundRobin",
+        reason="RoundRobin over 1000 eligible gateways",
+        selection_id="0193b6f0-2a4c-7d41-9a52-3f1e5b2c7d90",
+    )
+)
+REQUEST = encode(SelectRequest())
+TARGETS = ("echo", "actor", "select")
+ORDER = (*TARGETS, *reversed(TARGETS))  # ABC CBA: cancels a linear drift
+REQUEST_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the client does once the gateways are registered."""
+
+    latency_n: int  # sequential requests per subject
+    window_s: float  # seconds per throughput window (two per subject)
+    inflight: int
+    background_hz: float = 0.0  # heartbeats per gateway per second while measuring
+
+
+def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, Any]:
+    """One case, in its own process: orchestrator + echo here, the client in a child."""
+    prefix = f"sel{count}{'a' if record_selections else 'n'}"
+    with embedded_server() as (server, tmp):
+        settings = bench_settings(
+            server.url, prefix, tmp, audit={"record_selections": record_selections}
+        )
+        with running_orchestrator(settings) as orchestrator:
+            actor_echo, actor_subject = _actor_echo(orchestrator, f"{prefix}.bench.actor")
+            subjects = {
+                "echo": _bare_echo(orchestrator, f"{prefix}.bench.echo"),
+                "actor": actor_subject,
+                "select": f"{prefix}.api.select-gateway",
+            }
+            ctx = spawn()
+            here, there = ctx.Pipe()
+            client = ctx.Process(
+                target=client_main,
+                args=(server.url, prefix, count, subjects, plan, there),
+                name="bench-client",
+            )
+            client.start()
+            try:
+                if not here.poll(60) or here.recv() != ("registered",):
+                    raise TimeoutError("the client did not register its gateways")
+                register_s = wait_for(
+                    lambda: _healthy(orchestrator) >= count, 120, f"{count} gateways healthy"
+                )
+                here.send(("go",))
+                result = _follow_client(here)
+                client.join(30)
+            finally:
+                actor_echo.stop()
+                if client.is_alive():
+                    client.terminate()
+                    client.join(5)
+            _, accepted = accepted_heartbeats(orchestrator)
+    result.update(
+        gateways=count,
+        audit=record_selections,
+        background_hz=plan.background_hz,
+        register_s=register_s,
+        heartbeats_accepted=accepted,
+    )
+    return result
+
+
+def _bare_echo(orchestrator: Orchestrator, subject: str) -> str:
+    """A bare nats-py responder on the orchestrator's own loop and connection."""
+    bus = orchestrator.bus
+    assert bus is not None
+    nc = bus.nc
+
+    async def echo(msg: Any) -> None:
+        await nc.publish(msg.reply, ECHO_REPLY)
+
+    async def subscribe() -> None:
+        await nc.subscribe(subject, cb=echo)
+        await nc.flush()
+
+    bus.run(subscribe())
+    return subject
+
+
+class _EchoActor(pykka.ThreadingActor):
+    """The load balancer's path without the selection: it replies a fixed body itself."""
+
+    def __init__(self, bus: Bus) -> None:
+        super().__init__()
+        self.bus = bus
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, SelectGateway):
+            self.bus.publish(message.reply, ECHO_REPLY)
+
+
+class _ActorEcho:
+    def __init__(self, ref: pykka.ActorRef[Any], subscription: SubscriptionHandle) -> None:
+        self._ref = ref
+        self._subscription = subscription
+
+    def stop(self) -> None:
+        self._subscription.unsubscribe()
+        self._ref.stop(timeout=5)
+
+
+def _actor_echo(orchestrator: Orchestrator, subject: str) -> tuple[_ActorEcho, str]:
+    """An actor served like `P.api.select-gateway` (request_handler decodes a SelectRequest
+    on the loop and tells SelectGateway; the actor publishes through the bus facade), that
+    answers a fixed reply: the cost of the actor hop alone."""
+    bus = orchestrator.bus
+    assert bus is not None
+    ref = _EchoActor.start(bus)
+
+    def on_request(request: SelectRequest, reply: str) -> None:
+        ref.tell(SelectGateway(request=request, reply=reply))
+
+    handler = request_handler(bus, SelectRequest, on_request, orchestrator.drops)
+    return _ActorEcho(ref, bus.subscribe(subject, handler)), subject
+
+
+def _follow_client(conn: Any) -> dict[str, Any]:
+    """Reads the client's reports until its result; adds this process's CPU per request,
+    measured over the client's throughput windows."""
+    cpu: dict[str, list[tuple[float, int]]] = {name: [] for name in TARGETS}
+    started = 0.0
+    while True:
+        if not conn.poll(300):
+            raise TimeoutError("the client stopped reporting")
+        message = conn.recv()
+        if message[0] == "window-start":
+            started = cpu_seconds()
+        elif message[0] == "window-end":
+            _, name, done = message
+            cpu[name].append((cpu_seconds() - started, done))
+        elif message[0] == "result":
+            result: dict[str, Any] = message[1]
+            break
+        elif message[0] == "error":
+            raise RuntimeError(f"client: {message[1]}")
+    for name, windows in cpu.items():
+        spent = sum(c for c, _ in windows)
+        done = sum(d for _, d in windows)
+        result[name]["cpu_us_per_req"] = 1e6 * safe_div(spent, done)
+    return result
+
+
+def _healthy(orchestrator: Any) -> int:
+    rows = list(load_balancer_table(orchestrator).values())
+    return sum(1 for row in rows if row.status == "healthy")
+
+
+# The client process ----------------------------------------------------------------------
+
+
+def client_main(
+    url: str, prefix: str, count: int, subjects: dict[str, str], plan: Plan, conn: Any
+) -> None:
+    try:
+        import uvloop  # noqa: PLC0415
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(_client(url, prefix, count, subjects, plan, conn))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+async def _client(
+    url: str, prefix: str, count: int, subjects: dict[str, str], plan: Plan, conn: Any
+) -> None:
+    nc = await connect(url, name="bench-client")
+    templates = heartbeat_templates(prefix, count)
+    background: asyncio.Task[None] | None = None
+    try:
+        for template in templates:
+            await nc.publish(template.subject, template.body(1))
+        await nc.flush()
+        conn.send(("registered",))
+        await asyncio.to_thread(conn.recv)  # go
+
+        first = decode((await nc.request(subjects["select"], REQUEST, 5)).data, SelectReply)
+        if first.gateway_id is None:
+            raise RuntimeError(f"select-gateway chose nobody: {first.reason}")
+        if plan.background_hz > 0:
+            background = asyncio.create_task(_heartbeats(nc, templates, plan.background_hz))
+        for subject in subjects.values():  # warm up every path
+            await _sequential(nc, subject, 200)
+
+        latencies: dict[str, list[float]] = {name: [] for name in subjects}
+        for name in ORDER:
+            latencies[name] += await _sequential(nc, subjects[name], plan.latency_n // 2)
+        rates: dict[str, list[float]] = {name: [] for name in subjects}
+        errors: dict[str, int] = dict.fromkeys(subjects, 0)
+        for name in ORDER:
+            rate, failed = await _flood(nc, subjects[name], plan, conn, name)
+            rates[name].append(rate)
+            errors[name] += failed
+        result = {
+            name: {
+                "p50_us": 1e6 * percentile(latencies[name], 50),
+                "p99_us": 1e6 * percentile(latencies[name], 99),
+                "rate": sum(rates[name]) / len(rates[name]),
+                "errors": errors[name],
+                "samples": len(latencies[name]),
+            }
+            for name in subjects
+        }
+        conn.send(("result", result))
+    finally:
+        if background is not None:
+            background.cancel()
+            await asyncio.gather(background, return_exceptions=True)
+        await nc.close()
+
+
+async def _heartbeats(nc: Any, templates: Sequence[HeartbeatTemplate], hz: float) -> None:
+    """Every gateway beats `hz` times a second (seq from 2), spread in 10 ms ticks."""
+    tick_s = 0.01
+    per_tick = len(templates) * hz * tick_s
+    owed, index, seq = 0.0, 0, 2
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    while True:
+        owed += per_tick
+        while owed >= 1:
+            template = templates[index]
+            await nc.publish(template.subject, template.body(seq))
+            owed -= 1
+            index += 1
+            if index == len(templates):
+                index, seq = 0, seq + 1
+        due += tick_s
+        await asyncio.sleep(max(0.0, due - loop.time()))
+
+
+async def _sequential(nc: Any, subject: str, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await nc.request(subject, REQUEST, timeout=REQUEST_TIMEOUT_S)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def _flood(nc: Any, subject: str, plan: Plan, conn: Any, name: str) -> tuple[float, int]:
+    """Keeps `plan.inflight` requests outstanding: (completions/s over the window, failures).
+    The first 0.3 s warm up and are not counted."""
+    done = failed = 0
+    stopping = False
+
+    async def worker() -> None:
+        nonlocal done, failed
+        while not stopping:
+            try:
+                await nc.request(subject, REQUEST, timeout=REQUEST_TIMEOUT_S)
+            except (nats.errors.Error, TimeoutError):
+                failed += 1
+            else:
+                done += 1
+
+    workers = [asyncio.create_task(worker()) for _ in range(plan.inflight)]
+    await asyncio.sleep(0.3)
+    conn.send(("window-start", name))
+    d0, t0 = done, time.perf_counter()
+    await asyncio.sleep(plan.window_s)
+    d1, t1 = done, time.perf_counter()
+    conn.send(("window-end", name, d1 - d0))
+    stopping = True
+    await asyncio.gather(*workers)
+    return (d1 - d0) / (t1 - t0), failed
+
+
+# Reporting -----------------------------------------------------------------------------------
+
+
+P50_AIM = 1.25
+RATE_AIM = 0.8
+
+
+def _case(r: dict[str, Any]) -> str:
+    hz = r["background_hz"]
+    beats = f", {hz:g} hb/s/gw" if hz else ""
+    return f"{r['gateways']:,} gw, audit {'on' if r['audit'] else 'off'}{beats}"
+
+
+def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
+    latency_rows, rate_rows = [], []
+    for r in results:
+        echo, actor, sel = r["echo"], r["actor"], r["select"]
+        p50_ratio = safe_div(sel["p50_us"], echo["p50_us"])
+        rate_ratio = safe_div(sel["rate"], echo["rate"])
+        latency_rows.append(
+            [
+                _case(r),
+                f"{echo['p50_us']:.0f}",
+                f"{actor['p50_us']:.0f}",
+                f"{sel['p50_us']:.0f}",
+                fmt_ratio(p50_ratio),
+                fmt_ratio(safe_div(actor["p50_us"], echo["p50_us"])),
+                f"{echo['p99_us']:.0f}",
+                f"{actor['p99_us']:.0f}",
+                f"{sel['p99_us']:.0f}",
+                fmt_ratio(safe_div(sel["p99_us"], echo["p99_us"])),
+                "yes" if p50_ratio <= P50_AIM else "no",
+            ]
+        )
+        rate_rows.append(
+            [
+                _case(r),
+                f"{echo['rate']:,.0f}",
+                f"{actor['rate']:,.0f}",
+                f"{sel['rate']:,.0f}",
+                fmt_ratio(rate_ratio),
+                fmt_ratio(safe_div(actor["rate"], echo["rate"])),
+                f"{echo['cpu_us_per_req']:.0f}",
+                f"{actor['cpu_us_per_req']:.0f}",
+                f"{sel['cpu_us_per_req']:.0f}",
+                str(sum(r[name]["errors"] for name in TARGETS)),
+                "yes" if rate_ratio >= RATE_AIM else "no",
+            ]
+        )
+    print_table(
+        f"Selection latency, sequential requests, in microseconds ({machine_line()})",
+        [
+            "case",
+            "echo p50",
+            "actor p50",
+            "select p50",
+            "select/echo",
+            "actor/echo",
+            "echo p99",
+            "actor p99",
+            "select p99",
+            "select/echo",
+            f"aim <={P50_AIM}x",
+        ],
+        latency_rows,
+    )
+    print_table(
+        f"Selection throughput, {inflight} requests in flight",
+        [
+            "case",
+            "echo req/s",
+            "actor req/s",
+            "select req/s",
+            "select/echo",
+            "actor/echo",
+            "echo CPU us/req",
+            "actor CPU",
+            "select CPU",
+            "errors",
+            f"aim >={RATE_AIM}x",
+        ],
+        rate_rows,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench select", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--gateways", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--audit", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--requests", type=int, default=2000, help="sequential, per subject")
+    parser.add_argument("--window", type=float, default=1.5, help="seconds per flood, x2")
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument(
+        "--background",
+        type=float,
+        default=0.0,
+        metavar="HZ",
+        help="heartbeats per gateway per second while measuring (default: none)",
+    )
+    args = parser.parse_args(argv)
+    audits = {"both": (False, True), "on": (True,), "off": (False,)}[args.audit]
+    results = []
+    for count in args.gateways:
+        for record in audits:
+            started = time.perf_counter()
+            plan = Plan(args.requests, args.window, args.inflight, args.background)
+            result = run_case(select_case, count, record, plan, timeout=300)
+            print(
+                f"  {count:,} gateways, audit {'on' if record else 'off'}: "
+                f"select p50 {result['select']['p50_us']:.0f} us, "
+                f"{result['select']['rate']:,.0f} req/s ({time.perf_counter() - started:.1f}s)",
+                flush=True,
+            )
+            results.append(result)
+    report(results, args.inflight)
+
+
+if __name__ == "__main__":
+    main()
