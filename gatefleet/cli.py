@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
+import msgspec
 
 from bus.connection import BusError
 from bus.server import ServerError
@@ -364,6 +365,62 @@ def simulate(
     except BusError as exc:
         fail(str(exc))
     output.show_simulation(summary, as_json=as_json)
+
+
+@main.command()
+@click.argument("config_type")
+@click.argument("source", required=False, type=click.File("rb"), default="-")
+@click.option("--targets", help="Comma-separated gateway ids (default: every active gateway).")
+@click.option("--wait", is_flag=True, help="Show progress until it ends; exit 0 only if all acked.")
+@common_options
+def distribute(
+    config_type: str,
+    source: IO[bytes],
+    targets: str | None,
+    wait: bool,
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+) -> None:
+    """Push configuration CONFIG_TYPE from SOURCE (a JSON object; a file, or - for stdin)."""
+    name = getattr(source, "name", "-")
+    try:
+        config_data = msgspec.json.decode(source.read())
+    except msgspec.DecodeError as exc:
+        fail(f"{name}: not valid JSON: {exc}", EXIT_USAGE)
+    if not isinstance(config_data, dict):
+        fail(f"{name}: the configuration must be a JSON object", EXIT_USAGE)
+    target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    with connected(config, nats, as_json) as (client, ctx):
+        created = client.distribute(config_type, config_data, target_list)
+        if not wait:
+            output.show_created(created, as_json=ctx.as_json)
+            return
+        record = output.follow_distribution(
+            lambda: client.get_distribution(created.distribution_id), as_json=ctx.as_json
+        )
+    if record.status != "completed":
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.argument("distribution_id", required=False)
+@click.option("--all", "include_completed", is_flag=True, help="Include finished ones.")
+@common_options
+def distributions(
+    distribution_id: str | None,
+    include_completed: bool,
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+) -> None:
+    """List distributions (in progress, or --all), or show one by id."""
+    with connected(config, nats, as_json) as (client, ctx):
+        if distribution_id:
+            output.show_distribution(client.get_distribution(distribution_id), as_json=ctx.as_json)
+        else:
+            listed = client.list_distributions(include_completed)
+            output.show_distributions(listed, as_json=ctx.as_json)
 
 
 main.add_command(audit)

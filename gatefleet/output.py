@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
-from schemas.api import GatewaysReply, LoadBalancingConfig, SelectReply, StatusReply
+from schemas.api import (
+    DistributeReply,
+    Distribution,
+    DistributionListReply,
+    GatewaysReply,
+    LoadBalancingConfig,
+    SelectReply,
+    StatusReply,
+)
 
 if TYPE_CHECKING:
     from gatefleet.simulate import SimulationSummary
@@ -147,3 +158,124 @@ def show_simulation(summary: SimulationSummary, *, as_json: bool) -> None:
     ]
     rows += [(f"fault: {kind}", len(ids)) for kind, ids in summary.faulty.items() if ids]
     console.print(key_value_table("simulation", rows))
+
+
+STATE_STYLE = {
+    "acked": "green",
+    "nacked": "red",
+    "failed": "red",
+    "timed_out": "yellow",
+    "retrying": "yellow",
+    "sent": "cyan",
+    "pending": "dim",
+}
+
+
+def show_created(reply: DistributeReply, *, as_json: bool) -> None:
+    if as_json:
+        print_json(reply)
+        return
+    console.print(
+        f"{reply.distribution_id} {reply.status}  "
+        f"[dim](gatefleet distributions {reply.distribution_id})[/]"
+    )
+
+
+def distribution_table(record: Distribution) -> Table:
+    done = len(record.successful_gateways) + len(record.failed_gateways)
+    title = (
+        f"{record.id}  {record.config_type} v{record.version}  {record.status}  "
+        f"batch {record.batch}  {done}/{len(record.target_gateways)} done"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("gateway", "state", "attempts", "error"):
+        table.add_column(column, no_wrap=column != "error")
+    for gateway_id in record.target_gateways:
+        delivery = record.gateways.get(gateway_id)
+        if delivery is None:
+            continue
+        style = STATE_STYLE.get(delivery.state, "")
+        table.add_row(
+            gateway_id,
+            f"[{style}]{delivery.state}[/]",
+            str(delivery.attempts),
+            delivery.error or "",
+        )
+    if record.reason:
+        table.caption = record.reason
+    return table
+
+
+def show_distribution(record: Distribution, *, as_json: bool) -> None:
+    if as_json:
+        print_json(record)
+        return
+    console.print(distribution_table(record))
+
+
+def show_distributions(reply: DistributionListReply, *, as_json: bool) -> None:
+    if as_json:
+        print_json(reply)
+        return
+    table = Table(title=f"{len(reply.distributions)} distributions", title_justify="left")
+    for column in ("id", "type", "version", "status", "acked", "failed", "targets", "created"):
+        table.add_column(column, no_wrap=True)
+    for d in reply.distributions:
+        style = {"completed": "green", "failed": "red", "partially_failed": "yellow"}.get(
+            d.status, ""
+        )
+        table.add_row(
+            d.id,
+            d.config_type,
+            str(d.version),
+            f"[{style}]{d.status}[/]",
+            str(len(d.successful_gateways)),
+            str(len(d.failed_gateways)),
+            str(len(d.target_gateways)),
+            d.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+FINISHED = ("completed", "partially_failed", "failed")
+POLL_S = 0.2
+
+
+def follow_distribution(fetch: Callable[[], Distribution], *, as_json: bool) -> Distribution:
+    """Re-reads the record until it ends, showing progress: a live table on a terminal,
+    a line per change otherwise; --json prints only the final record."""
+    record = fetch()
+    if as_json:
+        while record.status not in FINISHED:
+            time.sleep(POLL_S)
+            record = fetch()
+        print_json(record)
+        return record
+    with Live(
+        distribution_table(record),
+        console=console,
+        refresh_per_second=8,
+        transient=not console.is_terminal,
+    ) as live:
+        last = ""
+        while True:
+            live.update(distribution_table(record))
+            line = _progress_line(record)
+            if not console.is_terminal and line != last:
+                console.print(line)
+                last = line
+            if record.status in FINISHED:
+                break
+            time.sleep(POLL_S)
+            record = fetch()
+    if not console.is_terminal:
+        console.print(distribution_table(record))
+    return record
+
+
+def _progress_line(record: Distribution) -> str:
+    states: dict[str, int] = {}
+    for delivery in record.gateways.values():
+        states[delivery.state] = states.get(delivery.state, 0) + 1
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    return f"{record.id} {record.status} batch {record.batch}: {counts}"

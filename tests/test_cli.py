@@ -141,3 +141,61 @@ def test_nats_flag_and_env_override_the_config(
         main, ["status", "--json", "--config", str(wrong)], env={"GATEFLEET_NATS_URL": url}
     )
     assert by_env.exit_code == 0, by_env.output
+
+
+def test_distribute_with_wait_and_list(live: Fleet, config_file: Path, tmp_path: Path) -> None:
+    source = tmp_path / "route.json"
+    source.write_text('{"routes": ["10.0.0.0/8"]}')
+    human = run(config_file, "distribute", "Route", str(source), "--wait")
+    assert human.exit_code == 0, human.output
+    assert "completed" in human.output
+    assert "edge-1" in human.output
+    assert "2 acked" in human.output  # the progress line
+    assert all(a.config_versions.get("Route") == 1 for a in live.agents.values())
+
+    listed = json.loads(run(config_file, "distributions", "--all", "--json").output)
+    [record] = listed["distributions"]
+    assert (record["status"], record["version"]) == ("completed", 1)
+    assert json.loads(run(config_file, "distributions", "--json").output) == {"distributions": []}
+    one = run(config_file, "distributions", record["id"])
+    assert "Route v1" in one.output
+
+
+def test_distribute_exit_status_says_whether_all_acked(
+    live: Fleet, config_file: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "distribute",
+            "Route",
+            "-",
+            "--targets",
+            "edge-1,ghost",
+            "--wait",
+            "--json",
+            "--config",
+            str(config_file),
+        ],
+        input='{"x": 1}',
+    )
+    assert result.exit_code == 1
+    record = json.loads(result.output)
+    assert record["status"] == "partially_failed"
+    assert record["gateways"]["ghost"]["error"] == "unknown gateway"
+
+
+def test_distribute_without_wait_and_bad_input(live: Fleet, config_file: Path) -> None:
+    created = CliRunner().invoke(
+        main, ["distribute", "Route", "-", "--json", "--config", str(config_file)], input="{}"
+    )
+    assert created.exit_code == 0
+    assert json.loads(created.output)["distribution_id"].startswith("dist-")
+    bad = CliRunner().invoke(
+        main, ["distribute", "Route", "-", "--config", str(config_file)], input="[1, 2]"
+    )
+    assert bad.exit_code == 2
+    assert "must be a JSON object" in bad.output
+    missing = run(config_file, "distributions", "dist-00000000-0000-0000-0000-000000000000")
+    assert missing.exit_code == 1
+    assert missing.output.startswith("gatefleet: not found")
