@@ -135,6 +135,9 @@ def up(
     )
     log = logging.getLogger("gatefleet")
     settings = _settings(config, nats)
+    if not settings.orchestrator.enabled:
+        log.warning("orchestrator.enabled is false in the configuration: nothing to run")
+        return
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
