@@ -221,7 +221,11 @@ def _reason(message: str, value: Any, tp: Any) -> str:
 
 
 def _check_semantics(settings: Settings) -> None:
-    """What the types cannot say: unique gateway ids, real backups, a HOST:PORT listen."""
+    """What the types cannot say: unique gateway ids, no self-backup, a HOST:PORT listen,
+    and a RegionAware whose inner strategy is not RegionAware again.
+
+    A `backup_for` naming a gateway not in the file is fine: the primary may only ever
+    register by heartbeat."""
     first: dict[str, int] = {}
     for i, gateway in enumerate(settings.gateways):
         if gateway.id in first:
@@ -233,9 +237,11 @@ def _check_semantics(settings: Settings) -> None:
         target, path = gateway.backup_for, ["gateways", i, "backup_for"]
         if target == gateway.id:
             raise _KeyPathError(path, f"gateway {target!r} cannot be its own backup")
-        if target is not None and target not in first:
-            hint = _did_you_mean(target, first)
-            raise _KeyPathError(path, f"unknown gateway id {target!r}{hint}")
+    if settings.load_balancing.region_inner_strategy == "RegionAware":
+        raise _KeyPathError(
+            ["load_balancing", "region_inner_strategy"],
+            "RegionAware cannot be its own inner strategy; choose one of the other four",
+        )
     if settings.http.listen:
         try:
             split_host_port(settings.http.listen)

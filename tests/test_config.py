@@ -211,9 +211,9 @@ def test_nats_url_overrides_bus_url(tmp_path: Path) -> None:
             "cannot be its own backup",
         ),
         (
-            "[[gateways]]\nid = 'a'\nregion = 'r'\nbackup_for = 'b'\n",
-            "gateways[0].backup_for",
-            "unknown gateway id 'b'",
+            "[load_balancing]\nregion_inner_strategy = 'RegionAware'\n",
+            "load_balancing.region_inner_strategy",
+            "RegionAware cannot be its own inner strategy",
         ),
         ("[http]\nlisten = 'localhost'\n", "http.listen", "expected HOST:PORT, got 'localhost'"),
     ],
@@ -290,3 +290,10 @@ def test_resolve_data_dir() -> None:
     # A relative XDG_STATE_HOME is invalid per the spec and ignored.
     relative = {"HOME": "/home/u", "XDG_STATE_HOME": "state"}
     assert resolve_data_dir(Settings(), relative) == Path("/home/u/.local/state/gatefleet")
+
+
+def test_a_backup_may_name_a_primary_known_only_by_heartbeat(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[[gateways]]\nid = 'b'\nregion = 'r'\nrole = 'backup'\nbackup_for = 'a'\n"
+    )
+    assert load_settings(path, env={}).gateways[0].backup_for == "a"
