@@ -32,7 +32,8 @@ def test_every_setting_is_in_the_reference_table() -> None:
 
 def test_the_first_two_blocks_are_install_and_run_then_test() -> None:
     blocks = re.findall(r"^```sh\n(.+?)\n```", README, flags=re.MULTILINE)
-    assert blocks[0].endswith("gatefleet up")
+    assert "pip install -e ." in blocks[0]
+    assert ".venv/bin/gatefleet up --simulate" in blocks[0]
     assert "pip install -e '.[test]'" in blocks[1]
     assert "pytest" in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
