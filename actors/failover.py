@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from actors.strategies import SelectorState, partition_pool, select
+from actors.pool import Pool
+from actors.strategies import SelectorState, choose
 from schemas.api import GatewaySnapshot
 from schemas.settings import LoadBalancingSettings
 
@@ -28,37 +28,25 @@ class Replacement:
 
 def choose_replacement(
     failed: GatewaySnapshot,
-    gateways: Sequence[GatewaySnapshot],
-    threshold: float,
+    pool: Pool,
     *,
     strategy: str,
     state: SelectorState,
     rng: random.Random,
     settings: LoadBalancingSettings,
-    held: frozenset[str] = frozenset(),
 ) -> Replacement:
-    others = [g for g in gateways if g.gateway_id != failed.gateway_id]
-    eligible, _excluded = partition_pool(others, threshold, held)
-    backups = [
-        g.gateway_id for g in eligible if g.role == "backup" and g.backup_for == failed.gateway_id
-    ]
-    if backups:
-        return Replacement(backups[0], f"backup of {failed.gateway_id}")
-    same_region = [g for g in eligible if g.region == failed.region]
-    if not same_region:
-        return Replacement(None, f"no eligible gateway in region {failed.region}")
-    selection = select(
-        strategy,
-        same_region,
-        threshold,
-        region=None,
-        state=state,
-        rng=rng,
-        settings=settings,
-        regions={},
-        held=held,
-    )
-    return Replacement(selection.gateway_id, f"{strategy} in region {failed.region}")
+    """Judged as if `failed` were gone (so its backups no longer wait for it), from the
+    load balancer's live pool: a backup of it (the first by id), else the strategy's pick
+    in its region (`choose`, sharing the strategy's rotation), else nobody."""
+    with pool.without(failed.gateway_id):
+        backups = pool.backups_of(failed.gateway_id)
+        if backups:
+            return Replacement(backups[0], f"backup of {failed.gateway_id}")
+        same_region = pool.regions.get(failed.region)
+        if not same_region:
+            return Replacement(None, f"no eligible gateway in region {failed.region}")
+        chosen = choose(strategy, same_region, state=state, rng=rng, settings=settings)
+        return Replacement(chosen, f"{strategy} in region {failed.region}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,27 +2,39 @@
 
 Owns: a HealthTracker (metrics, score, status with hysteresis), the subscription to
 `P.gw.<id>.heartbeat`, the probe timer (`P.gw.<id>.ping`) and the staleness timer.
-Receives: HeartbeatReceived, Tick, ProbeDue, ProbeAnswered, SetThreshold.
+Receives: HeartbeatsPending, HeartbeatReceived (from discovery), Tick, ProbeDue,
+ProbeAnswered, SetThreshold.
 Emits: gateway.status_changed, gateway.down, gateway.recovered; tells the load balancer
-GatewayUpdated on every accepted heartbeat, and every listener on a change of status or
-of the config versions the gateway reports (what reconciliation acts on).
+GatewayUpdated after every batch of accepted heartbeats, and every listener on a change
+of status or of the config versions the gateway reports (what reconciliation acts on).
+
+Heartbeats are coalesced on the bus loop: the subscription handler decodes and checks
+each one and puts it, with its arrival time, in the actor's `Coalescer`; it tells the
+actor `HeartbeatsPending` only when no such message is already on its way. The actor
+takes every heartbeat waiting when it runs and hands them to its tracker as one batch
+(actors/health.py, "Batches"). At steady rates a batch holds one heartbeat; when the
+actor falls behind, one wake-up, one health evaluation and one update to the load
+balancer serve many heartbeats, so the cost of a thread wake-up is paid per batch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pykka
 
-from actors.base import SafeActor, safe_tell
+from actors.base import Coalescer, SafeActor, safe_tell, tell_latest
 from actors.context import Context
 from actors.health import HealthTracker, Transition
 from actors.messages import (
+    HEARTBEATS_PENDING,
     GatewayUpdated,
     HeartbeatReceived,
+    HeartbeatsPending,
     ProbeAnswered,
     ProbeDue,
     SetThreshold,
@@ -39,10 +51,19 @@ log = logging.getLogger(__name__)
 
 PING = Ping()
 
+# A heartbeat waiting for its actor, with its arrival time on the receiver's monotonic clock.
+Arrival = tuple[Heartbeat, float]
 
-def heartbeat_handler(gateway_id: str, ref: pykka.ActorRef[Any], context: Context) -> Any:
-    """The loop-side handler of one gateway's heartbeat subject: decode, check, tell."""
+
+def heartbeat_handler(
+    gateway_id: str,
+    ref: pykka.ActorRef[Any],
+    context: Context,
+    pending: Coalescer[Arrival],
+) -> Callable[[Inbound], None]:
+    """The loop-side handler of one gateway's heartbeat subject: decode, check, coalesce."""
     drops = context.drops
+    clock = time.monotonic
 
     def handle(msg: Inbound) -> None:
         heartbeat = decode_or_drop(msg, Heartbeat, drops)
@@ -51,12 +72,8 @@ def heartbeat_handler(gateway_id: str, ref: pykka.ActorRef[Any], context: Contex
         if heartbeat.gateway_id != gateway_id:
             drops.drop("id_mismatch", msg.subject, f"payload says {heartbeat.gateway_id!r}")
             return
-        safe_tell(
-            ref,
-            HeartbeatReceived(
-                heartbeat=heartbeat, received_at=time.monotonic(), wall=datetime.now(UTC)
-            ),
-        )
+        if pending.put((heartbeat, clock())):
+            safe_tell(ref, HEARTBEATS_PENDING)
 
     return handle
 
@@ -91,18 +108,21 @@ class GatewayActor(SafeActor):
         self._first = first
         self._on_subscribed = on_subscribed
         self._subscription: SubscriptionHandle | None = None
+        self._pending: Coalescer[Arrival] = Coalescer()
         self._tick_at: float | None = None
         self._tick_generation = 0
         self.heartbeats_accepted = 0
+        self.heartbeat_batches = 0  # wake-ups that took heartbeats: <= heartbeats_accepted
 
     def on_start(self) -> None:
         subject = self.ctx.subjects.heartbeat(self.gateway_id)
-        handler = heartbeat_handler(self.gateway_id, self.actor_ref, self.ctx)
+        handler = heartbeat_handler(self.gateway_id, self.actor_ref, self.ctx, self._pending)
         self._subscription = self.bus.subscribe(subject, handler)
         if self._on_subscribed is not None:
             self._on_subscribed(self.gateway_id)
         if self._first is not None:
-            self._on_heartbeat(self._first)
+            first, self._first = self._first, None
+            self._on_heartbeats(first)
         else:
             self._tell_listeners(self.tracker.status)
         if self.ctx.settings.health.probe_interval_ms:
@@ -114,11 +134,15 @@ class GatewayActor(SafeActor):
 
     def handle(self, message: Any) -> Any:
         match message:
-            case HeartbeatReceived():
-                self._on_heartbeat(message)
+            case HeartbeatsPending():
+                self._on_heartbeats()
+            case HeartbeatReceived():  # from discovery, before our own subscription was live
+                self._on_heartbeats(message)
             case Tick(generation=generation):
                 if generation == self._tick_generation:
                     self._tick_at = None
+                    if len(self._pending):  # heartbeats that beat the tick to the loop count
+                        self._on_heartbeats()
                     self._apply(self.tracker.on_tick(self.ctx.clock()))
                     self._schedule_tick()
             case ProbeDue():
@@ -137,21 +161,31 @@ class GatewayActor(SafeActor):
                 return super().handle(message)
         return None
 
-    def _on_heartbeat(self, received: HeartbeatReceived) -> None:
-        heartbeat = received.heartbeat
-        if heartbeat.seq == self.tracker.last_seq and self.heartbeats_accepted:
-            return  # the same message seen twice around registration: not a replay attack
-        previous_versions = self.tracker.config_versions
-        outcome = self.tracker.on_heartbeat(heartbeat, received.received_at, received.wall)
-        if not outcome.accepted:
-            subject = self.ctx.subjects.heartbeat(self.gateway_id)
-            self.ctx.drops.drop(outcome.reason or "rejected", subject, f"seq {heartbeat.seq}")
+    def _on_heartbeats(self, discovered: HeartbeatReceived | None = None) -> None:
+        """Every heartbeat waiting in the Coalescer (and one from discovery), as one batch."""
+        batch = self._pending.take()
+        if discovered is not None:  # the older path: merged in arrival order
+            batch.append((discovered.heartbeat, discovered.received_at))
+            batch.sort(key=_arrival_time)
+        if not batch:
             return
-        self.heartbeats_accepted += 1
-        versions_changed = self.tracker.config_versions != previous_versions
+        tracker = self.tracker
+        previous_versions = tracker.config_versions
+        outcome = tracker.on_heartbeats(batch, self.ctx.clock(), datetime.now(UTC))
+        for rejection in outcome.rejected:
+            if rejection.duplicate:
+                continue  # the same message seen twice around registration: not a replay
+            subject = self.ctx.subjects.heartbeat(self.gateway_id)
+            self.ctx.drops.drop(rejection.reason, subject, f"seq {rejection.seq}")
+        if not outcome.accepted:
+            return
+        self.heartbeats_accepted += outcome.accepted
+        self.heartbeat_batches += 1
         if outcome.transition is None:
-            self._tell_listeners(self.tracker.status, everyone=versions_changed)
-        self._apply(outcome.transition)
+            versions_changed = tracker.config_versions != previous_versions
+            self._tell_listeners(tracker.status, everyone=versions_changed)
+        else:
+            self._apply(outcome.transition)
         self._schedule_tick()
 
     def _apply(self, transition: Transition | None) -> None:
@@ -191,10 +225,14 @@ class GatewayActor(SafeActor):
 
     def _tell_listeners(self, old_status: Any, *, everyone: bool = True) -> None:
         update = GatewayUpdated(snapshot=self.tracker.snapshot(), old_status=old_status)
-        # listeners[0] is the load balancer (every update); the others only want changes.
-        targets = self.listeners if everyone else self.listeners[:1]
-        for ref in targets:
-            safe_tell(ref, update)
+        # listeners[0] is the load balancer: every update, through its latest lane (it keeps
+        # only the newest snapshot of each gateway). The others want every change, in order.
+        listeners = self.listeners
+        if listeners:
+            tell_latest(listeners[0], self.gateway_id, update)
+        if everyone:
+            for ref in listeners[1:]:
+                safe_tell(ref, update)
 
     def _schedule_tick(self) -> None:
         now = self.ctx.clock()
@@ -235,3 +273,7 @@ class GatewayActor(SafeActor):
 
         timeout = self.ctx.settings.health.probe_timeout_ms / 1000
         self.bus.request(self.ctx.subjects.ping(gateway_id), PING, timeout, on_result)
+
+
+def _arrival_time(arrival: Arrival) -> float:
+    return arrival[1]

@@ -48,13 +48,32 @@ ignored (reason ``"replay"``, no state change) unless it reads as a restart of t
 
 So one replayed old message changes nothing, while a restarted gateway whose seq starts over
 is accepted by its second heartbeat at the latest (reason ``"restart"``).
+
+Batches (coalesced heartbeats)
+------------------------------
+Under load the GatewayActor is woken once for all the heartbeats that arrived since it last
+ran, and hands them to ``on_heartbeats`` in arrival order, each with its arrival time:
+
+* the seq/replay/restart rule above runs on every heartbeat of the batch, in order, so
+  a batch never accepts what one-by-one delivery would have ignored, nor the reverse;
+* every accepted heartbeat is counted (``heartbeats``);
+* the metrics, region, role, labels and config versions are the newest accepted one's,
+  and the status is evaluated once, at the end of the batch: all the accepted heartbeats
+  of a batch share the newest metrics. They all count towards ``rise`` when the newest one
+  scores good (a missed interval between two of them still breaks the run), and they
+  all break the run when it scores bad. At most one transition comes out of a batch;
+  states that one-by-one processing would only have passed through are not reported.
+
+A batch of one is exactly the one-by-one case (``on_heartbeat``); at steady rates a
+gateway's batches are of one, and they grow only while its actor is behind.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from schemas.api import GatewaySnapshot
@@ -115,6 +134,25 @@ class Transition:
 class HeartbeatOutcome:
     accepted: bool
     reason: HeartbeatReason | None = None  # why ignored, or "restart" when accepted as one
+    transition: Transition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A heartbeat of a batch that was ignored."""
+
+    reason: HeartbeatReason
+    seq: int
+    # The same seq as the last accepted one: the same message delivered twice (around a
+    # gateway's registration it can come both through discovery and its own subscription).
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    accepted: int  # heartbeats of the batch accepted (each one is counted)
+    restarts: int  # of those, how many were accepted as a restart of the gateway
+    rejected: tuple[Rejection, ...] = ()
     transition: Transition | None = None
 
 
@@ -207,31 +245,81 @@ class HealthTracker:
         return self._check_score("threshold changed")
 
     def on_heartbeat(self, hb: Heartbeat, now: float, wall: datetime) -> HeartbeatOutcome:
-        if hb.gateway_id != self.gateway_id:
-            return HeartbeatOutcome(accepted=False, reason="wrong_gateway")
-        reason: HeartbeatReason | None = None
-        if self.last_seq is not None and self.last_seen is not None and hb.seq <= self.last_seq:
-            silent = now - self.last_seen >= self.interval
-            second_of_run = self._ignored_seq is not None and hb.seq > self._ignored_seq
-            if not (silent or second_of_run):
-                self._ignored_seq = hb.seq
-                return HeartbeatOutcome(accepted=False, reason="replay")
-            reason = "restart"
-        self._ignored_seq = None
-        if self._missed_at(now):  # a gap breaks the rise run, whether or not a tick saw it
-            self.good_heartbeats = 0
+        """One heartbeat, received at ``now`` (monotonic) = ``wall`` (wall clock)."""
+        out = self.on_heartbeats(((hb, now),), now, wall)
+        if out.accepted:
+            return HeartbeatOutcome(
+                accepted=True,
+                reason="restart" if out.restarts else None,
+                transition=out.transition,
+            )
+        return HeartbeatOutcome(accepted=False, reason=out.rejected[0].reason)
+
+    def on_heartbeats(
+        self, batch: Sequence[tuple[Heartbeat, float]], now: float, wall: datetime
+    ) -> BatchOutcome:
+        """Heartbeats in arrival order, each with its arrival time (monotonic); ``now`` and
+        ``wall`` are one instant on both clocks, to date ``last_seen`` on the wall clock.
+        How a batch counts is in the module docstring ("Batches")."""
+        newest: Heartbeat | None = None
+        accepted = restarts = run = 0
+        broken = False  # a missed interval before one of the batch's heartbeats
+        rejected: list[Rejection] = []
+        interval = self.interval
+        for hb, at in batch:
+            if hb.gateway_id != self.gateway_id:
+                rejected.append(Rejection("wrong_gateway", hb.seq))
+                continue
+            last_seq, last_seen = self.last_seq, self.last_seen
+            if last_seq is not None and last_seen is not None and hb.seq <= last_seq:
+                silent = at - last_seen >= interval
+                second_of_run = self._ignored_seq is not None and hb.seq > self._ignored_seq
+                if not (silent or second_of_run):
+                    self._ignored_seq = hb.seq
+                    rejected.append(Rejection("replay", hb.seq, duplicate=hb.seq == last_seq))
+                    continue
+                restarts += 1
+            self._ignored_seq = None
+            if self._missed_at(at):  # a gap breaks the rise run, whether or not a tick saw it
+                broken, run = True, 0
+            self.last_seq, self.last_seen = hb.seq, at
+            newest = hb
+            accepted += 1
+            run += 1
+        if newest is None:
+            return BatchOutcome(accepted=0, restarts=0, rejected=tuple(rejected))
+        self._take_metrics(newest, accepted, now, wall)
+        return BatchOutcome(
+            accepted=accepted,
+            restarts=restarts,
+            rejected=tuple(rejected),
+            transition=self._evaluate(run, broken),
+        )
+
+    def _take_metrics(self, hb: Heartbeat, accepted: int, now: float, wall: datetime) -> None:
+        """The newest accepted heartbeat of a batch of `accepted` becomes the current state."""
+        assert self.last_seen is not None
+        self.last_seen_wall = (
+            wall if now == self.last_seen else wall - timedelta(seconds=now - self.last_seen)
+        )
         self.last_heartbeat = hb
-        self.heartbeats += 1
-        self.last_seq, self.last_seen, self.last_seen_wall = hb.seq, now, wall
+        self.heartbeats += accepted
         self.region = hb.region
         if hb.role is not None:  # a heartbeat without a role keeps the configured one
             self.role, self.backup_for = hb.role, hb.backup_for
-        self.labels, self.config_versions = dict(hb.labels), dict(hb.config_versions)
+        # Heartbeats are immutable and their dicts are never mutated: shared, not copied.
+        self.labels, self.config_versions = hb.labels, hb.config_versions
         self.missed_heartbeats = 0
 
+    def _evaluate(self, run: int, broken: bool) -> Transition | None:
+        """Status after a batch whose last `run` heartbeats had no gap between them (and
+        `broken`: a gap came before them). They all share the newest metrics."""
         score = self._raw_score()
         good = score >= self.threshold
-        self.good_heartbeats = self.good_heartbeats + 1 if good else 0
+        if good:
+            self.good_heartbeats = (0 if broken else self.good_heartbeats) + run
+        else:
+            self.good_heartbeats = 0
         old = self.status
         if old == "unknown":
             new: GatewayStatus = "healthy" if good else "degraded"
@@ -242,7 +330,7 @@ class HealthTracker:
             new, why = "healthy", f"{self.good_heartbeats} good heartbeats"
         else:
             new, why = old, ""
-        return HeartbeatOutcome(accepted=True, reason=reason, transition=self._move(new, why))
+        return self._move(new, why)
 
     def on_tick(self, now: float) -> Transition | None:
         """Count missed heartbeats; mark down after `fall`. Idempotent: extra ticks are harmless."""
@@ -296,6 +384,7 @@ class HealthTracker:
             last_seq=self.last_seq,
             last_seen=self.last_seen_wall,
             heartbeats=self.heartbeats,
-            config_versions=dict(self.config_versions),
-            labels=dict(self.labels),
+            # Shared with the heartbeat they came from: nobody mutates them (see on_heartbeats).
+            config_versions=self.config_versions,
+            labels=self.labels,
         )

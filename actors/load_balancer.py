@@ -1,13 +1,16 @@
 """LoadBalancerActor: answers "which gateway should this client use?".
 
-Owns: the table of every gateway's latest snapshot (fed by GatewayActors' tells, never
-asked at selection time), the strategy and threshold in force (persisted in the
-`settings` bucket), round-robin cursors and sticky-client assignments.
+Owns: the selection `Pool` (every gateway's latest snapshot, fed by GatewayActors' tells,
+never asked at selection time, and the eligible ones, kept up to date one change at a
+time), the strategy and threshold in force (persisted in the `settings` bucket),
+round-robin cursors and sticky-client assignments.
 Receives: GatewayUpdated, GatewayRemoved, SelectGateway, Get/SetLoadBalancing,
 ListGateways, AddListener; from the supervisor FindReplacementFor (answered with
 ReplacementFound) and Hold/ReleaseGateway (failed-over primaries kept out of the pool
 until a manual failback).
-Emits: `lb.selected` per decision (when audit.record_selections), `lb.changed`;
+Emits: `lb.selected` per decision (when audit.record_selections; built after the reply
+is published, and compact: the chosen candidate and the best AUDIT_CANDIDATES others by
+the strategy's measure, the first AUDIT_EXCLUDED excluded, with both counts), `lb.changed`;
 tells listeners LoadBalancingInForce.
 Serves: `P.api.select-gateway`, `P.api.load-balancing.get|set`, `P.api.gateways`.
 """
@@ -38,7 +41,8 @@ from actors.messages import (
     SelectGateway,
     SetLoadBalancing,
 )
-from actors.strategies import Selection, SelectorState, select
+from actors.pool import Pool
+from actors.strategies import Selection, SelectorState, select, shortlist
 from bus.edge import request_handler
 from bus.runtime import SubscriptionHandle
 from schemas.api import (
@@ -50,13 +54,55 @@ from schemas.api import (
     SelectReply,
     SelectRequest,
 )
-from schemas.events import GatewaySelected, LoadBalancingChanged
+from schemas.events import CandidateView, GatewaySelected, LoadBalancingChanged, new_event_id
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "load_balancing"
 API_QUEUE = "gatefleet-api"
 MAX_STICKY_CLIENTS = 100_000
+# What one lb.selected event records (about 12 KiB at most, whatever the fleet's size).
+AUDIT_CANDIDATES = 50  # besides the chosen one
+AUDIT_EXCLUDED = 50
+
+
+def selection_event(
+    event_id: str,
+    request: SelectRequest,
+    selection: Selection,
+    pool: Pool,
+    config: LoadBalancingConfig,
+) -> GatewaySelected:
+    """The audit record of a selection, bounded whatever the fleet's size. Build it before
+    the pool next changes: the selection's members are a view of the pool."""
+    candidates = [
+        CandidateView(
+            gateway_id=g.gateway_id,
+            region=g.region,
+            role=g.role,
+            score=g.score,
+            measure=measure,
+            active_connections=g.active_connections,
+            max_connections=g.max_connections,
+            latency_ms=g.latency_ms,
+            cpu_percent=g.cpu_percent,
+            memory_percent=g.memory_percent,
+        )
+        for g, measure in shortlist(selection, AUDIT_CANDIDATES)
+    ]
+    return GatewaySelected(
+        id=event_id,
+        region=request.region,
+        client_id=request.client_id,
+        strategy=config.strategy,
+        threshold=config.health_threshold,
+        gateway_id=selection.gateway_id,
+        reason=selection.reason,
+        candidates=candidates,
+        candidate_count=len(selection.members),
+        excluded=pool.excluded(AUDIT_EXCLUDED),
+        excluded_count=pool.excluded_count,
+    )
 
 
 class LoadBalancerActor(SafeActor):
@@ -69,18 +115,23 @@ class LoadBalancerActor(SafeActor):
             strategy=orchestrator.load_balancing_strategy,
             health_threshold=orchestrator.health_threshold_percent,
         )
-        self.table: dict[str, GatewaySnapshot] = {}
+        self.pool = Pool(
+            self.config.health_threshold,
+            reference=context.settings.health.connection_reference,
+        )
+        # Every gateway's latest snapshot (the pool's; benchmarks read it directly).
+        self.table: dict[str, GatewaySnapshot] = self.pool.gateways
         self.state = SelectorState()
         self.rng = random.Random(context.settings.load_balancing.random_seed)
         self.sticky: OrderedDict[str, str] = OrderedDict()
         self.listeners: list[pykka.ActorRef[Any]] = []
-        self.held: frozenset[str] = frozenset()
         self._subscriptions: list[SubscriptionHandle] = []
 
     def on_start(self) -> None:
         stored = self.ctx.buckets["settings"].get(SETTINGS_KEY, LoadBalancingConfig)
         if stored is not None:
             self.config = stored
+            self.pool.set_threshold(stored.health_threshold)
             log.info(
                 "load balancing from store: %s, threshold %.1f",
                 stored.strategy,
@@ -111,12 +162,12 @@ class LoadBalancerActor(SafeActor):
 
     def handle(self, message: Any) -> Any:
         match message:
-            case GatewayUpdated(snapshot=snapshot):
-                self.table[snapshot.gateway_id] = snapshot
-            case GatewayRemoved(gateway_id=gateway_id):
-                self.table.pop(gateway_id, None)
             case SelectGateway(request=request, reply=reply):
                 self._select(request, reply)
+            case GatewayUpdated(snapshot=snapshot):
+                self.pool.update(snapshot)
+            case GatewayRemoved(gateway_id=gateway_id):
+                self.pool.remove(gateway_id)
             case GetLoadBalancing(reply=reply):
                 self.bus.publish(reply, self.config)
             case SetLoadBalancing(update=update, reply=reply):
@@ -130,9 +181,9 @@ class LoadBalancerActor(SafeActor):
             case FindReplacementFor(gateway_id=gateway_id, reply_to=reply_to):
                 reply_to.tell(self._replacement(gateway_id))
             case HoldGateway(gateway_id=gateway_id):
-                self.held |= {gateway_id}
+                self.pool.hold(gateway_id)
             case ReleaseGateway(gateway_id=gateway_id):
-                self.held -= {gateway_id}
+                self.pool.release(gateway_id)
             case _:
                 return super().handle(message)
         return None
@@ -140,50 +191,33 @@ class LoadBalancerActor(SafeActor):
     def _select(self, request: SelectRequest, reply: str) -> None:
         settings = self.ctx.settings
         client_id = request.client_id
+        strategy = self.config.strategy
         selection = select(
-            self.config.strategy,
-            list(self.table.values()),
-            self.config.health_threshold,
+            strategy,
+            self.pool,
             region=request.region,
             state=self.state,
             rng=self.rng,
             settings=settings.load_balancing,
             regions=settings.regions,
             sticky_gateway=self.sticky.get(client_id) if client_id else None,
-            connection_reference=settings.health.connection_reference,
-            held=self.held,
         )
-        self.ctx.selections.add(self.config.strategy)
-        event = self._selection_event(request, selection)
+        self.ctx.selections.add(strategy)
         if client_id:
             self._remember(client_id, selection.gateway_id)
+        record = settings.audit.record_selections
+        event_id = new_event_id() if record else None
         self.bus.publish(
             reply,
             SelectReply(
                 gateway_id=selection.gateway_id,
-                strategy=self.config.strategy,
+                strategy=strategy,
                 reason=selection.reason,
-                selection_id=event.id if event else None,
+                selection_id=event_id,
             ),
         )
-        if event:
-            self.ctx.emit(event)
-
-    def _selection_event(
-        self, request: SelectRequest, selection: Selection
-    ) -> GatewaySelected | None:
-        if not self.ctx.settings.audit.record_selections:
-            return None
-        return GatewaySelected(
-            region=request.region,
-            client_id=request.client_id,
-            strategy=self.config.strategy,
-            threshold=self.config.health_threshold,
-            gateway_id=selection.gateway_id,
-            reason=selection.reason,
-            candidates=[self.table[g] for g in selection.candidates if g in self.table],
-            excluded=selection.excluded,
-        )
+        if event_id is not None:  # the client has its answer: now the audit record
+            self.ctx.emit(selection_event(event_id, request, selection, self.pool, self.config))
 
     def _replacement(self, gateway_id: str) -> ReplacementFound:
         failed = self.table.get(gateway_id)
@@ -191,13 +225,11 @@ class LoadBalancerActor(SafeActor):
             return ReplacementFound(gateway_id=gateway_id, to=None, reason="unknown gateway")
         choice = choose_replacement(
             failed,
-            list(self.table.values()),
-            self.config.health_threshold,
+            self.pool,
             strategy=self.config.strategy,
             state=self.state,
             rng=self.rng,
             settings=self.ctx.settings.load_balancing,
-            held=self.held,
         )
         return ReplacementFound(gateway_id=gateway_id, to=choice.gateway_id, reason=choice.reason)
 
@@ -221,6 +253,7 @@ class LoadBalancerActor(SafeActor):
         if new != old:
             self.ctx.buckets["settings"].put(SETTINGS_KEY, new)
             self.config = new
+            self.pool.set_threshold(new.health_threshold)
             self.ctx.emit(
                 LoadBalancingChanged(
                     old_strategy=old.strategy,

@@ -5,7 +5,6 @@ Requests from the bus carry `reply`, the subject the actor publishes its answer 
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -27,16 +26,27 @@ from schemas.wire import Heartbeat
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True):
-    pass
+    """Base of in-process messages. Those made per heartbeat are `gc=False`, like the
+    wire and API bodies they carry (Heartbeat, GatewaySnapshot): made of scalars and such
+    bodies, they cannot be part of a reference cycle, so the collector need not track
+    them, and their allocations no longer count towards triggering collections."""
 
 
 # Gateways ---------------------------------------------------------------------------------
 
 
-class HeartbeatReceived(_Message, frozen=True):
+class HeartbeatReceived(_Message, frozen=True, gc=False):
+    """Discovery (the supervisor's wildcard) -> Supervisor -> a new GatewayActor."""
+
     heartbeat: Heartbeat
     received_at: float  # receiver's monotonic clock
-    wall: datetime
+
+
+class HeartbeatsPending(_Message, frozen=True):
+    """Bus loop -> GatewayActor: heartbeats wait in its Coalescer (one in flight at most)."""
+
+
+HEARTBEATS_PENDING = HeartbeatsPending()
 
 
 class GoodbyeReceived(_Message, frozen=True):
@@ -62,7 +72,7 @@ class SetThreshold(_Message, frozen=True):
     threshold: float
 
 
-class GatewayUpdated(_Message, frozen=True):
+class GatewayUpdated(_Message, frozen=True, gc=False):
     """GatewayActor -> LoadBalancer (every accepted heartbeat) and Supervisor (on changes)."""
 
     snapshot: GatewaySnapshot

@@ -1,41 +1,32 @@
-"""Gateway selection: the eligible pool and the five load-balancing strategies.
+"""Gateway selection: the five load-balancing strategies, and `select`, the entry point.
 
-Pure logic: no threads, no NATS, no actors. The load-balancer actor owns one
-`SelectorState` and one `random.Random` and calls `select` once per request; given
-those two, every outcome here is deterministic.
+Pure logic: no threads, no NATS, no actors. The load-balancer actor owns one `Pool`
+(actors/pool.py), one `SelectorState` and one `random.Random`, and calls `select` once per
+request; given those, every outcome here is deterministic.
 
-Pool rules: a gateway is eligible only while `status == "healthy"` and
-`score >= threshold`; a `backup` with `backup_for = X` waits while X is eligible.
+Each strategy chooses among `Members` (actors/members.py): eligible gateways sorted by id,
+with their figures and, built on first use, rankings by load, latency and score and
+running sums of scores. So a choice costs O(log n), not a pass over the fleet: a bisect
+for RoundRobin, the head of a ranking for LeastConnections and LatencyBased, a tree
+descent for WeightedRandom.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
-
+from actors.members import Members
+from actors.pool import Pool
 from schemas.api import GatewaySnapshot
 from schemas.settings import LoadBalancingSettings
 from schemas.types import STRATEGIES
 
-DEFAULT_CONNECTION_REFERENCE = 1000
-
-
-class Selection(msgspec.Struct, frozen=True, kw_only=True):
-    """One selection: who was chosen (None when nobody can be), from what, and why."""
-
-    gateway_id: str | None
-    strategy: str
-    reason: str
-    # Eligible ids the strategy chose among (for RegionAware: those of the chosen region).
-    candidates: tuple[str, ...] = ()
-    # Gateways left out of the pool: id -> reason.
-    excluded: dict[str, str] = msgspec.field(default_factory=dict)
-    # The region RegionAware chose from; None for the other strategies or "any region".
-    region: str | None = None
+# --- The strategies: each takes non-empty members and returns an id ----------------------
 
 
 @dataclass
@@ -56,144 +47,92 @@ class SelectorState:
         return self.cursors.setdefault(scope, RoundRobinState())
 
 
-# --- The pool -------------------------------------------------------------------------
-
-
-def partition_pool(
-    gateways: Sequence[GatewaySnapshot], threshold: float, held: frozenset[str] = frozenset()
-) -> tuple[list[GatewaySnapshot], dict[str, str]]:
-    """Split `gateways` into the eligible pool (sorted by id) and the excluded (id -> why).
-
-    `held`: recovered primaries whose traffic stays on their backups until an operator
-    fails them back (`[ha] failback = "manual"`)."""
-    by_id = {g.gateway_id: g for g in gateways}
-    verdicts: dict[str, str | None] = {}  # id -> exclusion reason; None means eligible
-
-    def exclusion(gw_id: str, visiting: frozenset[str]) -> str | None:
-        if gw_id in verdicts:
-            return verdicts[gw_id]
-        g = by_id[gw_id]
-        reason: str | None = None
-        if g.status != "healthy":
-            reason = f"status {g.status}"
-        elif g.score < threshold:
-            reason = f"score {float(g.score)} below threshold {float(threshold)}"
-        elif gw_id in held:
-            reason = "held on its backup until an operator fails it back"
-        elif g.role == "backup" and g.backup_for is not None:
-            primary = g.backup_for
-            # A primary absent (or caught in a backup cycle) is not in the pool.
-            if (
-                primary in by_id
-                and primary not in visiting
-                and exclusion(primary, visiting | {gw_id}) is None
-            ):
-                reason = f"backup for {primary}, which is eligible"
-        verdicts[gw_id] = reason
-        return reason
-
-    eligible: list[GatewaySnapshot] = []
-    excluded: dict[str, str] = {}
-    for gw_id in sorted(by_id):
-        why = exclusion(gw_id, frozenset({gw_id}))
-        if why is None:
-            eligible.append(by_id[gw_id])
-        else:
-            excluded[gw_id] = why
-    return eligible, excluded
-
-
-# --- The strategies: each takes a non-empty eligible pool and returns an id ----------
-
-
-def _rotate(ids: Sequence[str], state: RoundRobinState) -> str:
-    """The first id after the cursor in sorted order, wrapping around; moves the cursor."""
-    ordered = sorted(ids)
-    last = state.last
-    chosen = next((i for i in ordered if last is not None and i > last), ordered[0])
+def round_robin(members: Members, state: RoundRobinState) -> str:
+    """Optimises fairness: every eligible gateway gets its turn, in id order. Over any
+    run of selections from an unchanged pool, counts differ by at most one."""
+    i = members.after(state.last)
+    chosen = members.ids[i] if i < len(members) else members.ids[0]
     state.last = chosen
     return chosen
 
 
-def round_robin(pool: Sequence[GatewaySnapshot], state: RoundRobinState) -> str:
-    """Optimises fairness: every eligible gateway gets its turn, in id order. Over any
-    run of selections from an unchanged pool, counts differ by at most one."""
-    return _rotate([g.gateway_id for g in pool], state)
-
-
-def connection_load(g: GatewaySnapshot, reference: int = DEFAULT_CONNECTION_REFERENCE) -> float:
-    """active/max_connections when the gateway reports a max, else active/reference;
-    a gateway that reports no connection count at all counts as fully unknown (inf)."""
-    if g.active_connections is None:
-        return math.inf
-    if g.max_connections is not None and g.max_connections > 0:
-        return g.active_connections / g.max_connections
-    return g.active_connections / reference
-
-
-def least_connections(
-    pool: Sequence[GatewaySnapshot],
-    state: RoundRobinState,
-    reference: int = DEFAULT_CONNECTION_REFERENCE,
-) -> str:
+def least_connections(members: Members, state: RoundRobinState) -> str:
     """Optimises spare capacity: the lowest `connection_load`. Ties (e.g. an idle fleet)
     are shared by round robin over the tied ids, so they do not all go to one gateway."""
-    loads = {g.gateway_id: connection_load(g, reference) for g in pool}
-    best = min(loads.values())
-    return _rotate([i for i, load in loads.items() if load == best], state)
+    chosen = members.by_load.next_tied(state.last)
+    state.last = chosen
+    return chosen
 
 
-def weighted_random(pool: Sequence[GatewaySnapshot], rng: random.Random) -> str:
+def weighted_random(members: Members, rng: random.Random) -> str:
     """Optimises for health while spreading load: picks with probability proportional to
-    the health score (uniformly when every score is 0). One `rng.random()` per call."""
-    ordered = sorted(pool, key=lambda g: g.gateway_id)
-    total = sum(g.score for g in ordered)
-    if total <= 0:
-        return ordered[rng.randrange(len(ordered))].gateway_id
-    point = rng.random() * total
-    cumulative = 0.0
-    for g in ordered:
-        cumulative += g.score
-        if point < cumulative:
-            return g.gateway_id
-    return ordered[-1].gateway_id  # float rounding at the very top
+    the health score (uniformly when every score is 0). One rng draw per call."""
+    weights = members.weights
+    if weights.total <= 0:
+        return members.ids[rng.randrange(len(members))]
+    return members.ids[weights.find(rng.random() * weights.total)]
 
 
-def latency_share(
-    pool: Sequence[GatewaySnapshot], margin_percent: float, margin_ms: float
-) -> tuple[list[GatewaySnapshot], float | None, float]:
-    """The gateways within max(best * percent / 100, margin_ms) of the best latency,
-    with the best latency and the margin. No latency counts as worst; when nobody has
-    one, the whole pool shares."""
-    known = [g.latency_ms for g in pool if g.latency_ms is not None]
-    if not known:
-        return list(pool), None, 0.0
-    best = min(known)
+@dataclass(frozen=True, slots=True)
+class LatencyShare:
+    """Who LatencyBased rotates among: the `count` gateways with a latency <= `limit`."""
+
+    count: int
+    best: float | None  # None: nobody reports a latency, so everyone shares
+    margin: float
+    limit: float
+
+
+def latency_share(members: Members, margin_percent: float, margin_ms: float) -> LatencyShare:
+    """The gateways within max(best * percent / 100, margin_ms) of the best latency.
+    No latency counts as worst; when nobody has one, all share."""
+    ranking = members.by_latency
+    best = ranking.best()
+    if best == math.inf:
+        return LatencyShare(len(members), None, 0.0, math.inf)
     margin = max(best * margin_percent / 100.0, margin_ms)
-    near = [g for g in pool if g.latency_ms is not None and g.latency_ms <= best + margin]
-    return near, best, margin
+    limit = best + margin
+    return LatencyShare(ranking.count_upto(limit), best, margin, limit)
+
+
+def _next_within(members: Members, share: LatencyShare, state: RoundRobinState) -> str:
+    """The first id after the cursor (wrapping around) among those within the share."""
+    n, last = len(members), state.last
+    if share.count == n:
+        chosen = round_robin(members, state)
+    elif share.count * share.count <= n:  # few: take the least id after the cursor
+        near = [gw_id for _, gw_id in members.by_latency.keys[: share.count]]
+        later = [gw_id for gw_id in near if last is None or gw_id > last]
+        chosen = min(later or near)
+    else:  # many: walk the id order from the cursor (n / count steps on average, in C)
+        start = members.after(last)
+        order, again = itertools.tee(itertools.chain(range(start, n), range(start)))
+        figures = map(members.latencies.__getitem__, again)
+        within = map(operator.le, figures, itertools.repeat(share.limit))
+        chosen = members.ids[next(itertools.compress(order, within))]
+    state.last = chosen
+    return chosen
 
 
 def latency_based(
-    pool: Sequence[GatewaySnapshot],
+    members: Members,
     state: RoundRobinState,
     margin_percent: float = 10.0,
     margin_ms: float = 2.0,
 ) -> str:
     """Optimises client latency: the lowest latency, rotating among the gateways within
     the margin of the best so that clients do not all herd onto one."""
-    near, _, _ = latency_share(pool, margin_percent, margin_ms)
-    return _rotate([g.gateway_id for g in near], state)
+    return _next_within(members, latency_share(members, margin_percent, margin_ms), state)
 
 
 def region_pool(
-    pool: Sequence[GatewaySnapshot], region: str | None, regions: dict[str, list[str]]
-) -> tuple[str | None, list[GatewaySnapshot], str]:
-    """RegionAware's choice of region: (region or None for any, its gateways, why)."""
+    pool: Pool, region: str | None, regions: dict[str, list[str]]
+) -> tuple[str | None, Members, str]:
+    """RegionAware's choice of region: (region or None for any, its members, why)."""
     if region is None:
-        return None, list(pool), "no region requested, any region"
+        return None, pool.everyone, "no region requested, any region"
     for candidate in [region, *regions.get(region, [])]:
-        members = [g for g in pool if g.region == candidate]
+        members = pool.regions.get(candidate)
         if not members:
             continue
         if candidate == region:
@@ -201,14 +140,14 @@ def region_pool(
         why = f"region {region} has no eligible gateway; nearest region {candidate}"
         return candidate, members, why
     why = f"region {region} and its nearer regions have no eligible gateway; any region"
-    return None, list(pool), why
+    return None, pool.everyone, why
 
 
 def region_aware(
-    pool: Sequence[GatewaySnapshot],
+    pool: Pool,
     region: str | None,
     regions: dict[str, list[str]],
-    inner: Callable[[Sequence[GatewaySnapshot]], str],
+    inner: Callable[[Members], str],
 ) -> str:
     """Optimises locality: a gateway of the requested region, else of the nearest region
     (by `regions`) that has one, else any; `inner` picks within that region."""
@@ -219,45 +158,81 @@ def region_aware(
 # --- The entry point ------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """One selection: who was chosen (None when nobody can be), from what, and why.
+
+    `members` are the eligible gateways the strategy chose among (for RegionAware, those
+    of the chosen region): a view of the pool, to be read before the pool next changes.
+    `rule` is the strategy that chose: RegionAware's inner one, or the strategy itself."""
+
+    gateway_id: str | None
+    strategy: str
+    reason: str
+    members: Members = field(default_factory=Members)
+    region: str | None = None  # the region RegionAware chose from; None: any, or not RegionAware
+    rule: str = ""
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return tuple(self.members.ids)
+
+
 def _count(n: int) -> str:
     return f"{n} eligible gateway{'s' if n != 1 else ''}"
 
 
+def _rule(strategy: str, settings: LoadBalancingSettings) -> str:
+    """The strategy that picks within the members; ValueError if there is none."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    if strategy != "RegionAware":
+        return strategy
+    inner = settings.region_inner_strategy
+    if inner not in STRATEGIES or inner == "RegionAware":
+        raise ValueError(f"region_inner_strategy cannot be {inner!r}")
+    return inner
+
+
+def _scope(strategy: str, region: str | None, rule: str) -> str:
+    """One rotation per scope, so strategies (and regions) do not disturb each other."""
+    return f"{strategy}/{region or '*'}/{rule}" if strategy == "RegionAware" else strategy
+
+
 def _apply(
-    name: str,
-    pool: Sequence[GatewaySnapshot],
+    rule: str,
+    members: Members,
     *,
     cursor: RoundRobinState,
     rng: random.Random,
     settings: LoadBalancingSettings,
-    reference: int,
 ) -> tuple[str, str]:
-    over = f"{name} over {_count(len(pool))}"
-    match name:
+    over = f"{rule} over {_count(len(members))}"
+    match rule:
         case "RoundRobin":
-            return round_robin(pool, cursor), over
+            return round_robin(members, cursor), over
         case "LeastConnections":
-            chosen = least_connections(pool, cursor, reference)
-            load = connection_load(next(g for g in pool if g.gateway_id == chosen), reference)
-            return chosen, f"{over}: lowest load {load:.3f}"
+            chosen = least_connections(members, cursor)
+            return chosen, f"{over}: lowest load {members.by_load.best():.3f}"
         case "WeightedRandom":
-            return weighted_random(pool, rng), f"{over}, weighted by health score"
+            return weighted_random(members, rng), f"{over}, weighted by health score"
         case "LatencyBased":
-            pct, ms = settings.latency_margin_percent, settings.latency_margin_ms
-            near, best, margin = latency_share(pool, pct, ms)
-            chosen = latency_based(pool, cursor, pct, ms)
-            if best is None:
+            share = latency_share(
+                members, settings.latency_margin_percent, settings.latency_margin_ms
+            )
+            chosen = _next_within(members, share, cursor)
+            if share.best is None:
                 return chosen, f"{over}: none reports a latency, rotating among all"
             return chosen, (
-                f"{over}: {len(near)} within {margin:g} ms of the best {best:g} ms, rotating"
+                f"{over}: {share.count} within {share.margin:g} ms "
+                f"of the best {share.best:g} ms, rotating"
             )
-    raise ValueError(f"unknown strategy {name!r}")
+    raise ValueError(f"unknown strategy {rule!r}")
 
 
 def select(
     strategy: str,
-    gateways: Sequence[GatewaySnapshot],
-    threshold: float,
+    pool: Pool,
     *,
     region: str | None,
     state: SelectorState,
@@ -265,47 +240,87 @@ def select(
     settings: LoadBalancingSettings,
     regions: dict[str, list[str]],
     sticky_gateway: str | None = None,
-    connection_reference: int = DEFAULT_CONNECTION_REFERENCE,
-    held: frozenset[str] = frozenset(),
 ) -> Selection:
     """Choose a gateway for one request. Never raises for an empty pool (gateway_id is
     None); raises ValueError only for an unknown strategy or inner strategy."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}")
-    inner = settings.region_inner_strategy
-    if strategy == "RegionAware" and (inner not in STRATEGIES or inner == "RegionAware"):
-        raise ValueError(f"region_inner_strategy cannot be {inner!r}")
-    eligible, excluded = partition_pool(gateways, threshold, held)
-    if not eligible:
-        known = f"{len(gateways)} gateway{'s' if len(gateways) != 1 else ''}, all excluded"
-        why = f"no eligible gateway: {known if gateways else 'no gateway known'}"
-        return Selection(gateway_id=None, strategy=strategy, reason=why, excluded=excluded)
+    rule = _rule(strategy, settings)
+    if not pool.everyone:
+        n = len(pool)
+        known = f"{n} gateway{'s' if n != 1 else ''}, all excluded"
+        why = f"no eligible gateway: {known if n else 'no gateway known'}"
+        return Selection(gateway_id=None, strategy=strategy, reason=why, rule=rule)
 
-    name, pool, chosen_region, note = strategy, eligible, None, ""
+    members, chosen_region, note = pool.everyone, None, ""
     if strategy == "RegionAware":
-        chosen_region, pool, note = region_pool(eligible, region, regions)
-        name = inner
-    ids = tuple(g.gateway_id for g in pool)
-    if sticky_gateway is not None and sticky_gateway in ids:
+        chosen_region, members, note = region_pool(pool, region, regions)
+    if sticky_gateway is not None and members.find(sticky_gateway) is not None:
         gateway_id, why = sticky_gateway, "sticky client"
     else:
-        # One rotation per scope, so strategies (and regions) do not disturb each other.
-        regional = strategy == "RegionAware"
-        scope = f"{strategy}/{chosen_region or '*'}/{name}" if regional else strategy
-        gateway_id, why = _apply(
-            name,
-            pool,
-            cursor=state.cursor(scope),
-            rng=rng,
-            settings=settings,
-            reference=connection_reference,
-        )
+        cursor = state.cursor(_scope(strategy, chosen_region, rule))
+        gateway_id, why = _apply(rule, members, cursor=cursor, rng=rng, settings=settings)
         why = f"{note}; {why}" if note else why
     return Selection(
         gateway_id=gateway_id,
         strategy=strategy,
         reason=why,
-        candidates=ids,
-        excluded=excluded,
+        members=members,
         region=chosen_region,
+        rule=rule,
     )
+
+
+def choose(
+    strategy: str,
+    members: Members,
+    *,
+    state: SelectorState,
+    rng: random.Random,
+    settings: LoadBalancingSettings,
+) -> str:
+    """What `strategy` picks among non-empty `members`, all of one region (failover's
+    choice in the failed gateway's region): as `select` with no region requested."""
+    rule = _rule(strategy, settings)
+    cursor = state.cursor(_scope(strategy, None, rule))
+    return _apply(rule, members, cursor=cursor, rng=rng, settings=settings)[0]
+
+
+# --- What an audit record keeps ---------------------------------------------------------
+
+
+def _finite(figure: float) -> float | None:
+    return None if math.isinf(figure) else figure
+
+
+def _chance(total: float, n: int) -> Callable[[float], float | None]:
+    """From a by_score key (-score) to the chance WeightedRandom gave it."""
+    return (lambda neg: -neg / total) if total > 0 else (lambda _neg: 1 / n)
+
+
+def shortlist(selection: Selection, limit: int) -> list[tuple[GatewaySnapshot, float | None]]:
+    """The candidates worth recording, with the rule's measure of each: the chosen one,
+    then up to `limit` others, best first by the rule's own measure (RoundRobin: next in
+    turn; LeastConnections: lowest load; LatencyBased: lowest latency; WeightedRandom:
+    highest chance). The measure is the load, the latency in ms, the chance (0-1), or
+    None (RoundRobin, or unknown). O(limit log n), whatever the pool's size."""
+    members, chosen = selection.members, selection.gateway_id
+    n = len(members)
+    at = None if chosen is None else members.find(chosen)
+    if chosen is None or at is None:
+        return []
+    measure: Callable[[float], float | None] = _finite
+    match selection.rule:
+        case "LeastConnections":
+            ranking, own = members.by_load, members.loads[at]
+        case "LatencyBased":
+            ranking, own = members.by_latency, members.latencies[at]
+        case "WeightedRandom":
+            ranking, own = members.by_score, -members.scores[at]
+            measure = _chance(members.weights.total, n)
+        case _:  # RoundRobin: who comes next in turn
+            turns = [(at + k) % n for k in range(min(n, limit + 1))]
+            return [(members.gateways[i], None) for i in turns]
+    others = itertools.islice(((f, i) for f, i in ranking.keys if i != chosen), limit)
+    return [
+        (members.gateways[at], measure(own)),
+        *((members.row(i), measure(f)) for f, i in others),
+    ]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import pykka
@@ -151,24 +150,19 @@ class SupervisorActor(SafeActor):
 
         def handle(msg: Inbound) -> None:
             gateway_id, _, verb = msg.subject[len(prefix) :].partition(".")
+            if verb == "heartbeat" and gateway_id in self.subscribed:
+                return  # its GatewayActor's own subscription has it (the common case: first)
             if not GATEWAY_ID_RE.fullmatch(gateway_id) or verb not in ("heartbeat", "goodbye"):
                 drops.drop("bad_subject", msg.subject, "not P.gw.<id>.heartbeat|goodbye")
                 return
             if verb == "heartbeat":
-                if gateway_id in self.subscribed:
-                    return  # its GatewayActor's own subscription has it
                 heartbeat = decode_or_drop(msg, Heartbeat, drops)
                 if heartbeat is None:
                     return
                 if heartbeat.gateway_id != gateway_id:
                     drops.drop("id_mismatch", msg.subject, f"payload says {heartbeat.gateway_id!r}")
                     return
-                safe_tell(
-                    me,
-                    HeartbeatReceived(
-                        heartbeat=heartbeat, received_at=time.monotonic(), wall=datetime.now(UTC)
-                    ),
-                )
+                safe_tell(me, HeartbeatReceived(heartbeat=heartbeat, received_at=time.monotonic()))
                 return
             goodbye = decode_or_drop(msg, Goodbye, drops)
             if goodbye is None:

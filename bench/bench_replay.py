@@ -36,9 +36,14 @@ from bench.common import embedded_server, fmt_rate, fmt_ratio, machine_line, pri
 from bus.jetstream import JetStream, stream_name
 from bus.runtime import Bus
 from bus.subjects import Subjects
-from schemas.api import GatewaySnapshot
 from schemas.codec import encode
-from schemas.events import DistributionEvent, Event, GatewaySelected, GatewayStatusChanged
+from schemas.events import (
+    CandidateView,
+    DistributionEvent,
+    Event,
+    GatewaySelected,
+    GatewayStatusChanged,
+)
 
 PREFIX = "gatefleet"
 SEED = 1234
@@ -62,17 +67,16 @@ def make_events(count: int) -> list[Event]:
         if roll < 0.60:
             picks = rng.sample(gateways, 3)
             candidates = [
-                GatewaySnapshot(
+                CandidateView(
                     gateway_id=g,
                     region="eu-west",
-                    status="healthy",
                     score=round(rng.uniform(70, 100), 1),
+                    measure=round(rng.uniform(0, 1), 3),
                     cpu_percent=round(rng.uniform(0, 60), 1),
                     memory_percent=round(rng.uniform(0, 60), 1),
                     active_connections=rng.randrange(1000),
                     max_connections=1000,
-                    reported_latency_ms=round(rng.uniform(1, 20), 1),
-                    heartbeats=rng.randrange(10_000),
+                    latency_ms=round(rng.uniform(1, 20), 1),
                 )
                 for g in picks
             ]

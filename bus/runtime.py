@@ -2,7 +2,8 @@
 
 Actors (pykka threads) never touch the loop or nats directly. They call:
 
-- `publish(subject, body)`: fire-and-forget, ordered per calling thread;
+- `publish(subject, body)`: fire-and-forget, ordered per calling thread (one outbound
+  queue, drained on the loop by one task at a time: see `Bus.publish`);
 - `subscribe(subject, handler)`: `handler(Inbound)` runs *on the loop* and must only
   decode and `tell` (it must never block: nats-py delivers a subscription's messages
   one at a time);
@@ -19,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple, TypeVar
 
@@ -99,6 +101,10 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.publish_errors = 0
+        # Messages from any thread waiting to be published, in the order published.
+        self._outbound: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
+        self._outbound_armed = False  # a drain is scheduled and has not started taking
+        self._draining = False  # the task publishing the outbound queue is running
         self._closing = False
 
     # Life cycle --------------------------------------------------------------------------
@@ -193,18 +199,43 @@ class Bus:
         task.add_done_callback(self._tasks.discard)
 
     def publish(self, subject: str, body: Body, headers: dict[str, str] | None = None) -> None:
+        """Fire and forget, from any thread: the messages of one thread go out in the order
+        it published them (the messages of all threads, in the order of these calls).
+
+        One deque for every thread, and one drain on the loop for a burst: a wake-up of the
+        loop (`call_soon_threadsafe`) only when no drain is pending, instead of a wake-up
+        and a Task per message. No lock: the drain clears the flag *before* it takes
+        messages, and a publisher appends *before* it reads the flag, so a message
+        appended after the flag was cleared schedules another drain and one appended
+        before is taken. Publishers that race can at worst schedule a drain too many.
+        """
+        loop = self.loop  # BusError when the bus is not running, as before the deque
         data = body if isinstance(body, bytes) else encode(body)
-        self.loop.call_soon_threadsafe(self._start_publish, subject, data, headers)
+        self._outbound.append((subject, data, headers))
+        if not self._outbound_armed:
+            self._outbound_armed = True
+            loop.call_soon_threadsafe(self._drain_outbound)
 
-    def _start_publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        self.spawn(self._publish(subject, data, headers))
+    def _drain_outbound(self) -> None:
+        """On the loop: starts the task that empties the outbound queue, unless it runs."""
+        self._outbound_armed = False
+        if self._outbound and not self._draining:
+            self._draining = True
+            self.spawn(self._publish_outbound())
 
-    async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+    async def _publish_outbound(self) -> None:
+        """The one task publishing the outbound queue, in order, until it is empty."""
+        outbound = self._outbound
         try:
-            await self.nc.publish(subject, data, headers=headers)
-        except (nats.errors.Error, BusError) as exc:
-            self.publish_errors += 1
-            log.warning("publish to %s failed: %s", subject, exc)
+            while outbound:
+                subject, data, headers = outbound.popleft()
+                try:
+                    await self.nc.publish(subject, data, headers=headers)
+                except (nats.errors.Error, BusError) as exc:
+                    self.publish_errors += 1
+                    log.warning("publish to %s failed: %s", subject, exc)
+        finally:
+            self._draining = False  # no await since the queue was seen empty
 
     def subscribe(
         self, subject: str, handler: Callable[[Inbound], None], *, queue: str = ""

@@ -8,6 +8,7 @@ tells both of them about each) -> a ping barrier. Stop: the same in reverse insi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -86,6 +87,8 @@ class Orchestrator:
         # Barrier: each actor has finished on_start (and subscribed) once it answers.
         for ref in self._actors:
             ref.ask(PING, timeout=10)
+        # What start-up built lives as long as the process: keep it out of every collection.
+        gc.freeze()
 
     def stop(self) -> None:
         try:

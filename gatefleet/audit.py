@@ -52,10 +52,10 @@ from gatefleet.audit_state import (
     LoadBalancingState,
 )
 from gatefleet.config import ConfigError, load_settings
-from schemas.api import GatewaySnapshot
 from schemas.codec import DecodeError
 from schemas.events import (
     Alarm,
+    CandidateView,
     DistributionEvent,
     Event,
     Failback,
@@ -260,7 +260,7 @@ def summary(event: Event) -> tuple[str, str]:
                 f"{k} {v}" for k, v in (("region", event.region), ("client", event.client_id)) if v
             )
             picked = event.gateway_id or "nobody"
-            counts = f"{len(event.candidates)} candidates, {len(event.excluded)} excluded"
+            counts = f"{candidate_count(event)} candidates, {excluded_count(event)} excluded"
             return event.gateway_id or "", (
                 f"picked {picked} ({event.strategy}, {counts}{'; ' + request if request else ''})"
                 f": {event.reason} [explain {event.id}]"
@@ -657,8 +657,9 @@ def explain(
     """Why one selection went the way it did.
 
     SELECTION_ID is the `selection_id` of a select-gateway reply (or the `id` of an
-    lb.selected event): shows the request, strategy and threshold, every candidate with
-    the metrics and score it was judged on, the excluded gateways and why, and the pick.
+    lb.selected event): shows the request, strategy and threshold, the candidates (the
+    pick and the best 50 others by the strategy's measure) with the metrics and score they
+    were judged on, the excluded gateways (the first 50) and why, and the pick.
     """
     options = ClientOptions.of(config, nats, as_json)
     settings = load(options.config, options.nats)
@@ -698,10 +699,23 @@ def status_text(status: str) -> str:
     return f"[{style}]{status}[/]" if style else status
 
 
-def strategy_input(event: GatewaySelected, candidate: GatewaySnapshot) -> str:
-    """The number the selection's strategy looked at for this candidate."""
+def candidate_count(event: GatewaySelected) -> int:
+    """How many gateways the strategy chose among (events list only the best of them)."""
+    return len(event.candidates) if event.candidate_count is None else event.candidate_count
+
+
+def excluded_count(event: GatewaySelected) -> int:
+    return len(event.excluded) if event.excluded_count is None else event.excluded_count
+
+
+def strategy_input(event: GatewaySelected, candidate: CandidateView) -> str:
+    """The number the selection's strategy looked at for this candidate: the measure the
+    event recorded, or (events recorded before measures were) one worked out here."""
+    measure = candidate.measure
     match event.strategy:
         case "LeastConnections":
+            if measure is not None:
+                return f"load {measure:.3f}"
             if candidate.active_connections is None:
                 return "no count"
             if candidate.max_connections:
@@ -709,11 +723,12 @@ def strategy_input(event: GatewaySelected, candidate: GatewaySnapshot) -> str:
                 return f"load {load:.3f}"
             return f"{candidate.active_connections} conns"
         case "WeightedRandom":
-            total = sum(c.score for c in event.candidates)
-            share = candidate.score / total if total else 1 / len(event.candidates)
-            return f"{share:.0%} chance"
+            if measure is None:
+                total = sum(c.score for c in event.candidates)
+                measure = candidate.score / total if total else 1 / len(event.candidates)
+            return f"{measure:.0%} chance"
         case "LatencyBased":
-            latency = candidate.latency_ms
+            latency = candidate.latency_ms if measure is None else measure
             return "no latency" if latency is None else f"{latency:.1f} ms"
         case "RegionAware":
             return f"region {candidate.region}"
@@ -740,7 +755,7 @@ def show_selection(event: GatewaySelected) -> None:
         title="Candidates (eligible; the strategy chose among these)", title_justify="left"
     )
     for column in (
-        *("gateway", "region", "role", "status", "score", "cpu %", "mem %"),
+        *("gateway", "region", "role", "score", "cpu %", "mem %"),
         *("connections", "latency ms", event.strategy, "picked"),
     ):
         candidates.add_column(column)
@@ -750,7 +765,6 @@ def show_selection(event: GatewaySelected) -> None:
             c.gateway_id,
             c.region,
             c.role,
-            status_text(c.status),
             f"{c.score:.1f}",
             _num(c.cpu_percent),
             _num(c.memory_percent),
@@ -760,6 +774,9 @@ def show_selection(event: GatewaySelected) -> None:
             "[bold]yes[/]" if c.gateway_id == event.gateway_id else "",
         )
     console.print(candidates)
+    total, shown = candidate_count(event), len(event.candidates)
+    if shown < total:
+        console.print(f"Recorded: the pick and the best {shown - 1} of {total} candidates.")
     if event.excluded:
         excluded = Table(title="Excluded", title_justify="left")
         excluded.add_column("gateway")
@@ -767,6 +784,9 @@ def show_selection(event: GatewaySelected) -> None:
         for gateway_id, why in sorted(event.excluded.items()):
             excluded.add_row(gateway_id, why)
         console.print(excluded)
+        total, shown = excluded_count(event), len(event.excluded)
+        if shown < total:
+            console.print(f"Recorded: the first {shown} of {total} excluded gateways, by id.")
 
 
 def _num(value: float | None) -> str:

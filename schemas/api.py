@@ -33,16 +33,16 @@ class _Body(msgspec.Struct, frozen=True, kw_only=True):
     """Base for API bodies."""
 
 
-class ErrorDetail(_Body, frozen=True):
+class ErrorDetail(_Body, frozen=True, gc=False):
     code: ErrorCode
     message: str
 
 
-class ErrorReply(_Body, frozen=True):
+class ErrorReply(_Body, frozen=True, gc=False):
     error: ErrorDetail
 
 
-class Empty(_Body, frozen=True):
+class Empty(_Body, frozen=True, gc=False):
     """`{}`: the request body of status, load-balancing.get and gateways."""
 
 
@@ -69,26 +69,26 @@ class StatusReply(_Body, frozen=True):
     selections: dict[str, int] = msgspec.field(default_factory=dict)
 
 
-class LoadBalancingConfig(_Body, frozen=True):
+class LoadBalancingConfig(_Body, frozen=True, gc=False):
     """Reply of load-balancing.get/set, and the request of set."""
 
     strategy: StrategyName
     health_threshold: Percent
 
 
-class LoadBalancingUpdate(_Body, frozen=True):
+class LoadBalancingUpdate(_Body, frozen=True, gc=False):
     """Request of load-balancing.set: either field may be left out to keep it as it is."""
 
     strategy: StrategyName | None = None
     health_threshold: Percent | None = None
 
 
-class SelectRequest(_Body, frozen=True):
+class SelectRequest(_Body, frozen=True, gc=False):
     region: Region | None = None
     client_id: ClientId | None = None
 
 
-class SelectReply(_Body, frozen=True):
+class SelectReply(_Body, frozen=True, gc=False):
     gateway_id: GatewayId | None
     strategy: StrategyName
     reason: str
@@ -150,7 +150,7 @@ class DistributionListReply(_Body, frozen=True):
     distributions: list[Distribution]
 
 
-class GatewaySnapshot(_Body, frozen=True):
+class GatewaySnapshot(_Body, frozen=True, gc=False):
     """One gateway as gatefleet sees it: a row of `P.api.gateways` and of the LB table."""
 
     gateway_id: GatewayId

@@ -13,8 +13,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.api import GatewaySnapshot
-from schemas.types import GatewayStatus, StrategyName
+from schemas.types import GatewayStatus, Role, StrategyName
 
 
 def new_event_id() -> str:
@@ -78,8 +77,35 @@ class LoadBalancingChanged(_Event, frozen=True, tag="lb.changed"):
     requested_by: str | None = None
 
 
+class CandidateView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A candidate of a selection as the strategy saw it: what it read, and what `audit
+    explain` shows. (A whole GatewaySnapshot per candidate made `lb.selected` outgrow the
+    server's max_payload at a few thousand gateways.)"""
+
+    gateway_id: str
+    region: str
+    role: Role = "primary"
+    score: float
+    # The strategy's own measure of it: connection load (LeastConnections), latency in ms
+    # (LatencyBased), chance 0-1 (WeightedRandom); None for RoundRobin or when unknown.
+    measure: float | None = None
+    active_connections: int | None = None
+    max_connections: int | None = None
+    latency_ms: float | None = None
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+
+
 class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
-    """One selection decision, with everything needed to explain it later."""
+    """One selection decision, with what is needed to explain it later.
+
+    `candidates`: the chosen one first, then the best others by the strategy's own measure
+    (next in turn, lowest load, lowest latency, highest chance), at most 51 in all, of the
+    `candidate_count` the strategy chose among. `excluded`: gateways left out of the pool
+    and why, the first 50 by id of `excluded_count`. (The caps are the load balancer's
+    AUDIT_CANDIDATES and AUDIT_EXCLUDED: an event stays near 12 KiB whatever the fleet's
+    size.) The counts are None in events recorded before they existed, which listed every
+    candidate and every excluded gateway."""
 
     region: str | None
     client_id: str | None
@@ -87,8 +113,10 @@ class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
     threshold: float
     gateway_id: str | None
     reason: str
-    candidates: list[GatewaySnapshot]
+    candidates: list[CandidateView]
     excluded: dict[str, str]
+    candidate_count: int | None = None
+    excluded_count: int | None = None
 
 
 # Distribution -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ class _Wire(msgspec.Struct, frozen=True, kw_only=True):
     """Base for wire bodies."""
 
 
-class Heartbeat(_Wire, frozen=True):
+class Heartbeat(_Wire, frozen=True, gc=False):
     gateway_id: GatewayId
     region: Region
     seq: Count
@@ -47,7 +47,7 @@ class ConfigPush(_Wire, frozen=True):
     attempt: Annotated[int, Meta(ge=1)] = 1
 
 
-class ConfigAck(_Wire, frozen=True):
+class ConfigAck(_Wire, frozen=True, gc=False):
     distribution_id: DistributionId
     gateway_id: GatewayId
     ok: bool
@@ -55,19 +55,19 @@ class ConfigAck(_Wire, frozen=True):
     error: Annotated[str, Meta(max_length=4096)] | None = None
 
 
-class Ping(_Wire, frozen=True):
+class Ping(_Wire, frozen=True, gc=False):
     """The probe's request body: `{}`."""
 
 
-class Pong(_Wire, frozen=True):
+class Pong(_Wire, frozen=True, gc=False):
     gateway_id: GatewayId
 
 
-class Goodbye(_Wire, frozen=True):
+class Goodbye(_Wire, frozen=True, gc=False):
     gateway_id: GatewayId
 
 
-class Redirect(_Wire, frozen=True):
+class Redirect(_Wire, frozen=True, gc=False):
     """Published on `P.redirect.<from>` when traffic moves off a gateway (or back)."""
 
     from_: GatewayId = msgspec.field(name="from")

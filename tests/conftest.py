@@ -22,8 +22,10 @@ import pytest
 from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
+from gatefleet.client import GatefleetClient
 from schemas.events import Event, decode_event
 from schemas.settings import Settings
+from tests.fleet import Fleet
 
 E = TypeVar("E")
 
@@ -57,6 +59,21 @@ def bus(nats_server: EmbeddedServer) -> Iterator[Bus]:
     bus.start()
     yield bus
     bus.stop()
+
+
+@pytest.fixture
+def fleet(bus: Bus, prefix: str) -> Iterator[Fleet]:
+    """Gateway agents on the test bus, stopped (without goodbye) after the test."""
+    fleet = Fleet(bus, prefix)
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture
+def client(nats_server: EmbeddedServer, prefix: str) -> Iterator[GatefleetClient]:
+    """The Python client, on the test server and this test's prefix."""
+    with GatefleetClient(nats_server.url, prefix=prefix) as client:
+        yield client
 
 
 SettingsFactory = Callable[..., Settings]

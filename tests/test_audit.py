@@ -37,6 +37,9 @@ from gatefleet.audit import (
     audit,
     gateways_named,
     parse_when,
+    show_selection,
+    strategy_input,
+    summary,
 )
 from gatefleet.audit_state import FleetState
 from gatefleet.client import GatefleetClient
@@ -54,6 +57,7 @@ from schemas.api import (
 )
 from schemas.codec import encode
 from schemas.events import (
+    CandidateView,
     DistributionEvent,
     Event,
     GatewayDown,
@@ -752,3 +756,36 @@ def test_filter_subjects() -> None:
     assert "p.events.lb.changed" not in EventFilter.build([], gateway="g").subjects(subjects)
     with pytest.raises(ValueError, match="no event of these types"):
         EventFilter.build(["lb.changed"], gateway="g")
+
+
+def test_a_capped_selection_says_how_many_it_leaves_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """lb.selected keeps the chosen candidate and the best others, and the first excluded:
+    the counts say how many there were, and the strategy's measure is shown as recorded."""
+    event = GatewaySelected(
+        region=None,
+        client_id=None,
+        strategy="WeightedRandom",
+        threshold=70.0,
+        gateway_id="edge-2",
+        reason="WeightedRandom over 4000 eligible gateways, weighted by health score",
+        candidates=[
+            CandidateView(gateway_id="edge-2", region="eu", score=80.0, measure=0.0002),
+            CandidateView(gateway_id="edge-1", region="eu", score=99.0, measure=0.00025),
+        ],
+        candidate_count=4000,
+        excluded={"edge-0": "status down"},
+        excluded_count=1000,
+    )
+    gateway, line = summary(event)
+    assert gateway == "edge-2"
+    assert "4000 candidates, 1000 excluded" in line
+    assert strategy_input(event, event.candidates[1]) == "0% chance"
+    show_selection(event)
+    shown = capsys.readouterr().out
+    assert "the pick and the best 1 of 4000 candidates" in shown
+    assert "the first 1 of 1000 excluded gateways" in shown
+    # Events recorded before the counts existed list everything: the lengths are the counts.
+    old = msgspec.structs.replace(event, candidate_count=None, excluded_count=None)
+    assert "2 candidates, 1 excluded" in summary(old)[1]

@@ -10,6 +10,7 @@ from typing import Any
 import pykka
 import pytest
 
+from actors.base import PING, Coalescer, SafeActor, tell_latest
 from bus.connection import BusError
 from bus.runtime import Bus, Inbound, Reply, RequestFailed
 from bus.server import EmbeddedServer
@@ -123,6 +124,27 @@ def test_eight_threads_publishing_lose_nothing(bus: Bus, prefix: str) -> None:
         assert mine == list(range(per_thread))
 
 
+def test_failed_publish_is_counted_and_the_rest_still_go_out(
+    bus: Bus, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder.start(bus, expected=2)
+    bus.subscribe(f"{prefix}.after", recorder.tell)
+    bus.publish(f"{prefix}.after", b"before")
+    bus.publish("", b"no subject")  # refused by nats-py on the loop
+    bus.publish(f"{prefix}.after", b"after")
+    assert [m.data for m in received(recorder)] == [b"before", b"after"]
+    assert bus.publish_errors == 1
+    assert any("publish to  failed" in r.getMessage() for r in caplog.records)
+
+
+def test_publish_after_stop_is_a_clear_error(nats_server: EmbeddedServer) -> None:
+    bus = Bus(nats_server.url, use_uvloop=False)
+    bus.start()
+    bus.stop()
+    with pytest.raises(BusError, match="not running"):
+        bus.publish("anything", b"x")
+
+
 def test_run_on_the_loop_thread_is_refused(bus: Bus) -> None:
     errors: list[BaseException] = []
 
@@ -162,3 +184,110 @@ def test_subjects_follow_the_protocol() -> None:
     assert subjects.all_events == "gf.events.>"
     assert subjects.gateway_id_of("gf.gw.edge-1.heartbeat") == "edge-1"
     assert subjects.gateway_id_of("gf.api.status") is None
+
+
+# --- actor inboxes (actors/base.py): what the bus loop and actors hand each other ----------
+
+
+class Collector(SafeActor):
+    """Records what it handles; `"hold"` keeps it busy until released, `"boom"` raises."""
+
+    def __init__(self, bus: Bus) -> None:
+        super().__init__()
+        self.bus = bus
+        self.handled: list[Any] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, message: Any) -> Any:
+        if message == "hold":
+            self.holding.set()
+            self.release.wait(5)
+        elif message == "boom":
+            raise RuntimeError("a handler bug")
+        self.handled.append(message)
+        return None
+
+
+def held(bus: Bus) -> tuple[pykka.ActorRef[Collector], Collector]:
+    """A Collector busy on "hold", so what is told next waits in its inbox."""
+    ref = Collector.start(bus)
+    actor = ref._actor_weakref()
+    assert isinstance(actor, Collector)
+    ref.tell("hold")
+    assert actor.holding.wait(5)
+    return ref, actor
+
+
+def test_latest_lane_keeps_the_newest_per_key_and_the_order_of_later_tells(bus: Bus) -> None:
+    ref, actor = held(bus)
+    tell_latest(ref, "a", ("a", 1))
+    tell_latest(ref, "b", ("b", 1))
+    tell_latest(ref, "a", ("a", 2))
+    ref.tell("after")  # told after the lane's entries: handled after them
+    actor.release.set()
+    assert ref.ask(PING, timeout=5) == PING
+    assert actor.handled == ["hold", ("a", 2), ("b", 1), "after"]
+
+
+def test_latest_lane_entry_newer_than_a_tell_can_overtake_it(bus: Bus) -> None:
+    ref, actor = held(bus)
+    tell_latest(ref, "a", ("a", 1))
+    ref.tell("between")
+    tell_latest(ref, "a", ("a", 2))  # replaces 1 while it waits: handled where 1 was
+    tell_latest(ref, "b", ("b", 1))
+    actor.release.set()
+    assert ref.ask(PING, timeout=5) == PING
+    assert actor.handled == ["hold", ("a", 2), ("b", 1), "between"]
+    tell_latest(ref, "a", ("a", 3))  # the lane was emptied: a new wake-up
+    assert ref.ask(PING, timeout=5) == PING
+    assert actor.handled[-1] == ("a", 3)
+
+
+def test_latest_lane_isolates_errors_and_tolerates_a_stopped_actor(bus: Bus) -> None:
+    ref, actor = held(bus)
+    tell_latest(ref, "x", "boom")
+    tell_latest(ref, "y", "fine")
+    actor.release.set()
+    assert ref.ask(PING, timeout=5) == PING
+    assert actor.handled == ["hold", "fine"]
+    assert actor.handler_errors == 1
+    ref.stop()
+    tell_latest(ref, "x", "too late")  # dropped, like safe_tell
+
+
+def test_coalescer_wakes_once_per_batch() -> None:
+    pending: Coalescer[int] = Coalescer()
+    assert pending.take() == []
+    assert pending.put(1) is True  # the caller must wake the actor
+    assert pending.put(2) is False  # a wake-up is already on its way
+    assert len(pending) == 2
+    assert pending.take() == [1, 2]
+    assert pending.put(3) is True
+    assert pending.take() == [3]
+
+
+def test_coalescer_loses_nothing_between_threads() -> None:
+    pending: Coalescer[int] = Coalescer()
+    wakes: list[int] = []
+    taken: list[int] = []
+    total = 50_000
+    wake = threading.Semaphore(0)
+    done = threading.Event()
+
+    def consumer() -> None:
+        while not done.is_set() or len(pending):
+            if wake.acquire(timeout=0.01):
+                taken.extend(pending.take())
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    for i in range(total):
+        if pending.put(i):
+            wakes.append(i)
+            wake.release()
+    done.set()
+    thread.join(10)
+    taken.extend(pending.take())
+    assert taken == list(range(total))
+    assert len(wakes) <= total

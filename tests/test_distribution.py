@@ -91,12 +91,6 @@ def fleet(bus: Bus, prefix: str) -> Iterator[ConfigFleet]:
 
 
 @pytest.fixture
-def client(nats_server: EmbeddedServer, prefix: str) -> Iterator[GatefleetClient]:
-    with GatefleetClient(nats_server.url, prefix=prefix) as client:
-        yield client
-
-
-@pytest.fixture
 def run(
     make_settings: SettingsFactory,
     start_orchestrator: Callable[[Settings], Orchestrator],

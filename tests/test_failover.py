@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from actors.failover import MassFailureGuard, choose_replacement
+from actors.pool import Pool
 from actors.strategies import SelectorState
 from schemas.api import GatewaySnapshot
 from schemas.settings import LoadBalancingSettings
@@ -37,8 +38,7 @@ def replace(
 ) -> tuple[str | None, str]:
     choice = choose_replacement(
         failed,
-        fleet,
-        70.0,
+        Pool.of(fleet, 70.0),
         strategy=strategy,
         state=SelectorState(),
         rng=random.Random(1),
@@ -75,6 +75,51 @@ def test_nobody_in_the_region() -> None:
         None,
         "no eligible gateway in region us-west",
     )
+
+
+def test_replacement_is_judged_as_if_the_failed_gateway_were_gone() -> None:
+    """The load balancer's live pool may still hold the failed gateway as healthy (its
+    update not yet applied): its backup is chosen all the same, and the pool is left as
+    it was."""
+    primary = gw("p")
+    pool = Pool.of([primary, gw("b", role="backup", backup_for="p"), gw("other")], 70.0)
+    before = (list(pool.everyone.ids), pool.excluded())
+    choice = choose_replacement(
+        primary,
+        pool,
+        strategy="RoundRobin",
+        state=SelectorState(),
+        rng=random.Random(1),
+        settings=LoadBalancingSettings(),
+    )
+    assert (choice.gateway_id, choice.reason) == ("b", "backup of p")
+    assert (
+        (list(pool.everyone.ids), pool.excluded())
+        == before
+        == (
+            ["other", "p"],
+            {"b": "backup for p, which is eligible"},
+        )
+    )
+
+
+def test_region_choice_shares_the_strategys_rotation() -> None:
+    failed = gw("p", status="down", score=0)
+    pool = Pool.of([failed, gw("a"), gw("c"), gw("far", "eu-west")], 70.0)
+    state = SelectorState()
+    picks = [
+        choose_replacement(
+            failed,
+            pool,
+            strategy="RoundRobin",
+            state=state,
+            rng=random.Random(1),
+            settings=LoadBalancingSettings(),
+        ).gateway_id
+        for _ in range(3)
+    ]
+    assert picks == ["a", "c", "a"]
+    assert state.cursor("RoundRobin").last == "a"
 
 
 def test_guard_freezes_above_the_limit_and_resumes() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -37,13 +37,6 @@ class Redirects:
     def _on_notice(self, msg: Inbound) -> None:
         self.notices.append((msg.subject, msgspec.json.decode(msg.data), time.monotonic()))
         self.arrived.set()
-
-
-@pytest.fixture
-def fleet(bus: Bus, prefix: str) -> Iterator[Fleet]:
-    fleet = Fleet(bus, prefix)
-    yield fleet
-    fleet.close()
 
 
 def ha_settings(make_settings: SettingsFactory, **ha: Any) -> Settings:

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from actors.health import CHECK_SLACK_S, HealthTracker, Transition, health_score
+from actors.health import (
+    CHECK_SLACK_S,
+    BatchOutcome,
+    HealthTracker,
+    Transition,
+    health_score,
+)
 from schemas.settings import HealthSettings, HealthWeights
 from schemas.wire import Heartbeat
 
@@ -349,6 +355,114 @@ def test_foreign_heartbeat_is_ignored() -> None:
     out = t.on_heartbeat(hb(1, gateway_id="edge-2"), T0, WALL0)
     assert (out.accepted, out.reason) == (False, "wrong_gateway")
     assert status(t) == "unknown"
+
+
+# --- batches (coalesced heartbeats) -------------------------------------------------------
+
+
+def batch(t: HealthTracker, *arrivals: tuple[Heartbeat, float]) -> BatchOutcome:
+    """The arrivals as one batch, processed just after the last one arrived."""
+    now = arrivals[-1][1] + 0.05 if arrivals else T0
+    return t.on_heartbeats(arrivals, now, WALL0 + timedelta(seconds=now - T0))
+
+
+def test_batch_counts_every_heartbeat_and_keeps_the_newest_metrics() -> None:
+    t = tracker()
+    out = batch(
+        t,
+        (hb(1, cpu_percent=10.0), T0),
+        (hb(2, cpu_percent=20.0), T0 + 0.1),
+        (hb(3, cpu_percent=30.0, active_connections=7, labels={"az": "b"}), T0 + 0.2),
+    )
+    assert (out.accepted, out.restarts, out.rejected) == (3, 0, ())
+    moved(out.transition, "unknown", "healthy")
+    s = t.snapshot()
+    assert (s.heartbeats, s.last_seq, s.cpu_percent, s.active_connections) == (3, 3, 30.0, 7)
+    assert s.labels == {"az": "b"}
+    # Seen when the newest arrived, not when the batch was processed.
+    assert s.last_seen is not None
+    assert abs((s.last_seen - (WALL0 + timedelta(seconds=0.2))).total_seconds()) < 1e-6
+    assert t.next_check_at(T0 + 0.25) == pytest.approx(T0 + 0.2 + 1.5 + CHECK_SLACK_S)
+
+
+def test_batch_applies_the_replay_rule_to_each_heartbeat_in_order() -> None:
+    t = tracker()
+    beat(t, 10, T0)
+    out = batch(
+        t,
+        (hb(11), T0 + 0.1),
+        (hb(11), T0 + 0.2),  # the same message twice
+        (hb(4), T0 + 0.3),  # an old one
+        (hb(12, cpu_percent=50.0), T0 + 0.4),
+        (hb(5), T0 + 0.5),  # not "the second of a new run": 12 came in between
+    )
+    assert out.accepted == 2
+    assert [(r.reason, r.seq, r.duplicate) for r in out.rejected] == [
+        ("replay", 11, True),
+        ("replay", 4, False),
+        ("replay", 5, False),
+    ]
+    assert (t.last_seq, t.heartbeats) == (12, 3)
+    assert t.snapshot().cpu_percent == 50.0
+
+
+def test_batch_recognises_a_restart_inside_it() -> None:
+    t = tracker()
+    beat(t, 500, T0)
+    out = batch(t, (hb(1, **BAD), T0 + 0.2), (hb(2, **BAD), T0 + 0.3), (hb(3, **BAD), T0 + 0.4))
+    assert (out.accepted, out.restarts) == (2, 1)
+    assert [(r.reason, r.seq) for r in out.rejected] == [("replay", 1)]
+    moved(out.transition, "healthy", "degraded")
+    assert t.last_seq == 3
+
+
+def test_coalesced_good_heartbeats_each_count_towards_rise() -> None:
+    t = tracker(HealthSettings(rise=3))
+    beat(t, 1, T0, **BAD)
+    # One by one, the bad 2 would break the run; coalesced, both share the good newest.
+    out = batch(t, (hb(2, **BAD), T0 + 0.1), (hb(3), T0 + 0.2))
+    assert out.transition is None
+    assert t.good_heartbeats == 2
+    moved(beat(t, 4, T0 + 0.4), "degraded", "healthy")
+
+
+def test_a_bad_newest_heartbeat_breaks_the_run_for_its_whole_batch() -> None:
+    t = tracker()  # rise 2
+    beat(t, 1, T0, **BAD)
+    beat(t, 2, T0 + 0.1)
+    out = batch(t, (hb(3), T0 + 0.2), (hb(4, **BAD), T0 + 0.3))
+    assert out.transition is None
+    assert (status(t), t.good_heartbeats) == ("degraded", 0)
+
+
+def test_a_gap_inside_a_batch_restarts_the_rise_run() -> None:
+    t = tracker(HealthSettings(rise=3))
+    beat(t, 1, T0, **BAD)
+    out = batch(t, (hb(2), T0 + 1), (hb(3), T0 + 3), (hb(4), T0 + 4))  # 2 s silent before 3
+    assert out.transition is None
+    assert t.good_heartbeats == 2  # 3 and 4
+    moved(beat(t, 5, T0 + 5), "degraded", "healthy")
+
+
+def test_at_most_one_transition_per_batch() -> None:
+    t = tracker()
+    beat(t, 1, T0)
+    # One by one: healthy -> degraded -> (rise 2) healthy. Coalesced: it never left healthy.
+    out = batch(t, (hb(2, **BAD), T0 + 0.1), (hb(3), T0 + 0.2), (hb(4), T0 + 0.3))
+    assert out.transition is None
+    assert (status(t), t.heartbeats) == ("healthy", 4)
+
+
+def test_batch_with_nothing_accepted_changes_nothing() -> None:
+    t = tracker()
+    beat(t, 5, T0)
+    before = t.snapshot()
+    assert batch(t) == BatchOutcome(accepted=0, restarts=0)
+    out = batch(t, (hb(5), T0 + 0.1), (hb(6, gateway_id="edge-2"), T0 + 0.2))
+    assert out.accepted == 0
+    assert [r.reason for r in out.rejected] == ["replay", "wrong_gateway"]
+    assert out.transition is None
+    assert t.snapshot() == before
 
 
 # --- probes --------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from bus.agent import Metrics
-from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, Unavailable
 from schemas.api import SelectReply, SelectRequest
@@ -29,13 +28,6 @@ def load(cpu: float, connections: int, latency: float) -> MutableMetrics:
             latency_ms=latency,
         )
     )
-
-
-@pytest.fixture
-def fleet(bus: Bus, prefix: str) -> Iterator[Fleet]:
-    fleet = Fleet(bus, prefix)
-    yield fleet
-    fleet.close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import msgspec
 import pykka
 import pytest
 
+from actors.gateway import GatewayActor
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from schemas.api import SelectReply, SelectRequest
@@ -322,6 +323,31 @@ def test_probes_measure_response_latency(
     latency = fleet.gateways()["edge-1"].probe_latency_ms
     assert latency is not None
     assert 0 < latency < 1000
+
+
+def test_a_burst_from_one_gateway_is_coalesced_and_counted_whole(
+    gatefleet: Orchestrator, fleet: Fleet, event_log: EventLog, prefix: str
+) -> None:
+    subject = f"{prefix}.gw.edge-1.heartbeat"
+    fleet.publish_raw(subject, heartbeat_body("edge-1", 1))
+    status_of(event_log, "edge-1", "healthy")
+    burst = 3_000
+    for seq in range(2, burst + 2):  # far faster than one actor wake-up per heartbeat
+        fleet.publish_raw(subject, heartbeat_body("edge-1", seq, active_connections=seq))
+    wait_until(
+        lambda: fleet.gateways()["edge-1"].heartbeats == burst + 1,
+        timeout=20,
+        what="every heartbeat of the burst counted",
+        show=lambda: fleet.gateways()["edge-1"].heartbeats,
+    )
+    row = fleet.gateways()["edge-1"]
+    assert (row.last_seq, row.active_connections) == (burst + 1, burst + 1)  # the newest
+    assert fleet.status().malformed_messages == {}
+    [ref] = pykka.ActorRegistry.get_by_class(GatewayActor)
+    proxy = ref.proxy()
+    accepted, batches = proxy.heartbeats_accepted.get(), proxy.heartbeat_batches.get()
+    assert accepted == burst + 1
+    assert batches < accepted  # some wake-ups took several heartbeats
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ from actors.distribution import DistributionActor
 from actors.reconciliation import Desired, OutOfSync, Push, Reconciler, Skip
 from bus.agent import ConfigResult, GatewayAgent
 from bus.runtime import Bus
-from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
 from schemas.api import GatewaySnapshot, ReconcileReply, ReconcileRequest
@@ -156,12 +155,6 @@ def gateways(bus: Bus, prefix: str) -> Iterator[Gateways]:
     fleet = Gateways(bus, prefix)
     yield fleet
     fleet.close()
-
-
-@pytest.fixture
-def client(nats_server: EmbeddedServer, prefix: str) -> Iterator[GatefleetClient]:
-    with GatefleetClient(nats_server.url, prefix=prefix) as client:
-        yield client
 
 
 @pytest.fixture

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Sequence
 
 import pytest
 
+from actors.load_balancer import AUDIT_CANDIDATES, AUDIT_EXCLUDED, selection_event
+from actors.members import Members, Weights, connection_load
+from actors.pool import Pool, partition_pool
 from actors.strategies import (
     RoundRobinState,
     Selection,
     SelectorState,
-    connection_load,
     latency_based,
     least_connections,
-    partition_pool,
     region_aware,
     round_robin,
     select,
+    shortlist,
     weighted_random,
 )
-from schemas.api import GatewaySnapshot
+from schemas.api import GatewaySnapshot, LoadBalancingConfig, SelectRequest
+from schemas.codec import encode
 from schemas.settings import LoadBalancingSettings
 from schemas.types import GatewayStatus, Role
 
@@ -70,8 +76,7 @@ def pick(
 ) -> Selection:
     return select(
         strategy,
-        gateways,
-        threshold,
+        Pool.of(gateways, threshold),
         region=region,
         state=state if state is not None else SelectorState(),
         rng=rng if rng is not None else random.Random(1234),
@@ -83,6 +88,11 @@ def pick(
 
 def ids(pool: Sequence[GatewaySnapshot]) -> list[str]:
     return [g.gateway_id for g in pool]
+
+
+def m(fleet: Sequence[GatewaySnapshot], reference: int = 1000) -> Members:
+    """The strategies' input: gateways sorted by id, with their figures alongside."""
+    return Members.of(fleet, reference)
 
 
 # --- The pool -------------------------------------------------------------------------
@@ -122,7 +132,10 @@ def test_empty_pool_is_a_reason_not_an_exception() -> None:
     result = pick("RoundRobin", fleet)
     assert result.gateway_id is None
     assert result.reason == "no eligible gateway: 2 gateways, all excluded"
-    assert result.excluded == {"a": "status down", "b": "score 10.0 below threshold 70.0"}
+    assert Pool.of(fleet, 70.0).excluded() == {
+        "a": "status down",
+        "b": "score 10.0 below threshold 70.0",
+    }
     assert pick("RegionAware", [], region="eu").reason == "no eligible gateway: no gateway known"
 
 
@@ -173,24 +186,24 @@ def test_round_robin_fair_over_10000() -> None:
 def test_round_robin_stays_fair_as_gateways_join_and_leave() -> None:
     state = RoundRobinState()
     fleet = [gw("a"), gw("c"), gw("e")]
-    first = Counter(round_robin(fleet, state) for _ in range(3_333))
+    first = Counter(round_robin(m(fleet), state) for _ in range(3_333))
     assert max(first.values()) - min(first.values()) <= 1
 
     fleet = [*fleet, gw("b")]  # joins mid-rotation, between existing ids
-    joined = Counter(round_robin(fleet, state) for _ in range(3_333))
+    joined = Counter(round_robin(m(fleet), state) for _ in range(3_333))
     assert set(joined) == {"a", "b", "c", "e"}
     assert max(joined.values()) - min(joined.values()) <= 1
 
     fleet = [g for g in fleet if g.gateway_id != "c"]  # leaves
-    left = Counter(round_robin(fleet, state) for _ in range(3_334))
+    left = Counter(round_robin(m(fleet), state) for _ in range(3_334))
     assert set(left) == {"a", "b", "e"}
     assert max(left.values()) - min(left.values()) <= 1
 
 
 def test_round_robin_cursor_survives_its_gateway_leaving() -> None:
     state = RoundRobinState(last="c")
-    assert round_robin([gw("a"), gw("b"), gw("d")], state) == "d"
-    assert round_robin([gw("a"), gw("b")], state) == "a"  # wraps around
+    assert round_robin(m([gw("a"), gw("b"), gw("d")]), state) == "d"
+    assert round_robin(m([gw("a"), gw("b")]), state) == "a"  # wraps around
 
 
 def test_round_robin_reason() -> None:
@@ -208,7 +221,7 @@ def test_least_connections_relative_to_max() -> None:
         gw("big", active=300, max_connections=1000),
         gw("small", active=50, max_connections=100),
     ]
-    assert least_connections(fleet, RoundRobinState()) == "big"
+    assert least_connections(m(fleet), RoundRobinState()) == "big"
 
 
 def test_least_connections_without_max_uses_reference() -> None:
@@ -216,14 +229,14 @@ def test_least_connections_without_max_uses_reference() -> None:
     assert connection_load(gw("x", active=250), reference=500) == 0.5
     assert connection_load(gw("x", active=None)) == float("inf")
     fleet = [gw("ref", active=200), gw("rel", active=30, max_connections=100)]
-    assert least_connections(fleet, RoundRobinState()) == "ref"  # 0.2 < 0.3
-    assert least_connections(fleet, RoundRobinState(), reference=100) == "rel"  # 2.0 > 0.3
+    assert least_connections(m(fleet), RoundRobinState()) == "ref"  # 0.2 < 0.3
+    assert least_connections(m(fleet, reference=100), RoundRobinState()) == "rel"  # 2.0 > 0.3
 
 
 def test_least_connections_ties_rotate() -> None:
     fleet = [gw("a", active=5), gw("b", active=5), gw("c", active=9)]
     state = RoundRobinState()
-    assert [least_connections(fleet, state) for _ in range(4)] == ["a", "b", "a", "b"]
+    assert [least_connections(m(fleet), state) for _ in range(4)] == ["a", "b", "a", "b"]
 
 
 def test_least_connections_unknown_count_is_last() -> None:
@@ -237,7 +250,7 @@ def test_least_connections_unknown_count_is_last() -> None:
 def test_weighted_random_chi_square_against_scores() -> None:
     fleet = [gw("a", score=100.0), gw("b", score=90.0), gw("c", score=80.0), gw("d", score=70.0)]
     rng, draws = random.Random(1234), 20_000
-    counts = Counter(weighted_random(fleet, rng) for _ in range(draws))
+    counts = Counter(weighted_random(m(fleet), rng) for _ in range(draws))
     total = sum(g.score for g in fleet)
     chi2 = 0.0
     for g in fleet:
@@ -248,10 +261,10 @@ def test_weighted_random_chi_square_against_scores() -> None:
 
 def test_weighted_random_is_seeded_and_handles_zero_scores() -> None:
     fleet = [gw("a", score=0.0), gw("b", score=0.0)]
-    draws = [weighted_random(fleet, random.Random(7)) for _ in range(3)]
+    draws = [weighted_random(m(fleet), random.Random(7)) for _ in range(3)]
     assert len(set(draws)) == 1  # same seed, same draw
     rng = random.Random(3)
-    assert {weighted_random(fleet, rng) for _ in range(50)} == {"a", "b"}  # uniform
+    assert {weighted_random(m(fleet), rng) for _ in range(50)} == {"a", "b"}  # uniform
     assert pick("WeightedRandom", fleet, threshold=0.0).gateway_id in {"a", "b"}
 
 
@@ -273,10 +286,10 @@ def test_latency_margin_percent_and_probe_preferred() -> None:
     # best 100 ms, 10 % margin = 10 ms > 2 ms: 109 shares, 111 does not.
     fleet = [gw("a", latency=100.0), gw("b", latency=109.0), gw("c", latency=111.0)]
     state = RoundRobinState()
-    assert {latency_based(fleet, state) for _ in range(10)} == {"a", "b"}
+    assert {latency_based(m(fleet), state) for _ in range(10)} == {"a", "b"}
     # The probe overrides the gateway's own figure; no latency at all is the worst.
     fleet = [gw("a", latency=1.0, probe=50.0), gw("b", latency=30.0), gw("c")]
-    assert {latency_based(fleet, RoundRobinState()) for _ in range(10)} == {"b"}
+    assert {latency_based(m(fleet), RoundRobinState()) for _ in range(10)} == {"b"}
 
 
 def test_latency_based_without_any_latency_rotates_all() -> None:
@@ -318,7 +331,7 @@ def test_region_aware_falls_back_to_nearest_region() -> None:
     assert result.reason.startswith(
         "region eu-central has no eligible gateway; nearest region eu-west; LeastConnections"
     )
-    assert result.excluded == {"eu-c": "status down"}
+    assert Pool.of(FLEET, 70.0).excluded() == {"eu-c": "status down"}
 
 
 def test_region_aware_falls_back_to_any() -> None:
@@ -343,7 +356,8 @@ def test_region_aware_inner_strategy_is_configurable() -> None:
         pick("RegionAware", FLEET, region="us-west", settings=settings, state=state).gateway_id
         == "us-1"
     )
-    assert region_aware(FLEET, "us-west", {}, lambda pool: max(ids(pool))) == "us-2"
+    pool = Pool.of(FLEET, 70.0)
+    assert region_aware(pool, "us-west", {}, lambda members: max(members.ids)) == "us-2"
 
 
 def test_other_strategies_ignore_region() -> None:
@@ -390,3 +404,287 @@ def test_held_primary_stays_out_and_its_backup_serves() -> None:
     eligible, excluded = partition_pool(fleet, 70.0, held=frozenset({"p"}))
     assert [g.gateway_id for g in eligible] == ["b"]
     assert excluded == {"p": "held on its backup until an operator fails it back"}
+
+
+# --- The pool, kept incrementally -----------------------------------------------------
+
+
+def reference_partition(
+    gateways: Sequence[GatewaySnapshot], threshold: float, held: frozenset[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The pool rules as a whole-fleet pass (what the pool computed per request before it
+    was kept incrementally): eligible ids by id, and excluded id -> why."""
+    by_id = {g.gateway_id: g for g in gateways}
+    verdicts: dict[str, str | None] = {}
+
+    def exclusion(gw_id: str, visiting: frozenset[str]) -> str | None:
+        if gw_id in verdicts:
+            return verdicts[gw_id]
+        g = by_id[gw_id]
+        reason: str | None = None
+        if g.status != "healthy":
+            reason = f"status {g.status}"
+        elif g.score < threshold:
+            reason = f"score {float(g.score)} below threshold {float(threshold)}"
+        elif gw_id in held:
+            reason = "held on its backup until an operator fails it back"
+        elif g.role == "backup" and g.backup_for is not None:
+            primary = g.backup_for
+            if (
+                primary in by_id
+                and primary not in visiting
+                and exclusion(primary, visiting | {gw_id}) is None
+            ):
+                reason = f"backup for {primary}, which is eligible"
+        verdicts[gw_id] = reason
+        return reason
+
+    eligible, excluded = [], {}
+    for gw_id in sorted(by_id):
+        why = exclusion(gw_id, frozenset({gw_id}))
+        if why is None:
+            eligible.append(gw_id)
+        else:
+            excluded[gw_id] = why
+    return eligible, excluded
+
+
+def random_gateway(rng: random.Random, names: Sequence[str]) -> GatewaySnapshot:
+    backup = rng.random() < 0.4
+    return gw(
+        rng.choice(names),
+        region=rng.choice(["eu", "us", "ap"]),
+        status=rng.choice(["healthy", "healthy", "healthy", "degraded", "down"]),
+        score=rng.choice([50.0, 69.0, 70.0, 80.0, 95.0]),
+        active=rng.choice([None, 0, 10, 500]),
+        max_connections=rng.choice([None, 100, 1000]),
+        latency=rng.choice([None, 1.0, 5.0, 30.0]),
+        role="backup" if backup else "primary",
+        backup_for=rng.choice(names) if backup else None,
+    )
+
+
+def assert_pool_matches_rules(pool: Pool) -> None:
+    eligible, excluded = reference_partition(
+        list(pool.gateways.values()), pool.threshold, pool.held
+    )
+    assert pool.everyone.ids == eligible
+    assert pool.excluded() == excluded
+    assert pool.excluded_count == len(excluded)
+    # Each scope's rows are the latest snapshots, with their figures alongside.
+    scopes = [pool.everyone, *pool.regions.values()]
+    for members in scopes:
+        assert members.ids == sorted(members.ids)
+        assert members.gateways == [pool.gateways[i] for i in members.ids]
+        assert members.loads == [connection_load(g) for g in members.gateways]
+        assert members.scores == [g.score for g in members.gateways]
+        # The indexes (built on first use, then kept up to date) agree with the rows.
+        assert members.by_load.keys == sorted(zip(members.loads, members.ids, strict=True))
+        latencies = [math.inf if g.latency_ms is None else g.latency_ms for g in members.gateways]
+        assert members.by_latency.keys == sorted(zip(latencies, members.ids, strict=True))
+        assert members.by_score.keys == sorted((-g.score, g.gateway_id) for g in members.gateways)
+        assert members.weights.values == members.scores
+        assert members.weights.total == pytest.approx(sum(members.scores))
+    by_region: dict[str, list[str]] = {}
+    for gw_id in eligible:
+        by_region.setdefault(pool.gateways[gw_id].region, []).append(gw_id)
+    assert {r: members.ids for r, members in pool.regions.items()} == by_region
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_pool_always_matches_the_whole_fleet_rules(seed: int) -> None:
+    """Updates, removals, threshold and hold changes in any order, with backup chains and
+    cycles (few names, so links are frequent): the pool equals a whole-fleet pass."""
+    rng = random.Random(seed)
+    names = [f"g{i}" for i in range(12)]
+    pool = Pool(70.0)
+    for _ in range(400):
+        roll = rng.random()
+        if roll < 0.7:
+            pool.update(random_gateway(rng, names))
+        elif roll < 0.8:
+            pool.remove(rng.choice(names))
+        elif roll < 0.9:
+            pool.set_threshold(rng.choice([0.0, 69.5, 70.0, 85.0]))
+        elif roll < 0.95:
+            pool.hold(rng.choice(names))
+        else:
+            pool.release(rng.choice(names))
+        assert_pool_matches_rules(pool)
+
+
+def test_a_heartbeat_that_changes_only_metrics_updates_the_row_in_place() -> None:
+    pool = Pool.of([gw("a", region="eu", active=5), gw("b", region="eu", active=9)], 70.0)
+    busier = gw("a", region="eu", active=50, latency=3.0)
+    pool.update(busier)
+    assert pool.everyone.gateways[0] is busier
+    assert pool.regions["eu"].gateways[0] is busier
+    assert pool.everyone.loads == [0.05, 0.009]
+    assert pool.everyone.latencies == [3.0, float("inf")]
+    assert least_connections(pool.everyone, RoundRobinState()) == "b"
+
+
+def test_backup_chain_follows_its_primaries() -> None:
+    fleet = [
+        gw("a"),
+        gw("b", role="backup", backup_for="a"),
+        gw("c", role="backup", backup_for="b"),
+    ]
+    pool = Pool.of(fleet, 70.0)
+    assert pool.everyone.ids == ["a", "c"]  # b waits for a; c's primary b is not eligible
+    pool.update(gw("a", status="down"))
+    assert pool.everyone.ids == ["b"]  # b takes over, so c waits again
+    assert pool.exclusion("c") == "backup for b, which is eligible"
+    pool.remove("a")
+    assert pool.everyone.ids == ["b"]
+    pool.update(gw("a"))
+    assert pool.everyone.ids == ["a", "c"]
+
+
+def test_excluded_are_listed_lazily_and_can_be_capped() -> None:
+    fleet = [gw(f"down-{i:02}", status="down") for i in range(30)] + [gw("up")]
+    pool = Pool.of(fleet, 70.0)
+    assert pool.excluded_count == 30
+    first = pool.excluded(limit=5)
+    assert first == {f"down-{i:02}": "status down" for i in range(5)}
+    assert pool.exclusion("up") is None
+
+
+def test_without_judges_as_if_gone_and_restores() -> None:
+    fleet = [gw("p"), gw("b", role="backup", backup_for="p"), gw("x", region="eu")]
+    pool = Pool.of(fleet, 70.0)
+    before = (list(pool.everyone.ids), pool.excluded(), set(pool.regions))
+    with pool.without("p"):
+        assert pool.everyone.ids == ["b", "x"]
+        assert pool.backups_of("p") == ["b"]
+    assert (list(pool.everyone.ids), pool.excluded(), set(pool.regions)) == before
+    assert pool.backups_of("p") == []  # b waits while p is eligible
+
+
+def test_strategies_over_a_large_pool_match_their_definitions() -> None:
+    """The C-speed scans (min, index, compress, accumulate) pick what the plain
+    definitions say, over 1,000 gateways with ties and unknowns."""
+    rng = random.Random(5)
+    fleet = [
+        gw(
+            f"g{i:04}",
+            score=rng.choice([70.0, 80.0, 90.0]),
+            active=rng.choice([None, 1, 2, 3, 50]),
+            max_connections=rng.choice([None, 100]),
+            latency=rng.choice([None, 10.0, 10.5, 11.0, 40.0]),
+        )
+        for i in range(1000)
+    ]
+    members = m(fleet)
+    state = RoundRobinState()
+    loads = {g.gateway_id: connection_load(g) for g in fleet}
+    best = min(loads.values())
+    tied = sorted(i for i, load in loads.items() if load == best)
+    assert [least_connections(members, state) for _ in range(len(tied) + 1)] == [
+        *tied,
+        tied[0],
+    ]
+    known = [g.latency_ms for g in fleet if g.latency_ms is not None]
+    near = sorted(
+        g.gateway_id for g in fleet if g.latency_ms is not None and g.latency_ms <= min(known) + 2.0
+    )
+    state = RoundRobinState()
+    assert [latency_based(members, state) for _ in range(len(near))] == near
+    # WeightedRandom: the same draw lands on the same gateway as a cumulative walk.
+    draw = random.Random(9).random() * sum(g.score for g in fleet)
+    walk, expected = 0.0, fleet[-1].gateway_id
+    for g in fleet:
+        walk += g.score
+        if draw < walk:
+            expected = g.gateway_id
+            break
+    assert weighted_random(members, random.Random(9)) == expected
+
+
+def test_weights_find_the_first_cumulative_sum_above_the_point() -> None:
+    rng = random.Random(3)
+    for n in (1, 2, 3, 7, 8, 9, 100):
+        values = [float(rng.randrange(0, 100)) for _ in range(n)]  # whole: sums are exact
+        weights = Weights(values)
+        for _ in range(20):  # change some, as heartbeats do
+            i = rng.randrange(n)
+            values[i] = float(rng.randrange(0, 100))
+            weights.set(i, values[i])
+        cumulative = list(itertools.accumulate(values))
+        assert weights.total == cumulative[-1]
+        for point in [0.0, 0.5, *cumulative, *(c - 0.5 for c in cumulative)]:
+            if point < weights.total:
+                assert weights.find(point) == bisect_right(cumulative, point), (values, point)
+
+
+def test_shortlist_keeps_the_chosen_and_the_best_by_the_strategys_measure() -> None:
+    fleet = [gw(f"g{i:03}", active=i % 7, max_connections=100) for i in range(200)]
+    pool = Pool.of(fleet, 70.0)
+    state, rng, settings = SelectorState(), random.Random(1), LoadBalancingSettings()
+
+    def run(strategy: str) -> tuple[Selection, list[tuple[GatewaySnapshot, float | None]]]:
+        selection = select(
+            strategy, pool, region=None, state=state, rng=rng, settings=settings, regions={}
+        )
+        return selection, shortlist(selection, 10)
+
+    selection, short = run("LeastConnections")
+    assert len(short) == 11
+    assert short[0][0].gateway_id == selection.gateway_id
+    assert [measure for _, measure in short] == [0.0] * 11  # 29 idle gateways: the best
+    selection, short = run("RoundRobin")
+    assert selection.gateway_id is not None
+    start = int(selection.gateway_id[1:])
+    assert [g.gateway_id for g, _ in short] == [f"g{(start + k) % 200:03}" for k in range(11)]
+    assert {measure for _, measure in short} == {None}
+    _, short = run("WeightedRandom")
+    assert all(measure == pytest.approx(1 / 200) for _, measure in short)
+    unknown = Pool.of([gw("a", active=None), gw("b", active=None)], 70.0)
+    selection = select(
+        "LeastConnections",
+        unknown,
+        region=None,
+        state=state,
+        rng=rng,
+        settings=settings,
+        regions={},
+    )
+    assert [measure for _, measure in shortlist(selection, 10)] == [None, None]  # not inf
+
+
+def test_audit_record_is_bounded_whatever_the_fleet_size() -> None:
+    fleet = [
+        GatewaySnapshot(
+            gateway_id=f"gateway-{i:05}",
+            region="eu-west",
+            status="healthy" if i % 5 else "down",
+            score=95.5,
+            cpu_percent=12.5,
+            memory_percent=40.25,
+            active_connections=i % 100,
+            max_connections=1000,
+            reported_latency_ms=3.25,
+            config_versions={"Route": 3, "Auth": 7},
+            labels={"rack": "r1"},
+        )
+        for i in range(5000)
+    ]
+    pool = Pool.of(fleet, 70.0)
+    config = LoadBalancingConfig(strategy="LeastConnections", health_threshold=70.0)
+    selection = select(
+        config.strategy,
+        pool,
+        region=None,
+        state=SelectorState(),
+        rng=random.Random(1),
+        settings=LoadBalancingSettings(),
+        regions={},
+    )
+    event = selection_event("evt-1", SelectRequest(), selection, pool, config)
+    assert len(event.candidates) == AUDIT_CANDIDATES + 1
+    assert event.candidate_count == 4000
+    assert event.candidates[0].gateway_id == selection.gateway_id
+    assert event.candidates[0].measure == 0.001  # i % 100 == 0 only for down gateways
+    assert len(event.excluded) == AUDIT_EXCLUDED
+    assert event.excluded_count == 1000
+    assert len(encode(event)) < 16 * 1024
