@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final
 
 import click
 import msgspec
@@ -51,7 +51,7 @@ from gatefleet.audit_state import (
     FleetState,
     LoadBalancingState,
 )
-from gatefleet.config import ConfigError, load_settings
+from gatefleet.cli_common import client_options, fail, settings_or_exit
 from schemas.codec import DecodeError
 from schemas.events import (
     Alarm,
@@ -73,10 +73,6 @@ from schemas.events import (
 from schemas.settings import Settings
 from schemas.types import GATEWAY_ID_RE
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
 # Events are stored a few ms after their `ts`: `state --at T` reads this far past T.
 STORE_GRACE = timedelta(seconds=10)
 EPOCH = datetime.fromtimestamp(0, UTC)
@@ -314,22 +310,6 @@ def _step_details(step: str, d: dict[str, Any]) -> str:
 
 
 # Options and connection ------------------------------------------------------------------
-# These mirror gatefleet.cli's (same flags, same messages, same exit codes); importing that
-# module here would be circular once it registers this group.
-
-
-def fail(message: str, code: int = EXIT_FAILURE) -> None:
-    click.echo(f"gatefleet: {message}", err=True)
-    sys.exit(code)
-
-
-def client_options(fn: F) -> F:
-    """--config, --nats and --json, as every client command takes them."""
-    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
-    fn = click.option("--nats", envvar="GATEFLEET_NATS_URL", help="NATS URL (overrides config).")(
-        fn
-    )
-    return click.option("--config", envvar="GATEFLEET_CONFIG", help="Configuration file.")(fn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,14 +328,6 @@ class ClientOptions:
         if group is None:
             return cls(config, nats, as_json)
         return cls(config or group.config, nats or group.nats, as_json or group.as_json)
-
-
-def load(config: str | None, nats: str | None) -> Settings:
-    try:
-        return load_settings(config, nats_url=nats)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_CONFIG)
-        raise  # unreachable: fail() exits
 
 
 @contextmanager
@@ -541,7 +513,7 @@ def audit(
         flt = EventFilter.build(types, gateway=gateway, distribution=distribution)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--type") from None
-    settings = load(config, nats)
+    settings = settings_or_exit(config, nats)
     out = sys.stdout.buffer
     decoder = Decoder()
     writer = JsonWriter(out, flt, decoder, follow) if as_json else TableWriter(out, flt, decoder)
@@ -662,7 +634,7 @@ def explain(
     were judged on, the excluded gateways (the first 50) and why, and the pick.
     """
     options = ClientOptions.of(config, nats, as_json)
-    settings = load(options.config, options.nats)
+    settings = settings_or_exit(options.config, options.nats)
     needle = selection_id.encode()
     decoder = Decoder()
     found: list[tuple[GatewaySelected, bytes]] = []
@@ -807,7 +779,7 @@ def state(config: str | None, nats: str | None, as_json: bool, at: datetime) -> 
     Settings never changed in the log are the configured ones (from --config).
     """
     options = ClientOptions.of(config, nats, as_json)
-    snapshot = fleet_at(load(options.config, options.nats), at)
+    snapshot = fleet_at(settings_or_exit(options.config, options.nats), at)
     if options.as_json:
         output.print_json(snapshot)
     else:

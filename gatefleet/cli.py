@@ -13,10 +13,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO
 
 import click
 import msgspec
@@ -26,39 +26,19 @@ from bus.server import ServerError
 from gatefleet import output
 from gatefleet.app import Orchestrator, discover_url
 from gatefleet.audit import audit
+from gatefleet.cli_common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    client_options,
+    fail,
+    settings_or_exit,
+)
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
-from gatefleet.config import ConfigError, load_settings, split_host_port
+from gatefleet.config import split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.settings import Settings
 from schemas.types import STRATEGIES
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_USAGE = 2
-
-
-def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    click.echo(f"gatefleet: {message}", err=True)
-    sys.exit(code)
-
-
-def _settings(config: str | None, nats: str | None) -> Settings:
-    try:
-        return load_settings(config, nats_url=nats)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_CONFIG)
-
-
-def common_options(fn: F) -> F:
-    """--config, --nats and --json, shared by every client command."""
-    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
-    fn = click.option("--nats", envvar="GATEFLEET_NATS_URL", help="NATS URL (overrides config).")(
-        fn
-    )
-    return click.option("--config", envvar="GATEFLEET_CONFIG", help="Configuration file.")(fn)
 
 
 @dataclass
@@ -74,7 +54,7 @@ def connected(
 ) -> Iterator[tuple[GatefleetClient, ClientContext]]:
     # Connection retries are logged as warnings by the bus; a client reports failure once.
     logging.basicConfig(level=logging.ERROR)
-    settings = _settings(config, nats)
+    settings = settings_or_exit(config, nats)
     url = discover_url(settings, os.environ)
     client = GatefleetClient(url, prefix=settings.bus.subject_prefix)
     try:
@@ -134,7 +114,7 @@ def up(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("gatefleet")
-    settings = _settings(config, nats)
+    settings = settings_or_exit(config, nats)
     if not settings.orchestrator.enabled:
         log.warning("orchestrator.enabled is false in the configuration: nothing to run")
         return
@@ -219,7 +199,7 @@ def _regions(text: str) -> list[str]:
 
 
 @main.command()
-@common_options
+@client_options
 def status(config: str | None, nats: str | None, as_json: bool) -> None:
     """Show the orchestrator's status."""
     with connected(config, nats, as_json) as (client, ctx):
@@ -227,7 +207,7 @@ def status(config: str | None, nats: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@common_options
+@client_options
 def gateways(config: str | None, nats: str | None, as_json: bool) -> None:
     """List the gateways with their health."""
     with connected(config, nats, as_json) as (client, ctx):
@@ -237,7 +217,7 @@ def gateways(config: str | None, nats: str | None, as_json: bool) -> None:
 @main.command()
 @click.option("--region", help="The client's region (used by RegionAware).")
 @click.option("--client-id", help="Stick to the same gateway for this client.")
-@common_options
+@client_options
 def select(
     region: str | None, client_id: str | None, config: str | None, nats: str | None, as_json: bool
 ) -> None:
@@ -249,7 +229,7 @@ def select(
 @main.command()
 @click.argument("name", required=False, type=click.Choice(STRATEGIES))
 @click.option("--threshold", type=click.FloatRange(0, 100), help="Health threshold, 0-100.")
-@common_options
+@client_options
 def strategy(
     name: str | None, threshold: float | None, config: str | None, nats: str | None, as_json: bool
 ) -> None:
@@ -318,7 +298,7 @@ def strategy(
     type=click.FloatRange(min=0),
     help="Stopped and crashed gateways come back this many seconds later.",
 )
-@common_options
+@client_options
 def simulate(
     count: int,
     regions: str,
@@ -340,7 +320,7 @@ def simulate(
 ) -> None:
     """Run simulated gateways with changing metrics and optional faults, until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = _settings(config, nats)
+    settings = settings_or_exit(config, nats)
     url = discover_url(settings, os.environ)
     faults = Faults(
         stop_beating=stop_rate,
@@ -375,7 +355,7 @@ def simulate(
 @click.argument("source", required=False, type=click.File("rb"), default="-")
 @click.option("--targets", help="Comma-separated gateway ids (default: every active gateway).")
 @click.option("--wait", is_flag=True, help="Show progress until it ends; exit 0 only if all acked.")
-@common_options
+@client_options
 def distribute(
     config_type: str,
     source: IO[bytes],
@@ -409,7 +389,7 @@ def distribute(
 @main.command()
 @click.argument("distribution_id", required=False)
 @click.option("--all", "include_completed", is_flag=True, help="Include finished ones.")
-@common_options
+@client_options
 def distributions(
     distribution_id: str | None,
     include_completed: bool,

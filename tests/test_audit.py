@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,13 +99,6 @@ def config_file(settings: Settings, tmp_path: Path) -> str:
         f'[bus]\nurl = "{settings.bus.url}"\nsubject_prefix = "{settings.bus.subject_prefix}"\n'
     )
     return str(path)
-
-
-@pytest.fixture
-def fleet(bus: Bus, prefix: str) -> Iterator[Fleet]:
-    fleet = Fleet(bus, prefix)
-    yield fleet
-    fleet.close()
 
 
 @pytest.fixture

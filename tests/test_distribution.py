@@ -31,10 +31,10 @@ from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, NotFound
 from schemas.codec import decode, encode
 from schemas.desired import DesiredConfig
-from schemas.events import DistributionEvent
 from schemas.settings import Settings
 from schemas.wire import ConfigAck, ConfigPush
 from tests.conftest import EventLog, SettingsFactory, wait_until
+from tests.distribution_events import finished, steps
 from tests.fleet import Fleet
 
 ACK_TIMEOUT_S = 0.25
@@ -113,27 +113,6 @@ def run(
         return started
 
     return start
-
-
-def finished(event_log: EventLog, dist_id: str, timeout: float = 5.0) -> DistributionEvent:
-    event = event_log.wait_for(
-        lambda e: (
-            isinstance(e, DistributionEvent)
-            and e.distribution_id == dist_id
-            and e.step == "finished"
-        ),
-        timeout,
-    )
-    assert isinstance(event, DistributionEvent)
-    return event
-
-
-def steps(event_log: EventLog, dist_id: str, step: str) -> list[DistributionEvent]:
-    return [
-        e
-        for e in event_log.of_type(DistributionEvent)
-        if e.distribution_id == dist_id and e.step == step
-    ]
 
 
 @pytest.fixture

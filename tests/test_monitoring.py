@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -35,13 +35,6 @@ RISE = 2
 @pytest.fixture
 def settings(make_settings: SettingsFactory) -> Settings:
     return make_settings(health={"heartbeat_interval_ms": 100, "fall": FALL, "rise": RISE})
-
-
-@pytest.fixture
-def fleet(bus: Bus, prefix: str) -> Iterator[Fleet]:
-    fleet = Fleet(bus, prefix)
-    yield fleet
-    fleet.close()
 
 
 @pytest.fixture

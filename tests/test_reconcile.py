@@ -25,10 +25,11 @@ from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
 from schemas.api import GatewaySnapshot, ReconcileReply, ReconcileRequest
-from schemas.events import DistributionEvent, GatewayDown, Reconciliation
+from schemas.events import GatewayDown, Reconciliation
 from schemas.settings import Settings
 from schemas.wire import ConfigPush
 from tests.conftest import EventLog, SettingsFactory, wait_until
+from tests.distribution_events import finished, steps
 from tests.fleet import ArrivalClock, Fleet
 
 HEARTBEAT_MS = 100
@@ -178,27 +179,6 @@ def run(
         return started
 
     return start
-
-
-def finished(event_log: EventLog, dist_id: str | None, timeout: float = 5.0) -> DistributionEvent:
-    event = event_log.wait_for(
-        lambda e: (
-            isinstance(e, DistributionEvent)
-            and e.distribution_id == dist_id
-            and e.step == "finished"
-        ),
-        timeout,
-    )
-    assert isinstance(event, DistributionEvent)
-    return event
-
-
-def steps(event_log: EventLog, dist_id: str, step: str) -> list[DistributionEvent]:
-    return [
-        e
-        for e in event_log.of_type(DistributionEvent)
-        if e.distribution_id == dist_id and e.step == step
-    ]
 
 
 def reconciliation(
