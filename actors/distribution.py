@@ -1,10 +1,14 @@
 """DistributionActor: carries one configuration distribution from start to end.
 
 Owns: a `DistributionMachine` (actors/distribution_machine.py: the batches, retries and
-the final status are decided there) and the pushes in flight. Every step stores the new
-record in the `distributions` bucket first, tells the parent, then carries out the
-machine's commands (store, then act), so a crash at any point resumes from a record that
-is never behind what gateways have been sent.
+the final status are decided there) and the pushes in flight. A step that sends, schedules
+a retry or finishes stores the new record in the `distributions` bucket first and then
+carries out the machine's commands (store, then act), so a crash at any point resumes
+from a record that is never behind what gateways have been sent. Acks and nacks in
+between are not stored one by one (each store is an fsync of the whole record): after a
+crash those gateways are sent the same push again, which they acknowledge without
+applying it twice (pushes are idempotent on distribution id and version). Every step is
+told to the parent, which answers status queries from memory.
 Receives: PushAnswered (from the bus loop), RetryDue (its own timers).
 Emits: `distribution.step` events (created, batch_sent, gateway_acked, gateway_nacked,
 gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush requests on
@@ -115,7 +119,7 @@ class DistributionActor(SafeActor):
             retry_delay_s=settings.distribution_retry_delay_ms / 1000,
         )
         self.ack_timeout_s = settings.distribution_ack_timeout_ms / 1000
-        self._stored = record
+        self._told = record
         self._pushes: dict[int, tuple[ConfigPush, bytes]] = {}  # per attempt number
 
     def on_start(self) -> None:
@@ -139,12 +143,16 @@ class DistributionActor(SafeActor):
         return None
 
     def _step(self, commands: list[Command]) -> None:
-        """Store the record if it changed, tell the parent, then carry out the commands."""
+        """Tell the parent of a new record, store it before anything goes out, then act."""
         record = self.machine.record
-        if record is not self._stored:
-            self.ctx.buckets["distributions"].put(record.id, record)
-            self._stored = record
+        if record is not self._told:
+            self._told = record
+            if any(isinstance(c, Send | ScheduleRetry | Finished) for c in commands):
+                self.ctx.buckets["distributions"].put(record.id, record)
             safe_tell(self.distributor, DistributionChanged(record=record))
+        self._act(record, commands)
+
+    def _act(self, record: Distribution, commands: list[Command]) -> None:
         for command in commands:
             match command:
                 case Send(gateway_id=gw, attempt=attempt):
