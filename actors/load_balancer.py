@@ -54,7 +54,13 @@ from schemas.api import (
     SelectReply,
     SelectRequest,
 )
-from schemas.events import CandidateView, GatewaySelected, LoadBalancingChanged, new_event_id
+from schemas.events import (
+    CandidateView,
+    GatewaySelected,
+    LoadBalancingChanged,
+    OrchestratorStarted,
+    new_event_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +143,14 @@ class LoadBalancerActor(SafeActor):
                 stored.strategy,
                 stored.health_threshold,
             )
+        # First of this run's events (the load balancer starts first): what is in force now.
+        self.ctx.emit(
+            OrchestratorStarted(
+                strategy=self.config.strategy,
+                threshold=self.config.health_threshold,
+                ha_enabled=self.ctx.settings.orchestrator.ha_enabled,
+            )
+        )
         me, api, drops = self.actor_ref, self.ctx.subjects.api, self.ctx.drops
         routes: list[tuple[str, Any, Any]] = [
             (

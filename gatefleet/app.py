@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import pykka
 
@@ -32,6 +32,7 @@ from gatefleet.config import resolve_data_dir
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
+A = TypeVar("A", bound=pykka.Actor)
 
 URL_FILE = "nats.url"
 
@@ -76,19 +77,20 @@ class Orchestrator:
             drops=self.drops,
             buckets=jetstream.buckets,
         )
-        load_balancer = LoadBalancerActor.start(context)
-        self._actors.append(load_balancer)
+        # Each actor has finished on_start (loaded its state, subscribed) once it answers a
+        # ping: started one after the other, so the order below is the order of their work.
+        load_balancer = self._started(LoadBalancerActor.start(context))
         # Before the supervisor, so it hears of every gateway the supervisor spawns.
-        distributor = DistributorActor.start(context)
-        self._actors.append(distributor)
-        supervisor = SupervisorActor.start(context, load_balancer, distributor)
-        self._actors.append(supervisor)
+        distributor = self._started(DistributorActor.start(context))
+        supervisor = self._started(SupervisorActor.start(context, load_balancer, distributor))
         distributor.tell(AddListener(listener=supervisor))
-        # Barrier: each actor has finished on_start (and subscribed) once it answers.
-        for ref in self._actors:
-            ref.ask(PING, timeout=10)
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
+
+    def _started(self, ref: pykka.ActorRef[A]) -> pykka.ActorRef[A]:
+        self._actors.append(ref)
+        ref.ask(PING, timeout=10)
+        return ref
 
     def stop(self) -> None:
         try:

@@ -41,6 +41,7 @@ from schemas.events import (
     GatewayRegistered,
     GatewayStatusChanged,
     LoadBalancingChanged,
+    OrchestratorStarted,
 )
 from schemas.types import GatewayStatus, StrategyName
 
@@ -112,6 +113,13 @@ class FleetFold:
     def apply(self, event: Event) -> None:
         self.events += 1
         match event:
+            case OrchestratorStarted(strategy=strategy, threshold=threshold, ts=ts):
+                # A restart: settings as loaded; every gateway's health starts over.
+                self.load_balancing = LoadBalancingState(
+                    strategy=strategy, health_threshold=threshold, since=ts
+                )
+                for gateway_id in list(self.gateways):
+                    self._set_status(gateway_id, "unknown", 0.0, "orchestrator restarted", ts)
             case GatewayRegistered(gateway_id=gw, region=region, ts=ts):
                 first_change = self._first_change.pop(gw, None)
                 if first_change is not None and abs(ts - first_change) <= LATE_REGISTRATION:

@@ -166,8 +166,17 @@ class Reconciliation(_Event, frozen=True, tag="ha.reconcile"):
     reason: str
 
 
+class OrchestratorStarted(_Event, frozen=True, tag="orchestrator.started"):
+    """A (re)start: the settings in force from now on; gateways' health starts over."""
+
+    strategy: StrategyName
+    threshold: float
+    ha_enabled: bool
+
+
 Event = (
-    GatewayRegistered
+    OrchestratorStarted
+    | GatewayRegistered
     | GatewayStatusChanged
     | GatewayDown
     | GatewayRecovered

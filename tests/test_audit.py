@@ -65,6 +65,7 @@ from schemas.events import (
     GatewaySelected,
     GatewayStatusChanged,
     LoadBalancingChanged,
+    OrchestratorStarted,
     decode_event,
 )
 from schemas.settings import Settings
@@ -309,14 +310,15 @@ def test_scenario_is_in_the_stream_in_order_and_well_formed(
     assert [e.id for e in replayed] == [e.id for e in event_log.events]
     assert replayed == event_log.events
     assert len({e.id for e in replayed}) == len(replayed)
-    assert all(e.id.startswith("evt-") and started <= e.ts <= scenario.end for e in replayed)
+    first, *rest = replayed
+    assert first.type == "orchestrator.started"  # each run's log opens with its settings
+    assert first.ts <= started
+    assert all(e.id.startswith("evt-") and started <= e.ts <= scenario.end for e in rest)
     assert {e.type for e in replayed} <= set(EVENT_TYPES)
 
     names = milestones(replayed, scenario)
     for gw in GATEWAYS:
-        # Not asserted: registration before the first change. The supervisor publishes the
-        # registration after starting the gateway actor, which may change status first.
-        in_order(names, f"registered {gw}", "first selection")
+        in_order(names, f"registered {gw}", f"{gw} healthy", "first selection")
         in_order(names, f"{gw} healthy", "first selection")
     in_order(
         names,
@@ -567,7 +569,7 @@ def test_a_duplicate_publish_is_stored_once(
     )
     bus.run(bus.js.publish(subject, encode(marker), headers={"Nats-Msg-Id": marker.id}))
 
-    replayed = [e.id for e in json_events(config_file)]
+    replayed = [e.id for e in json_events(config_file) if e.type != "orchestrator.started"]
     assert replayed == [event.id, emitted.id, marker.id]
 
 
@@ -587,17 +589,20 @@ def test_events_survive_an_orchestrator_restart_on_the_embedded_server(
     def replay() -> list[Event]:
         return json_events(str(config))
 
-    wait_until(lambda: len(replay()) == 2, what="both events stored")
+    wait_until(lambda: len(replay()) == 3, what="the first run's events stored")
     before = replay()
-    assert [e.type for e in before] == ["gateway.registered", "lb.changed"]
+    assert [e.type for e in before] == ["orchestrator.started", "gateway.registered", "lb.changed"]
     first.stop()
 
     second = start_orchestrator(settings)
     assert second.server is not None
-    wait_until(lambda: len(replay()) == 3, what="the new registration stored")
+    wait_until(lambda: len(replay()) == 5, what="the second run's events stored")
     after = replay()
-    assert after[:2] == before
-    assert isinstance(after[2], GatewayRegistered)
+    assert after[:3] == before
+    restarted = after[3]
+    assert isinstance(restarted, OrchestratorStarted)
+    assert (restarted.strategy, restarted.threshold) == ("LatencyBased", 80.0)  # as stored
+    assert isinstance(after[4], GatewayRegistered)
     state = msgspec.json.decode(
         run_audit(str(config), "state", "--json").stdout_bytes, type=FleetState
     )
@@ -624,7 +629,7 @@ def test_replay_holds_back_a_slow_reader_and_loses_nothing(
     with replay:
         seqs = [seq for batch in replay for seq, _, _ in batch]
     assert replay.total == 3000
-    assert seqs == list(range(1, 3001))
+    assert seqs == list(range(2, 3002))  # after the orchestrator.started event, seq 1
 
 
 # Following, and a real process -----------------------------------------------------------
@@ -672,7 +677,8 @@ def test_follow_tails_new_events(
         old_strategy="RoundRobin", new_strategy="RoundRobin", old_threshold=70.0, new_threshold=71.0
     )
     jetstream.emit(old)
-    wait_until(lambda: stored_count(bus, prefix) == 1, what="the old event stored")
+    # orchestrator.started, then ours
+    wait_until(lambda: stored_count(bus, prefix) == 2, what="the old event stored")
     follower = AuditProcess("--config", config_file, "--json", "--follow", "--type", "lb")
     try:
         assert follower.next_event().id == old.id  # the history first

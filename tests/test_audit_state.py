@@ -41,6 +41,7 @@ from schemas.events import (
     GatewaySelected,
     GatewayStatusChanged,
     LoadBalancingChanged,
+    OrchestratorStarted,
 )
 
 T0 = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
@@ -320,3 +321,17 @@ def test_queued_distribution_is_pending_without_targets() -> None:
         [],
         at(1),
     )
+
+
+def test_a_restart_brings_its_settings_and_resets_health() -> None:
+    events: list[Event] = [
+        registered("edge-1", 1),
+        changed("edge-1", "unknown", "healthy", 96.5, 2),
+        OrchestratorStarted(strategy="LatencyBased", threshold=80.0, ha_enabled=True, ts=at(5)),
+    ]
+    state = rebuild(events, at=at(6), load_balancing=CONFIGURED)
+    assert state.load_balancing == LoadBalancingState(
+        strategy="LatencyBased", health_threshold=80.0, since=at(5)
+    )
+    edge = state.gateways["edge-1"]
+    assert (edge.status, edge.score, edge.reason) == ("unknown", 0.0, "orchestrator restarted")
