@@ -40,7 +40,7 @@ from actors.messages import (
     SetThreshold,
     Tick,
 )
-from bus.edge import decode_or_drop
+from bus.edge import decode_from_gateway
 from bus.runtime import Inbound, Reply, RequestFailed, SubscriptionHandle
 from schemas.codec import DecodeError, decode
 from schemas.events import GatewayDown, GatewayRecovered, GatewayStatusChanged
@@ -66,11 +66,8 @@ def heartbeat_handler(
     clock = time.monotonic
 
     def handle(msg: Inbound) -> None:
-        heartbeat = decode_or_drop(msg, Heartbeat, drops)
+        heartbeat = decode_from_gateway(msg, Heartbeat, gateway_id, drops)
         if heartbeat is None:
-            return
-        if heartbeat.gateway_id != gateway_id:
-            drops.drop("id_mismatch", msg.subject, f"payload says {heartbeat.gateway_id!r}")
             return
         if pending.put((heartbeat, clock())):
             safe_tell(ref, HEARTBEATS_PENDING)

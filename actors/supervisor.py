@@ -54,7 +54,7 @@ from actors.messages import (
     ReplacementFound,
     SetThreshold,
 )
-from bus.edge import decode_or_drop, reply_error, request_handler
+from bus.edge import decode_from_gateway, reply_error, request_handler
 from bus.runtime import Inbound, SubscriptionHandle
 from schemas.api import (
     Empty,
@@ -156,21 +156,12 @@ class SupervisorActor(SafeActor):
                 drops.drop("bad_subject", msg.subject, "not P.gw.<id>.heartbeat|goodbye")
                 return
             if verb == "heartbeat":
-                heartbeat = decode_or_drop(msg, Heartbeat, drops)
-                if heartbeat is None:
-                    return
-                if heartbeat.gateway_id != gateway_id:
-                    drops.drop("id_mismatch", msg.subject, f"payload says {heartbeat.gateway_id!r}")
-                    return
-                safe_tell(me, HeartbeatReceived(heartbeat=heartbeat, received_at=time.monotonic()))
-                return
-            goodbye = decode_or_drop(msg, Goodbye, drops)
-            if goodbye is None:
-                return
-            if goodbye.gateway_id != gateway_id:
-                drops.drop("id_mismatch", msg.subject, f"payload says {goodbye.gateway_id!r}")
-                return
-            safe_tell(me, GoodbyeReceived(gateway_id=gateway_id))
+                heartbeat = decode_from_gateway(msg, Heartbeat, gateway_id, drops)
+                if heartbeat is not None:
+                    received = HeartbeatReceived(heartbeat=heartbeat, received_at=time.monotonic())
+                    safe_tell(me, received)
+            elif decode_from_gateway(msg, Goodbye, gateway_id, drops) is not None:
+                safe_tell(me, GoodbyeReceived(gateway_id=gateway_id))
 
         return handle
 

@@ -18,6 +18,7 @@ import msgspec
 from bus.runtime import Bus, Inbound
 from schemas.api import ErrorCode, ErrorDetail, ErrorReply
 from schemas.codec import decode, encode, error_cause
+from schemas.wire import Goodbye, Heartbeat
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=msgspec.Struct)
@@ -54,6 +55,20 @@ def decode_or_drop(msg: Inbound, kind: type[T], drops: Drops) -> T | None:
     except msgspec.DecodeError as exc:
         drops.drop(error_cause(exc), msg.subject, str(exc))
         return None
+
+
+# What gateways publish on their own subjects, each carrying its gateway_id.
+G = TypeVar("G", Heartbeat, Goodbye)
+
+
+def decode_from_gateway(msg: Inbound, kind: type[G], gateway_id: str, drops: Drops) -> G | None:
+    """Decodes a gateway's message and checks it speaks for the gateway of its subject:
+    the subject is what NATS permissions guard, so a payload naming another id is dropped."""
+    body = decode_or_drop(msg, kind, drops)
+    if body is not None and body.gateway_id != gateway_id:
+        drops.drop("id_mismatch", msg.subject, f"payload says {body.gateway_id!r}")
+        return None
+    return body
 
 
 def error_body(code: ErrorCode, message: str) -> bytes:
