@@ -426,6 +426,7 @@ class DistributorActor(SafeActor):
             active=s["pending"] + s["in_progress"],
             completed=s["completed"],
             failed=s["failed"] + s["partially_failed"],
+            by_state={state: n for state, n in s.items() if n},
         )
 
     # Reconciliation ----------------------------------------------------------------------

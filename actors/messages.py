@@ -145,6 +145,7 @@ class DistributionCounts(_Message, frozen=True):
     active: int
     completed: int
     failed: int
+    by_state: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class DistributionChanged(_Message, frozen=True):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import pykka
@@ -321,4 +322,6 @@ class SupervisorActor(SafeActor):
             malformed_messages=self.ctx.drops.counts(),
             selections=self.ctx.selections.counts(),
             actor_restarts=sum(self.ctx.restarts.counts().values()),
+            gateways_by_status=dict(Counter(self.statuses.values())),
+            distributions_by_state=dict(counts.by_state),
         )

@@ -16,7 +16,7 @@ unavailable 503, internal 500), and no answer at all is 503 `unavailable`.
 | GET  /api/v1/orchestration/distributions/{id} | `P.api.distributions.get` |
 | GET  /api/v1/orchestration/distributions?include_completed=true | `P.api.distributions.list` |
 | GET  /healthz | `P.api.status`: 200 `{"status": "ok"}` or 503 |
-| GET  /metrics | status, gateways and distributions.list, as Prometheus text |
+| GET  /metrics | the counts of P.api.status, as Prometheus text |
 
 POST bodies are forwarded untouched (an empty one as `{}`): the actors validate them, so
 a bad body gets the same `bad_request` over HTTP as over NATS. Bodies over 8 MiB are
@@ -30,7 +30,6 @@ orchestrator's, so a slow HTTP client cannot delay a heartbeat.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -192,24 +191,14 @@ class _Api:
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _collect_metrics(self) -> str | None:
-        (
-            (status, status_body),
-            (gw_status, gw_body),
-            (dist_status, dist_body),
-        ) = await asyncio.gather(
-            self.ask("status", b"{}"),
-            self.ask("gateways", b"{}"),
-            self.ask("distributions.list", b'{"include_completed":true}'),
-        )
-        if (status, gw_status, dist_status) != (http_bridge.OK,) * 3:
-            log.warning("metrics: gatefleet did not answer: %s", (status_body, gw_body, dist_body))
+        # One small request: the status carries every count (a list of gateways or of
+        # distributions could outgrow a NATS message).
+        status, status_body = await self.ask("status", b"{}")
+        if status != http_bridge.OK:
+            log.warning("metrics: gatefleet did not answer: %s", status_body)
             return None
         try:
-            return render_metrics(
-                decode(status_body, StatusReply),
-                [g.status for g in decode(gw_body, _Gateways).gateways],
-                [d.status for d in decode(dist_body, _Distributions).distributions],
-            )
+            return render_metrics(decode(status_body, StatusReply))
         except msgspec.DecodeError:
             log.exception("metrics: unexpected reply")
             return None
@@ -218,26 +207,12 @@ class _Api:
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
-class _WithStatus(msgspec.Struct):
-    status: str
-
-
-class _Gateways(msgspec.Struct):
-    gateways: list[_WithStatus]
-
-
-class _Distributions(msgspec.Struct):
-    distributions: list[_WithStatus]
-
-
 # Prometheus text format ------------------------------------------------------------------
 
 _UP_HELP = "1 when gatefleet answered this scrape's requests, else 0."
 
 
-def render_metrics(
-    status: StatusReply, gateway_statuses: list[str], distribution_states: list[str]
-) -> str:
+def render_metrics(status: StatusReply) -> str:
     """The /metrics page (Prometheus text format 0.0.4). Every known label value is listed,
     zeros included, so that a series does not vanish when its count drops to 0."""
     families = [
@@ -252,19 +227,19 @@ def render_metrics(
             "gatefleet_gateways",
             "gauge",
             "Gateways by health status.",
-            _by_label("status", _tally(gateway_statuses, get_args(GatewayStatus))),
+            _by_label("status", _zeros(get_args(GatewayStatus), status.gateways_by_status)),
         ),
         _family(
             "gatefleet_selections_total",
             "counter",
             "Gateway selections served since start, by the strategy in force.",
-            _by_label("strategy", _merge(dict.fromkeys(STRATEGIES, 0), status.selections)),
+            _by_label("strategy", _zeros(STRATEGIES, status.selections)),
         ),
         _family(
             "gatefleet_distributions",
             "gauge",
             "Configuration distributions on record, by state.",
-            _by_label("state", _tally(distribution_states, get_args(DistributionStatus))),
+            _by_label("state", _zeros(get_args(DistributionStatus), status.distributions_by_state)),
         ),
         _family(
             "gatefleet_malformed_messages_total",
@@ -309,15 +284,9 @@ def _labels(label: str, value: str) -> str:
     return f'{{{label}="{escaped}"}}'
 
 
-def _tally(values: list[str], known: tuple[str, ...]) -> dict[str, int]:
-    counts = dict.fromkeys(known, 0)
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
-def _merge(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
-    return {**base, **extra}
+def _zeros(known: tuple[str, ...], counts: dict[str, int]) -> dict[str, int]:
+    """Every known label with its count, 0 where there is none."""
+    return dict.fromkeys(known, 0) | counts
 
 
 def _number(value: float) -> str:

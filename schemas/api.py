@@ -67,6 +67,8 @@ class StatusReply(_Body, frozen=True):
     malformed_messages: dict[str, int] = msgspec.field(default_factory=dict)
     actor_restarts: Count = 0
     selections: dict[str, int] = msgspec.field(default_factory=dict)
+    gateways_by_status: dict[str, int] = msgspec.field(default_factory=dict)
+    distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):
