@@ -30,8 +30,9 @@ from bus.replay import Replay
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet.app import Orchestrator
-from gatefleet.audit import ReadProgress, audit
+from gatefleet.audit import audit
 from gatefleet.audit_filter import EVENT_TYPES, EventFilter, gateways_named, parse_when
+from gatefleet.audit_read import ReadProgress
 from gatefleet.audit_render import show_selection, strategy_input, summary
 from gatefleet.audit_state import FleetState
 from gatefleet.client import GatefleetClient
