@@ -145,12 +145,11 @@ class GatewayActor(SafeActor):
             case ProbeDue():
                 self._probe()
             case ProbeAnswered(rtt_ms=rtt_ms, error=error):
-                now = self.ctx.clock()
                 if rtt_ms is None:
                     log.debug("probe of %s failed: %s", self.gateway_id, error)
-                    self._apply(self.tracker.on_probe_failed(now))
+                    self._apply(self.tracker.on_probe_failed())
                 else:
-                    self._apply(self.tracker.on_probe_ok(rtt_ms, now))
+                    self._apply(self.tracker.on_probe_ok(rtt_ms))
                 self._schedule_probe()
             case SetThreshold(threshold=threshold):
                 self._apply(self.tracker.set_threshold(threshold))

@@ -183,7 +183,6 @@ class HealthTracker:
         self.missed_heartbeats = 0
         self.failed_probes = 0
         self.probe_latency_ms: float | None = None
-        self.last_probe_at: float | None = None
         self.good_heartbeats = 0
         self.heartbeats = 0  # accepted since the actor started
         self.labels: dict[str, str] = {}
@@ -353,16 +352,14 @@ class HealthTracker:
         k = min(self._missed_at(now) + 1, self.settings.fall)
         return self.last_seen + (k + 0.5) * self.interval + CHECK_SLACK_S
 
-    def on_probe_ok(self, rtt_ms: float, now: float) -> Transition | None:
+    def on_probe_ok(self, rtt_ms: float) -> Transition | None:
         rtt, a, prev = max(0.0, rtt_ms), self.settings.latency_smoothing, self.probe_latency_ms
         self.probe_latency_ms = rtt if prev is None else a * rtt + (1.0 - a) * prev
         self.failed_probes = 0
-        self.last_probe_at = now
         return self._check_score(f"probe latency {self.probe_latency_ms:.1f} ms")
 
-    def on_probe_failed(self, now: float) -> Transition | None:
+    def on_probe_failed(self) -> Transition | None:
         self.failed_probes += 1
-        self.last_probe_at = now
         return self._check_score(f"{self.failed_probes} failed probes")
 
     def snapshot(self) -> GatewaySnapshot:

@@ -71,22 +71,27 @@ def decode_from_gateway(msg: Inbound, kind: type[G], gateway_id: str, drops: Dro
     return body
 
 
+# The HTTP status of each error code: the HTTP API's status, and the NATS micro error
+# headers' `Nats-Service-Error-Code`.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    "bad_request": 400,
+    "not_found": 404,
+    "unavailable": 503,
+    "internal": 500,
+}
+
+
 def error_body(code: ErrorCode, message: str) -> bytes:
     return encode(ErrorReply(error=ErrorDetail(code=code, message=message)))
 
 
 def reply_error(bus: Bus, reply: str, code: ErrorCode, message: str) -> None:
     """Sends an error reply; also adds the NATS micro error headers for micro-aware clients."""
-    headers = {"Nats-Service-Error-Code": _HTTP_LIKE[code], "Nats-Service-Error": message[:200]}
+    headers = {
+        "Nats-Service-Error-Code": str(HTTP_STATUS[code]),
+        "Nats-Service-Error": message[:200],
+    }
     bus.publish(reply, error_body(code, message), headers=headers)
-
-
-_HTTP_LIKE: dict[ErrorCode, str] = {
-    "bad_request": "400",
-    "not_found": "404",
-    "unavailable": "503",
-    "internal": "500",
-}
 
 
 def request_handler(

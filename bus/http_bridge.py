@@ -11,44 +11,28 @@ from __future__ import annotations
 import logging
 
 import msgspec
-import nats.errors
 
 from bus.connection import BusError
-from bus.edge import error_body
+from bus.edge import HTTP_STATUS, error_body
 from bus.runtime import Bus
-from schemas.api import ErrorCode
+from schemas.api import ErrorCode, MaybeError
 from schemas.codec import decode
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS: dict[str, int] = {
-    "bad_request": 400,
-    "not_found": 404,
-    "unavailable": 503,
-    "internal": 500,
-}
 OK = 200
 PAYLOAD_TOO_LARGE = 413
-
-
-class _Code(msgspec.Struct):
-    code: str = "internal"
-
-
-class _ErrorProbe(msgspec.Struct):
-    """Just enough of a reply to tell an error reply from the others."""
-
-    error: _Code | None = None
 
 
 def status_of(reply: bytes) -> int:
     """The HTTP status of a `P.api.*` reply body: 200, or its error code's status."""
     try:
-        probe = decode(reply, _ErrorProbe)
+        probe = decode(reply, MaybeError)
     except msgspec.DecodeError:
-        # Every reply is a JSON object; anything else is a bug on the serving side.
+        # Every reply is a JSON object with a known error code, if any; anything else is a
+        # bug on the serving side.
         return HTTP_STATUS["internal"]
-    return OK if probe.error is None else HTTP_STATUS.get(probe.error.code, 500)
+    return OK if probe.error is None else HTTP_STATUS[probe.error.code]
 
 
 async def request(
@@ -67,15 +51,11 @@ async def request(
                 f"request of {len(body)} bytes is over the NATS server's limit of "
                 f"{nc.max_payload} bytes",
             )
-        msg = await nc.request(subject, body, timeout=timeout)
-    except nats.errors.NoRespondersError:
-        return _unavailable(f"nobody answers on {subject}: is gatefleet running?")
-    except (nats.errors.TimeoutError, TimeoutError):
-        return _unavailable(f"no answer on {subject} within {timeout:g}s")
-    except (nats.errors.Error, BusError) as exc:
-        log.warning("request on %s failed: %s", subject, exc)
-        return _unavailable(f"request on {subject} failed: {exc}")
-    return status_of(msg.data), msg.data
+        reply = await bus.ask_on_loop(subject, body, timeout)
+    except BusError as exc:
+        log.warning("%s", exc)
+        return _unavailable(str(exc))
+    return status_of(reply), reply
 
 
 def connected(bus: Bus) -> bool:

@@ -210,7 +210,7 @@ class Bus:
         before is taken. Publishers that race can at worst schedule a drain too many.
         """
         loop = self.loop  # BusError when the bus is not running, as before the deque
-        data = body if isinstance(body, bytes) else encode(body)
+        data = _encoded(body)
         self._outbound.append((subject, data, headers))
         if not self._outbound_armed:
             self._outbound_armed = True
@@ -268,7 +268,7 @@ class Bus:
         timeout: float,
         on_result: Callable[[Reply | RequestFailed], object],
     ) -> None:
-        data = body if isinstance(body, bytes) else encode(body)
+        data = _encoded(body)
 
         async def do_request() -> None:
             try:
@@ -286,17 +286,19 @@ class Bus:
 
     def ask(self, subject: str, body: Body, timeout: float) -> bytes:
         """A blocking request for client code (not actors): the reply's bytes, or BusError."""
-        data = body if isinstance(body, bytes) else encode(body)
+        return self.run(self.ask_on_loop(subject, _encoded(body), timeout), timeout=timeout + 5)
 
-        async def do_request() -> bytes:
-            return (await self.nc.request(subject, data, timeout=timeout)).data
-
+    async def ask_on_loop(self, subject: str, data: bytes, timeout: float) -> bytes:  # noqa: ASYNC109 - the NATS request's own timeout
+        """`ask` for code already on this bus's loop (the HTTP API): reply bytes, or BusError
+        saying why nobody answered."""
         try:
-            return self.run(do_request(), timeout=timeout + 5)
+            return (await self.nc.request(subject, data, timeout=timeout)).data
         except nats.errors.NoRespondersError as exc:
             raise BusError(f"nobody answers on {subject}: is gatefleet running?") from exc
         except (nats.errors.TimeoutError, TimeoutError) as exc:
             raise BusError(f"no answer on {subject} within {timeout:g}s") from exc
+        except nats.errors.Error as exc:
+            raise BusError(f"request on {subject} failed: {exc}") from exc
 
     def call_later(self, delay: float, fn: Callable[..., object], *args: Any) -> Timer:
         timer = Timer(self.loop)
@@ -312,6 +314,10 @@ class Bus:
             coro.close()
             raise BusError("Bus.run() called on the bus loop: it would deadlock")
         return self.submit(coro).result(timeout)
+
+
+def _encoded(body: Body) -> bytes:
+    return body if isinstance(body, bytes) else encode(body)
 
 
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:

@@ -54,14 +54,6 @@ class Subjects:
         """Subjects with more tokens than `P.gw.<id>.<verb>`: an id with a dot in it."""
         return f"{self.prefix}.gw.*.*.>"
 
-    def gateway_id_of(self, subject: str) -> str | None:
-        """The `<id>` token of a `P.gw.<id>.<verb>` subject, or None if it is not one."""
-        head = f"{self.prefix}.gw."
-        if not subject.startswith(head):
-            return None
-        token, _, _verb = subject[len(head) :].partition(".")
-        return token if GATEWAY_ID_RE.fullmatch(token) else None
-
     # Client side (PROTOCOL.md section 2).
     def api(self, name: str) -> str:
         """`P.api.<name>`, e.g. api("select-gateway")."""

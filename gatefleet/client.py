@@ -25,10 +25,10 @@ from schemas.api import (
     DistributionListReply,
     DistributionListRequest,
     Empty,
-    ErrorDetail,
     GatewaysReply,
     LoadBalancingConfig,
     LoadBalancingUpdate,
+    MaybeError,
     SelectReply,
     SelectRequest,
     StatusReply,
@@ -66,10 +66,6 @@ _BY_CODE: dict[str, type[GatefleetError]] = {
 }
 
 
-class _MaybeError(msgspec.Struct):
-    error: ErrorDetail | None = None
-
-
 class GatefleetClient:
     def __init__(self, url: str, *, prefix: str = "gatefleet", timeout: float = 5.0) -> None:
         self.subjects = Subjects(prefix)
@@ -103,7 +99,7 @@ class GatefleetClient:
             data = self._bus.ask(self.subjects.api(name), body, self.timeout)
         except BusError as exc:
             raise Unavailable(str(exc)) from exc
-        maybe = decode(data, _MaybeError)
+        maybe = decode(data, MaybeError)
         if maybe.error is not None:
             raise _BY_CODE.get(maybe.error.code, GatefleetError)(maybe.error.message)
         return decode(data, reply_type)

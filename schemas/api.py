@@ -42,6 +42,12 @@ class ErrorReply(_Body, frozen=True, gc=False):
     error: ErrorDetail
 
 
+class MaybeError(_Body, frozen=True, gc=False):
+    """Just enough of any reply to tell an error reply (`error` set) from the others."""
+
+    error: ErrorDetail | None = None
+
+
 class Empty(_Body, frozen=True, gc=False):
     """`{}`: the request body of status, load-balancing.get and gateways."""
 

@@ -12,7 +12,7 @@ import msgspec
 from bus.agent import GatewayAgent, Metrics
 from bus.runtime import Bus, Inbound
 from schemas.api import Empty, GatewaySnapshot, GatewaysReply, StatusReply
-from schemas.codec import decode, encode
+from schemas.codec import decode
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -111,7 +111,3 @@ class ArrivalClock:
         with self._lock:
             self.last = time.monotonic()
             self.count += 1
-
-
-def encode_json(obj: Any) -> bytes:
-    return encode(obj) if isinstance(obj, msgspec.Struct) else msgspec.json.encode(obj)

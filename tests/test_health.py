@@ -470,27 +470,27 @@ def test_batch_with_nothing_accepted_changes_nothing() -> None:
 
 def test_probe_latency_is_smoothed() -> None:
     t = tracker(HealthSettings(latency_smoothing=0.5))
-    assert t.on_probe_ok(100.0, T0) is None
+    assert t.on_probe_ok(100.0) is None
     assert t.probe_latency_ms == pytest.approx(100.0)
-    t.on_probe_ok(20.0, T0 + 1)
+    t.on_probe_ok(20.0)
     assert t.probe_latency_ms == pytest.approx(60.0)
-    t.on_probe_ok(20.0, T0 + 2)
+    t.on_probe_ok(20.0)
     assert t.probe_latency_ms == pytest.approx(40.0)
 
 
 def test_probe_failures_lower_score_degrade_but_never_down() -> None:
     t = tracker()
     beat(t, 1, T0)
-    assert t.on_probe_failed(T0 + 0.1) is None
-    assert t.on_probe_failed(T0 + 0.2) is None
+    assert t.on_probe_failed() is None
+    assert t.on_probe_failed() is None
     assert t.score == pytest.approx(70.0)
-    moved(t.on_probe_failed(T0 + 0.3), "healthy", "degraded")
-    for i in range(10):
-        t.on_probe_failed(T0 + 0.4 + i / 100)
+    moved(t.on_probe_failed(), "healthy", "degraded")
+    for _ in range(10):
+        t.on_probe_failed()
     assert status(t) == "degraded"
     assert t.score == 0.0
     assert t.consecutive_failures == 13
-    t.on_probe_ok(5.0, T0 + 0.9)
+    t.on_probe_ok(5.0)
     assert t.failed_probes == 0
     assert status(t) == "degraded"  # only heartbeats count towards rise
     assert beat(t, 2, T0 + 1) is None  # the good beat before the demotion does not count
@@ -500,7 +500,7 @@ def test_probe_failures_lower_score_degrade_but_never_down() -> None:
 def test_slow_probes_can_degrade() -> None:
     t = tracker(HealthSettings(latency_smoothing=1.0))
     beat(t, 1, T0, cpu_percent=50.0, memory_percent=50.0)  # 72.5, latency unknown
-    tr = t.on_probe_ok(500.0, T0 + 0.5)  # latency part 0: 52.5
+    tr = t.on_probe_ok(500.0)  # latency part 0: 52.5
     moved(tr, "healthy", "degraded")
 
 
@@ -524,8 +524,8 @@ def test_snapshot_carries_every_field() -> None:
         config_versions={"Route": 3},
         labels={"az": "a"},
     )
-    t.on_probe_ok(8.0, T0 + 0.1)
-    t.on_probe_failed(T0 + 0.2)
+    t.on_probe_ok(8.0)
+    t.on_probe_failed()
     s = t.snapshot()
     assert (s.gateway_id, s.region, s.role, s.backup_for) == ("edge-1", "eu-1", "backup", "edge-0")
     assert s.status == "healthy"
