@@ -8,7 +8,7 @@ last version given per config type, desired state (bucket `desired`, mirrored in
 and what it acked, nacked or timed out on), one FIFO queue per config type whose head
 alone runs (two distributions of a type are applied in order, so no gateway ends on the
 older one; types run side by side), the running DistributionActors (it is their parent:
-one that dies is restarted from its stored record), the reconciliations in flight per
+one that dies is restarted from its newest record), the reconciliations in flight per
 gateway, and the distribution counts of `P.api.status`.
 Receives: Distribute, GetDistribution, ListDistributions, Reconcile, DistributionChanged,
 GatewayUpdated, GatewayRemoved, ReconcileDue (its cooldown timers), ChildDied,
@@ -42,9 +42,10 @@ in the next gateways needing the same version, so a mass rejoin makes few distri
 (an operator's request, which also re-pushes a version the gateway rejected and skips the
 cooldown) works either way.
 
-A DistributionActor that dies is started again from its stored record (which is never
-behind what gateways were sent): it resumes, re-sending in-flight pushes with the same
-attempt number. One that dies more than MAX_RESTARTS times is failed instead.
+A DistributionActor that dies is started again from the newest record it told (the
+stored one may lag by the acks since its last send): it resumes, re-sending in-flight
+pushes with the same attempt number. After a restart of the whole orchestrator the
+stored record is all there is; see actors/distribution.py. One that dies more than MAX_RESTARTS times is failed instead.
 """
 
 from __future__ import annotations
@@ -381,11 +382,13 @@ class DistributorActor(SafeActor):
         return failed
 
     def _restart(self, dist_id: str, error: str) -> None:
-        """Its DistributionActor died: a new one resumes it from the stored record."""
+        """Its DistributionActor died: a new one resumes it from the newest record.
+
+        That is the one it told us last (it tells every step, and ChildDied comes after
+        them), not the stored one, which lags by the acks since the last send."""
         if self.running.pop(dist_id, None) is None:
             return  # it had ended already
-        record = self.store.get(dist_id, Distribution) or self.records[dist_id]
-        self._changed(record)  # the store may be a step ahead of what we were told
+        record = self.records[dist_id]
         if record.status in TERMINAL_STATUSES:
             return
         self.restarts[dist_id] += 1

@@ -49,7 +49,7 @@ from schemas.wire import Heartbeat, Ping, Pong
 
 log = logging.getLogger(__name__)
 
-PING = Ping()
+PROBE = Ping()  # the body of every probe request: `{}`
 
 # A heartbeat waiting for its actor, with its arrival time on the receiver's monotonic clock.
 Arrival = tuple[Heartbeat, float]
@@ -268,7 +268,7 @@ class GatewayActor(SafeActor):
             safe_tell(ref, ProbeAnswered(rtt_ms=rtt_ms))
 
         timeout = self.ctx.settings.health.probe_timeout_ms / 1000
-        self.bus.request(self.ctx.subjects.ping(gateway_id), PING, timeout, on_result)
+        self.bus.request(self.ctx.subjects.ping(gateway_id), PROBE, timeout, on_result)
 
 
 def _arrival_time(arrival: Arrival) -> float:
