@@ -25,19 +25,19 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections import deque
+import uuid
 from collections.abc import Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import pykka
 
-from actors.messages import ChildDied
-from bus.edge import reply_error
-from bus.runtime import Bus
+from actors.messages import ChildDied, Request
+from bus.edge import Drops, reply_error, serve
+from bus.runtime import Bus, SubscriptionHandle
+from bus.subjects import Subjects
+from schemas.endpoints import Server, served_by
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Asked once after start-up: an actor that answers has finished `on_start`.
 PING = "ping"
@@ -144,11 +144,23 @@ class SafeActor(pykka.ThreadingActor):
             if isinstance(exc, ActorCrash):
                 raise  # deliberate: let the actor die so supervision can be exercised
             self.handler_errors += 1
-            log.exception("%s failed on %s", type(self).__name__, type(message).__name__)
+            # The requester gets an id to quote, never the exception's text; the log has both.
+            error_id = f"err-{uuid.uuid4().hex[:12]}"
+            name, kind = type(self).__name__, type(message).__name__
+            log.exception("%s failed on %s (error id %s)", name, kind, error_id)
             reply = getattr(message, "reply", None)
             if isinstance(reply, str) and reply:
-                reply_error(self.bus, reply, "internal", f"{type(exc).__name__}: {exc}")
+                reply_error(self.bus, reply, "internal", f"internal error, id {error_id}")
             return None
+
+    def serve(self, server: Server, subjects: Subjects, drops: Drops) -> list[SubscriptionHandle]:
+        """Subscribes to the endpoints `server` serves: each request becomes a `Request`."""
+        me = self.actor_ref
+
+        def on_request(endpoint: Any, body: Any, reply: str) -> None:
+            safe_tell(me, Request(endpoint=endpoint, body=body, reply=reply))
+
+        return serve(self.bus, subjects, served_by(server), on_request, drops)
 
     def handle(self, message: Any) -> Any:
         log.warning("%s: unexpected message %r", type(self).__name__, message)
@@ -189,41 +201,3 @@ def tell_latest(ref: pykka.ActorRef[Any], key: Hashable, message: Any) -> None:
 
 class ActorCrash(Exception):
     """Raised on purpose (fault injection) to kill an actor and test its restart."""
-
-
-class Coalescer(Generic[T]):
-    """Items handed from the bus loop to one actor, with at most one wake-up in flight.
-
-    The loop `put`s each item and tells the actor only when `put` returns True, that is
-    when no wake-up is pending; the actor, when that message reaches it, `take`s all the
-    items put so far. So a burst costs one `tell` (one thread wake-up) instead of one per
-    item, and the loop never waits for the actor: no lock, a deque and a flag.
-
-    Why nothing is lost: `take` clears the flag *before* it empties the deque, and `put`
-    appends *before* it reads the flag. An item put after the flag was cleared sends a new
-    wake-up; one put before is in the deque that `take` empties. (The worst race costs an
-    extra wake-up that finds nothing.) One thread puts, one thread takes.
-    """
-
-    __slots__ = ("_armed", "_items")
-
-    def __init__(self) -> None:
-        self._items: deque[T] = deque()
-        self._armed = False
-
-    def put(self, item: T) -> bool:
-        """Loop side: True when the caller must wake the actor."""
-        self._items.append(item)
-        if self._armed:
-            return False
-        self._armed = True
-        return True
-
-    def take(self) -> list[T]:
-        """Actor side: every item put so far, in the order put."""
-        self._armed = False
-        pop = self._items.popleft
-        return [pop() for _ in range(len(self._items))]
-
-    def __len__(self) -> int:
-        return len(self._items)

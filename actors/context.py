@@ -6,8 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from actors.tally import Tally
-from bus.edge import Drops
+from bus.edge import Drops, Tally
 from bus.jetstream import KvStore
 from bus.runtime import Bus
 from bus.subjects import Subjects

@@ -66,21 +66,19 @@ from actors.context import Context
 from actors.distribution import DistributionActor
 from actors.distribution_machine import TERMINAL_STATUSES, new_distribution, resolve_targets
 from actors.messages import (
-    AddListener,
     ChildDied,
-    Distribute,
     DistributionChanged,
     DistributionCounts,
     GatewayRemoved,
     GatewayUpdated,
-    GetDistribution,
-    ListDistributions,
-    Reconcile,
     ReconcileDue,
+    ReportTo,
+    Request,
 )
 from actors.reconciliation import Desired, Outcome, OutOfSync, Push, Reconciler
-from bus.edge import reply_error, request_handler
+from bus.edge import reply_error
 from bus.runtime import SubscriptionHandle
+from schemas import endpoints as api
 from schemas.api import (
     DistributeReply,
     DistributeRequest,
@@ -99,7 +97,6 @@ from schemas.events import DistributionEvent, Reconciliation, utc_now
 
 log = logging.getLogger(__name__)
 
-API_QUEUE = "gatefleet-api"
 RECORD_KEY_RE = re.compile(r"^dist-[A-Za-z0-9-]+$")
 SPEC_SUFFIX = ".spec"
 VERSIONS_PREFIX = "versions."
@@ -129,41 +126,14 @@ class DistributorActor(SafeActor):
         self.restarts: Counter[str] = Counter()  # per distribution id
         self.reconciling: dict[str, set[str]] = {}  # gateway -> reconciliations in flight
         self.statuses: Counter[DistributionStatus] = Counter()
-        self.listeners: list[pykka.ActorRef[Any]] = []
+        self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
         self._subscriptions: list[SubscriptionHandle] = []
 
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
         self._load()
-        me, api, drops = self.actor_ref, self.ctx.subjects.api, self.ctx.drops
-        routes: list[tuple[str, Any, Any]] = [
-            (
-                "distribute",
-                DistributeRequest,
-                lambda r, to: me.tell(Distribute(request=r, reply=to)),
-            ),
-            (
-                "distributions.get",
-                DistributionGetRequest,
-                lambda r, to: me.tell(GetDistribution(request=r, reply=to)),
-            ),
-            (
-                "distributions.list",
-                DistributionListRequest,
-                lambda r, to: me.tell(ListDistributions(request=r, reply=to)),
-            ),
-            (
-                "reconcile",
-                ReconcileRequest,
-                lambda r, to: me.tell(
-                    Reconcile(gateway_id=r.gateway_id, config_type=r.config_type, reply=to)
-                ),
-            ),
-        ]
-        for name, kind, on_request in routes:
-            handler = request_handler(self.bus, kind, on_request, drops)
-            self._subscriptions.append(self.bus.subscribe(api(name), handler, queue=API_QUEUE))
+        self._subscriptions = self.serve("distributor", self.ctx.subjects, self.ctx.drops)
         for config_type in list(self.queues):
             self._start_head(config_type)
 
@@ -210,9 +180,13 @@ class DistributorActor(SafeActor):
 
     def handle(self, message: Any) -> Any:
         match message:
-            case Distribute(request=request, reply=reply):
+            case Request(endpoint=api.DISTRIBUTE, body=DistributeRequest() as request, reply=reply):
                 self._distribute(request, reply)
-            case GetDistribution(request=request, reply=reply):
+            case Request(
+                endpoint=api.DISTRIBUTIONS_GET,
+                body=DistributionGetRequest() as request,
+                reply=reply,
+            ):
                 record = self.records.get(request.distribution_id)
                 if record is None:
                     reply_error(
@@ -220,7 +194,11 @@ class DistributorActor(SafeActor):
                     )
                 else:
                     self.bus.publish(reply, record)
-            case ListDistributions(request=request, reply=reply):
+            case Request(
+                endpoint=api.DISTRIBUTIONS_LIST,
+                body=DistributionListRequest() as request,
+                reply=reply,
+            ):
                 rows = [
                     r
                     for r in self.records.values()
@@ -228,8 +206,8 @@ class DistributorActor(SafeActor):
                 ]
                 rows.sort(key=lambda r: (r.created_at, r.id))
                 self.bus.publish(reply, DistributionListReply(distributions=rows))
-            case Reconcile():
-                self._reconcile_request(message)
+            case Request(endpoint=api.RECONCILE, body=ReconcileRequest() as request, reply=reply):
+                self._reconcile_request(request, reply)
             case DistributionChanged(record=record):
                 self._changed(record)
             case GatewayUpdated(snapshot=snapshot):
@@ -241,9 +219,9 @@ class DistributorActor(SafeActor):
                 self._reconcile([gateway_id])
             case ChildDied(kind="DistributionActor", key=dist_id, error=error):
                 self._restart(dist_id, error)
-            case AddListener(listener=listener):
-                self.listeners.append(listener)
-                listener.tell(self._counts())
+            case ReportTo(supervisor=supervisor):
+                self.supervisor = supervisor
+                supervisor.tell(self._counts())
             case _:
                 return super().handle(message)
         return None
@@ -419,9 +397,8 @@ class DistributorActor(SafeActor):
             self.statuses[old.status] -= 1
         self.statuses[record.status] += 1
         counts = self._counts()
-        if counts != before:
-            for listener in self.listeners:
-                listener.tell(counts)
+        if counts != before and self.supervisor is not None:
+            self.supervisor.tell(counts)
 
     def _counts(self) -> DistributionCounts:
         s = self.statuses
@@ -474,17 +451,17 @@ class DistributorActor(SafeActor):
                     log.warning("gateway %s: %s of %s", gw, decision.reason, config_type)
                     self._emit_reconciliation(decision, None)
 
-    def _reconcile_request(self, request: Reconcile) -> None:
+    def _reconcile_request(self, request: ReconcileRequest, reply: str) -> None:
         """`P.api.reconcile`: push now, even a version the gateway rejected."""
         gw, config_type = request.gateway_id, request.config_type
         if gw not in self.reconciler.active:
-            reply_error(self.bus, request.reply, "not_found", f"no gateway {gw}")
+            reply_error(self.bus, reply, "not_found", f"no gateway {gw}")
             return
         if config_type is None:
             config_types = self.reconciler.config_types(gw)
         elif self.reconciler.desired(gw, config_type) is None:
             message = f"no desired version of {config_type} for {gw}"
-            reply_error(self.bus, request.reply, "not_found", message)
+            reply_error(self.bus, reply, "not_found", message)
             return
         else:
             config_types = [config_type]
@@ -502,7 +479,7 @@ class DistributorActor(SafeActor):
                 skipped[name] = decision.reason
             else:
                 created.append(dist_id)
-        self.bus.publish(request.reply, ReconcileReply(distributions=created, skipped=skipped))
+        self.bus.publish(reply, ReconcileReply(distributions=created, skipped=skipped))
 
     def _busy(self, gw: str, config_type: str, *, forced: bool = False) -> str | None:
         """Why the gateway must not be pushed `config_type` now, if it must not."""

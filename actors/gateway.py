@@ -1,78 +1,53 @@
 """GatewayActor: one per gateway; owns that gateway's health.
 
-Owns: a HealthTracker (metrics, score, status with hysteresis), the subscription to
-`P.gw.<id>.heartbeat`, the probe timer (`P.gw.<id>.ping`) and the staleness timer.
-Receives: HeartbeatsPending, HeartbeatReceived (from discovery), Tick, ProbeDue,
-ProbeAnswered, SetThreshold.
+Owns: a HealthTracker (metrics, score, status with hysteresis), the probe timer
+(`P.gw.<id>.ping`) and the staleness timer. Its heartbeats come through its route at the
+bus edge (actors/routes.py), which is its subscription to `P.gw.<id>.heartbeat`: the edge
+decodes and checks each one and puts it, with its arrival time, in the actor's
+`Coalescer`, telling it `HeartbeatsPending` only when no such message is already on its
+way. The actor takes every heartbeat waiting when it runs and hands them to its tracker
+as one batch (actors/health.py, "Batches"). At steady rates a batch holds one heartbeat;
+when the actor falls behind, one wake-up, one health evaluation and one update to the
+load balancer serve many heartbeats, so the cost of a thread wake-up is paid per batch.
+Receives: HeartbeatsPending, Tick, ProbeDue, ProbeAnswered, SetThreshold.
 Emits: gateway.status_changed, gateway.down, gateway.recovered; tells the load balancer
-GatewayUpdated after every batch of accepted heartbeats, and every listener on a change
-of status or of the config versions the gateway reports (what reconciliation acts on).
-
-Heartbeats are coalesced on the bus loop: the subscription handler decodes and checks
-each one and puts it, with its arrival time, in the actor's `Coalescer`; it tells the
-actor `HeartbeatsPending` only when no such message is already on its way. The actor
-takes every heartbeat waiting when it runs and hands them to its tracker as one batch
-(actors/health.py, "Batches"). At steady rates a batch holds one heartbeat; when the
-actor falls behind, one wake-up, one health evaluation and one update to the load
-balancer serve many heartbeats, so the cost of a thread wake-up is paid per batch.
+GatewayUpdated after every batch of accepted heartbeats (through its latest lane: it keeps
+only the newest snapshot of each gateway), and the supervisor and the distributor on a
+change of status or of the config versions the gateway reports (what reconciliation acts
+on).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pykka
 
-from actors.base import Coalescer, SafeActor, safe_tell, tell_latest
+from actors.base import SafeActor, safe_tell, tell_latest
+from actors.coalescer import Coalescer
 from actors.context import Context
 from actors.health import HealthTracker, Transition
 from actors.messages import (
-    HEARTBEATS_PENDING,
+    Arrival,
     GatewayUpdated,
-    HeartbeatReceived,
     HeartbeatsPending,
     ProbeAnswered,
     ProbeDue,
     SetThreshold,
     Tick,
 )
-from bus.edge import decode_from_gateway
-from bus.runtime import Inbound, Reply, RequestFailed, SubscriptionHandle
+from bus.runtime import Reply, RequestFailed
 from schemas.codec import DecodeError, decode
 from schemas.events import GatewayDown, GatewayRecovered, GatewayStatusChanged
 from schemas.settings import GatewayEntry
-from schemas.wire import Heartbeat, Ping, Pong
+from schemas.wire import Ping, Pong
 
 log = logging.getLogger(__name__)
 
 PROBE = Ping()  # the body of every probe request: `{}`
-
-# A heartbeat waiting for its actor, with its arrival time on the receiver's monotonic clock.
-Arrival = tuple[Heartbeat, float]
-
-
-def heartbeat_handler(
-    gateway_id: str,
-    ref: pykka.ActorRef[Any],
-    context: Context,
-    pending: Coalescer[Arrival],
-) -> Callable[[Inbound], None]:
-    """The loop-side handler of one gateway's heartbeat subject: decode, check, coalesce."""
-    drops = context.drops
-    clock = time.monotonic
-
-    def handle(msg: Inbound) -> None:
-        heartbeat = decode_from_gateway(msg, Heartbeat, gateway_id, drops)
-        if heartbeat is None:
-            return
-        if pending.put((heartbeat, clock())):
-            safe_tell(ref, HEARTBEATS_PENDING)
-
-    return handle
 
 
 class GatewayActor(SafeActor):
@@ -82,13 +57,13 @@ class GatewayActor(SafeActor):
         entry: GatewayEntry,
         *,
         threshold: float,
-        listeners: list[pykka.ActorRef[Any]],
-        first: HeartbeatReceived | None = None,
-        on_subscribed: Any = None,
-        parent: pykka.ActorRef[Any] | None = None,
+        pending: Coalescer[Arrival],
+        load_balancer: pykka.ActorRef[Any],
+        supervisor: pykka.ActorRef[Any],
+        distributor: pykka.ActorRef[Any],
     ) -> None:
         super().__init__()
-        self.parent = parent
+        self.parent = supervisor
         self.supervision_key = entry.id
         self.ctx = context
         self.bus = context.bus
@@ -101,40 +76,27 @@ class GatewayActor(SafeActor):
             settings=context.settings.health,
             threshold=threshold,
         )
-        self.listeners = listeners
-        self._first = first
-        self._on_subscribed = on_subscribed
-        self._subscription: SubscriptionHandle | None = None
-        self._pending: Coalescer[Arrival] = Coalescer()
+        self.load_balancer = load_balancer
+        self.supervisor = supervisor
+        self.distributor = distributor
+        self._pending = pending
         self._tick_at: float | None = None
         self._tick_generation = 0
         self.heartbeats_accepted = 0
         self.heartbeat_batches = 0  # wake-ups that took heartbeats: <= heartbeats_accepted
 
     def on_start(self) -> None:
-        subject = self.ctx.subjects.heartbeat(self.gateway_id)
-        handler = heartbeat_handler(self.gateway_id, self.actor_ref, self.ctx, self._pending)
-        self._subscription = self.bus.subscribe(subject, handler)
-        if self._on_subscribed is not None:
-            self._on_subscribed(self.gateway_id)
-        if self._first is not None:
-            first, self._first = self._first, None
-            self._on_heartbeats(first)
-        else:
+        if len(self._pending):
+            self._on_heartbeats()  # the first heartbeat, from discovery (or a restart's)
+        if self.tracker.status == "unknown":
             self._tell_listeners(self.tracker.status)
         if self.ctx.settings.health.probe_interval_ms:
             self._schedule_probe()
-
-    def on_stop(self) -> None:
-        if self._subscription is not None:
-            self._subscription.unsubscribe()
 
     def handle(self, message: Any) -> Any:
         match message:
             case HeartbeatsPending():
                 self._on_heartbeats()
-            case HeartbeatReceived():  # from discovery, before our own subscription was live
-                self._on_heartbeats(message)
             case Tick(generation=generation):
                 if generation == self._tick_generation:
                     self._tick_at = None
@@ -157,12 +119,9 @@ class GatewayActor(SafeActor):
                 return super().handle(message)
         return None
 
-    def _on_heartbeats(self, discovered: HeartbeatReceived | None = None) -> None:
-        """Every heartbeat waiting in the Coalescer (and one from discovery), as one batch."""
+    def _on_heartbeats(self) -> None:
+        """Every heartbeat waiting in the Coalescer, as one batch."""
         batch = self._pending.take()
-        if discovered is not None:  # the older path: merged in arrival order
-            batch.append((discovered.heartbeat, discovered.received_at))
-            batch.sort(key=_arrival_time)
         if not batch:
             return
         tracker = self.tracker
@@ -220,15 +179,14 @@ class GatewayActor(SafeActor):
         self._tell_listeners(old)
 
     def _tell_listeners(self, old_status: Any, *, everyone: bool = True) -> None:
+        """The load balancer hears every update, through its latest lane (it keeps only the
+        newest snapshot of each gateway); the supervisor and distributor, each change, in
+        order, when `everyone`."""
         update = GatewayUpdated(snapshot=self.tracker.snapshot(), old_status=old_status)
-        # listeners[0] is the load balancer: every update, through its latest lane (it keeps
-        # only the newest snapshot of each gateway). The others want every change, in order.
-        listeners = self.listeners
-        if listeners:
-            tell_latest(listeners[0], self.gateway_id, update)
+        tell_latest(self.load_balancer, self.gateway_id, update)
         if everyone:
-            for ref in listeners[1:]:
-                safe_tell(ref, update)
+            safe_tell(self.supervisor, update)
+            safe_tell(self.distributor, update)
 
     def _schedule_tick(self) -> None:
         now = self.ctx.clock()
@@ -269,7 +227,3 @@ class GatewayActor(SafeActor):
 
         timeout = self.ctx.settings.health.probe_timeout_ms / 1000
         self.bus.request(self.ctx.subjects.ping(gateway_id), PROBE, timeout, on_result)
-
-
-def _arrival_time(arrival: Arrival) -> float:
-    return arrival[1]

@@ -4,14 +4,14 @@ Owns: the selection `Pool` (every gateway's latest snapshot, fed by GatewayActor
 never asked at selection time, and the eligible ones, kept up to date one change at a
 time), the strategy and threshold in force (persisted in the `settings` bucket),
 round-robin cursors and sticky-client assignments.
-Receives: GatewayUpdated, GatewayRemoved, SelectGateway, Get/SetLoadBalancing,
-ListGateways, AddListener; from the supervisor FindReplacementFor (answered with
+Receives: GatewayUpdated, GatewayRemoved, the requests below, ReportTo (from app.py:
+whom to tell LoadBalancingInForce); from the supervisor FindReplacementFor (answered with
 ReplacementFound) and Hold/ReleaseGateway (failed-over primaries kept out of the pool
 until a manual failback).
 Emits: `lb.selected` per decision (when audit.record_selections; built after the reply
 is published, and compact: the chosen candidate and the best AUDIT_CANDIDATES others by
 the strategy's measure, the first AUDIT_EXCLUDED excluded, with both counts), `lb.changed`;
-tells listeners LoadBalancingInForce.
+tells the supervisor LoadBalancingInForce.
 Serves: `P.api.select-gateway`, `P.api.load-balancing.get|set`, `P.api.gateways`.
 """
 
@@ -28,26 +28,22 @@ from actors.base import SafeActor
 from actors.context import Context
 from actors.failover import choose_replacement
 from actors.messages import (
-    AddListener,
     FindReplacementFor,
     GatewayRemoved,
     GatewayUpdated,
-    GetLoadBalancing,
     HoldGateway,
-    ListGateways,
     LoadBalancingInForce,
     ReleaseGateway,
     ReplacementFound,
-    SelectGateway,
-    SetLoadBalancing,
+    ReportTo,
+    Request,
+    TableStats,
 )
 from actors.pool import Pool
 from actors.strategies import Selection, SelectorState, select, shortlist
-from bus.edge import request_handler
 from bus.runtime import SubscriptionHandle
+from schemas import endpoints as api
 from schemas.api import (
-    Empty,
-    GatewaySnapshot,
     GatewaysReply,
     LoadBalancingConfig,
     LoadBalancingUpdate,
@@ -65,7 +61,6 @@ from schemas.events import (
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "load_balancing"
-API_QUEUE = "gatefleet-api"
 MAX_STICKY_CLIENTS = 100_000
 # What one lb.selected event records (about 12 KiB at most, whatever the fleet's size).
 AUDIT_CANDIDATES = 50  # besides the chosen one
@@ -125,12 +120,10 @@ class LoadBalancerActor(SafeActor):
             self.config.health_threshold,
             reference=context.settings.health.connection_reference,
         )
-        # Every gateway's latest snapshot (the pool's; benchmarks read it directly).
-        self.table: dict[str, GatewaySnapshot] = self.pool.gateways
         self.state = SelectorState()
         self.rng = random.Random(context.settings.load_balancing.random_seed)
         self.sticky: OrderedDict[str, str] = OrderedDict()
-        self.listeners: list[pykka.ActorRef[Any]] = []
+        self.supervisor: pykka.ActorRef[Any] | None = None
         self._subscriptions: list[SubscriptionHandle] = []
 
     def on_start(self) -> None:
@@ -151,24 +144,7 @@ class LoadBalancerActor(SafeActor):
                 ha_enabled=self.ctx.settings.orchestrator.ha_enabled,
             )
         )
-        me, api, drops = self.actor_ref, self.ctx.subjects.api, self.ctx.drops
-        routes: list[tuple[str, Any, Any]] = [
-            (
-                "select-gateway",
-                SelectRequest,
-                lambda r, to: me.tell(SelectGateway(request=r, reply=to)),
-            ),
-            ("load-balancing.get", Empty, lambda _r, to: me.tell(GetLoadBalancing(reply=to))),
-            (
-                "load-balancing.set",
-                LoadBalancingUpdate,
-                lambda r, to: me.tell(SetLoadBalancing(update=r, reply=to)),
-            ),
-            ("gateways", Empty, lambda _r, to: me.tell(ListGateways(reply=to))),
-        ]
-        for name, kind, on_request in routes:
-            handler = request_handler(self.bus, kind, on_request, drops)
-            self._subscriptions.append(self.bus.subscribe(api(name), handler, queue=API_QUEUE))
+        self._subscriptions = self.serve("load_balancer", self.ctx.subjects, self.ctx.drops)
 
     def on_stop(self) -> None:
         for subscription in self._subscriptions:
@@ -176,22 +152,28 @@ class LoadBalancerActor(SafeActor):
 
     def handle(self, message: Any) -> Any:
         match message:
-            case SelectGateway(request=request, reply=reply):
+            case Request(endpoint=api.SELECT_GATEWAY, body=SelectRequest() as request, reply=reply):
                 self._select(request, reply)
             case GatewayUpdated(snapshot=snapshot):
                 self.pool.update(snapshot)
             case GatewayRemoved(gateway_id=gateway_id):
                 self.pool.remove(gateway_id)
-            case GetLoadBalancing(reply=reply):
+            case Request(endpoint=api.LOAD_BALANCING_GET, reply=reply):
                 self.bus.publish(reply, self.config)
-            case SetLoadBalancing(update=update, reply=reply):
+            case Request(
+                endpoint=api.LOAD_BALANCING_SET, body=LoadBalancingUpdate() as update, reply=reply
+            ):
                 self._set(update, reply)
-            case ListGateways(reply=reply):
-                rows = sorted(self.table.values(), key=lambda s: s.gateway_id)
+            case Request(endpoint=api.GATEWAYS, reply=reply):
+                rows = sorted(self.pool.gateways.values(), key=lambda s: s.gateway_id)
                 self.bus.publish(reply, GatewaysReply(gateways=rows))
-            case AddListener(listener=listener):
-                self.listeners.append(listener)
-                listener.tell(LoadBalancingInForce(config=self.config))
+            case TableStats():
+                table = self.pool.gateways
+                healthy = sum(1 for row in table.values() if row.status == "healthy")
+                return len(table), sum(row.heartbeats for row in table.values()), healthy
+            case ReportTo(supervisor=supervisor):
+                self.supervisor = supervisor
+                supervisor.tell(LoadBalancingInForce(config=self.config))
             case FindReplacementFor(gateway_id=gateway_id, reply_to=reply_to):
                 reply_to.tell(self._replacement(gateway_id))
             case HoldGateway(gateway_id=gateway_id):
@@ -234,7 +216,7 @@ class LoadBalancerActor(SafeActor):
             self.ctx.emit(selection_event(event_id, request, selection, self.pool, self.config))
 
     def _replacement(self, gateway_id: str) -> ReplacementFound:
-        failed = self.table.get(gateway_id)
+        failed = self.pool.gateways.get(gateway_id)
         if failed is None:
             return ReplacementFound(gateway_id=gateway_id, to=None, reason="unknown gateway")
         choice = choose_replacement(
@@ -276,6 +258,6 @@ class LoadBalancerActor(SafeActor):
                     new_threshold=new.health_threshold,
                 )
             )
-            for listener in self.listeners:
-                listener.tell(LoadBalancingInForce(config=new))
+            if self.supervisor is not None:
+                self.supervisor.tell(LoadBalancingInForce(config=new))
         self.bus.publish(reply, new)

@@ -10,19 +10,14 @@ from typing import Any, Literal
 import msgspec
 import pykka
 
-from schemas.api import (
-    DistributeRequest,
-    Distribution,
-    DistributionGetRequest,
-    DistributionListRequest,
-    FailbackRequest,
-    GatewaySnapshot,
-    LoadBalancingConfig,
-    LoadBalancingUpdate,
-    SelectRequest,
-)
+from actors.coalescer import Coalescer
+from schemas.api import Distribution, GatewaySnapshot, LoadBalancingConfig
+from schemas.endpoints import Endpoint
 from schemas.types import GatewayStatus
 from schemas.wire import Heartbeat
+
+# A heartbeat waiting for its actor, with its arrival time on the receiver's monotonic clock.
+Arrival = tuple[Heartbeat, float]
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,15 +30,16 @@ class _Message(msgspec.Struct, frozen=True, kw_only=True):
 # Gateways ---------------------------------------------------------------------------------
 
 
-class HeartbeatReceived(_Message, frozen=True, gc=False):
-    """Discovery (the supervisor's wildcard) -> Supervisor -> a new GatewayActor."""
+class Discovered(_Message, frozen=True):
+    """GatewayRoutes -> Supervisor: the first heartbeat of an id with no route. It waits,
+    with those that follow, in `pending` for the actor the supervisor starts."""
 
     heartbeat: Heartbeat
-    received_at: float  # receiver's monotonic clock
+    pending: Coalescer[Arrival]
 
 
 class HeartbeatsPending(_Message, frozen=True):
-    """Bus loop -> GatewayActor: heartbeats wait in its Coalescer (one in flight at most)."""
+    """GatewayRoutes -> GatewayActor: heartbeats wait in its Coalescer (one in flight at most)."""
 
 
 HEARTBEATS_PENDING = HeartbeatsPending()
@@ -83,25 +79,31 @@ class GatewayRemoved(_Message, frozen=True):
     gateway_id: str
 
 
+# Requests ---------------------------------------------------------------------------------
+
+
+class Request(_Message, frozen=True, gc=False):
+    """Bus edge -> the actor serving `endpoint` (schemas/endpoints.py): a decoded request
+    body; the actor publishes the reply (or an error reply) on `reply`."""
+
+    endpoint: Endpoint[Any, Any]
+    body: Any
+    reply: str
+
+
+class ReportTo(_Message, frozen=True):
+    """app.py -> LoadBalancer and Distributor: tell `supervisor` what `P.api.status`
+    reports (LoadBalancingInForce, DistributionCounts), now and on every change."""
+
+    supervisor: pykka.ActorRef[Any]
+
+
 # Load balancing ---------------------------------------------------------------------------
 
 
-class SelectGateway(_Message, frozen=True):
-    request: SelectRequest
-    reply: str
-
-
-class GetLoadBalancing(_Message, frozen=True):
-    reply: str
-
-
-class SetLoadBalancing(_Message, frozen=True):
-    update: LoadBalancingUpdate
-    reply: str
-
-
-class ListGateways(_Message, frozen=True):
-    reply: str
+class TableStats(_Message, frozen=True):
+    """Asked of the LoadBalancer (a documented hook for benchmarks and tests): answers
+    (gateways in its table, sum of their accepted heartbeats, how many are healthy)."""
 
 
 class LoadBalancingInForce(_Message, frozen=True):
@@ -110,33 +112,7 @@ class LoadBalancingInForce(_Message, frozen=True):
     config: LoadBalancingConfig
 
 
-class AddListener(_Message, frozen=True):
-    listener: pykka.ActorRef[Any]
-
-
-# Status -----------------------------------------------------------------------------------
-
-
-class GetStatus(_Message, frozen=True):
-    reply: str
-
-
 # Distribution -----------------------------------------------------------------------------
-
-
-class Distribute(_Message, frozen=True):
-    request: DistributeRequest
-    reply: str
-
-
-class GetDistribution(_Message, frozen=True):
-    request: DistributionGetRequest
-    reply: str
-
-
-class ListDistributions(_Message, frozen=True):
-    request: DistributionListRequest
-    reply: str
 
 
 class DistributionCounts(_Message, frozen=True):
@@ -201,20 +177,7 @@ class ReleaseGateway(_Message, frozen=True):
     gateway_id: str
 
 
-class FailbackRequested(_Message, frozen=True):
-    request: FailbackRequest
-    reply: str
-
-
 # Reconciliation ---------------------------------------------------------------------------
-
-
-class Reconcile(_Message, frozen=True):
-    """`P.api.reconcile` -> Distributor: push a gateway's desired versions now (forced)."""
-
-    gateway_id: str
-    config_type: str | None  # None: every type with a desired version
-    reply: str
 
 
 class ReconcileDue(_Message, frozen=True):

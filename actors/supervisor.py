@@ -1,31 +1,28 @@
 """SupervisorActor: owns the fleet's membership and the orchestrator's status.
 
 Owns: one GatewayActor per known gateway (spawned from the config file at start or on a
-first valid heartbeat), the wildcard subscriptions `P.gw.*.heartbeat|goodbye` that
-discover new gateways and hear goodbyes, and `P.gw.*.*.>` that counts malformed subjects
-(an id with a dot in it); never `P.gw.>`, which would answer for absent gateways' config
-and ping requests and hide their "no responders", and the numbers of `P.api.status`.
+first valid heartbeat), the edge routes of gateway traffic (actors/routes.py: it attaches
+and detaches each gateway's route), and the numbers of `P.api.status`.
 Also runs failover (actors/failover.py): a gateway that goes down has its traffic
 redirected to a replacement the load balancer picks (`P.redirect.<id>`), recovered
 primaries fail back (at once, or on `P.api.failback` when `[ha] failback = "manual"`),
 and a mass failure freezes all this. It restarts GatewayActors that die.
-Receives: HeartbeatReceived (discovery), GoodbyeReceived, GatewayUpdated (status
-changes), LoadBalancingInForce, DistributionCounts, ReplacementFound, ChildDied,
-FailbackRequested, GetStatus.
+Receives: Discovered, GoodbyeReceived (from the routes), GatewayUpdated (status changes),
+LoadBalancingInForce, DistributionCounts, ReplacementFound, ChildDied, and the requests of
+`status` and `failback`.
 Emits: gateway.registered, gateway.left, ha.failover, ha.failback, ha.alarm.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections import Counter
 from typing import Any
 
 import pykka
 
-from actors.base import SafeActor, safe_tell
+from actors.base import SafeActor
+from actors.coalescer import Coalescer
 from actors.context import Context
 from actors.failover import (
     Action,
@@ -39,26 +36,26 @@ from actors.failover import (
 )
 from actors.gateway import GatewayActor
 from actors.messages import (
-    AddListener,
+    Arrival,
     ChildDied,
+    Discovered,
     DistributionCounts,
-    FailbackRequested,
     FindReplacementFor,
     GatewayRemoved,
     GatewayUpdated,
-    GetStatus,
     GoodbyeReceived,
-    HeartbeatReceived,
     HoldGateway,
     LoadBalancingInForce,
     ReleaseGateway,
     ReplacementFound,
+    Request,
     SetThreshold,
 )
-from bus.edge import decode_from_gateway, reply_error, request_handler
-from bus.runtime import Inbound, SubscriptionHandle
+from actors.routes import GatewayRoutes
+from bus.edge import reply_error
+from bus.runtime import SubscriptionHandle
+from schemas import endpoints as api
 from schemas.api import (
-    Empty,
     FailbackReply,
     FailbackRequest,
     GatewaySnapshot,
@@ -67,21 +64,20 @@ from schemas.api import (
 )
 from schemas.events import Alarm, Failback, Failover, GatewayLeft, GatewayRegistered
 from schemas.settings import GatewayEntry
-from schemas.types import GATEWAY_ID_RE, GatewayStatus
-from schemas.wire import Goodbye, Heartbeat
+from schemas.types import GatewayStatus
 from schemas.wire import Redirect as RedirectNotice
 
 log = logging.getLogger(__name__)
-
-API_QUEUE = "gatefleet-api"
 
 
 class SupervisorActor(SafeActor):
     def __init__(
         self,
         context: Context,
+        *,
         load_balancer: pykka.ActorRef[Any],
         distributor: pykka.ActorRef[Any],
+        routes: GatewayRoutes,
     ) -> None:
         super().__init__()
         self.ctx = context
@@ -89,16 +85,15 @@ class SupervisorActor(SafeActor):
         self.load_balancer = load_balancer
         # Hears gateway status changes and removals (it started first, so it misses none).
         self.distributor = distributor
+        self.routes = routes
         self.lb_config = LoadBalancingConfig(
             strategy=context.settings.orchestrator.load_balancing_strategy,
             health_threshold=context.settings.orchestrator.health_threshold_percent,
         )
         self.gateways: dict[str, pykka.ActorRef[Any]] = {}
         self.statuses: dict[str, GatewayStatus] = {}
-        # Read by the loop-side handler: ids whose own subscription is live. Replaced, never
-        # mutated, so the loop always sees a consistent set.
-        self.subscribed: frozenset[str] = frozenset()
-        self._subscribed_lock = threading.Lock()
+        # Each gateway's heartbeats waiting for its actor (shared with its route).
+        self.pending: dict[str, Coalescer[Arrival]] = {}
         self._subscriptions: list[SubscriptionHandle] = []
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
         self.entries: dict[str, GatewayEntry] = {}  # latest identity, to restart an actor
@@ -114,69 +109,26 @@ class SupervisorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        self.load_balancer.tell(AddListener(listener=self.actor_ref))
         for entry in self.ctx.settings.gateways:
-            self._spawn(entry, first=None, source="config")
-        subjects = self.ctx.subjects
-        traffic = self._gateway_traffic_handler()
-        for pattern in (subjects.all_heartbeats, subjects.all_goodbyes, subjects.malformed_gateway):
-            self._subscriptions.append(self.bus.subscribe(pattern, traffic))
-        me = self.actor_ref
-        status = request_handler(
-            self.bus, Empty, lambda _r, to: me.tell(GetStatus(reply=to)), self.ctx.drops
-        )
-        self._subscriptions.append(
-            self.bus.subscribe(subjects.api("status"), status, queue=API_QUEUE)
-        )
-        failback = request_handler(
-            self.bus,
-            FailbackRequest,
-            lambda r, to: me.tell(FailbackRequested(request=r, reply=to)),
-            self.ctx.drops,
-        )
-        self._subscriptions.append(
-            self.bus.subscribe(subjects.api("failback"), failback, queue=API_QUEUE)
-        )
+            self._spawn(entry, Coalescer(), source="config")
+        self.routes.start(self.actor_ref)
+        self._subscriptions = self.serve("supervisor", self.ctx.subjects, self.ctx.drops)
 
     def on_stop(self) -> None:
+        self.routes.stop()
         for subscription in self._subscriptions:
             subscription.unsubscribe()
         for ref in self.gateways.values():
             ref.stop(timeout=5)
 
-    def _gateway_traffic_handler(self) -> Any:
-        """Loop side of the gateway wildcards: discovery, goodbyes, malformed subjects."""
-        prefix = self.ctx.subjects.prefix + ".gw."
-        drops, me = self.ctx.drops, self.actor_ref
-
-        def handle(msg: Inbound) -> None:
-            gateway_id, _, verb = msg.subject[len(prefix) :].partition(".")
-            if verb == "heartbeat" and gateway_id in self.subscribed:
-                return  # its GatewayActor's own subscription has it (the common case: first)
-            if not GATEWAY_ID_RE.fullmatch(gateway_id) or verb not in ("heartbeat", "goodbye"):
-                drops.drop("bad_subject", msg.subject, "not P.gw.<id>.heartbeat|goodbye")
-                return
-            if verb == "heartbeat":
-                heartbeat = decode_from_gateway(msg, Heartbeat, gateway_id, drops)
-                if heartbeat is not None:
-                    received = HeartbeatReceived(heartbeat=heartbeat, received_at=time.monotonic())
-                    safe_tell(me, received)
-            elif decode_from_gateway(msg, Goodbye, gateway_id, drops) is not None:
-                safe_tell(me, GoodbyeReceived(gateway_id=gateway_id))
-
-        return handle
-
     # Messages ----------------------------------------------------------------------------
 
     def handle(self, message: Any) -> Any:
         match message:
-            case HeartbeatReceived(heartbeat=heartbeat):
-                ref = self.gateways.get(heartbeat.gateway_id)
-                if ref is not None:
-                    ref.tell(message)  # arrived before its actor's subscription was live
-                else:
+            case Discovered(heartbeat=heartbeat, pending=pending):
+                if heartbeat.gateway_id not in self.gateways:
                     entry = GatewayEntry(id=heartbeat.gateway_id, region=heartbeat.region)
-                    self._spawn(entry, first=message, source="heartbeat")
+                    self._spawn(entry, pending, source="heartbeat")
             case GoodbyeReceived(gateway_id=gateway_id):
                 self._remove(gateway_id, "goodbye")
             case GatewayUpdated(snapshot=snapshot):
@@ -184,8 +136,10 @@ class SupervisorActor(SafeActor):
             case ReplacementFound(gateway_id=gateway_id, to=to, reason=reason):
                 if self.statuses.get(gateway_id) == "down":  # it may be back already
                     self._act(self.planner.on_replacement(gateway_id, to, reason))
-            case FailbackRequested(request=request, reply=reply):
+            case Request(endpoint=api.FAILBACK, body=FailbackRequest() as request, reply=reply):
                 self._failback(request.gateway_id, reply)
+            case Request(endpoint=api.STATUS, reply=reply):
+                self.bus.publish(reply, self.status())
             case ChildDied(kind="GatewayActor", key=gateway_id, error=error):
                 self._restart(gateway_id, error)
             case LoadBalancingInForce(config=config):
@@ -195,8 +149,6 @@ class SupervisorActor(SafeActor):
                 self.lb_config = config
             case DistributionCounts():
                 self.distribution_counts = message
-            case GetStatus(reply=reply):
-                self.bus.publish(reply, self.status())
             case _:
                 return super().handle(message)
         return None
@@ -261,44 +213,41 @@ class SupervisorActor(SafeActor):
         entry = self.entries.get(gateway_id)
         if entry is None or gateway_id not in self.gateways:
             return
-        with self._subscribed_lock:
-            self.subscribed = self.subscribed - {gateway_id}
         self.ctx.restarts.add("GatewayActor")
         log.warning("gateway actor %s died (%s); restarting it", gateway_id, error)
-        self._start_gateway(entry, first=None)
+        self._start_gateway(entry)
 
-    def _spawn(self, entry: GatewayEntry, *, first: HeartbeatReceived | None, source: str) -> None:
+    def _spawn(self, entry: GatewayEntry, pending: Coalescer[Arrival], *, source: str) -> None:
         self.entries[entry.id] = entry
         self.statuses[entry.id] = "unknown"
+        self.pending[entry.id] = pending
         # Registered first: the actor's first status change must come after it in the stream.
         self.ctx.emit(GatewayRegistered(gateway_id=entry.id, region=entry.region, source=source))
-        self._start_gateway(entry, first=first)
+        self._start_gateway(entry)
         log.info("gateway %s registered from %s (region %s)", entry.id, source, entry.region)
 
-    def _start_gateway(self, entry: GatewayEntry, *, first: HeartbeatReceived | None) -> None:
-        self.gateways[entry.id] = GatewayActor.start(
+    def _start_gateway(self, entry: GatewayEntry) -> None:
+        pending = self.pending[entry.id]
+        ref = GatewayActor.start(
             self.ctx,
             entry,
             threshold=self.lb_config.health_threshold,
-            listeners=[self.load_balancer, self.actor_ref, self.distributor],
-            first=first,
-            on_subscribed=self._mark_subscribed,
-            parent=self.actor_ref,
+            pending=pending,
+            load_balancer=self.load_balancer,
+            supervisor=self.actor_ref,
+            distributor=self.distributor,
         )
-
-    def _mark_subscribed(self, gateway_id: str) -> None:
-        """Called from the GatewayActor's thread once its own subscription is live."""
-        with self._subscribed_lock:
-            self.subscribed = self.subscribed | {gateway_id}
+        self.gateways[entry.id] = ref
+        self.routes.attach(entry.id, ref, pending)
 
     def _remove(self, gateway_id: str, reason: str) -> None:
         ref = self.gateways.pop(gateway_id, None)
         if ref is None:
             return
-        with self._subscribed_lock:
-            self.subscribed = self.subscribed - {gateway_id}
+        self.routes.detach(gateway_id)
         self.statuses.pop(gateway_id, None)
         self.entries.pop(gateway_id, None)
+        self.pending.pop(gateway_id, None)
         self._act(self.planner.forget(gateway_id))
         # Stopped before the load balancer hears of it, so no late update re-adds the row.
         ref.stop(timeout=5)

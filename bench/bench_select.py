@@ -33,7 +33,7 @@ import nats
 import nats.errors
 import pykka
 
-from actors.messages import SelectGateway
+from actors.messages import Request
 from bench.common import (
     HeartbeatTemplate,
     accepted_heartbeats,
@@ -42,7 +42,6 @@ from bench.common import (
     embedded_server,
     fmt_ratio,
     heartbeat_templates,
-    load_balancer_table,
     machine_line,
     percentile,
     print_table,
@@ -50,12 +49,14 @@ from bench.common import (
     running_orchestrator,
     safe_div,
     spawn,
+    table_stats,
     wait_for,
 )
 from bus.agent import connect
 from bus.edge import request_handler
 from bus.runtime import Bus, SubscriptionHandle
 from gatefleet.app import Orchestrator
+from schemas import endpoints as api
 from schemas.api import SelectReply, SelectRequest
 from schemas.codec import decode, encode
 
@@ -155,7 +156,7 @@ class _EchoActor(pykka.ThreadingActor):
         self.bus = bus
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, SelectGateway):
+        if isinstance(message, Request):
             self.bus.publish(message.reply, ECHO_REPLY)
 
 
@@ -171,14 +172,14 @@ class _ActorEcho:
 
 def _actor_echo(orchestrator: Orchestrator, subject: str) -> tuple[_ActorEcho, str]:
     """An actor served like `P.api.select-gateway` (request_handler decodes a SelectRequest
-    on the loop and tells SelectGateway; the actor publishes through the bus facade), that
+    on the loop and tells a Request; the actor publishes through the bus facade), that
     answers a fixed reply: the cost of the actor hop alone."""
     bus = orchestrator.bus
     assert bus is not None
     ref = _EchoActor.start(bus)
 
     def on_request(request: SelectRequest, reply: str) -> None:
-        ref.tell(SelectGateway(request=request, reply=reply))
+        ref.tell(Request(endpoint=api.SELECT_GATEWAY, body=request, reply=reply))
 
     handler = request_handler(bus, SelectRequest, on_request, orchestrator.drops)
     return _ActorEcho(ref, bus.subscribe(subject, handler)), subject
@@ -211,8 +212,7 @@ def _follow_client(conn: Any) -> dict[str, Any]:
 
 
 def _healthy(orchestrator: Any) -> int:
-    rows = list(load_balancer_table(orchestrator).values())
-    return sum(1 for row in rows if row.status == "healthy")
+    return table_stats(orchestrator)[2]
 
 
 # The client process ----------------------------------------------------------------------

@@ -130,36 +130,24 @@ def running_orchestrator(settings: Settings) -> Iterator[Orchestrator]:
         pykka.ActorRegistry.stop_all(block=True, timeout=5)
 
 
-def load_balancer_table(orchestrator: Orchestrator) -> dict[str, Any]:
-    """The load balancer's live table, read directly (benchmark-only introspection).
-
-    `P.api.gateways` would queue behind every `GatewayUpdated` in the load balancer's inbox
-    (and at 5,000 gateways its reply can exceed the server's max_payload), so the benchmarks
-    read the dict the actor owns instead. Reads race with the actor thread: callers retry.
-    """
+def table_stats(orchestrator: Orchestrator) -> tuple[int, int, int]:
+    """(rows, sum of GatewaySnapshot.heartbeats, healthy rows) of the load balancer's table:
+    heartbeats that went all the way through (bus -> GatewayActor -> LoadBalancer). Asked
+    with the `TableStats` hook rather than `P.api.gateways`, whose reply at 5,000 gateways
+    can exceed the server's max_payload."""
     from actors.load_balancer import LoadBalancerActor  # noqa: PLC0415 - product internals
+    from actors.messages import TableStats  # noqa: PLC0415
 
     refs = pykka.ActorRegistry.get_by_class(LoadBalancerActor)
     if not refs:
         raise RuntimeError("no load balancer is running")
-    actor = refs[0]._actor_weakref()
-    if actor is None:
-        raise RuntimeError("the load balancer has stopped")
-    table: dict[str, Any] = actor.table
-    return table
+    rows, total, healthy = refs[0].ask(TableStats(), block=True, timeout=10)
+    return rows, total, healthy
 
 
 def accepted_heartbeats(orchestrator: Orchestrator) -> tuple[int, int]:
-    """(rows, sum of GatewaySnapshot.heartbeats) in the load balancer's table: heartbeats
-    that went all the way through (bus -> GatewayActor -> LoadBalancer)."""
-    table = load_balancer_table(orchestrator)
-    for _ in range(100):
-        try:
-            rows = list(table.values())
-        except RuntimeError:  # resized while we copied it: try again
-            continue
-        return len(rows), sum(row.heartbeats for row in rows)
-    raise RuntimeError("could not read the load balancer's table")
+    rows, total, _ = table_stats(orchestrator)
+    return rows, total
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.01) -> float:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 
-from bus.runtime import Bus, Inbound
-from schemas.api import ErrorCode, ErrorDetail, ErrorReply
+from bus.runtime import Bus, Inbound, SubscriptionHandle
+from bus.subjects import Subjects
+from schemas.api import HTTP_STATUS, ErrorCode, ErrorDetail, ErrorReply
 from schemas.codec import decode, encode, error_cause
+from schemas.endpoints import API_QUEUE, Endpoint
 from schemas.wire import Goodbye, Heartbeat
 
 log = logging.getLogger(__name__)
@@ -27,26 +29,39 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024
 LOG_EVERY_S = 1.0
 
 
-class Drops:
-    """Malformed messages dropped, counted per cause, logged at most once a second per cause."""
+class Tally:
+    """Counts per key, written on one thread and read on another (a status request)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
-        self._last_logged: dict[str, float] = {}
 
-    def drop(self, cause: str, subject: str, detail: str) -> None:
-        now = time.monotonic()
+    def add(self, key: str, n: int = 1) -> int:
+        """Adds `n` to `key`'s count; returns the new count."""
         with self._lock:
-            count = self._counts[cause] = self._counts.get(cause, 0) + 1
-            if now - self._last_logged.get(cause, -LOG_EVERY_S) < LOG_EVERY_S:
-                return
-            self._last_logged[cause] = now
-        log.warning("dropped message on %s (%s, %d so far): %s", subject, cause, count, detail)
+            count = self._counts[key] = self._counts.get(key, 0) + n
+        return count
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+
+class Drops(Tally):
+    """Malformed messages dropped, counted per cause, logged at most once a second per cause."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_logged: dict[str, float] = {}
+
+    def drop(self, cause: str, subject: str, detail: str) -> None:
+        count = self.add(cause)
+        now = time.monotonic()
+        # A race between two threads can log one line too many; a lock is not worth it.
+        if now - self._last_logged.get(cause, -LOG_EVERY_S) < LOG_EVERY_S:
+            return
+        self._last_logged[cause] = now
+        log.warning("dropped message on %s (%s, %d so far): %s", subject, cause, count, detail)
 
 
 def decode_or_drop(msg: Inbound, kind: type[T], drops: Drops) -> T | None:
@@ -69,16 +84,6 @@ def decode_from_gateway(msg: Inbound, kind: type[G], gateway_id: str, drops: Dro
         drops.drop("id_mismatch", msg.subject, f"payload says {body.gateway_id!r}")
         return None
     return body
-
-
-# The HTTP status of each error code: the HTTP API's status, and the NATS micro error
-# headers' `Nats-Service-Error-Code`.
-HTTP_STATUS: dict[ErrorCode, int] = {
-    "bad_request": 400,
-    "not_found": 404,
-    "unavailable": 503,
-    "internal": 500,
-}
 
 
 def error_body(code: ErrorCode, message: str) -> bytes:
@@ -116,3 +121,23 @@ def request_handler(
         on_request(request, msg.reply)
 
     return handle
+
+
+def serve(
+    bus: Bus,
+    subjects: Subjects,
+    endpoints: Iterable[Endpoint[msgspec.Struct, msgspec.Struct]],
+    on_request: Callable[[Endpoint[msgspec.Struct, msgspec.Struct], msgspec.Struct, str], object],
+    drops: Drops,
+) -> list[SubscriptionHandle]:
+    """Subscribes to each endpoint's `P.api.<name>` in the API queue group; a request that
+    decodes is handed to `on_request(endpoint, request, reply_subject)` (on the loop)."""
+    handles = []
+    for endpoint in endpoints:
+
+        def on_body(request: msgspec.Struct, reply: str, endpoint: Any = endpoint) -> None:
+            on_request(endpoint, request, reply)
+
+        handler = request_handler(bus, endpoint.request, on_body, drops)
+        handles.append(bus.subscribe(subjects.api(endpoint.name), handler, queue=API_QUEUE))
+    return handles

@@ -13,9 +13,9 @@ import logging
 import msgspec
 
 from bus.connection import BusError
-from bus.edge import HTTP_STATUS, error_body
+from bus.edge import error_body
 from bus.runtime import Bus
-from schemas.api import ErrorCode, MaybeError
+from schemas.api import HTTP_STATUS, ErrorCode, MaybeError
 from schemas.codec import decode
 
 log = logging.getLogger(__name__)

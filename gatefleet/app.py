@@ -2,8 +2,9 @@
 
 Start: embedded nats-server (when no URL is configured) -> bus -> JetStream -> actors
 (load balancer, distributor, then the supervisor, which spawns the gateway actors and
-tells both of them about each) -> a ping barrier. Stop: the same in reverse inside
-`finally`, then a sweep that loudly stops any actor still alive.
+opens the gateway routes) -> a ping barrier. Every actor gets its collaborators here, as
+named fields. Stop: the same in reverse inside `finally`, then a sweep that loudly stops
+any actor still alive.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from actors.base import PING
 from actors.context import Context
 from actors.distributor import DistributorActor
 from actors.load_balancer import LoadBalancerActor
-from actors.messages import AddListener
+from actors.messages import ReportTo
+from actors.routes import GatewayRoutes
 from actors.supervisor import SupervisorActor
 from bus.edge import Drops
 from bus.jetstream import JetStream
@@ -82,8 +84,15 @@ class Orchestrator:
         load_balancer = self._started(LoadBalancerActor.start(context))
         # Before the supervisor, so it hears of every gateway the supervisor spawns.
         distributor = self._started(DistributorActor.start(context))
-        supervisor = self._started(SupervisorActor.start(context, load_balancer, distributor))
-        distributor.tell(AddListener(listener=supervisor))
+        routes = GatewayRoutes(self.bus, self.subjects, self.drops)
+        supervisor = self._started(
+            SupervisorActor.start(
+                context, load_balancer=load_balancer, distributor=distributor, routes=routes
+            )
+        )
+        # What the status reply reports, from the actors that own it.
+        load_balancer.tell(ReportTo(supervisor=supervisor))
+        distributor.tell(ReportTo(supervisor=supervisor))
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
 

@@ -17,6 +17,7 @@ import msgspec
 from bus.connection import BusError
 from bus.runtime import Bus
 from bus.subjects import Subjects
+from schemas import endpoints as api
 from schemas.api import (
     DistributeReply,
     DistributeRequest,
@@ -34,6 +35,7 @@ from schemas.api import (
     StatusReply,
 )
 from schemas.codec import decode
+from schemas.endpoints import Endpoint
 from schemas.types import StrategyName
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -93,40 +95,38 @@ class GatefleetClient:
     ) -> None:
         self.close()
 
-    def call(self, name: str, body: msgspec.Struct, reply_type: type[T]) -> T:
-        """Requests `P.api.<name>` and decodes the reply, raising the typed error."""
+    def call(self, endpoint: Endpoint[msgspec.Struct, T], body: msgspec.Struct) -> T:
+        """Requests `P.api.<endpoint>` and decodes the reply, raising the typed error."""
         try:
-            data = self._bus.ask(self.subjects.api(name), body, self.timeout)
+            data = self._bus.ask(self.subjects.api(endpoint.name), body, self.timeout)
         except BusError as exc:
             raise Unavailable(str(exc)) from exc
         maybe = decode(data, MaybeError)
         if maybe.error is not None:
             raise _BY_CODE.get(maybe.error.code, GatefleetError)(maybe.error.message)
-        return decode(data, reply_type)
+        return decode(data, endpoint.reply)
 
     # The seed's operations ---------------------------------------------------------------
 
     def status(self) -> StatusReply:
-        return self.call("status", Empty(), StatusReply)
+        return self.call(api.STATUS, Empty())
 
     def gateways(self) -> GatewaysReply:
-        return self.call("gateways", Empty(), GatewaysReply)
+        return self.call(api.GATEWAYS, Empty())
 
     def select_optimal_gateway(
         self, region: str | None = None, client_id: str | None = None
     ) -> SelectReply:
-        return self.call(
-            "select-gateway", SelectRequest(region=region, client_id=client_id), SelectReply
-        )
+        return self.call(api.SELECT_GATEWAY, SelectRequest(region=region, client_id=client_id))
 
     def get_load_balancing_config(self) -> LoadBalancingConfig:
-        return self.call("load-balancing.get", Empty(), LoadBalancingConfig)
+        return self.call(api.LOAD_BALANCING_GET, Empty())
 
     def update_load_balancing_config(
         self, strategy: StrategyName | None = None, health_threshold: float | None = None
     ) -> LoadBalancingConfig:
         update = LoadBalancingUpdate(strategy=strategy, health_threshold=health_threshold)
-        return self.call("load-balancing.set", update, LoadBalancingConfig)
+        return self.call(api.LOAD_BALANCING_SET, update)
 
     def distribute(
         self,
@@ -137,12 +137,13 @@ class GatefleetClient:
         request = DistributeRequest(
             config_type=config_type, config_data=config_data, target_gateways=target_gateways
         )
-        return self.call("distribute", request, DistributeReply)
+        return self.call(api.DISTRIBUTE, request)
 
     def get_distribution(self, distribution_id: str) -> Distribution:
-        request = DistributionGetRequest(distribution_id=distribution_id)
-        return self.call("distributions.get", request, Distribution)
+        return self.call(
+            api.DISTRIBUTIONS_GET, DistributionGetRequest(distribution_id=distribution_id)
+        )
 
     def list_distributions(self, include_completed: bool = True) -> DistributionListReply:
         request = DistributionListRequest(include_completed=include_completed)
-        return self.call("distributions.list", request, DistributionListReply)
+        return self.call(api.DISTRIBUTIONS_LIST, request)

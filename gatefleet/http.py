@@ -24,7 +24,8 @@ refused with 413. When a token is configured, every path but `/healthz` needs
 `Authorization: Bearer <token>` (401 otherwise): `/healthz` is for load balancers and
 orchestrators' probes, which say nothing beyond "up or not".
 
-The server runs on its own bus (own loop thread, own NATS connection), never on the
+The routes come from the endpoint table (schemas/endpoints.py): GET routes take the
+request's fields from the path and the query string. The server runs on its own bus (own loop thread, own NATS connection), never on the
 orchestrator's, so a slow HTTP client cannot delay a heartbeat.
 """
 
@@ -45,11 +46,11 @@ from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.api import DistributionStatus, ErrorCode, StatusReply
 from schemas.codec import decode, encode
+from schemas.endpoints import ENDPOINTS, HTTP_PREFIX, STATUS, Endpoint
 from schemas.types import STRATEGIES, GatewayStatus
 
 log = logging.getLogger(__name__)
 
-API = "/api/v1/orchestration"
 HEALTH_PATH = "/healthz"
 DEFAULT_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
@@ -57,6 +58,7 @@ SHUTDOWN_TIMEOUT_S = 5.0
 JSON = "application/json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AnyEndpoint = Endpoint[msgspec.Struct, msgspec.Struct]
 
 
 class HttpApi:
@@ -86,7 +88,7 @@ class HttpApi:
         self._bus = bus
         bound_host, bound_port = (str(part) for part in self._runner.addresses[0][:2])
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        log.info("HTTP API on http://%s:%s%s", shown, bound_port, API)
+        log.info("HTTP API on http://%s:%s%s", shown, bound_port, HTTP_PREFIX)
         return bound_host, int(bound_port)
 
     async def _serve(self, app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -121,21 +123,18 @@ def make_app(bus: Bus, subjects: Subjects, *, token: str, timeout: float) -> web
     app = web.Application(
         middlewares=[_error_bodies, _bearer_auth(token)], client_max_size=MAX_REQUEST_BYTES
     )
-    app.router.add_get(f"{API}/status", api.forward_get("status"))
-    app.router.add_get(f"{API}/gateways", api.forward_get("gateways"))
-    app.router.add_get(f"{API}/load-balancing", api.forward_get("load-balancing.get"))
-    app.router.add_post(f"{API}/load-balancing", api.forward_post("load-balancing.set"))
-    app.router.add_post(f"{API}/select-gateway", api.forward_post("select-gateway"))
-    app.router.add_post(f"{API}/distribute", api.forward_post("distribute"))
-    app.router.add_get(f"{API}/distributions", api.list_distributions)
-    app.router.add_get(f"{API}/distributions/{{distribution_id}}", api.get_distribution)
+    for endpoint in ENDPOINTS:
+        if endpoint.http is not None:
+            method, path = endpoint.http
+            forward = api.forward_get if method == "GET" else api.forward_post
+            app.router.add_route(method, HTTP_PREFIX + path, forward(endpoint))
     app.router.add_get(HEALTH_PATH, api.healthz)
     app.router.add_get("/metrics", api.metrics)
     return app
 
 
 class _Api:
-    """The handlers: each one NATS request (three for /metrics)."""
+    """The handlers: each one NATS request."""
 
     def __init__(self, bus: Bus, subjects: Subjects, timeout: float) -> None:
         self.bus = bus
@@ -144,41 +143,37 @@ class _Api:
 
     async def ask(
         self,
-        name: str,
+        endpoint: AnyEndpoint,
         body: bytes,
         timeout: float | None = None,  # noqa: ASYNC109 - passed on as the NATS request timeout
     ) -> tuple[int, bytes]:
-        subject = self.subjects.api(name)
+        subject = self.subjects.api(endpoint.name)
         return await http_bridge.request(self.bus, subject, body, timeout or self.timeout)
 
-    def forward_get(self, name: str) -> Handler:
-        async def handle(_request: web.Request) -> web.Response:
-            return _json(*await self.ask(name, b"{}"))
+    def forward_get(self, endpoint: AnyEndpoint) -> Handler:
+        """The request's fields from the path (`{field}`) and the query string."""
+
+        async def handle(request: web.Request) -> web.Response:
+            fields = {**request.query, **request.match_info}
+            try:
+                body = encode(query_body(endpoint.request, fields)) if fields else b"{}"
+            except ValueError as exc:
+                return _error(400, "bad_request", str(exc))
+            return _json(*await self.ask(endpoint, body))
 
         return handle
 
-    def forward_post(self, name: str) -> Handler:
+    def forward_post(self, endpoint: AnyEndpoint) -> Handler:
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
-            return _json(*await self.ask(name, body if body.strip() else b"{}"))
+            return _json(*await self.ask(endpoint, body if body.strip() else b"{}"))
 
         return handle
-
-    async def get_distribution(self, request: web.Request) -> web.Response:
-        body = encode({"distribution_id": request.match_info["distribution_id"]})
-        return _json(*await self.ask("distributions.get", body))
-
-    async def list_distributions(self, request: web.Request) -> web.Response:
-        text = request.query.get("include_completed", "true").lower()
-        if text not in _BOOLEANS:
-            return _error(400, "bad_request", "include_completed must be true or false")
-        body = encode({"include_completed": _BOOLEANS[text]})
-        return _json(*await self.ask("distributions.list", body))
 
     async def healthz(self, _request: web.Request) -> web.Response:
         if not http_bridge.connected(self.bus):
             return _error(503, "unavailable", "not connected to NATS")
-        status, body = await self.ask("status", b"{}", min(self.timeout, HEALTH_TIMEOUT_S))
+        status, body = await self.ask(STATUS, b"{}", min(self.timeout, HEALTH_TIMEOUT_S))
         if status != http_bridge.OK:
             return _json(503, body)
         return _json(200, b'{"status":"ok"}')
@@ -193,7 +188,7 @@ class _Api:
     async def _collect_metrics(self) -> str | None:
         # One small request: the status carries every count (a list of gateways or of
         # distributions could outgrow a NATS message).
-        status, status_body = await self.ask("status", b"{}")
+        status, status_body = await self.ask(STATUS, b"{}")
         if status != http_bridge.OK:
             log.warning("metrics: gatefleet did not answer: %s", status_body)
             return None
@@ -205,6 +200,21 @@ class _Api:
 
 
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def query_body(kind: type[msgspec.Struct], fields: dict[str, str]) -> msgspec.Struct:
+    """A request body from path and query strings; ValueError says which field is wrong."""
+    values: dict[str, object] = dict(fields)
+    for field in msgspec.structs.fields(kind):
+        text = fields.get(field.encode_name)
+        if text is not None and field.type is bool:
+            if text.lower() not in _BOOLEANS:
+                raise ValueError(f"{field.encode_name} must be true or false")
+            values[field.encode_name] = _BOOLEANS[text.lower()]
+    try:
+        return msgspec.convert(values, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 # Prometheus text format ------------------------------------------------------------------

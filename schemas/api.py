@@ -26,6 +26,14 @@ from schemas.types import (
 from schemas.wire import DistributionId
 
 ErrorCode = Literal["bad_request", "not_found", "unavailable", "internal"]
+# The HTTP status of each error code: the HTTP API's status, and the NATS micro error
+# headers' `Nats-Service-Error-Code`.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    "bad_request": 400,
+    "not_found": 404,
+    "unavailable": 503,
+    "internal": 500,
+}
 ClientId = Annotated[str, Meta(min_length=1, max_length=256)]
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.base import PING, Coalescer, SafeActor, tell_latest
+from actors.base import PING, SafeActor, tell_latest
+from actors.coalescer import Coalescer
 from bus.connection import BusError
 from bus.runtime import Bus, Inbound, Reply, RequestFailed
 from bus.server import EmbeddedServer
@@ -187,34 +188,40 @@ def test_subjects_follow_the_protocol() -> None:
 # --- actor inboxes (actors/base.py): what the bus loop and actors hand each other ----------
 
 
-class Collector(SafeActor):
-    """Records what it handles; `"hold"` keeps it busy until released, `"boom"` raises."""
+class Observed:
+    """What a Collector handled, shared with the test that started it."""
 
-    def __init__(self, bus: Bus) -> None:
-        super().__init__()
-        self.bus = bus
+    def __init__(self) -> None:
         self.handled: list[Any] = []
         self.holding = threading.Event()
         self.release = threading.Event()
 
+
+class Collector(SafeActor):
+    """Records what it handles; `"hold"` keeps it busy until released, `"boom"` raises."""
+
+    def __init__(self, bus: Bus, seen: Observed) -> None:
+        super().__init__()
+        self.bus = bus
+        self.seen = seen
+
     def handle(self, message: Any) -> Any:
         if message == "hold":
-            self.holding.set()
-            self.release.wait(5)
+            self.seen.holding.set()
+            self.seen.release.wait(5)
         elif message == "boom":
             raise RuntimeError("a handler bug")
-        self.handled.append(message)
+        self.seen.handled.append(message)
         return None
 
 
-def held(bus: Bus) -> tuple[pykka.ActorRef[Collector], Collector]:
+def held(bus: Bus) -> tuple[pykka.ActorRef[Collector], Observed]:
     """A Collector busy on "hold", so what is told next waits in its inbox."""
-    ref = Collector.start(bus)
-    actor = ref._actor_weakref()
-    assert isinstance(actor, Collector)
+    seen = Observed()
+    ref = Collector.start(bus, seen)
     ref.tell("hold")
-    assert actor.holding.wait(5)
-    return ref, actor
+    assert seen.holding.wait(5)
+    return ref, seen
 
 
 def test_latest_lane_keeps_the_newest_per_key_and_the_order_of_later_tells(bus: Bus) -> None:
@@ -249,7 +256,7 @@ def test_latest_lane_isolates_errors_and_tolerates_a_stopped_actor(bus: Bus) -> 
     actor.release.set()
     assert ref.ask(PING, timeout=5) == PING
     assert actor.handled == ["hold", "fine"]
-    assert actor.handler_errors == 1
+    assert ref.proxy().handler_errors.get(timeout=5) == 1
     ref.stop()
     tell_latest(ref, "x", "too late")  # dropped, like safe_tell
 
