@@ -44,14 +44,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import re
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 from nats.aio.client import Client
@@ -173,28 +176,51 @@ def assign_faults(gateway_ids: Sequence[str], faults: Faults, seed: int) -> dict
     return chosen
 
 
-class MetricsWalk:
-    """A gateway's load as a bounded random walk; `step()` (or a call) is one step."""
+# Standard normal draws, made once (seeded) and indexed by a per-gateway generator: a
+# walk step costs a few integer operations instead of four `random.gauss` calls, and a
+# gateway's generator is one int instead of a 2.5 KB `random.Random`.
+_normals_rng = random.Random("gatefleet-normals")
+_raw_normals = [_normals_rng.gauss(0.0, 1.0) for _ in range(4096)]
+_mean, _sd = statistics.fmean(_raw_normals), statistics.pstdev(_raw_normals)
+_NORMALS: Final = tuple((z - _mean) / _sd for z in _raw_normals)  # exactly mean 0, sd 1: no drift
+_LCG_MUL: Final = 6364136223846793005  # Knuth's MMIX linear congruential generator
+_LCG_ADD: Final = 1442695040888963407
+_MASK64: Final = (1 << 64) - 1
 
-    __slots__ = ("_rng", "connections", "cpu", "latency", "max_connections", "memory")
+
+class MetricsWalk:
+    """A gateway's load as a bounded random walk; `step()` (or a call) is one step.
+
+    Seeded per gateway: the same seed and gateway id give the same walk, whatever else runs.
+    """
+
+    __slots__ = ("_state", "connections", "cpu", "latency", "max_connections", "memory")
 
     def __init__(self, seed: int, gateway_id: str, max_connections: int) -> None:
-        self._rng = random.Random(f"metrics:{seed}:{gateway_id}")
+        key = f"metrics:{seed}:{gateway_id}".encode()
+        self._state = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
         self.max_connections = max_connections
-        self.connections = self._rng.randint(0, max_connections // 2)
-        self.cpu = self._rng.uniform(10.0, 60.0)
-        self.memory = self._rng.uniform(30.0, 70.0)
-        self.latency = self._rng.uniform(2.0, 30.0)
+        self.connections = int(self._uniform() * (max_connections // 2 + 1))
+        self.cpu = 10.0 + 50.0 * self._uniform()
+        self.memory = 30.0 + 40.0 * self._uniform()
+        self.latency = 2.0 + 28.0 * self._uniform()
+
+    def _uniform(self) -> float:
+        self._state = (self._state * _LCG_MUL + _LCG_ADD) & _MASK64
+        return (self._state >> 11) / 9007199254740992.0  # [0, 1) from the top 53 bits
 
     def step(self) -> None:
-        gauss, cap = self._rng.gauss, self.max_connections
-        connections = self.connections + round(gauss(0.0, cap * 0.03))
+        # One generator step gives four 12-bit indexes (bits 16-63: the well-mixed ones).
+        state = self._state = (self._state * _LCG_MUL + _LCG_ADD) & _MASK64
+        normals, cap = _NORMALS, self.max_connections
+        connections = self.connections + round(normals[state >> 52] * cap * 0.03)
         connections = self.connections = cap if connections > cap else max(connections, 0)
-        cpu = self.cpu + 0.2 * (5.0 + 90.0 * connections / cap - self.cpu) + gauss(0, 3)
+        cpu = self.cpu + 0.2 * (5.0 + 90.0 * connections / cap - self.cpu)
+        cpu += normals[(state >> 40) & 4095] * 3.0
         self.cpu = 95.0 if cpu > 95.0 else max(cpu, 5.0)
-        memory = self.memory + gauss(0.0, 1.5)
+        memory = self.memory + normals[(state >> 28) & 4095] * 1.5
         self.memory = 90.0 if memory > 90.0 else max(memory, 20.0)
-        latency = self.latency + gauss(0.0, 2.0)
+        latency = self.latency + normals[(state >> 16) & 4095] * 2.0
         self.latency = 80.0 if latency > 80.0 else max(latency, 1.0)
 
     def __call__(self) -> Metrics:

@@ -164,6 +164,8 @@ def test_metrics_walk_is_seeded_and_bounded() -> None:
     assert all(0 <= m.active_connections <= 1000 for m in samples)
     assert all(m.latency_ms is not None and 1 <= m.latency_ms <= 80 for m in samples)
     assert len({m.cpu_percent for m in samples}) > 50  # it does move
+    other = MetricsWalk(1, "gw2", 1000)
+    assert [other() for _ in range(500)] != samples  # each gateway walks its own way
 
 
 def test_fault_shares_are_exact_and_seeded() -> None:
