@@ -357,7 +357,7 @@ class _Fleet:
         except CONNECT_ERRORS as exc:
             self._failed(subject, exc)
             return False
-        if self._failing_since is not None:
+        if self._failing_since is not None and self.nc.is_connected:
             self._recovered()
         return True
 
@@ -368,6 +368,7 @@ class _Fleet:
             log.warning("simulator: publish to %s failed: %r", subject, exc)
 
     def _recovered(self) -> None:
+        """Publishes go through again on a live connection (not just into nats-py's buffer)."""
         assert self._failing_since is not None
         lost = self.publish_errors - self._failing_since
         log.info("simulator: publishing again after %d failed publishes", lost)
@@ -409,7 +410,7 @@ class _Fleet:
                 self._failed(gw.beat_subject, exc)
                 continue
             sent += 1
-        if sent and self._failing_since is not None:
+        if sent and self._failing_since is not None and self.nc.is_connected:
             self._recovered()
         self.heartbeats_sent += sent
 
