@@ -1,12 +1,11 @@
-"""GatewayAgent and the fleet simulator against a real nats-server, observed with plain nats-py."""
+"""GatewayAgent against a real nats-server, observed with plain nats-py."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,6 @@ from bus.agent import ConfigResult, GatewayAgent, Metrics
 from bus.connection import BusError
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
-from gatefleet import simulate
-from gatefleet.simulate import (
-    Faults,
-    MetricsWalk,
-    assign_faults,
-    plan_gateways,
-    run_simulation,
-    run_simulation_blocking,
-)
 from schemas.codec import decode, encode
 from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
 
@@ -358,157 +348,3 @@ def test_invalid_ids_are_refused(nc: Client) -> None:
         GatewayAgent(nc, "edge.1", "us-west")
     with pytest.raises(ValueError, match="invalid gateway id"):
         GatewayAgent(nc, "edge-1", "us-west", backup_for="a>")
-
-
-# Simulation -------------------------------------------------------------------------------
-
-
-def test_plan_is_deterministic_with_backups_per_region() -> None:
-    plans = plan_gateways(30, ["us-west", "us-east", "eu west"], seed=3)
-    assert plans == plan_gateways(30, ["us-west", "us-east", "eu west"], seed=3)
-    assert len({p.gateway_id for p in plans}) == 30
-    assert plans[0].gateway_id == "sim-us-west-1"
-    assert plans[2].gateway_id == "sim-eu-west-1"
-    backups = [p for p in plans if p.role == "backup"]
-    assert [(b.gateway_id, b.backup_for) for b in backups if b.region == "us-west"] == [
-        ("sim-us-west-5", "sim-us-west-4"),
-        ("sim-us-west-10", "sim-us-west-9"),
-    ]
-    assert all(p.max_connections in (500, 750, 1000) for p in plans)
-
-
-def test_metrics_walk_is_seeded_and_bounded() -> None:
-    walk, same = MetricsWalk(1, "gw", 1000), MetricsWalk(1, "gw", 1000)
-    samples = [walk() for _ in range(500)]
-    assert samples == [same() for _ in range(500)]
-    assert all(5 <= m.cpu_percent <= 95 and 20 <= m.memory_percent <= 90 for m in samples)
-    assert all(0 <= m.active_connections <= 1000 for m in samples)
-    assert all(m.latency_ms is not None and 1 <= m.latency_ms <= 80 for m in samples)
-    assert len({m.cpu_percent for m in samples}) > 50  # it does move
-
-
-def test_fault_shares_are_exact_and_seeded() -> None:
-    ids = [f"g{i}" for i in range(50)]
-    chosen = assign_faults(ids, Faults(fail_acks=0.2, crash=0.1), seed=5)
-    assert chosen == assign_faults(ids, Faults(fail_acks=0.2, crash=0.1), seed=5)
-    assert (len(chosen["fail_acks"]), len(chosen["crash"])) == (10, 5)
-    assert "silent" not in chosen
-    with pytest.raises(ValueError, match="within 0-1"):
-        Faults(flap=1.5)
-
-
-class Watcher:
-    """Counts distinct gateway ids on a subject pattern; `reached(n)` waits for n of them."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.messages = 0
-        self._changed = asyncio.Event()
-
-    async def on_msg(self, msg: Msg) -> None:
-        self.messages += 1
-        self.ids.add(msg.subject.split(".")[2])
-        self._changed.set()
-
-    async def reached(self, n: int) -> None:
-        async def wait() -> None:
-            while len(self.ids) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), WAIT)
-
-
-async def watch(nc: Client, subject: str) -> Watcher:
-    watcher = Watcher()
-    await nc.subscribe(subject, cb=watcher.on_msg)
-    await nc.flush()
-    return watcher
-
-
-@pytest.fixture
-def count_connections(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    opened: list[str] = []
-    real_connect = agent_module.connect
-
-    async def counting(url: str, **kw: Any) -> Client:
-        opened.append(url)
-        return await real_connect(url, **kw)
-
-    monkeypatch.setattr("gatefleet.simulate.connect", counting)
-    return lambda: len(opened)
-
-
-async def test_simulation_of_50_gateways_on_one_connection(
-    server: EmbeddedServer,
-    nc: Client,
-    subjects: Subjects,
-    count_connections: Callable[[], int],
-) -> None:
-    beats = await watch(nc, subjects.all_heartbeats)
-    goodbyes = await watch(nc, subjects.all_goodbyes)
-    stop = asyncio.Event()
-    regions = ["us-west", "us-east", "eu-west"]
-    task = asyncio.create_task(
-        run_simulation(
-            server.url, 50, regions, prefix=subjects.prefix, interval_s=0.1, seed=7, stop_event=stop
-        )
-    )
-    await beats.reached(50)
-    stop.set()
-    summary = await asyncio.wait_for(task, WAIT)
-    await goodbyes.reached(50)
-    assert count_connections() == 1
-    assert beats.ids == {p.gateway_id for p in plan_gateways(50, regions, seed=7)}
-    assert goodbyes.ids == beats.ids
-    assert (summary.gateways, summary.backups) == (50, 9)  # 17 + 17 + 16 per region
-    assert summary.heartbeats_sent >= 50
-
-
-async def test_simulated_crashes_send_no_goodbye(
-    server: EmbeddedServer, nc: Client, subjects: Subjects
-) -> None:
-    goodbyes = await watch(nc, subjects.all_goodbyes)
-    faults = Faults(crash=0.3, after_s=0.0)
-    summary = await run_simulation(
-        server.url,
-        10,
-        ["r1"],
-        prefix=subjects.prefix,
-        interval_s=0.1,
-        seed=1,
-        faults=faults,
-        duration_s=0.5,
-    )
-    crashed = set(summary.faulty["crash"])
-    assert len(crashed) == 3
-    await goodbyes.reached(7)
-    await nc.flush()
-    assert goodbyes.ids.isdisjoint(crashed)
-
-
-async def test_blocking_simulation_in_a_thread_stops_cleanly(
-    server: EmbeddedServer, nc: Client, subjects: Subjects
-) -> None:
-    beats = await watch(nc, subjects.all_heartbeats)
-    goodbyes = await watch(nc, subjects.all_goodbyes)
-    stop = threading.Event()
-    result: list[simulate.SimulationSummary] = []
-
-    def run() -> None:
-        result.append(
-            run_simulation_blocking(
-                server.url, 5, ["r1", "r2"], stop=stop, prefix=subjects.prefix, interval_s=0.1
-            )
-        )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        await beats.reached(5)
-    finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, WAIT)
-    assert not thread.is_alive()
-    await goodbyes.reached(5)
-    assert result[0].gateways == 5
