@@ -2,7 +2,8 @@
 
 Owns: a `DistributionMachine` (actors/distribution_machine.py: the batches, retries and
 the final status are decided there) and the pushes in flight. A step that sends, schedules
-a retry or finishes stores the new record in the `distributions` bucket first and then
+a retry or finishes stores the new record (it is the one writer of its record's key,
+schemas/stored.py) first and then
 carries out the machine's commands (store, then act), so a crash at any point resumes
 from a record that is never behind what gateways have been sent. Acks and nacks in
 between are not stored one by one (each store is an fsync of the whole record): after a
@@ -15,7 +16,7 @@ gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush request
 `P.gw.<id>.config`; tells the parent DistributionChanged after every stored step, and
 stops itself once the distribution has ended.
 
-Its parent, the distributor, writes its desired state (schemas/desired.py) before
+Its parent, the distributor, writes its desired state (schemas/stored.py) before
 starting it, and starts a new one from the stored record if it dies (SafeActor tells it
 ChildDied). An ack that does not decode or does not match the push (distribution,
 version, gateway) is dropped, counted and taken as no answer: the attempt fails and is
@@ -39,13 +40,14 @@ from actors.distribution_machine import (
     ScheduleRetry,
     Send,
 )
+from actors.distribution_store import DistributionStore
 from actors.messages import DistributionChanged, PushAnswered, RetryDue
 from bus.edge import Drops
 from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
-from schemas.desired import DistributionSpec
 from schemas.events import DistributionEvent, utc_now
+from schemas.stored import DistributionSpec
 from schemas.wire import ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
@@ -85,14 +87,8 @@ def read_answer(
 
 def step_event(record: Distribution, emit: Emit) -> DistributionEvent:
     """The event for one of the machine's Emit commands."""
-    details = {k: v for k, v in emit.fields.items() if k not in ("distribution_id", "gateway_id")}
-    return DistributionEvent(
-        distribution_id=record.id,
-        config_type=record.config_type,
-        version=record.version,
-        step=emit.step,
-        gateway_id=emit.fields.get("gateway_id"),
-        details=details,
+    return DistributionEvent.of(
+        record.id, record.config_type, record.version, emit.detail, emit.gateway_id
     )
 
 
@@ -102,12 +98,15 @@ class DistributionActor(SafeActor):
         context: Context,
         record: Distribution,
         spec: DistributionSpec,
+        *,
         parent: pykka.ActorRef[Any],
+        store: DistributionStore,
     ) -> None:
         super().__init__()
         self.ctx = context
         self.bus = context.bus
         self.spec = spec
+        self.store = store  # its record's key is this actor's alone to write
         self.distributor = parent
         self.parent = parent  # told ChildDied if this actor dies (SafeActor)
         self.supervision_key = record.id
@@ -148,7 +147,7 @@ class DistributionActor(SafeActor):
         if record is not self._told:
             self._told = record
             if any(isinstance(c, Send | ScheduleRetry | Finished) for c in commands):
-                self.ctx.buckets["distributions"].put(record.id, record)
+                self.store.put_record(record)
             safe_tell(self.distributor, DistributionChanged(record=record))
         self._act(record, commands)
 

@@ -45,11 +45,9 @@ applied again, as pushes are idempotent on (distribution_id, version)); gateways
 `retrying` get their retry scheduled again (timers do not survive a crash). Acked, nacked
 and failed gateways are never sent to again.
 
-Events (`Emit`), each with `distribution_id`: created {config_type, version,
-target_gateways, unknown_gateways}; batch_sent {batch, gateways}; gateway_acked
-{gateway_id, attempts}; gateway_nacked {gateway_id, attempts, error}; gateway_timed_out
-{gateway_id, attempts, reason, final, error}; gateway_retried {gateway_id, attempt};
-resumed {batch, resent, retry_scheduled}; finished {status, successful, failed, reason}.
+Events (`Emit`) carry a typed step (schemas/events.py, `Step`): created, batch_sent,
+gateway_acked, gateway_nacked, gateway_timed_out, gateway_retried (these four with the
+gateway's id), resumed and finished.
 """
 
 from __future__ import annotations
@@ -62,7 +60,19 @@ from typing import Any, Final
 
 from msgspec.structs import replace
 
-from schemas.api import Distribution, DistributionStatus, GatewayDelivery, GatewayDeliveryState
+from schemas.api import Distribution, GatewayDelivery, GatewayDeliveryState
+from schemas.events import (
+    BatchSentStep,
+    CreatedStep,
+    FinishedStep,
+    GatewayAckedStep,
+    GatewayNackedStep,
+    GatewayRetriedStep,
+    GatewayTimedOutStep,
+    ResumedStep,
+    Step,
+)
+from schemas.types import DistributionStatus
 
 IN_FLIGHT_STATES: Final = frozenset[GatewayDeliveryState]({"sent", "timed_out", "retrying"})
 TERMINAL_STATUSES: Final = frozenset[DistributionStatus](
@@ -91,16 +101,15 @@ class ScheduleRetry:
 
 @dataclass(frozen=True, slots=True)
 class Emit:
-    """Publish event `event_type` (e.g. "distribution.gateway_acked") with these fields;
-    the actor adds `type` and `ts`. Every event carries `distribution_id`."""
+    """Publish a `distribution.step` event of this step; the actor adds the distribution's
+    id, config type and version."""
 
-    event_type: str
-    fields: dict[str, Any]
+    detail: Step
+    gateway_id: str | None = None
 
     @property
     def step(self) -> str:
-        """The name without "distribution.": `schemas.events.DistributionEvent.step`."""
-        return self.event_type.removeprefix("distribution.")
+        return self.detail.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +208,13 @@ class DistributionMachine:
         if rec.status != "pending":
             raise RuntimeError(f"distribution {rec.id} is {rec.status}, not pending")
         unknown = [gw for gw in rec.target_gateways if self._delivery(gw).error == UNKNOWN_GATEWAY]
-        created = self._emit(
-            "created",
-            config_type=rec.config_type,
-            version=rec.version,
-            target_gateways=list(rec.target_gateways),
-            unknown_gateways=unknown,
+        created = Emit(
+            CreatedStep(
+                config_type=rec.config_type,
+                version=rec.version,
+                target_gateways=list(rec.target_gateways),
+                unknown_gateways=unknown,
+            )
         )
         self._commit({}, status="in_progress")
         return [created, *self._advance(now_wall)]
@@ -220,7 +230,7 @@ class DistributionMachine:
         retry = [gw for gw in order if gw not in resend]
         self._commit({gw: replace(self._delivery(gw), state="retrying") for gw in retry})
         cmds: list[Command] = [
-            self._emit("resumed", batch=self._record.batch, resent=resend, retry_scheduled=retry)
+            Emit(ResumedStep(batch=self._record.batch, resent=resend, retry_scheduled=retry))
         ]
         cmds += [Send(gw, self._delivery(gw).attempts) for gw in resend]
         cmds += [ScheduleRetry(gw, self._retry_delay_s) for gw in retry]
@@ -235,7 +245,7 @@ class DistributionMachine:
             return []
         self._commit({gateway_id: replace(d, state="acked", error=None)})
         return [
-            self._emit("gateway_acked", gateway_id=gateway_id, attempts=d.attempts),
+            Emit(GatewayAckedStep(attempts=d.attempts), gateway_id),
             *self._advance(now_wall),
         ]
 
@@ -248,7 +258,7 @@ class DistributionMachine:
             return []
         self._commit({gateway_id: replace(d, state="nacked", error=error)})
         return [
-            self._emit("gateway_nacked", gateway_id=gateway_id, attempts=d.attempts, error=error),
+            Emit(GatewayNackedStep(attempts=d.attempts, error=error), gateway_id),
             *self._advance(now_wall),
         ]
 
@@ -272,8 +282,10 @@ class DistributionMachine:
         else:
             change = replace(d, state="retrying", error=f"attempt {d.attempts}: {reason}")
         self._commit({gateway_id: change})
-        fields = {"attempts": d.attempts, "reason": reason, "final": final, "error": change.error}
-        event = self._emit("gateway_timed_out", gateway_id=gateway_id, **fields)
+        step = GatewayTimedOutStep(
+            attempts=d.attempts, reason=reason, final=final, error=change.error
+        )
+        event = Emit(step, gateway_id)
         if final:
             return [event, *self._advance(now_wall)]
         return [event, ScheduleRetry(gateway_id, self._retry_delay_s)]
@@ -286,7 +298,7 @@ class DistributionMachine:
         attempt = d.attempts + 1
         self._commit({gateway_id: replace(d, state="sent", attempts=attempt)})
         return [
-            self._emit("gateway_retried", gateway_id=gateway_id, attempt=attempt),
+            Emit(GatewayRetriedStep(attempt=attempt), gateway_id),
             Send(gateway_id, attempt),
         ]
 
@@ -303,9 +315,6 @@ class DistributionMachine:
         if attempt is not None and attempt != d.attempts:
             return None
         return d
-
-    def _emit(self, name: str, **fields: Any) -> Emit:
-        return Emit(f"distribution.{name}", {"distribution_id": self._record.id, **fields})
 
     def _commit(self, changes: Mapping[str, GatewayDelivery], **fields: Any) -> None:
         """Replace the record (copy on write: a stored or shared record never changes)."""
@@ -336,7 +345,7 @@ class DistributionMachine:
             self._commit(sent, batch=self._record.batch + 1)
             return [
                 *(Send(gw, 1) for gw in batch),
-                self._emit("batch_sent", batch=self._record.batch, gateways=batch),
+                Emit(BatchSentStep(batch=self._record.batch, gateways=batch)),
             ]
         return self._finish(now_wall)
 
@@ -353,11 +362,12 @@ class DistributionMachine:
             status = "failed" if acked == 0 else "partially_failed"
             reason = f"{failed} of {total} gateways failed"
         self._commit({}, status=status, completed_at=now_wall, reason=reason)
-        done = self._emit(
-            "finished",
-            status=status,
-            successful=list(rec.successful_gateways),
-            failed=list(rec.failed_gateways),
-            reason=reason,
+        done = Emit(
+            FinishedStep(
+                status=status,
+                successful=list(rec.successful_gateways),
+                failed=list(rec.failed_gateways),
+                reason=reason,
+            )
         )
         return [done, Finished(status)]

@@ -1,70 +1,51 @@
-"""DistributorActor: the API of configuration distribution, its bookkeeping, and
-reconciliation.
+"""DistributorActor: the API of configuration distribution and its bookkeeping.
 
-Owns: every distribution record (loaded from the `distributions` bucket at start, then
-kept current by the DistributionActors' tells, so get and list never ask anyone), the
-last version given per config type, desired state (bucket `desired`, mirrored in a
-`Reconciler` (actors/reconciliation.py) with each gateway's status and reported versions
-and what it acked, nacked or timed out on), one FIFO queue per config type whose head
-alone runs (two distributions of a type are applied in order, so no gateway ends on the
-older one; types run side by side), the running DistributionActors (it is their parent:
-one that dies is restarted from its newest record), the reconciliations in flight per
-gateway, and the distribution counts of `P.api.status`.
-Receives: Distribute, GetDistribution, ListDistributions, Reconcile, DistributionChanged,
-GatewayUpdated, GatewayRemoved, ReconcileDue (its cooldown timers), ChildDied,
-AddListener (a listener is told DistributionCounts on every change: the supervisor).
+Owns: every distribution record (loaded through the DistributionStore at start, then kept
+current by the DistributionActors' tells, so get and list never ask anyone), the last
+version given per config type, one FIFO queue per config type whose head alone runs (two
+distributions of a type are applied in order, so no gateway ends on the older one; types
+run side by side), the running DistributionActors (it is their parent: one that dies is
+restarted from its newest record), the ReconcileDriver (actors/reconcile_driver.py) that
+reconciliation runs through, and the distribution counts of `P.api.status`.
+Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemoved,
+ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
+on every change: the supervisor).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec lost, actor dying again and again;
-its DistributionActor emits every other step); `ha.reconcile` for each reconciliation
-pushed and for each gateway found out of sync on a version it rejected.
+its DistributionActor emits every other step); `ha.reconcile` through the driver.
 Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list`,
 `P.api.reconcile`.
 
-A distribution's targets are resolved when it is created, so its record lists them at
-once. The spec, the version counter and the record are stored before the reply (layout:
-schemas/desired.py); its desired state is written when it starts, before its actor sends
-anything. At start, unfinished distributions are queued again per type in version order
-and resumed; what each gateway rejected is rebuilt from the records.
-
-Reconciliation is level-triggered: a gateway is checked (`Reconciler.check`, whose table
-says when it is pushed) for every type with a desired version when its status or reported
-versions change, when a distribution that targeted it ends, when its cooldown after
-timed-out pushes ends, and every gateway is checked for a type when a distribution of
-that type starts (desired state changed). A push is a targeted distribution (origin
-"reconcile") of the desired version with that version's stored content: no new version,
-desired state untouched. It goes through its type's FIFO like any distribution, so it
-never races one; and none is created for a gateway that a distribution of that type
-targets (running or queued), while a distribution of that type waits to start (its start
-changes desired state and brings a recheck), or while another reconciliation for that
-gateway is in flight (one per gateway). A reconciliation still waiting in its queue takes
-in the next gateways needing the same version, so a mass rejoin makes few distributions.
-`[orchestrator] ha_enabled = false` turns automatic reconciliation off; `P.api.reconcile`
-(an operator's request, which also re-pushes a version the gateway rejected and skips the
-cooldown) works either way.
+`distribute` answers once the version counter and the spec are stored (the spec names the
+targets, resolved when the distribution is created, so its record can be rebuilt from it);
+desired state is written when the distribution starts, before its actor sends anything.
+Which key each component writes is in schemas/stored.py. At start, unfinished
+distributions are queued again per type in version order and resumed; what each gateway
+rejected is rebuilt from the records.
 
 A DistributionActor that dies is started again from the newest record it told (the
 stored one may lag by the acks since its last send): it resumes, re-sending in-flight
 pushes with the same attempt number. After a restart of the whole orchestrator the
-stored record is all there is; see actors/distribution.py. One that dies more than MAX_RESTARTS times is failed instead.
+stored record is all there is; see actors/distribution.py. One that dies more than
+MAX_RESTARTS times is abandoned (its spec says so) and ends failed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import pykka
 from msgspec.structs import replace
 
-from actors.base import SafeActor, safe_tell
+from actors.base import SafeActor
 from actors.context import Context
 from actors.distribution import DistributionActor
-from actors.distribution_machine import TERMINAL_STATUSES, new_distribution, resolve_targets
+from actors.distribution_machine import TERMINAL_STATUSES, resolve_targets
+from actors.distribution_store import DistributionStore, abandoned, record_from_spec
 from actors.messages import (
     ChildDied,
     DistributionChanged,
@@ -75,7 +56,8 @@ from actors.messages import (
     ReportTo,
     Request,
 )
-from actors.reconciliation import Desired, Outcome, OutOfSync, Push, Reconciler
+from actors.reconcile_driver import ReconcileDriver
+from actors.reconciliation import Desired, Resync
 from bus.edge import reply_error
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
@@ -86,20 +68,16 @@ from schemas.api import (
     DistributionGetRequest,
     DistributionListReply,
     DistributionListRequest,
-    DistributionStatus,
     GatewayDelivery,
-    ReconcileReply,
     ReconcileRequest,
 )
-from schemas.codec import DecodeError, encode
-from schemas.desired import DesiredConfig, DistributionSpec, VersionCounter
-from schemas.events import DistributionEvent, Reconciliation, utc_now
+from schemas.codec import encode
+from schemas.events import DistributionEvent, FinishedStep, QueuedStep, utc_now
+from schemas.stored import DesiredConfig, DistributionSpec
+from schemas.types import DistributionStatus
 
 log = logging.getLogger(__name__)
 
-RECORD_KEY_RE = re.compile(r"^dist-[A-Za-z0-9-]+$")
-SPEC_SUFFIX = ".spec"
-VERSIONS_PREFIX = "versions."
 OPEN_STATUSES = frozenset[DistributionStatus]({"pending", "in_progress"})
 # A distribution whose actor dies more often than this is failed, not started again.
 MAX_RESTARTS = 3
@@ -110,21 +88,25 @@ class DistributorActor(SafeActor):
         super().__init__()
         self.ctx = context
         self.bus = context.bus
-        self.store = context.buckets["distributions"]
-        self.desired_store = context.buckets["desired"]
+        self.store = DistributionStore(context.buckets["distributions"], context.buckets["desired"])
         settings = context.settings.orchestrator
-        self.auto_reconcile = settings.ha_enabled
         # The first cooldown of a gateway whose push timed out: what one distribution has
         # just spent on it (every attempt's ack timeout and retry delay).
         attempt_ms = settings.distribution_ack_timeout_ms + settings.distribution_retry_delay_ms
-        cooldown_s = (settings.distribution_retry_count + 1) * attempt_ms / 1000
-        self.reconciler = Reconciler(cooldown_s=cooldown_s)
+        self.reconcile = ReconcileDriver(
+            self,
+            bus=context.bus,
+            me=self.actor_ref,
+            emit=context.emit,
+            clock=context.clock,
+            auto=settings.ha_enabled,
+            cooldown_s=(settings.distribution_retry_count + 1) * attempt_ms / 1000,
+        )
         self.records: dict[str, Distribution] = {}
         self.versions: dict[str, int] = {}
         self.queues: dict[str, deque[str]] = {}
         self.running: dict[str, pykka.ActorRef[Any]] = {}
         self.restarts: Counter[str] = Counter()  # per distribution id
-        self.reconciling: dict[str, set[str]] = {}  # gateway -> reconciliations in flight
         self.statuses: Counter[DistributionStatus] = Counter()
         self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
         self._subscriptions: list[SubscriptionHandle] = []
@@ -144,34 +126,19 @@ class DistributorActor(SafeActor):
             ref.stop(timeout=5)
 
     def _load(self) -> None:
-        """Records, version counters and desired state from the buckets; unfinished
+        """Records, version counters and desired state from the store; unfinished
         distributions queued again; what gateways rejected, from the records."""
-        unfinished: list[Distribution] = []
-        for key in self.store.keys():  # noqa: SIM118 - a KvStore, not a dict
-            try:
-                if key.startswith(VERSIONS_PREFIX):
-                    counter = self.store.get(key, VersionCounter)
-                    if counter is not None:
-                        self.versions[counter.config_type] = counter.last_version
-                elif RECORD_KEY_RE.fullmatch(key):
-                    record = self.store.get(key, Distribution)
-                    if record is not None:
-                        self.records[key] = record
-                        if record.status in OPEN_STATUSES:
-                            unfinished.append(record)
-            except DecodeError as exc:
-                log.warning("skipping undecodable entry %r: %s", key, exc)
-        for key, value in self.desired_store.items(DesiredConfig).items():
-            config_type, _, gateway_id = key.partition(".")
+        loaded = self.store.load()
+        self.records, self.versions = loaded.records, loaded.versions
+        for (config_type, gateway_id), value in loaded.desired.items():
             desired = Desired(value.version, value.distribution_id)
-            self.reconciler.set_desired(config_type, gateway_id or None, desired)
+            self.reconcile.set_desired(config_type, gateway_id, desired)
         for record in sorted(self.records.values(), key=lambda r: (r.created_at, r.id)):
-            self._learn(None, record)
+            self.reconcile.learn(None, record)
+        unfinished = [r for r in self.records.values() if r.status in OPEN_STATUSES]
         for record in sorted(unfinished, key=lambda r: r.version):
             self.queues.setdefault(record.config_type, deque()).append(record.id)
-            if record.origin == "reconcile":
-                for gw in record.target_gateways:
-                    self.reconciling.setdefault(gw, set()).add(record.id)
+            self.reconcile.started(record)
         self.statuses = Counter(r.status for r in self.records.values())
         if self.records:
             log.info("%d distributions loaded, %d to resume", len(self.records), len(unfinished))
@@ -207,16 +174,19 @@ class DistributorActor(SafeActor):
                 rows.sort(key=lambda r: (r.created_at, r.id))
                 self.bus.publish(reply, DistributionListReply(distributions=rows))
             case Request(endpoint=api.RECONCILE, body=ReconcileRequest() as request, reply=reply):
-                self._reconcile_request(request, reply)
+                answer = self.reconcile.request(request.gateway_id, request.config_type)
+                if isinstance(answer, str):
+                    reply_error(self.bus, reply, "not_found", answer)
+                else:
+                    self.bus.publish(reply, answer)
             case DistributionChanged(record=record):
                 self._changed(record)
             case GatewayUpdated(snapshot=snapshot):
-                self.reconciler.on_gateway(snapshot)
-                self._reconcile([snapshot.gateway_id])
+                self.reconcile.on_gateway(snapshot)
             case GatewayRemoved(gateway_id=gateway_id):
-                self.reconciler.forget_gateway(gateway_id)
+                self.reconcile.forget(gateway_id)
             case ReconcileDue(gateway_id=gateway_id):
-                self._reconcile([gateway_id])
+                self.reconcile.check([gateway_id])
             case ChildDied(kind="DistributionActor", key=dist_id, error=error):
                 self._restart(dist_id, error)
             case ReportTo(supervisor=supervisor):
@@ -236,26 +206,29 @@ class DistributorActor(SafeActor):
             reply_error(self.bus, reply, "bad_request", message)
             return
         config_type = request.config_type
-        dist_id = f"dist-{uuid.uuid4()}"
         version = self.versions.get(config_type, 0) + 1
-        counter = VersionCounter(config_type=config_type, last_version=version)
-        self.store.put(VERSIONS_PREFIX + config_type, counter)
+        self.store.put_version(config_type, version)
         self.versions[config_type] = version
+        targets, unknown = resolve_targets(request.target_gateways, self.reconcile.active)
         spec = DistributionSpec(
             config_type=config_type,
             version=version,
             config_data=request.config_data,
             target_gateways=request.target_gateways,
+            targets=[*targets, *unknown],
+            unknown=unknown,
+            created_at=utc_now(),
         )
-        self.store.put(dist_id + SPEC_SUFFIX, spec)
-        targets, unknown = resolve_targets(request.target_gateways, self.reconciler.active)
-        record = new_distribution(
-            dist_id, config_type, version, targets=targets, unknown=unknown, created_at=utc_now()
-        )
-        self.store.put(dist_id, record)
-        self._update(record)
-        self._enqueue(record, spec)
+        dist_id = self._create(spec)
         self.bus.publish(reply, DistributeReply(distribution_id=dist_id))
+        self._enqueue(self.records[dist_id], spec)
+
+    def _create(self, spec: DistributionSpec) -> str:
+        """Stores a new distribution's spec and keeps its (pending) record."""
+        dist_id = f"dist-{uuid.uuid4()}"
+        self.store.put_spec(dist_id, spec)
+        self._update(record_from_spec(dist_id, spec))
+        return dist_id
 
     def _enqueue(self, record: Distribution, spec: DistributionSpec) -> None:
         queue = self.queues.setdefault(record.config_type, deque())
@@ -264,12 +237,8 @@ class DistributorActor(SafeActor):
             self._start_head(record.config_type, spec)
             return
         self.ctx.emit(
-            DistributionEvent(
-                distribution_id=record.id,
-                config_type=record.config_type,
-                version=record.version,
-                step="queued",
-                details={"after": queue[-2]},
+            DistributionEvent.of(
+                record.id, record.config_type, record.version, QueuedStep(after=queue[-2])
             )
         )
 
@@ -280,7 +249,7 @@ class DistributorActor(SafeActor):
             self.queues.pop(config_type, None)
             return
         record = self.records[queue[0]]
-        spec = spec or self._spec(record.id)
+        spec = spec or self.store.spec(record.id)
         if spec is None:
             log.error("distribution %s has no stored spec: failing it", record.id)
             self._finished(self._fail(record, "spec lost"))
@@ -291,9 +260,11 @@ class DistributorActor(SafeActor):
         sets_desired = record.status == "pending" and record.origin == "distribute"
         if sets_desired:
             self._set_desired(record, spec)
-        self.running[record.id] = DistributionActor.start(self.ctx, record, spec, self.actor_ref)
+        self.running[record.id] = DistributionActor.start(
+            self.ctx, record, spec, parent=self.actor_ref, store=self.store
+        )
         if sets_desired:
-            self._reconcile(None, [record.config_type])
+            self.reconcile.check(None, [record.config_type])
 
     def _set_desired(self, record: Distribution, spec: DistributionSpec) -> None:
         """Fleet-wide for a distribution to every gateway, else per named (known) gateway."""
@@ -305,19 +276,19 @@ class DistributorActor(SafeActor):
         )
         desired = Desired(record.version, record.id)
         if spec.target_gateways is None:
-            self.desired_store.put(record.config_type, value)
-            self.reconciler.set_desired(record.config_type, None, desired)
+            self.store.put_desired(record.config_type, None, value)
+            self.reconcile.set_desired(record.config_type, None, desired)
             return
         for gw, delivery in record.gateways.items():
             if delivery.state == "pending":  # not an unknown id, failed from the start
-                self.desired_store.put(f"{record.config_type}.{gw}", value)
-                self.reconciler.set_desired(record.config_type, gw, desired)
+                self.store.put_desired(record.config_type, gw, value)
+                self.reconcile.set_desired(record.config_type, gw, desired)
 
     def _changed(self, record: Distribution) -> None:
         """A record as its DistributionActor stored it."""
         old = self.records.get(record.id)
         self._update(record)
-        self._learn(old, record)
+        self.reconcile.learn(old, record)
         if record.status in TERMINAL_STATUSES and (old is None or old.status in OPEN_STATUSES):
             self._finished(record)
 
@@ -325,38 +296,27 @@ class DistributorActor(SafeActor):
         """It has ended: the next of its type starts, and the gateways it targeted are checked."""
         self.running.pop(record.id, None)
         self.restarts.pop(record.id, None)
-        if record.origin == "reconcile":
-            for gw in record.target_gateways:
-                in_flight = self.reconciling.get(gw, set())
-                in_flight.discard(record.id)
-                if not in_flight:
-                    self.reconciling.pop(gw, None)
         queue = self.queues.get(record.config_type)
         if queue and queue[0] == record.id:
             queue.popleft()
             self._start_head(record.config_type)
-        self._reconcile(record.target_gateways)
+        self.reconcile.finished(record)
 
     def _fail(self, record: Distribution, reason: str) -> Distribution:
-        """Ends an unfinished distribution as failed, here rather than in its actor."""
-        failed = replace(record, status="failed", completed_at=utc_now(), reason=reason)
-        self.store.put(failed.id, failed)
+        """Gives up an unfinished distribution whose actor cannot carry it: its spec says
+        so (the record is its actor's to write), and it ends failed."""
+        spec = self.store.spec(record.id)
+        if spec is not None:
+            self.store.put_spec(record.id, replace(spec, abandoned=reason))
+        failed = abandoned(record, reason)
         self._update(failed)
-        details = {
-            "status": "failed",
-            "successful": list(failed.successful_gateways),
-            "failed": list(failed.failed_gateways),
-            "reason": reason,
-        }
-        self.ctx.emit(
-            DistributionEvent(
-                distribution_id=failed.id,
-                config_type=failed.config_type,
-                version=failed.version,
-                step="finished",
-                details=details,
-            )
+        step = FinishedStep(
+            status="failed",
+            successful=list(failed.successful_gateways),
+            failed=list(failed.failed_gateways),
+            reason=reason,
         )
+        self.ctx.emit(DistributionEvent.of(failed.id, failed.config_type, failed.version, step))
         return failed
 
     def _restart(self, dist_id: str, error: str) -> None:
@@ -375,16 +335,13 @@ class DistributorActor(SafeActor):
             reason = f"its actor died {self.restarts[dist_id]} times: {error}"
             self._finished(self._fail(record, reason))
             return
-        spec = self._spec(dist_id)
+        spec = self.store.spec(dist_id)
         if spec is None:
             self._finished(self._fail(record, "spec lost"))
             return
         self.ctx.restarts.add("DistributionActor")
         log.warning("distribution actor %s died (%s): restarting it", dist_id, error)
         self._start_actor(record, spec)
-
-    def _spec(self, dist_id: str) -> DistributionSpec | None:
-        return self.store.get(dist_id + SPEC_SUFFIX, DistributionSpec)
 
     def _update(self, record: Distribution) -> None:
         """Keeps the record and the status counts; tells listeners when the counts change."""
@@ -409,144 +366,39 @@ class DistributorActor(SafeActor):
             by_state={state: n for state, n in s.items() if n},
         )
 
-    # Reconciliation ----------------------------------------------------------------------
+    # The ReconcileDriver's desk ------------------------------------------------------------
 
-    def _learn(self, old: Distribution | None, record: Distribution) -> None:
-        """Tells the reconciler each gateway's final state in `record` not yet in `old`."""
-        reconciler, now, at = self.reconciler, self.ctx.clock(), utc_now()
-        acked = record.successful_gateways[len(old.successful_gateways) if old else 0 :]
-        failed = record.failed_gateways[len(old.failed_gateways) if old else 0 :]
-        for gw in acked:
-            reconciler.on_outcome(gw, record.config_type, record.version, "acked", at=at, now=now)
-        for gw in failed:
-            delivery = record.gateways[gw]
-            outcome: Outcome
-            if delivery.state == "nacked":
-                outcome = "nacked"
-            elif delivery.attempts:
-                outcome = "timed_out"
-            else:
-                continue  # an unknown id: never sent to
-            delay = reconciler.on_outcome(
-                gw, record.config_type, record.version, outcome, at=at, now=now
+    def queued(self, config_type: str) -> Sequence[Distribution]:
+        return [self.records[dist_id] for dist_id in self.queues.get(config_type, ())]
+
+    def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
+        gw = resync.gateway_id
+        if joining is not None:  # waiting in its queue: it takes in one more gateway
+            spec = self.store.spec(joining.id)
+            if spec is None:
+                return None
+            targets = [*(spec.targets or joining.target_gateways), gw]  # layout 1: no targets
+            self.store.put_spec(joining.id, replace(spec, targets=targets))
+            self._update(
+                replace(
+                    joining,
+                    target_gateways=[*joining.target_gateways, gw],
+                    gateways={**joining.gateways, gw: GatewayDelivery()},
+                )
             )
-            if delay is not None and self.auto_reconcile:
-                self.bus.call_later(delay, safe_tell, self.actor_ref, ReconcileDue(gateway_id=gw))
-
-    def _reconcile(
-        self, gateways: Iterable[str] | None, config_types: list[str] | None = None
-    ) -> None:
-        """Automatic reconciliation of these gateways (None: all) for these types (None:
-        every type with a desired version)."""
-        if not self.auto_reconcile:
-            return
-        reconciler, now = self.reconciler, self.ctx.clock()
-        for gw in sorted(reconciler.gateways if gateways is None else gateways):
-            for config_type in config_types or reconciler.config_types(gw):
-                busy = self._busy(gw, config_type)
-                decision = reconciler.check(gw, config_type, busy=busy, now=now)
-                if isinstance(decision, Push):
-                    self._push(decision)
-                elif isinstance(decision, OutOfSync):
-                    log.warning("gateway %s: %s of %s", gw, decision.reason, config_type)
-                    self._emit_reconciliation(decision, None)
-
-    def _reconcile_request(self, request: ReconcileRequest, reply: str) -> None:
-        """`P.api.reconcile`: push now, even a version the gateway rejected."""
-        gw, config_type = request.gateway_id, request.config_type
-        if gw not in self.reconciler.active:
-            reply_error(self.bus, reply, "not_found", f"no gateway {gw}")
-            return
-        if config_type is None:
-            config_types = self.reconciler.config_types(gw)
-        elif self.reconciler.desired(gw, config_type) is None:
-            message = f"no desired version of {config_type} for {gw}"
-            reply_error(self.bus, reply, "not_found", message)
-            return
-        else:
-            config_types = [config_type]
-        created: list[str] = []
-        skipped: dict[str, str] = {}
-        now = self.ctx.clock()
-        for name in config_types:
-            busy = self._busy(gw, name, forced=True)
-            decision = self.reconciler.check(gw, name, busy=busy, now=now, force=True)
-            dist_id = None
-            if isinstance(decision, Push):
-                reason = f"operator request: {decision.reason}"
-                dist_id = self._push(dataclasses.replace(decision, reason=reason))
-            if dist_id is None:
-                skipped[name] = decision.reason
-            else:
-                created.append(dist_id)
-        self.bus.publish(reply, ReconcileReply(distributions=created, skipped=skipped))
-
-    def _busy(self, gw: str, config_type: str, *, forced: bool = False) -> str | None:
-        """Why the gateway must not be pushed `config_type` now, if it must not."""
-        in_flight = self.reconciling.get(gw)
-        if in_flight and not forced:
-            return f"reconciliation {min(in_flight)} in flight"
-        for position, dist_id in enumerate(self.queues.get(config_type, ())):
-            record = self.records[dist_id]
-            if gw in record.gateways:
-                return f"distribution {dist_id} targets it"
-            if position and record.origin == "distribute":
-                return f"distribution {dist_id} of {config_type} waits to start"
-        return None
-
-    def _push(self, push: Push) -> str | None:
-        """A reconciliation for `push`: joins the one waiting in the queue for the same
-        version, or is created (None if that version's content is lost)."""
-        gw, config_type, version = push.gateway_id, push.config_type, push.desired.version
-        queue = self.queues.get(config_type, deque())
-        waiting = self.records[queue[-1]] if len(queue) > 1 else None
-        if waiting and waiting.origin == "reconcile" and waiting.version == version:
-            record = replace(
-                waiting,
-                target_gateways=[*waiting.target_gateways, gw],
-                gateways={**waiting.gateways, gw: GatewayDelivery()},
-            )
-            self.store.put(record.id, record)
-            self._update(record)
-            self._note_push(push, record.id)
-            return record.id
-        source = self._spec(push.desired.distribution_id)
+            return joining.id
+        source = self.store.spec(resync.desired.distribution_id)
         if source is None:
-            log.error(
-                "cannot reconcile %s: the content of %s version %d (%s) is lost",
-                gw,
-                config_type,
-                version,
-                push.desired.distribution_id,
-            )
             return None
-        dist_id = f"dist-{uuid.uuid4()}"
-        spec = replace(source, target_gateways=[gw])
-        self.store.put(dist_id + SPEC_SUFFIX, spec)
-        record = new_distribution(
-            dist_id, config_type, version, targets=[gw], unknown=[], created_at=utc_now()
+        spec = replace(
+            source,
+            target_gateways=[gw],
+            targets=[gw],
+            unknown=[],
+            origin="reconcile",
+            created_at=utc_now(),
+            abandoned=None,
         )
-        record = replace(record, origin="reconcile")
-        self.store.put(dist_id, record)
-        self._update(record)
-        self._note_push(push, dist_id)
-        self._enqueue(record, spec)
+        dist_id = self._create(spec)
+        self._enqueue(self.records[dist_id], spec)
         return dist_id
-
-    def _note_push(self, push: Push, dist_id: str) -> None:
-        self.reconciling.setdefault(push.gateway_id, set()).add(dist_id)
-        gw, config_type = push.gateway_id, push.config_type
-        log.info("reconciling %s %s with %s: %s", gw, config_type, dist_id, push.reason)
-        self._emit_reconciliation(push, dist_id)
-
-    def _emit_reconciliation(self, decision: Push | OutOfSync, dist_id: str | None) -> None:
-        self.ctx.emit(
-            Reconciliation(
-                gateway_id=decision.gateway_id,
-                config_type=decision.config_type,
-                desired_version=decision.desired.version,
-                reported_version=decision.reported,
-                distribution_id=dist_id,
-                reason=decision.reason,
-            )
-        )

@@ -1,14 +1,14 @@
 """Configuration consistency: which gateway to push its desired configuration again. Pure.
 
 No threads, no I/O, no clock of its own (callers pass `now`, a monotonic time). The
-DistributorActor owns one `Reconciler`, tells it what it learns (desired versions as
+DistributorActor owns one `Reconciler` (through its ReconcileDriver), tells it what it learns (desired versions as
 distributions start, gateways' snapshots, every gateway's outcome in every distribution)
 and asks `check(gateway, config_type)` whenever something that decides it may have
 changed: the check is level-triggered, so it holds no memory of earlier checks beyond
 what is listed below.
 
 Desired: a gateway's desired version of a type is the higher of the fleet's (`<type>` in
-the `desired` bucket) and its own (`<type>.<gateway_id>`); schemas/desired.py.
+the `desired` bucket) and its own (`<type>.<gateway_id>`); schemas/stored.py.
 
 Running: the version a gateway runs is what its last heartbeat reported, unless a
 distribution's ack reached the distributor after that heartbeat was received: heartbeats
@@ -24,10 +24,10 @@ configuration shows.
 | gateway not active (healthy or degraded)               | Skip                          |
 | it runs the desired version or a newer one             | Skip (in sync)                |
 | `busy`: the distributor's reason not to push now       | Skip (rechecked when it ends) |
-| it nacked exactly the desired version                  | OutOfSync once per version,   |
-|                                                        | then Skip                     |
+| it nacked exactly the desired version                  | Resync(push=False) once per   |
+|                                                        | version, then Skip            |
 | its last push timed out and its cooldown is not over   | Skip                          |
-| otherwise                                              | Push                          |
+| otherwise                                              | Resync(push=True)             |
 
 `force` (an operator's request) passes the nack and cooldown rows. A nack is forgotten
 once the gateway acks that same version (pushed on request); a newer desired version makes
@@ -56,25 +56,17 @@ class Desired:
 
 
 @dataclass(frozen=True, slots=True)
-class Push:
-    """Push `desired` to the gateway: a targeted distribution of that version's content."""
+class Resync:
+    """A gateway off its desired version: `push` it that version again (a targeted
+    distribution of that version's content), or, when it rejected that very version,
+    only report it out of sync (once per version)."""
 
     gateway_id: str
     config_type: str
     desired: Desired
     reported: int | None
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class OutOfSync:
-    """Report (once per version) a gateway that rejected its desired version."""
-
-    gateway_id: str
-    config_type: str
-    desired: Desired
-    reported: int | None
-    reason: str
+    push: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +74,7 @@ class Skip:
     reason: str
 
 
-Decision = Push | OutOfSync | Skip
+Decision = Resync | Skip
 Outcome = Literal["acked", "nacked", "timed_out"]
 
 
@@ -107,7 +99,7 @@ class Reconciler:
         self._fleet: dict[str, Desired] = {}
         self._own: dict[str, dict[str, Desired]] = {}  # gateway -> type -> desired
         self._nacked: dict[tuple[str, str], int] = {}  # (gateway, type) -> version
-        self._reported: set[tuple[str, str, int]] = set()  # OutOfSync already returned
+        self._reported: set[tuple[str, str, int]] = set()  # out of sync, already reported
 
     # What it learns ---------------------------------------------------------------------
 
@@ -217,9 +209,9 @@ class Reconciler:
             if key in self._reported:
                 return Skip(reason)
             self._reported.add(key)
-            return OutOfSync(gateway_id, config_type, desired, running, reason)
+            return Resync(gateway_id, config_type, desired, running, reason, push=False)
         if not force and now < gw.cooling_until:
             return Skip(f"cooling down after {gw.timeouts} timed-out pushes")
         shown = "nothing" if running is None else str(running)
         reason = f"reported {shown}, desired {desired.version}"
-        return Push(gateway_id, config_type, desired, running, reason)
+        return Resync(gateway_id, config_type, desired, running, reason, push=True)

@@ -15,10 +15,13 @@ import click
 
 from bus.subjects import Subjects
 from schemas.events import (
+    BatchSentStep,
+    CreatedStep,
     DistributionEvent,
     Event,
     Failback,
     Failover,
+    FinishedStep,
     GatewayDown,
     GatewayLeft,
     GatewayRecovered,
@@ -26,6 +29,8 @@ from schemas.events import (
     GatewaySelected,
     GatewayStatusChanged,
     Reconciliation,
+    ResumedStep,
+    Step,
 )
 from schemas.types import GATEWAY_ID_RE
 
@@ -78,10 +83,20 @@ FAMILIES: Final = tuple(dict.fromkeys(t.partition(".")[0] for t in EVENT_TYPES))
 # Types that can name a gateway, or a distribution: what --gateway / --distribution read.
 GATEWAY_TYPES: Final = frozenset(EVENT_TYPES) - {"lb.changed", "ha.alarm", "orchestrator.started"}
 DISTRIBUTION_TYPES: Final = frozenset({"distribution.step", "ha.reconcile"})
-_DISTRIBUTION_LISTS: Final = (
-    *("target_gateways", "unknown_gateways", "gateways"),
-    *("successful", "failed", "resent", "retry_scheduled"),
-)
+
+
+def _named_in_step(step: Step | None) -> set[str]:
+    """The gateways a distribution step lists (targets, a batch, outcomes, ...)."""
+    match step:
+        case CreatedStep(target_gateways=targets, unknown_gateways=unknown):
+            return {*targets, *unknown}
+        case BatchSentStep(gateways=sent):
+            return set(sent)
+        case FinishedStep(successful=successful, failed=failed):
+            return {*successful, *failed}
+        case ResumedStep(resent=resent, retry_scheduled=retrying):
+            return {*resent, *retrying}
+    return set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,13 +168,8 @@ def gateways_named(event: Event) -> set[str]:
             return named | ({event.gateway_id} if event.gateway_id else set())
         case Failover(from_gateway=a, to_gateway=b) | Failback(from_gateway=a, to_gateway=b):
             return {a} | ({b} if b else set())
-        case DistributionEvent(gateway_id=gw, details=details):
-            named = {gw} if gw else set()
-            for key in _DISTRIBUTION_LISTS:
-                value = details.get(key)
-                if isinstance(value, list):
-                    named.update(str(v) for v in value)
-            return named
+        case DistributionEvent(gateway_id=gw):
+            return ({gw} if gw else set()) | _named_in_step(event.detail)
         case (
             GatewayRegistered(gateway_id=gw)
             | GatewayStatusChanged(gateway_id=gw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import click
 import msgspec
@@ -15,19 +15,28 @@ from gatefleet import output
 from gatefleet.audit_state import DistributionState, FleetState
 from schemas.events import (
     Alarm,
+    BatchSentStep,
     CandidateView,
+    CreatedStep,
     DistributionEvent,
     Event,
     Failback,
     Failover,
+    FinishedStep,
+    GatewayAckedStep,
     GatewayDown,
     GatewayLeft,
+    GatewayNackedStep,
     GatewayRecovered,
     GatewayRegistered,
+    GatewayRetriedStep,
     GatewaySelected,
     GatewayStatusChanged,
+    GatewayTimedOutStep,
     LoadBalancingChanged,
+    QueuedStep,
     Reconciliation,
+    ResumedStep,
 )
 
 EPOCH = datetime.fromtimestamp(0, UTC)
@@ -66,7 +75,7 @@ def summary(event: Event) -> tuple[str, str]:
             )
         case DistributionEvent():
             head = f"{event.step} {event.distribution_id} {event.config_type} v{event.version}"
-            more = _step_details(event.step, event.details)
+            more = _step_details(event)
             return event.gateway_id or "", f"{head}{': ' + more if more else ''}"
         case Failover(from_gateway=gw):
             return gw, f"failover to {event.to_gateway or 'nobody'}: {event.reason}"
@@ -82,34 +91,29 @@ def summary(event: Event) -> tuple[str, str]:
     return "", ""  # pragma: no cover - the match is exhaustive
 
 
-def _step_details(step: str, d: dict[str, Any]) -> str:
-    def names(key: str) -> str:
-        value = d.get(key)
-        return ", ".join(map(str, value)) if isinstance(value, list) and value else "-"
+def _step_details(event: DistributionEvent) -> str:
+    def names(value: list[str]) -> str:
+        return ", ".join(value) or "-"
 
-    match step:
-        case "created":
-            unknown = f"; unknown: {names('unknown_gateways')}" if d.get("unknown_gateways") else ""
-            return f"targets {names('target_gateways')}{unknown}"
-        case "batch_sent":
-            return f"batch {d.get('batch')}: {names('gateways')}"
-        case "gateway_acked" | "gateway_retried":
-            return f"attempt {d.get('attempts', d.get('attempt'))}"
-        case "gateway_nacked":
-            return f"attempt {d.get('attempts')}: {d.get('error')}"
-        case "gateway_timed_out":
-            final = ", final" if d.get("final") else ", will retry"
-            return f"attempt {d.get('attempts')}: {d.get('reason')}{final}"
-        case "resumed":
-            return f"batch {d.get('batch')}, resent {names('resent')}, retrying {names('retry_scheduled')}"
-        case "finished":
-            reason = f" ({d['reason']})" if d.get("reason") else ""
-            return (
-                f"{d.get('status')}{reason}; acked {names('successful')}; failed {names('failed')}"
-            )
-        case "queued":
-            return f"after {d.get('after')}"
-    return msgspec.json.encode(d).decode() if d else ""
+    match event.detail:
+        case CreatedStep(target_gateways=targets, unknown_gateways=unknown):
+            return f"targets {names(targets)}" + (f"; unknown: {names(unknown)}" if unknown else "")
+        case BatchSentStep(batch=batch, gateways=sent):
+            return f"batch {batch}: {names(sent)}"
+        case GatewayAckedStep(attempts=attempt) | GatewayRetriedStep(attempt=attempt):
+            return f"attempt {attempt}"
+        case GatewayNackedStep(attempts=attempts, error=error):
+            return f"attempt {attempts}: {error}"
+        case GatewayTimedOutStep(attempts=attempts, reason=reason, final=final):
+            return f"attempt {attempts}: {reason}{', final' if final else ', will retry'}"
+        case ResumedStep(batch=batch, resent=resent, retry_scheduled=retrying):
+            return f"batch {batch}, resent {names(resent)}, retrying {names(retrying)}"
+        case FinishedStep(status=status, successful=successful, failed=failed, reason=reason):
+            why = f" ({reason})" if reason else ""
+            return f"{status}{why}; acked {names(successful)}; failed {names(failed)}"
+        case QueuedStep(after=after):
+            return f"after {after}"
+    return msgspec.json.encode(event.details).decode() if event.details else ""
 
 
 def event_line(when: str, kind: str, gateway: str, details: str, *, bold: bool = False) -> bytes:

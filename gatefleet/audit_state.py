@@ -24,26 +24,34 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
-from schemas.api import DistributionStatus, GatewayDelivery, GatewayDeliveryState
+from schemas.api import GatewayDelivery, GatewayDeliveryState
 from schemas.events import (
     Alarm,
+    BatchSentStep,
+    CreatedStep,
     DistributionEvent,
     Event,
     Failback,
     Failover,
+    FinishedStep,
+    GatewayAckedStep,
     GatewayDown,
     GatewayLeft,
+    GatewayNackedStep,
     GatewayRecovered,
     GatewayRegistered,
+    GatewayRetriedStep,
     GatewayStatusChanged,
+    GatewayTimedOutStep,
     LoadBalancingChanged,
     OrchestratorStarted,
+    ResumedStep,
 )
-from schemas.types import GatewayStatus, StrategyName
+from schemas.types import DistributionStatus, GatewayStatus, StrategyName
 
 UNKNOWN_GATEWAY = "unknown gateway"  # as actors.distribution_machine records it
 # The event types that change the state: a reader need not fetch the others.
@@ -192,7 +200,6 @@ class FleetFold:
             gateway.reason = reason
 
     def _distribution(self, event: DistributionEvent) -> None:
-        details = event.details
         dist = self.distributions.get(event.distribution_id)
         if dist is None:
             dist = self.distributions[event.distribution_id] = DistributionState(
@@ -203,47 +210,43 @@ class FleetFold:
                 created_at=event.ts,
             )
         gw = event.gateway_id
-        match event.step:
-            case "created":
-                _created(dist, details)
-            case "batch_sent":
-                dist.batch = int(details.get("batch", dist.batch + 1))
-                for target in _names(details.get("gateways")):
+        match event.detail:
+            case CreatedStep(target_gateways=targets, unknown_gateways=unknown):
+                _created(dist, targets, set(unknown))
+            case BatchSentStep(batch=batch, gateways=sent):
+                dist.batch = batch
+                for target in sent:
                     dist.gateways[target] = GatewayDelivery(state="sent", attempts=1)
-            case "gateway_acked" if gw is not None:
-                _deliver(dist, gw, "acked", details, None)
+            case GatewayAckedStep(attempts=attempts) if gw is not None:
+                _deliver(dist, gw, "acked", attempts, None)
                 dist.successful_gateways.append(gw)
-            case "gateway_nacked" if gw is not None:
-                _deliver(dist, gw, "nacked", details, details.get("error") or "rejected")
+            case GatewayNackedStep(attempts=attempts, error=error) if gw is not None:
+                _deliver(dist, gw, "nacked", attempts, error or "rejected")
                 dist.failed_gateways.append(gw)
-            case "gateway_timed_out" if gw is not None:
-                final = bool(details.get("final"))
-                _deliver(dist, gw, "failed" if final else "retrying", details, details.get("error"))
+            case GatewayTimedOutStep(attempts=attempts, final=final, error=error) if gw:
+                _deliver(dist, gw, "failed" if final else "retrying", attempts, error)
                 if final:
                     dist.failed_gateways.append(gw)
-            case "gateway_retried" if gw is not None:
-                attempt = int(details.get("attempt", 1))
+            case GatewayRetriedStep(attempt=attempt) if gw is not None:
                 old = dist.gateways.get(gw, GatewayDelivery())
                 dist.gateways[gw] = GatewayDelivery(state="sent", attempts=attempt, error=old.error)
-            case "resumed":
-                for target in _names(details.get("retry_scheduled")):
+            case ResumedStep(retry_scheduled=retrying):
+                for target in retrying:
                     old = dist.gateways.get(target, GatewayDelivery())
                     dist.gateways[target] = msgspec.structs.replace(old, state="retrying")
-            case "finished":
-                dist.status = details.get("status", dist.status)
-                dist.reason = details.get("reason")
+            case FinishedStep(status=status, successful=successful, failed=failed):
+                dist.status = status
+                dist.reason = event.detail.reason
                 dist.completed_at = event.ts
-                dist.successful_gateways = _names(details.get("successful"))
-                dist.failed_gateways = _names(details.get("failed"))
+                dist.successful_gateways = list(successful)
+                dist.failed_gateways = list(failed)
             case _:
-                pass  # "queued" (the record above is all it says) and unknown steps
+                pass  # QueuedStep (the record above is all it says) and steps not known here
 
 
-def _created(dist: DistributionState, details: dict[str, Any]) -> None:
-    targets = _names(details.get("target_gateways"))
-    unknown = set(_names(details.get("unknown_gateways")))
+def _created(dist: DistributionState, targets: list[str], unknown: set[str]) -> None:
     dist.status = "in_progress"
-    dist.target_gateways = targets
+    dist.target_gateways = list(targets)
     dist.gateways = {
         gw: GatewayDelivery(state="failed", error=UNKNOWN_GATEWAY)
         if gw in unknown
@@ -257,18 +260,10 @@ def _deliver(
     dist: DistributionState,
     gw: str,
     state: GatewayDeliveryState,
-    details: dict[str, Any],
-    error: Any,
+    attempts: int,
+    error: str | None,
 ) -> None:
-    old = dist.gateways.get(gw, GatewayDelivery())
-    attempts = int(details.get("attempts", old.attempts))
-    dist.gateways[gw] = GatewayDelivery(
-        state=state, attempts=attempts, error=None if error is None else str(error)
-    )
-
-
-def _names(value: Any) -> list[str]:
-    return [str(v) for v in value] if isinstance(value, list) else []
+    dist.gateways[gw] = GatewayDelivery(state=state, attempts=attempts, error=error)
 
 
 def rebuild(

@@ -44,10 +44,10 @@ from bus import http_bridge
 from bus.edge import MAX_REQUEST_BYTES, error_body
 from bus.runtime import Bus
 from bus.subjects import Subjects
-from schemas.api import DistributionStatus, ErrorCode, StatusReply
+from schemas.api import ErrorCode, StatusReply
 from schemas.codec import decode, encode
 from schemas.endpoints import ENDPOINTS, HTTP_PREFIX, STATUS, Endpoint
-from schemas.types import STRATEGIES, GatewayStatus
+from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
 
 log = logging.getLogger(__name__)
 

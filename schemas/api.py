@@ -15,6 +15,7 @@ from msgspec import Meta
 from schemas.types import (
     ConfigType,
     Count,
+    DistributionStatus,
     GatewayId,
     GatewayStatus,
     NonNegativeFloat,
@@ -131,7 +132,6 @@ class DistributionListRequest(_Body, frozen=True):
     include_completed: bool = True
 
 
-DistributionStatus = Literal["pending", "in_progress", "completed", "partially_failed", "failed"]
 GatewayDeliveryState = Literal[
     "pending", "sent", "acked", "nacked", "timed_out", "retrying", "failed"
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.types import GatewayStatus, Role, StrategyName
+from schemas.types import DistributionStatus, GatewayStatus, Role, StrategyName
 
 
 def new_event_id() -> str:
@@ -122,11 +122,93 @@ class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
 # Distribution -----------------------------------------------------------------------------
 
 
-class DistributionEvent(_Event, frozen=True, tag="distribution.step"):
-    """A step of a distribution: `step` is created, batch_sent, gateway_acked, ...
+class _Step(msgspec.Struct, frozen=True, kw_only=True):
+    """The details of one kind of distribution step (DistributionEvent.details)."""
 
-    One class with a `step` keeps the state machine's vocabulary in one place.
-    """
+    @property
+    def name(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class CreatedStep(_Step, frozen=True, tag="created"):
+    config_type: str
+    version: int
+    target_gateways: list[str]
+    unknown_gateways: list[str]
+
+
+class QueuedStep(_Step, frozen=True, tag="queued"):
+    after: str  # the distribution of the same config type it waits behind
+
+
+class BatchSentStep(_Step, frozen=True, tag="batch_sent"):
+    batch: int
+    gateways: list[str]
+
+
+class GatewayAckedStep(_Step, frozen=True, tag="gateway_acked"):
+    attempts: int
+
+
+class GatewayNackedStep(_Step, frozen=True, tag="gateway_nacked"):
+    attempts: int
+    error: str
+
+
+class GatewayTimedOutStep(_Step, frozen=True, tag="gateway_timed_out"):
+    attempts: int
+    reason: str
+    final: bool
+    error: str | None
+
+
+class GatewayRetriedStep(_Step, frozen=True, tag="gateway_retried"):
+    attempt: int
+
+
+class ResumedStep(_Step, frozen=True, tag="resumed"):
+    batch: int
+    resent: list[str]
+    retry_scheduled: list[str]
+
+
+class FinishedStep(_Step, frozen=True, tag="finished"):
+    status: DistributionStatus
+    successful: list[str]
+    failed: list[str]
+    reason: str | None
+
+
+Step = (
+    CreatedStep
+    | QueuedStep
+    | BatchSentStep
+    | GatewayAckedStep
+    | GatewayNackedStep
+    | GatewayTimedOutStep
+    | GatewayRetriedStep
+    | ResumedStep
+    | FinishedStep
+)
+STEP_TYPES: dict[str, type[Step]] = {
+    str(kind.__struct_config__.tag): kind
+    for kind in (
+        CreatedStep,
+        QueuedStep,
+        BatchSentStep,
+        GatewayAckedStep,
+        GatewayNackedStep,
+        GatewayTimedOutStep,
+        GatewayRetriedStep,
+        ResumedStep,
+        FinishedStep,
+    )
+}
+
+
+class DistributionEvent(_Event, frozen=True, tag="distribution.step"):
+    """A step of a distribution. On the wire `step` names it and `details` holds its
+    fields; in code they are one typed `Step` (`DistributionEvent.of`, `.detail`)."""
 
     distribution_id: str
     config_type: str
@@ -134,6 +216,36 @@ class DistributionEvent(_Event, frozen=True, tag="distribution.step"):
     step: str
     gateway_id: str | None = None
     details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        distribution_id: str,
+        config_type: str,
+        version: int,
+        step: Step,
+        gateway_id: str | None = None,
+    ) -> DistributionEvent:
+        return cls(
+            distribution_id=distribution_id,
+            config_type=config_type,
+            version=version,
+            step=step.name,
+            gateway_id=gateway_id,
+            details=msgspec.structs.asdict(step),
+        )
+
+    @property
+    def detail(self) -> Step | None:
+        """The typed step; None for a step this release does not know, or details that
+        do not fit it (an event written by another release)."""
+        kind = STEP_TYPES.get(self.step)
+        if kind is None:
+            return None
+        try:
+            return msgspec.convert(self.details, kind)
+        except msgspec.ValidationError:
+            return None
 
 
 # High availability ------------------------------------------------------------------------

@@ -29,3 +29,4 @@ STRATEGIES: Final[tuple[str, ...]] = (
 )
 GatewayStatus = Literal["unknown", "healthy", "degraded", "down"]
 Role = Literal["primary", "backup"]
+DistributionStatus = Literal["pending", "in_progress", "completed", "partially_failed", "failed"]

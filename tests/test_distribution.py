@@ -30,8 +30,8 @@ from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, NotFound
 from schemas.codec import decode, encode
-from schemas.desired import DesiredConfig
 from schemas.settings import Settings
+from schemas.stored import DesiredConfig
 from schemas.wire import ConfigAck, ConfigPush
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.distribution_events import finished, steps
@@ -547,3 +547,36 @@ def test_sigkill_mid_distribution_resumes_without_reapplying(
     finally:
         for up in reversed(runs):
             up.kill(signal.SIGTERM)
+
+
+def test_a_queued_distribution_survives_a_restart_from_its_spec_alone(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """`distribute` answers once the spec is stored; a distribution waiting behind another
+    of its type has no record yet (its actor writes that) and is rebuilt from its spec."""
+    silent, other = fleet.add_many("gw-silent", "gw-other")
+    silent.silent_config = True
+    orchestrator = run(distribution_ack_timeout_ms=60_000)
+    first = client.distribute("Route", ROUTE, ["gw-silent"]).distribution_id
+    queued = client.distribute("Route", ROUTE, ["gw-other"]).distribution_id
+    kv = KvStore(bus, bus.run(bus.js.key_value(bucket_name(prefix, "distributions"))))
+    keys = set(kv.keys())
+    assert {f"{first}.spec", f"{queued}.spec"} <= keys
+    assert queued not in keys  # not started: its record is its actor's to write
+    assert client.get_distribution(queued).status == "pending"
+    wait_until(lambda: bool(silent.received), what="the first push sent")
+    orchestrator.stop()
+
+    silent.silent_config = False
+    run(distribution_ack_timeout_ms=60_000)
+
+    def both_completed() -> bool:
+        return all(client.get_distribution(d).status == "completed" for d in (first, queued))
+
+    wait_until(both_completed, timeout=10, what="both completed after the restart")
+    assert [p.distribution_id for _, _, p in fleet.applied["gw-other"]] == [queued]
+    assert other.config_versions["Route"] == 2

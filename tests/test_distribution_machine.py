@@ -22,6 +22,7 @@ from actors.distribution_machine import (
     resolve_targets,
 )
 from schemas.api import Distribution
+from schemas.events import CreatedStep, GatewayAckedStep, GatewayRetriedStep
 
 T0 = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 T1 = datetime(2026, 11, 28, 7, 5, tzinfo=UTC)
@@ -139,7 +140,13 @@ class Fleet:
         assert roundtrip(rec) == rec
 
     def of_type(self, name: str) -> list[dict[str, object]]:
-        return [e.fields for e in self.events if e.event_type == f"distribution.{name}"]
+        """The fields of each `name` step, with the gateway's id where it has one."""
+        return [
+            msgspec.structs.asdict(e.detail)
+            | ({"gateway_id": e.gateway_id} if e.gateway_id else {})
+            for e in self.events
+            if e.step == name
+        ]
 
 
 def run_all(fleet: Fleet, ids: list[str], unknown: list[str] | None = None) -> Distribution:
@@ -162,11 +169,9 @@ def test_all_ack_in_batches() -> None:
     assert rec.batch == 3
     assert [e["gateways"] for e in fleet.of_type("batch_sent")] == [ids[:3], ids[3:6], ids[6:]]
     assert [s.gateway_id for s in fleet.sends] == ids
-    assert fleet.events[0].event_type == "distribution.created"
     assert fleet.events[0].step == "created"
     assert fleet.of_type("finished") == [
         {
-            "distribution_id": "dist-1",
             "status": "completed",
             "successful": ids,
             "failed": [],
@@ -182,12 +187,7 @@ def test_next_batch_waits_for_every_gateway_of_the_current_one() -> None:
     )
     first = m.start(T0)
     assert [c for c in first if isinstance(c, Send)] == [Send("a", 1), Send("b", 1)]
-    assert m.on_ack("a", now_wall=T1) == [
-        Emit(
-            "distribution.gateway_acked",
-            {"distribution_id": "dist-1", "gateway_id": "a", "attempts": 1},
-        )
-    ]
+    assert m.on_ack("a", now_wall=T1) == [Emit(GatewayAckedStep(attempts=1), "a")]
     assert m.record.gateways["c"].state == "pending"
     nxt = m.on_nack("b", "no", now_wall=T1)
     assert Send("c", 1) in nxt
@@ -220,7 +220,7 @@ def test_nack_is_final_and_recorded() -> None:
     assert [s for s in fleet.sends if s.gateway_id == "n"] == [Send("n", 1)]
     assert fleet.retries == []
     assert fleet.of_type("gateway_nacked") == [
-        {"distribution_id": "dist-1", "gateway_id": "n", "attempts": 1, "error": "bad route"}
+        {"gateway_id": "n", "attempts": 1, "error": "bad route"}
     ]
 
 
@@ -254,14 +254,12 @@ def test_unknown_target_fails_with_reason_and_is_never_sent() -> None:
     assert m.record.failed_gateways == ["zz"]
     cmds = m.start(T0)
     assert cmds[0] == Emit(
-        "distribution.created",
-        {
-            "distribution_id": "dist-1",
-            "config_type": "Route",
-            "version": 8,
-            "target_gateways": ["a", "zz"],
-            "unknown_gateways": ["zz"],
-        },
+        CreatedStep(
+            config_type="Route",
+            version=8,
+            target_gateways=["a", "zz"],
+            unknown_gateways=["zz"],
+        )
     )
     fleet.run(m, cmds)
     rec = m.record
@@ -305,10 +303,7 @@ def test_late_duplicate_and_stale_answers_are_ignored() -> None:
     assert m.on_timeout("b", now_wall=T1, attempt=1)  # -> retrying
     assert m.on_ack("b", now_wall=T1, attempt=1) == []  # stale attempt, while retrying
     assert m.on_retry_due("b") == [
-        Emit(
-            "distribution.gateway_retried",
-            {"distribution_id": "dist-1", "gateway_id": "b", "attempt": 2},
-        ),
+        Emit(GatewayRetriedStep(attempt=2), "b"),
         Send("b", 2),
     ]
     assert m.on_ack("b", now_wall=T1, attempt=1) == []  # stale attempt, while sent
@@ -386,7 +381,7 @@ def test_resume_after_crash_finishes_without_resending_to_acked_gateways(crash_a
     m2 = fleet.machine(stored)
     resumed = m2.resume(T1)
     assert isinstance(resumed[0], Emit)
-    assert resumed[0].event_type == "distribution.resumed"
+    assert resumed[0].step == "resumed"
     fleet.run(m2, resumed)
 
     after = fleet.sends[sends_before:]
