@@ -20,12 +20,12 @@ from pathlib import Path
 
 import msgspec
 
-from bus.agent import GatewayAgent
 from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
+from gatefleet.gateway import GatewayAgent
 from schemas.events import DistributionEvent, decode_event
 from schemas.settings import Settings
 from schemas.wire import ConfigPush

@@ -27,8 +27,8 @@ from bench.common import (
     running_orchestrator,
     wait_for,
 )
-from bus.agent import GatewayAgent, Metrics
 from bus.runtime import Bus, Inbound
+from gatefleet.gateway import GatewayAgent, Metrics
 from schemas.api import SelectReply, SelectRequest
 from schemas.codec import decode
 

@@ -52,10 +52,10 @@ from bench.common import (
     table_stats,
     wait_for,
 )
-from bus.agent import connect
 from bus.edge import request_handler
 from bus.runtime import Bus, SubscriptionHandle
 from gatefleet.app import Orchestrator
+from gatefleet.gateway import connect
 from schemas import endpoints as api
 from schemas.api import SelectReply, SelectRequest
 from schemas.codec import decode, encode

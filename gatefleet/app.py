@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -30,13 +29,11 @@ from bus.jetstream import JetStream
 from bus.runtime import Bus
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
-from gatefleet.config import resolve_data_dir
+from gatefleet.config import URL_FILE, resolve_data_dir
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 A = TypeVar("A", bound=pykka.Actor)
-
-URL_FILE = "nats.url"
 
 
 class Orchestrator:
@@ -136,13 +133,3 @@ def _sweep_actors() -> None:
     if leftovers:
         log.error("%d actors still alive after shutdown: %s", len(leftovers), leftovers)
         pykka.ActorRegistry.stop_all(block=True, timeout=5)
-
-
-def discover_url(settings: Settings, env: dict[str, str] | os._Environ[str]) -> str:
-    """The NATS URL a client should use: configured, or the embedded server's."""
-    if settings.bus.url:
-        return settings.bus.url
-    url_file = Path(resolve_data_dir(settings, env)) / URL_FILE
-    if url_file.exists():
-        return url_file.read_text().strip()
-    return f"nats://127.0.0.1:{settings.bus.port or 4222}"

@@ -24,7 +24,7 @@ import msgspec
 from bus.connection import BusError
 from bus.server import ServerError
 from gatefleet import output
-from gatefleet.app import Orchestrator, discover_url
+from gatefleet.app import Orchestrator
 from gatefleet.audit import audit
 from gatefleet.cli_common import (
     EXIT_FAILURE,
@@ -34,7 +34,7 @@ from gatefleet.cli_common import (
     settings_or_exit,
 )
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
-from gatefleet.config import split_host_port
+from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.settings import Settings

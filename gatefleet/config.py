@@ -17,6 +17,8 @@ import tomli
 from schemas.settings import Settings
 
 CONFIG_ENV = "GATEFLEET_CONFIG"
+# Written by `gatefleet up` beside the embedded server: where local clients find it.
+URL_FILE = "nats.url"
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _MSGSPEC_PATH = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
 _NOUNS = {"int": "integer", "str": "string", "bool": "boolean", "object": "table"}  # TOML words
@@ -247,3 +249,13 @@ def _check_semantics(settings: Settings) -> None:
             split_host_port(settings.http.listen)
         except ValueError as e:
             raise _KeyPathError(["http", "listen"], str(e)) from None
+
+
+def discover_url(settings: Settings, env: dict[str, str] | os._Environ[str]) -> str:
+    """The NATS URL a client should use: configured, or the embedded server's."""
+    if settings.bus.url:
+        return settings.bus.url
+    url_file = Path(resolve_data_dir(settings, env)) / URL_FILE
+    if url_file.exists():
+        return url_file.read_text().strip()
+    return f"nats://127.0.0.1:{settings.bus.port or 4222}"

@@ -40,10 +40,10 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from bus import http_bridge
 from bus.edge import MAX_REQUEST_BYTES, error_body
 from bus.runtime import Bus
 from bus.subjects import Subjects
+from gatefleet import http_bridge
 from schemas.api import ErrorCode, StatusReply
 from schemas.codec import decode, encode
 from schemas.endpoints import ENDPOINTS, HTTP_PREFIX, STATUS, Endpoint

@@ -8,7 +8,7 @@ is reproducible: cpu 5-95 % (drawn towards the connection load), memory 20-90 %,
 connections 0..max_connections (500, 750 or 1000), latency 1-80 ms.
 
 The whole fleet is one engine on ONE NATS connection (it speaks PROTOCOL.md section 1
-for every simulated gateway; it does not use `bus.agent.GatewayAgent`):
+for every simulated gateway; it does not use `gatefleet.gateway.agent.GatewayAgent`):
 
 - two wildcard subscriptions, `P.gw.*.ping` and `P.gw.*.config`, dispatch on the id
   token; an id that is not simulated, or whose gateway is crashed, gets no answer, so a
@@ -60,9 +60,9 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.agent import Metrics, connect
 from bus.connection import CONNECT_ERRORS
 from bus.subjects import check_gateway_id
+from gatefleet.gateway import Metrics, connect
 from schemas.codec import DecodeError, decoder
 from schemas.types import Role
 from schemas.wire import ConfigAck, ConfigPush

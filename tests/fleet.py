@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.agent import GatewayAgent, Metrics
 from bus.runtime import Bus, Inbound
+from gatefleet.gateway import GatewayAgent, Metrics
 from schemas.api import Empty, GatewaySnapshot, GatewaysReply, StatusReply
 from schemas.codec import decode
 

@@ -16,11 +16,11 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import agent as agent_module
-from bus.agent import ConfigResult, GatewayAgent, Metrics
 from bus.connection import BusError
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
+from gatefleet.gateway import ConfigResult, GatewayAgent, Metrics
+from gatefleet.gateway import agent as agent_module
 from schemas.codec import decode, encode
 from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
 
@@ -348,3 +348,11 @@ def test_invalid_ids_are_refused(nc: Client) -> None:
         GatewayAgent(nc, "edge.1", "us-west")
     with pytest.raises(ValueError, match="invalid gateway id"):
         GatewayAgent(nc, "edge-1", "us-west", backup_for="a>")
+
+
+def test_the_documented_old_import_path_still_works() -> None:
+    """0.1.0's README documented `bus.agent.GatewayAgent`; the library moved."""
+    from bus import agent as old  # noqa: PLC0415 - the path under test
+
+    assert old.GatewayAgent is GatewayAgent
+    assert old.ConfigResult is ConfigResult

@@ -24,19 +24,19 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
-from bus.agent import ConfigResult
 from bus.jetstream import JetStream, stream_name
-from bus.replay import Replay
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet.app import Orchestrator
 from gatefleet.audit import audit
-from gatefleet.audit_filter import EVENT_TYPES, EventFilter, gateways_named, parse_when
-from gatefleet.audit_read import ReadProgress
-from gatefleet.audit_render import show_selection, strategy_input, summary
-from gatefleet.audit_state import FleetState
+from gatefleet.audit.filter import EVENT_TYPES, EventFilter, gateways_named, parse_when
+from gatefleet.audit.read import ReadProgress
+from gatefleet.audit.render import show_selection, strategy_input, summary
+from gatefleet.audit.state import FleetState
+from gatefleet.audit.stream import Replay
 from gatefleet.client import GatefleetClient
 from gatefleet.config import load_settings
+from gatefleet.gateway import ConfigResult
 from schemas.api import (
     DistributeReply,
     DistributeRequest,

@@ -1,4 +1,4 @@
-"""The fleet rebuilt from events (gatefleet.audit_state): a pure fold, tested without a server.
+"""The fleet rebuilt from events (gatefleet.audit.state): a pure fold, tested without a server.
 
 Distribution folds are checked against the real state machine: its events, folded, must
 give back the record it keeps (that record is what `P.api.distributions.get` serves).
@@ -21,7 +21,7 @@ from actors.distribution_machine import (
     Send,
     new_distribution,
 )
-from gatefleet.audit_state import (
+from gatefleet.audit.state import (
     DistributionState,
     FleetFold,
     LoadBalancingState,

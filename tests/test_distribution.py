@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 
 from actors.distribution import read_answer
-from bus.agent import ConfigResult, GatewayAgent
 from bus.edge import Drops
 from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus, Inbound, Reply, RequestFailed
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, NotFound
+from gatefleet.gateway import ConfigResult, GatewayAgent
 from schemas.codec import decode, encode
 from schemas.settings import Settings
 from schemas.stored import DesiredConfig

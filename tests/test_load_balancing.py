@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bus.agent import Metrics
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, Unavailable
+from gatefleet.gateway import Metrics
 from schemas.api import SelectReply, SelectRequest
 from schemas.events import GatewayStatusChanged, LoadBalancingChanged
 from schemas.settings import Settings

@@ -20,10 +20,10 @@ import pytest
 from actors.base import CRASH
 from actors.distribution import DistributionActor
 from actors.reconciliation import Desired, Reconciler, Resync, Skip
-from bus.agent import ConfigResult, GatewayAgent
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
+from gatefleet.gateway import ConfigResult, GatewayAgent
 from schemas.api import GatewaySnapshot, ReconcileReply, ReconcileRequest
 from schemas.events import GatewayDown, Reconciliation
 from schemas.settings import Settings

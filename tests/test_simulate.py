@@ -16,10 +16,10 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import agent as agent_module
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
 from gatefleet import simulate
+from gatefleet.gateway import agent as agent_module
 from gatefleet.simulate import (
     Faults,
     GatewayPlan,

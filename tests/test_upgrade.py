@@ -16,11 +16,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bus.agent import GatewayAgent
 from bus.jetstream import bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
+from gatefleet.gateway import GatewayAgent
 from schemas.settings import Settings
 from tests.conftest import wait_until
 

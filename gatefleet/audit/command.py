@@ -27,13 +27,13 @@ from typing import IO
 import click
 import msgspec
 
-from bus.replay import StoredEvent
 from bus.subjects import Subjects
 from gatefleet import output
-from gatefleet.audit_filter import EVENT_TYPES, WHEN, EventFilter
-from gatefleet.audit_read import Decoder, connected_bus, read
-from gatefleet.audit_render import event_line, show_selection, show_state, summary, when
-from gatefleet.audit_state import FOLDED_TYPES, FleetFold, FleetState, LoadBalancingState
+from gatefleet.audit.filter import EVENT_TYPES, WHEN, EventFilter
+from gatefleet.audit.read import Decoder, connected_bus, read
+from gatefleet.audit.render import event_line, show_selection, show_state, summary, when
+from gatefleet.audit.state import FOLDED_TYPES, FleetFold, FleetState, LoadBalancingState
+from gatefleet.audit.stream import StoredEvent
 from gatefleet.cli_common import client_options, fail, settings_or_exit
 from schemas.codec import DecodeError
 from schemas.events import Event, GatewaySelected

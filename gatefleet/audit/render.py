@@ -12,7 +12,7 @@ import msgspec
 from rich.table import Table
 
 from gatefleet import output
-from gatefleet.audit_state import DistributionState, FleetState
+from gatefleet.audit.state import DistributionState, FleetState
 from schemas.events import (
     Alarm,
     BatchSentStep,

@@ -17,10 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bus.connection import BusError
 from bus.jetstream import stream_name
-from bus.replay import Replay, StoredEvent
 from bus.runtime import Bus
-from gatefleet.app import discover_url
+from gatefleet.audit.stream import Replay, StoredEvent
 from gatefleet.cli_common import fail
+from gatefleet.config import discover_url
 from schemas.codec import DecodeError
 from schemas.events import Event, decode_event
 from schemas.settings import Settings
