@@ -64,7 +64,7 @@ ran, and hands them to ``on_heartbeats`` in arrival order, each with its arrival
   all break the run when it scores bad. At most one transition comes out of a batch;
   states that one-by-one processing would only have passed through are not reported.
 
-A batch of one is exactly the one-by-one case (``on_heartbeat``); at steady rates a
+A batch of one is exactly the one-by-one case; at steady rates a
 gateway's batches are of one, and they grow only while its actor is behind.
 """
 
@@ -128,13 +128,6 @@ class Transition:
     new_status: GatewayStatus
     score: float
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatOutcome:
-    accepted: bool
-    reason: HeartbeatReason | None = None  # why ignored, or "restart" when accepted as one
-    transition: Transition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,17 +235,6 @@ class HealthTracker:
     def set_threshold(self, threshold: float) -> Transition | None:
         self.threshold = threshold
         return self._check_score("threshold changed")
-
-    def on_heartbeat(self, hb: Heartbeat, now: float, wall: datetime) -> HeartbeatOutcome:
-        """One heartbeat, received at ``now`` (monotonic) = ``wall`` (wall clock)."""
-        out = self.on_heartbeats(((hb, now),), now, wall)
-        if out.accepted:
-            return HeartbeatOutcome(
-                accepted=True,
-                reason="restart" if out.restarts else None,
-                transition=out.transition,
-            )
-        return HeartbeatOutcome(accepted=False, reason=out.rejected[0].reason)
 
     def on_heartbeats(
         self, batch: Sequence[tuple[Heartbeat, float]], now: float, wall: datetime

@@ -13,7 +13,7 @@ eligibility (a heartbeat's new metrics) just replaces the gateway's row in the e
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from actors.members import DEFAULT_CONNECTION_REFERENCE, Members
@@ -263,12 +263,3 @@ class Pool:
         i = bisect_left(self._excluded, gateway_id)
         if i < len(self._excluded) and self._excluded[i] == gateway_id:
             del self._excluded[i]
-
-
-def partition_pool(
-    gateways: Sequence[GatewaySnapshot], threshold: float, held: frozenset[str] = frozenset()
-) -> tuple[list[GatewaySnapshot], dict[str, str]]:
-    """Split `gateways` into the eligible pool (sorted by id) and the excluded (id -> why):
-    a one-off `Pool`."""
-    pool = Pool.of(gateways, threshold, held)
-    return list(pool.everyone.gateways), pool.excluded()

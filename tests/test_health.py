@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,8 +51,24 @@ def tracker(settings: HealthSettings = DEFAULT, threshold: float = 70.0) -> Heal
     return HealthTracker("edge-1", region="us-west", settings=settings, threshold=threshold)
 
 
+@dataclass(frozen=True)
+class One:
+    """What one heartbeat alone (a batch of one) came to."""
+
+    accepted: bool
+    reason: str | None
+    transition: Transition | None
+
+
+def one(t: HealthTracker, heartbeat: Heartbeat, now: float, wall: datetime) -> One:
+    out = t.on_heartbeats([(heartbeat, now)], now, wall)
+    if not out.accepted:
+        return One(accepted=False, reason=out.rejected[0].reason, transition=None)
+    return One(accepted=True, reason="restart" if out.restarts else None, transition=out.transition)
+
+
 def beat(t: HealthTracker, seq: int, now: float, **kw: Any) -> Transition | None:
-    out = t.on_heartbeat(hb(seq, **kw), now, WALL0 + timedelta(seconds=now - T0))
+    out = one(t, hb(seq, **kw), now, WALL0 + timedelta(seconds=now - T0))
     assert out.accepted
     return out.transition
 
@@ -316,22 +333,22 @@ def test_replayed_heartbeat_is_ignored() -> None:
     beat(t, 11, T0 + 0.5)
     before = t.snapshot()
     for seq in (11, 7):  # duplicate, then one old message
-        out = t.on_heartbeat(hb(seq, **BAD), T0 + 0.6, WALL0)
+        out = one(t, hb(seq, **BAD), T0 + 0.6, WALL0)
         assert not out.accepted
         assert out.reason == "replay"
         assert out.transition is None
     assert t.snapshot() == before
-    out = t.on_heartbeat(hb(12), T0 + 0.9, WALL0)
+    out = one(t, hb(12), T0 + 0.9, WALL0)
     assert out.accepted
     assert out.reason is None
     # The replayed 7 is no longer "the first of a run": an 8 now is a replay too.
-    assert not t.on_heartbeat(hb(8), T0 + 1.0, WALL0).accepted
+    assert not one(t, hb(8), T0 + 1.0, WALL0).accepted
 
 
 def test_restart_recognised_after_silence() -> None:
     t = tracker()
     beat(t, 500, T0)
-    out = t.on_heartbeat(hb(1, **BAD), T0 + 1.0, WALL0)
+    out = one(t, hb(1, **BAD), T0 + 1.0, WALL0)
     assert out.accepted
     assert out.reason == "restart"
     moved(out.transition, "healthy", "degraded")
@@ -341,9 +358,9 @@ def test_restart_recognised_after_silence() -> None:
 def test_restart_recognised_by_second_increasing_heartbeat() -> None:
     t = tracker()
     beat(t, 500, T0)
-    first = t.on_heartbeat(hb(1, **BAD), T0 + 0.3, WALL0)
+    first = one(t, hb(1, **BAD), T0 + 0.3, WALL0)
     assert (first.accepted, first.reason) == (False, "replay")
-    second = t.on_heartbeat(hb(2, **BAD), T0 + 0.6, WALL0)
+    second = one(t, hb(2, **BAD), T0 + 0.6, WALL0)
     assert (second.accepted, second.reason) == (True, "restart")
     moved(second.transition, "healthy", "degraded")
     assert t.last_seq == 2
@@ -352,7 +369,7 @@ def test_restart_recognised_by_second_increasing_heartbeat() -> None:
 
 def test_foreign_heartbeat_is_ignored() -> None:
     t = tracker()
-    out = t.on_heartbeat(hb(1, gateway_id="edge-2"), T0, WALL0)
+    out = one(t, hb(1, gateway_id="edge-2"), T0, WALL0)
     assert (out.accepted, out.reason) == (False, "wrong_gateway")
     assert status(t) == "unknown"
 

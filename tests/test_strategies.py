@@ -13,7 +13,7 @@ import pytest
 
 from actors.load_balancer import AUDIT_CANDIDATES, AUDIT_EXCLUDED, selection_event
 from actors.members import Members, Weights, connection_load
-from actors.pool import Pool, partition_pool
+from actors.pool import Pool
 from actors.strategies import (
     RoundRobinState,
     Selection,
@@ -60,6 +60,14 @@ def gw(
         role=role,
         backup_for=backup_for,
     )
+
+
+def partition_pool(
+    gateways: Sequence[GatewaySnapshot], threshold: float, held: frozenset[str] = frozenset()
+) -> tuple[list[GatewaySnapshot], dict[str, str]]:
+    """The eligible pool (sorted by id) and the excluded (id -> why) of a one-off Pool."""
+    pool = Pool.of(gateways, threshold, held)
+    return list(pool.everyone.gateways), pool.excluded()
 
 
 def pick(
@@ -285,11 +293,12 @@ def test_latency_based_shares_within_margin_and_never_picks_far() -> None:
 def test_latency_margin_percent_and_probe_preferred() -> None:
     # best 100 ms, 10 % margin = 10 ms > 2 ms: 109 shares, 111 does not.
     fleet = [gw("a", latency=100.0), gw("b", latency=109.0), gw("c", latency=111.0)]
-    state = RoundRobinState()
-    assert {latency_based(m(fleet), state) for _ in range(10)} == {"a", "b"}
+    state = SelectorState()
+    assert {pick("LatencyBased", fleet, state=state).gateway_id for _ in range(10)} == {"a", "b"}
     # The probe overrides the gateway's own figure; no latency at all is the worst.
     fleet = [gw("a", latency=1.0, probe=50.0), gw("b", latency=30.0), gw("c")]
-    assert {latency_based(m(fleet), RoundRobinState()) for _ in range(10)} == {"b"}
+    state = SelectorState()
+    assert {pick("LatencyBased", fleet, state=state).gateway_id for _ in range(10)} == {"b"}
 
 
 def test_latency_based_without_any_latency_rotates_all() -> None:
