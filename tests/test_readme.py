@@ -38,3 +38,13 @@ def test_the_first_two_blocks_are_install_and_run_then_test() -> None:
     assert "pytest" in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "README.md" in ci  # CI runs the README's test command itself
+
+
+def test_every_row_of_the_reference_table_has_three_cells() -> None:
+    """key, default, meaning: a row with `||` renders with its meaning dropped."""
+    rows = re.findall(r"^\| `[a-z_.]+` \|.*$", README, flags=re.MULTILINE)
+    assert rows
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip().strip("|").split(" | ")]
+        assert len(cells) == 3, row
+        assert all(cells), f"an empty cell: {row}"
