@@ -2,22 +2,5 @@
 `from bus.agent import GatewayAgent`). The one import in bus/ that points up, on purpose:
 nothing in the orchestrator imports this module."""
 
-from gatefleet.gateway.agent import (
-    ACCEPTED,
-    ConfigHandler,
-    ConfigResult,
-    GatewayAgent,
-    Metrics,
-    MetricsSource,
-    connect,
-)
-
-__all__ = [
-    "ACCEPTED",
-    "ConfigHandler",
-    "ConfigResult",
-    "GatewayAgent",
-    "Metrics",
-    "MetricsSource",
-    "connect",
-]
+from gatefleet.gateway import *  # noqa: F403 - the whole public surface, as it was
+from gatefleet.gateway import __all__  # noqa: F401 - re-exported: the same names
