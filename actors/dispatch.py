@@ -32,6 +32,10 @@ Threading rules.
 - Stop actors before their dispatcher. `stop()` ends the workers after their current
   turn; actors still alive on it are marked dead (unregistered, no `on_stop`, logged) and
   whatever waits or later arrives in their inboxes is answered as above.
+
+pykka internals used: the extension points `_create_actor_inbox`, `_create_future`,
+`_start_actor_loop`; `_handle_receive` (stop and proxy messages) and `_handle_failure`;
+`messages._ActorStop` (a stop still waiting in a dead inbox is answered, not failed).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import pykka
@@ -57,15 +62,8 @@ log = logging.getLogger(__name__)
 _TOKEN = None  # the run token's one element: what matters is whether it is there
 
 
-class _LatestWake:
-    """The FIFO entry that stands for the latest lane (pykka's envelope shape)."""
-
-    __slots__ = ()
-    message = None
-    reply_to = None
-
-
-_LATEST_WAKE = _LatestWake()
+# The FIFO entry that stands for the latest lane, in the shape of pykka's envelope.
+_LATEST_WAKE: Any = SimpleNamespace(message=None, reply_to=None)
 
 
 class PooledInbox:
@@ -82,7 +80,7 @@ class PooledInbox:
         self.actor: PooledActor
         self.dispatcher: Dispatcher
 
-    def put(self, envelope: Envelope[Any] | _LatestWake, /) -> None:
+    def put(self, envelope: Envelope[Any], /) -> None:
         self._fifo.append(envelope)
         try:
             self._token.pop()
@@ -115,15 +113,11 @@ class PooledInbox:
     def empty(self) -> bool:
         return not self._fifo
 
-    def __len__(self) -> int:
-        return len(self._fifo)
-
     def run(self, budget: int) -> bool:
         """One turn, by the token holder: True if messages remain (queue me again)."""
         actor, fifo = self.actor, self._fifo
         if not actor._pooled_started:
-            actor._pooled_started = True
-            actor._pooled_on_start()
+            actor._pooled_start()
         handled = 0
         while not actor.actor_stopped.is_set():
             if handled >= budget:
@@ -164,10 +158,11 @@ class PooledInbox:
             if self._release():
                 return
 
-    def abandon(self) -> None:
+    def abandon(self) -> int:
         """By the token holder, when the dispatcher has stopped: the actor is dead."""
-        self.actor._pooled_mark_dead(f"{self.dispatcher.name} stopped")
+        dead = self.actor._pooled_mark_dead()
         self.drain_dead()
+        return dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +195,12 @@ class Dispatcher:
         self._handled[ident] = self._handled.get(ident, 0) + handled
 
     def schedule(self, inbox: PooledInbox) -> None:
-        """By the token holder: run this inbox soon."""
+        """By the token holder: run this inbox soon (if stopped: answer it as dead)."""
         self._ready.append((inbox, time.monotonic()))
-        if not self.running:
-            self._abandon_ready()
-            return
-        self._wake()
+        if self.running:
+            self._wake()
+        elif self._abandon_ready():
+            log.warning("%s: an actor was told something after its dispatcher stopped", self)
 
     def _wake(self) -> None:
         raise NotImplementedError
@@ -213,7 +208,7 @@ class Dispatcher:
     def start(self) -> None:
         self.running = True
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def backlog(self) -> Backlog:
@@ -224,21 +219,24 @@ class Dispatcher:
         handled = sum(self._handled.values())
         return Backlog(self.name, len(self._ready), oldest, handled, self.wakeups)
 
-    def _abandon_ready(self) -> None:
+    def _abandon_ready(self) -> int:
+        dead = 0
         while True:
             try:
                 inbox, _ = self._ready.popleft()
             except IndexError:
-                return
-            inbox.abandon()
+                return dead
+            dead += inbox.abandon()
 
     def _abandon_live(self) -> None:
         """After stop: queued actors and idle live ones on this dispatcher are dead."""
-        self._abandon_ready()
+        dead = self._abandon_ready()
         for ref in pykka.ActorRegistry.get_all():
             inbox = ref.actor_inbox
             if isinstance(inbox, PooledInbox) and inbox.dispatcher is self:
-                inbox.actor._pooled_mark_dead(f"{self.name} stopped")
+                dead += inbox.actor._pooled_mark_dead()
+        if dead:
+            log.warning("%s stopped: %d live actors on it marked dead, without on_stop", self, dead)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -284,7 +282,7 @@ class Pool(Dispatcher):
                 continue
             try:
                 again = inbox.run(budget)
-            except BaseException:
+            except Exception:  # a bug here: the actor stays stuck, the worker lives on
                 log.exception("%s: a turn of %s failed", self.name, inbox.actor)
                 again = False
             if again:
@@ -337,7 +335,7 @@ class OnLoop(Dispatcher):
             self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed
             self.running = False
-            self._abandon_ready()
+            self._abandon_live()
 
     def _drain(self) -> None:
         self._loop_thread = threading.get_ident()
@@ -362,21 +360,9 @@ class OnLoop(Dispatcher):
             self._wake()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """From any thread (the loop is not ours: nothing to join; `timeout` unused). A
+        turn in progress on the loop ends; queued actors and live ones are dead."""
         self.running = False
-        if self.loop.is_running() and threading.get_ident() != self._loop_thread:
-            done = threading.Event()
-
-            def on_loop() -> None:
-                self._abandon_live()
-                done.set()
-
-            try:
-                self.loop.call_soon_threadsafe(on_loop)
-            except RuntimeError:
-                pass
-            else:
-                if done.wait(timeout):
-                    return
         self._abandon_live()
 
 
@@ -387,18 +373,14 @@ class PooledActor(pykka.Actor):
     default_dispatcher: ClassVar[Dispatcher | None] = None
 
     def __init__(self, *args: Any, dispatcher: Dispatcher | None = None, **kwargs: Any) -> None:
-        chosen = dispatcher or self.default_dispatcher
+        chosen = self.default_dispatcher if dispatcher is None else dispatcher
         if chosen is None or not chosen.running:
             raise RuntimeError(f"{type(self).__name__} needs a started dispatcher, got {chosen}")
         super().__init__(*args, **kwargs)
         self.dispatcher = chosen
         self._pooled_started = False
-        inbox = self._pooled_inbox
-        inbox.actor, inbox.dispatcher = self, chosen
-
-    @property
-    def _pooled_inbox(self) -> PooledInbox:
-        return cast(PooledInbox, self.actor_inbox)
+        self._pooled_inbox = cast(PooledInbox, self.actor_inbox)
+        self._pooled_inbox.actor, self._pooled_inbox.dispatcher = self, chosen
 
     @staticmethod
     def _create_actor_inbox() -> PooledInbox:
@@ -411,13 +393,14 @@ class PooledActor(pykka.Actor):
     def _start_actor_loop(self) -> None:
         self.dispatcher.schedule(self._pooled_inbox)  # the token was held since creation
 
-    def _pooled_on_start(self) -> None:
+    def _pooled_start(self) -> None:
+        self._pooled_started = True
         try:
             self.on_start()
         except Exception:
             self._fail()
 
-    def _pooled_handle(self, envelope: Envelope[Any] | _LatestWake) -> int:
+    def _pooled_handle(self, envelope: Envelope[Any]) -> int:
         """Handles one FIFO entry; returns how many messages that was."""
         if envelope is not _LATEST_WAKE:
             self._receive(envelope.message, envelope.reply_to)
@@ -466,8 +449,10 @@ class PooledActor(pykka.Actor):
         dead = pykka.ActorDeadError(f"{self.actor_ref} stopped before handling the message")
         envelope.reply_to.set_exception(exc_info=(pykka.ActorDeadError, dead, None))
 
-    def _pooled_mark_dead(self, why: str) -> None:
-        if not self.actor_stopped.is_set():
-            log.warning("%s: marked dead without on_stop: %s", self, why)
-            pykka.ActorRegistry.unregister(self.actor_ref)
-            self.actor_stopped.set()
+    def _pooled_mark_dead(self) -> int:
+        """1 if it was alive: then unregistered and stopped (no `on_stop`)."""
+        if self.actor_stopped.is_set():
+            return 0
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+        return 1
