@@ -6,8 +6,8 @@
 Each case runs in a fresh spawned process: N actors are started on a dispatcher, then a
 feeder thread tells 1 message per actor per round until about `--messages` are sent; the
 case ends when the last message was handled. Reported: messages/s (wall), CPU us/message
-(whole process, feeder included), worker wake-ups per message (Pool: notifies; OnLoop:
-`call_soon_threadsafe` calls), context switches per message, RSS per idle actor (after
+(whole process, feeder included), worker wake-ups in all (Pool: notifies; OnLoop:
+`call_soon(_threadsafe)` calls; ThreadingActor: one per message), context switches per message, RSS per idle actor (after
 start, before any message) and threads in the process. `Pool(2) notify-all` is Pool(2)
 with the idle-worker count bypassed (lock + notify on every schedule), for comparison.
 Not part of the test suite.
@@ -113,7 +113,8 @@ def case(kind: str, actors: int, messages: int) -> dict[str, Any]:
     return {
         "rate": _target / wall,
         "cpu_us": cpu / _target * 1e6,
-        "wakeups": wakeups / _target,
+        "wakeups": wakeups,
+        "messages": _target,
         "switches": (usage1.switches - usage0.switches) / _target,
         "rss": rss_per_actor,
         "threads": threads,
@@ -153,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{actors:,}",
                     f"{r['rate']:,.0f}",
                     f"{r['cpu_us']:.1f}",
-                    f"{r['wakeups']:.3f}",
+                    f"{r['messages']:,}",
+                    f"{r['wakeups']:,}",
                     f"{r['switches']:.3f}",
                     f"{r['rss']:,.0f}",
                     str(r["threads"]),
@@ -168,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "actors",
             "msg/s",
             "CPU us/msg",
-            "wake/msg",
+            "messages",
+            "wake-ups",
             "ctx sw/msg",
             "RSS B/actor",
             "threads",
