@@ -136,9 +136,9 @@ class TimerWheel:
             self._handle = None
 
     def add_lag_listener(self, listener: LagListener) -> None:
-        """`listener(now, lag_s)` on the loop at every tick, before that tick's timers.
-        Register before `start()` or from the loop."""
-        self._lag_listeners.append(listener)
+        """`listener(now, lag_s)` on the loop at every tick, before that tick's timers
+        (from any thread: the list is replaced, never changed under the tick)."""
+        self._lag_listeners = [*self._lag_listeners, listener]
 
     # Any thread -------------------------------------------------------------------------
 
