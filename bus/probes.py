@@ -65,6 +65,9 @@ PROBE_BODY = b"{}"  # schemas.wire.Ping, encoded
 STATUS_HEADER = "Status"  # where nats-py puts an inline status (nats.js.api.Header.STATUS)
 NO_RESPONDERS_STATUS = "503"
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...: the most evenly spreading phase step
+# Commands applied per step, in order: enrolling 10,000 gateways at once takes a few steps
+# instead of one long one that would show as loop lag.
+COMMANDS_PER_STEP = 500
 
 _pong_decoder = decoder(Pong)
 
@@ -241,7 +244,7 @@ class Prober:
     def _apply_commands(self, now: float) -> None:
         commands = self._commands
         gateways = self._gateways
-        while commands:
+        for _ in range(min(len(commands), COMMANDS_PER_STEP)):
             verb, gateway_id, arg = commands.popleft()
             gateway = gateways.get(gateway_id)
             if verb == "enroll":
