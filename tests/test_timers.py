@@ -83,8 +83,9 @@ def test_equal_deadlines_run_in_scheduling_order(wheel: TimerWheel) -> None:
 def test_cancel_from_any_thread(wheel: TimerWheel) -> None:
     fired = Fired(2)
     keep_early = wheel.schedule(0.05, fired, "early")
-    dropped = wheel.schedule(0.10, fired, "dropped")
-    keep_late = wheel.schedule(0.15, fired, "late")
+    # Far enough apart that a slow thread start on a busy machine still cancels in time.
+    dropped = wheel.schedule(0.5, fired, "dropped")
+    keep_late = wheel.schedule(0.6, fired, "late")
     canceller = threading.Thread(target=dropped.cancel)
     canceller.start()
     canceller.join()
