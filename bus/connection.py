@@ -26,12 +26,16 @@ async def open_connection(
     name: str,
     connect_timeout_s: float = 10.0,
     closing: Callable[[], bool] | None = None,
+    disconnected_hook: Callable[[], None] | None = None,
+    reconnected_hook: Callable[[], None] | None = None,
     **options: Any,
 ) -> Client:
     """A connection that, once up, reconnects forever (logging each state change).
 
     The first connection must succeed within `connect_timeout_s`, else BusError: nats-py
     alone would retry it forever. `closing()` true means a disconnect is on purpose.
+    `disconnected_hook()` (not called for a disconnect on purpose) and `reconnected_hook()`
+    run on the loop, after the log line, and must not block.
     """
     client = Client()
 
@@ -41,10 +45,14 @@ async def open_connection(
     async def on_disconnected() -> None:
         if not client.is_closed and not (closing and closing()):
             log.warning("%s: disconnected from %s; reconnecting", name, url)
+            if disconnected_hook is not None:
+                disconnected_hook()
 
     async def on_reconnected() -> None:
         server = client.connected_url
         log.info("%s: reconnected to %s", name, server.geturl() if server else "?")
+        if reconnected_hook is not None:
+            reconnected_hook()
 
     settings: dict[str, Any] = {
         "name": name,

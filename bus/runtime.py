@@ -106,6 +106,8 @@ class Bus:
         self._outbound_armed = False  # a drain is scheduled and has not started taking
         self._draining = False  # the task publishing the outbound queue is running
         self._closing = False
+        # (on_disconnected, on_reconnected) pairs, called on the loop: add_connection_listener.
+        self._connection_listeners: list[tuple[Callable[[], None], Callable[[], None]]] = []
 
     # Life cycle --------------------------------------------------------------------------
 
@@ -135,8 +137,31 @@ class Bus:
             name=self.name,
             connect_timeout_s=connect_timeout,
             closing=lambda: self._closing,
+            disconnected_hook=self._on_disconnected,
+            reconnected_hook=self._on_reconnected,
         )
         self._js = self._nc.jetstream()
+
+    def add_connection_listener(
+        self, on_disconnected: Callable[[], None], on_reconnected: Callable[[], None]
+    ) -> None:
+        """Calls `on_disconnected()` when the connection drops (not when the bus stops) and
+        `on_reconnected()` when it is back; both on the loop, and they must not block."""
+        self._connection_listeners.append((on_disconnected, on_reconnected))
+
+    def _on_disconnected(self) -> None:
+        for on_disconnected, _ in list(self._connection_listeners):
+            try:
+                on_disconnected()
+            except Exception:
+                log.exception("disconnect listener %r failed", on_disconnected)
+
+    def _on_reconnected(self) -> None:
+        for _, on_reconnected in list(self._connection_listeners):
+            try:
+                on_reconnected()
+            except Exception:
+                log.exception("reconnect listener %r failed", on_reconnected)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drains the connection (delivering what is in flight), then stops the loop."""

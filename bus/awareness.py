@@ -1,0 +1,261 @@
+"""Local health awareness: gatefleet does not blame gateways for what it could not see.
+
+As in HashiCorp's Lifeguard (memberlist's "local health awareness"): before a failure
+detector counts a missed heartbeat against a gateway, it asks whether *we* were in a
+position to see that heartbeat. We were not while
+
+- our NATS connection was down (nothing reached us), or
+- the bus loop lagged by more than `lag_threshold_s` (default: half the heartbeat
+  interval): heartbeats sat unread in the socket while timers that check for them were
+  due.
+
+During either, gatefleet is *suspended*. When it sees again it sets a *detection floor*:
+the monotonic time before which no missed heartbeat may count.
+
+- after a lag: `detection_floor = resume time`;
+- after a disconnect: `detection_floor = resume time + reconnect_grace_s` (default 5 s),
+  because the gateways' own clients were probably cut off by the same event and reconnect
+  on their own schedule.
+
+The floor never moves back.
+
+The rule a health tracker must apply
+------------------------------------
+Count missed intervals from ``max(last_seen, detection_floor)``, never from ``last_seen``
+alone, and count nothing while suspended (``Awareness.counting_from`` and
+``LocalAwareness.counting_from`` do both; the latter also treats a loop that has not ticked
+for longer than the lag threshold as suspended, because a stalled loop cannot report its
+own lag until it runs again). With actors/health.py's rule (down at the first check at or
+after ``(fall + 1/2) x interval`` past the reference) a gateway that really stopped is then
+declared down within ``reconnect_grace_s + (fall + 1) x interval`` of gatefleet seeing again,
+and a gateway that kept beating through our outage is never declared down by it.
+
+Threading: one owner, on the bus loop (`on_lag`, `on_disconnected`, `on_reconnected`,
+listeners). Any thread reads `snapshot` (an immutable `Awareness`, replaced whole at each
+change), `counting_from`, `status()`. `watch(bus, wheel)` builds one and wires it to the
+wheel's lag measure and the bus's connection callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from bus.runtime import Bus
+    from bus.timers import TimerWheel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECONNECT_GRACE_S = 5.0
+
+DISCONNECTED = "disconnected"
+LAG = "loop lag"
+
+
+class Awareness(NamedTuple):
+    """One immutable view of local health (monotonic times, seconds)."""
+
+    suspended: bool
+    since: float  # when the current state (suspended or seeing) began
+    detection_floor: float  # no missed heartbeat before this counts
+    reason: str  # why suspended ("disconnected", "loop lag 312 ms", both); "" when seeing
+    suspended_total_s: float  # time spent suspended in finished suspensions
+    suspensions: int  # how many suspensions began (the current one included)
+
+    def counting_from(self, last_seen: float) -> float | None:
+        """Where missed intervals start for a gateway last seen at `last_seen`: None while
+        suspended (count nothing), else ``max(last_seen, detection_floor)``."""
+        if self.suspended:
+            return None
+        return max(last_seen, self.detection_floor)
+
+    def suspended_s(self, now: float) -> float:
+        """Total time suspended, the current suspension up to `now` included."""
+        if self.suspended:
+            return self.suspended_total_s + max(0.0, now - self.since)
+        return self.suspended_total_s
+
+
+class AwarenessStatus(NamedTuple):
+    """What a status reply shows."""
+
+    orchestrator_lag_ms: float
+    orchestrator_max_lag_ms: float
+    suspended: bool
+    suspended_s: float
+    suspensions: int
+    reason: str
+
+
+Listener = Callable[[Awareness], None]
+
+
+class LocalAwareness:
+    """The owner of the `Awareness` snapshot (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval_s: float = 1.0,
+        lag_threshold_s: float | None = None,
+        reconnect_grace_s: float = DEFAULT_RECONNECT_GRACE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lag_threshold_s = (
+            heartbeat_interval_s / 2 if lag_threshold_s is None else lag_threshold_s
+        )
+        self.reconnect_grace_s = reconnect_grace_s
+        self.clock = clock
+        now = clock()
+        self._snapshot = Awareness(False, now, now, "", 0.0, 0)
+        self._causes: dict[str, str] = {}  # cause -> how it reads in `reason`
+        self._disconnect_in_episode = False
+        self._listeners: list[Listener] = []
+        self._wheel: TimerWheel | None = None
+        self._last_tick: float | None = None  # when the wheel last reported (None: no wheel)
+
+    # Readers, any thread ----------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Awareness:
+        return self._snapshot
+
+    @property
+    def suspended(self) -> bool:
+        return self._snapshot.suspended
+
+    def counting_from(self, last_seen: float, now: float | None = None) -> float | None:
+        """`Awareness.counting_from`, also None while the loop has not ticked for longer
+        than the lag threshold (it is stalled right now, and cannot say so yet)."""
+        snapshot = self._snapshot
+        last_tick = self._last_tick
+        if last_tick is not None:
+            now = self.clock() if now is None else now
+            if now - last_tick > self.lag_threshold_s:
+                return None
+        return snapshot.counting_from(last_seen)
+
+    def status(self, now: float | None = None) -> AwarenessStatus:
+        now = self.clock() if now is None else now
+        snapshot = self._snapshot
+        wheel = self._wheel
+        return AwarenessStatus(
+            orchestrator_lag_ms=wheel.lag_s * 1000 if wheel else 0.0,
+            orchestrator_max_lag_ms=wheel.max_lag_s * 1000 if wheel else 0.0,
+            suspended=snapshot.suspended,
+            suspended_s=snapshot.suspended_s(now),
+            suspensions=snapshot.suspensions,
+            reason=snapshot.reason,
+        )
+
+    # Wiring -----------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """`listener(Awareness)` on the loop after each change (e.g. to pause probes)."""
+        self._listeners = [*self._listeners, listener]
+
+    def attach_wheel(self, wheel: TimerWheel) -> None:
+        self._wheel = wheel
+        wheel.add_lag_listener(self.on_lag)
+
+    # The owner, on the loop -------------------------------------------------------------
+
+    def on_lag(self, now: float, lag_s: float) -> None:
+        """Each wheel tick: suspended while the lag exceeds the threshold. The suspension
+        is dated from when the loop stopped seeing (`now - lag_s`)."""
+        self._last_tick = now
+        if lag_s > self.lag_threshold_s:
+            self._suspend(LAG, f"loop lag {lag_s * 1000:.0f} ms", now - lag_s)
+        elif LAG in self._causes:
+            self._resume(LAG, now)
+
+    def on_disconnected(self) -> None:
+        self._disconnect_in_episode = True
+        self._suspend(DISCONNECTED, DISCONNECTED, self.clock())
+
+    def on_reconnected(self) -> None:
+        self._resume(DISCONNECTED, self.clock())
+
+    def _suspend(self, cause: str, text: str, since: float) -> None:
+        causes = self._causes
+        if causes.get(cause) == text:
+            return
+        was_suspended = bool(causes)
+        causes[cause] = text
+        old = self._snapshot
+        reason = ", ".join(causes.values())
+        if was_suspended:  # another cause, or a new lag figure: no new suspension
+            self._publish(old._replace(reason=reason))
+            return
+        since = max(since, old.since)  # a retroactive start never overlaps the last state
+        log.warning(
+            "local awareness: suspended (%s): missed heartbeats do not count until we see again",
+            reason,
+        )
+        self._publish(
+            old._replace(
+                suspended=True, since=since, reason=reason, suspensions=old.suspensions + 1
+            )
+        )
+
+    def _resume(self, cause: str, now: float) -> None:
+        causes = self._causes
+        if causes.pop(cause, None) is None:
+            return
+        old = self._snapshot
+        if causes:  # still suspended for another cause
+            self._publish(old._replace(reason=", ".join(causes.values())))
+            return
+        grace = self.reconnect_grace_s if self._disconnect_in_episode else 0.0
+        self._disconnect_in_episode = False
+        floor = max(old.detection_floor, now + grace)
+        duration = max(0.0, now - old.since)
+        log.info(
+            "local awareness: resumed after %.3f s suspended (%s); missed heartbeats count "
+            "again in %.1f s",
+            duration,
+            old.reason,
+            floor - now,
+        )
+        self._publish(
+            Awareness(
+                suspended=False,
+                since=now,
+                detection_floor=floor,
+                reason="",
+                suspended_total_s=old.suspended_total_s + duration,
+                suspensions=old.suspensions,
+            )
+        )
+
+    def _publish(self, snapshot: Awareness) -> None:
+        self._snapshot = snapshot
+        for listener in self._listeners:
+            try:
+                listener(snapshot)
+            except Exception:
+                log.exception("awareness listener %r failed", listener)
+
+
+def watch(
+    bus: Bus,
+    wheel: TimerWheel,
+    *,
+    heartbeat_interval_s: float = 1.0,
+    lag_threshold_s: float | None = None,
+    reconnect_grace_s: float = DEFAULT_RECONNECT_GRACE_S,
+) -> LocalAwareness:
+    """A `LocalAwareness` fed by `wheel`'s lag measure and `bus`'s connection callbacks.
+    The wheel's clock is used, so floors compare with the times the wheel reports."""
+    awareness = LocalAwareness(
+        heartbeat_interval_s=heartbeat_interval_s,
+        lag_threshold_s=lag_threshold_s,
+        reconnect_grace_s=reconnect_grace_s,
+        clock=wheel.clock,
+    )
+    awareness.attach_wheel(wheel)
+    bus.add_connection_listener(awareness.on_disconnected, awareness.on_reconnected)
+    return awareness
