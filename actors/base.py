@@ -1,38 +1,42 @@
-"""What every gatefleet actor shares: per-message error isolation, supervision, and an
-inbox that costs little to wake.
+"""What every gatefleet actor shares: per-message error isolation, supervision, lanes.
+
+Every gatefleet actor is a `PooledActor` (actors/dispatch.py): its inbox is run by a
+dispatcher (a pool of worker threads, a thread of its own, or the bus loop), not by a
+thread per actor. Which one is the actor's `dispatch` class attribute, resolved by the
+`Runtime` (actors/runtime.py) it is given.
 
 pykka kills an actor whose `on_receive` raises on a `tell`. Bad input is rejected at the
 bus edge, so an exception here is a bug: it is logged and counted, the actor lives on,
-and a request that was being served gets an `internal` error reply instead of silence.
+and a request that was being served gets an `internal` error reply (with an error id,
+never the exception's text) instead of silence.
 
 An actor that dies all the same (an ActorCrash, injected with the CRASH message to test
-recovery) cleans up as if stopped and tells its `parent` ChildDied, so the parent can
-start a new one with rebuilt state.
+recovery, or a failing `on_start`) cleans up as if stopped and tells its `parent`
+ChildDied, so the parent can start a new one with rebuilt state.
 
-Inbox. Every SafeActor's inbox is an `Inbox`: a C `SimpleQueue` (pykka's FIFO) plus a
-*latest* lane, keyed, where a newer message replaces an unread older one of the same key
-(`tell_latest`). The lane is for state that only matters as its newest value, e.g. a
-gateway's snapshot for the load balancer: however many arrive while the actor is busy,
-it is woken once and handles the newest of each key, through its ordinary `handle`.
-The lane is handled where its wake-up message stands in the FIFO: a message told after
-`tell_latest` returned is handled after that entry (or after a newer one of the same key
-that replaced it; a newer entry can so overtake messages told before it, which suits
-state that only matters as its newest value). Where a thread wakes another per message,
-that wake-up (a futex call and a switch of the GIL) is most of what a message costs.
+Lanes. Besides its FIFO, an inbox has a *latest* lane, keyed, where a newer message
+replaces an unread older one of the same key (`tell_latest`): for state that only
+matters as its newest value, e.g. a gateway's snapshot for the load balancer, whose
+backlog so stays bounded by the fleet's size. The requests of `P.api.*` (`serve`) are
+bounded too: while MAX_PENDING_REQUESTS wait for an actor, more are answered
+`unavailable` at once (shed, and counted), never left to wait or get no answer. The
+actors that serve requests each have a thread of their own (the Runtime's "own"
+dispatchers), so gateway work on the gateways' pool never delays an answer.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import time
 import uuid
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Hashable, Iterable
+from typing import Any, ClassVar
 
 import pykka
 
+from actors.dispatch import Dispatcher, PooledActor, PooledInbox
 from actors.messages import ChildDied, Request
-from bus.edge import Drops, reply_error, serve
+from bus.edge import Drops, Tally, reply_error, serve
 from bus.runtime import Bus, SubscriptionHandle
 from bus.subjects import Subjects
 from schemas.endpoints import Server, served_by
@@ -43,94 +47,26 @@ log = logging.getLogger(__name__)
 PING = "ping"
 # Fault injection: the actor that receives it dies, as if a bug had killed it.
 CRASH = "crash"
+# Requests waiting in one actor's urgent lane before more are shed with `unavailable`.
+MAX_PENDING_REQUESTS = 1000
 
 
-class _TakeLatest:
-    """The FIFO message that makes an actor handle what waits in its latest lane."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "TAKE_LATEST"
-
-
-TAKE_LATEST = _TakeLatest()
-
-
-class _TakeLatestEnvelope:
-    """What pykka's actor loop reads from an inbox: `message` and `reply_to` (pykka's own
-    Envelope class is private); one shared instance, nothing to fill in per wake-up."""
-
-    message = TAKE_LATEST
-    reply_to = None
-
-
-_TAKE_LATEST_ENVELOPE = _TakeLatestEnvelope()
-
-
-class Inbox(queue.SimpleQueue[Any]):
-    """pykka's inbox protocol (`put`, `get`, `empty`) on a C `SimpleQueue`, plus the
-    latest lane (module docstring).
-
-    `SimpleQueue` instead of pykka's default `queue.Queue`: the latter takes a Python
-    lock and a `Condition` on every `put` and `get` (and allocates a lock per wait),
-    1.0 us per uncontended put+get against 0.06 us, and `tell -> Queue.put ->
-    Condition.notify` was the largest single cost of a heartbeat. Unbounded either way.
-
-    The lane needs no lock: `put_latest` stores, then wakes the actor unless a wake-up
-    is pending; `take_latest` clears that flag *before* it empties the lane. An entry
-    stored after the flag was cleared sends a new wake-up, one stored before is taken.
-    Racing senders can at worst send a wake-up too many, which finds the lane empty.
-    """
-
-    __slots__ = ("_armed", "_latest")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._latest: dict[Hashable, Any] = {}
-        self._armed = False
-
-    def put_latest(self, key: Hashable, message: Any) -> None:
-        self._latest[key] = message
-        if not self._armed:
-            self._armed = True
-            self.put(_TAKE_LATEST_ENVELOPE)
-
-    def take_latest(self) -> list[Any]:
-        """The lane's messages, oldest key first; called by the actor on TAKE_LATEST."""
-        self._armed = False
-        latest, taken = self._latest, []
-        while True:
-            try:
-                taken.append(latest.popitem()[1])
-            except KeyError:
-                taken.reverse()  # popitem is last-in first-out
-                return taken
-
-
-class SafeActor(pykka.ThreadingActor):
+class SafeActor(PooledActor):
     """Dispatches each message to `handle`, catching what it raises."""
 
     bus: Bus
     # Told ChildDied(kind, key) if this actor dies; `key` names what it was looking after.
     parent: pykka.ActorRef[Any] | None = None
     supervision_key = ""
+    # Which of the Runtime's dispatchers runs it (actors/runtime.py).
+    dispatch: ClassVar[str] = "own"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        super().__init__(dispatcher=dispatcher)
         self.handler_errors = 0
-
-    @staticmethod
-    def _create_actor_inbox() -> Inbox:
-        return Inbox()
+        self.requests_handled = 0
 
     def on_receive(self, message: Any) -> Any:
-        if message is TAKE_LATEST:
-            inbox = self.actor_inbox
-            assert isinstance(inbox, Inbox)
-            for latest in inbox.take_latest():
-                self._dispatch(latest)
-            return None
         if message == PING:
             return PING
         if message == CRASH:
@@ -138,6 +74,8 @@ class SafeActor(pykka.ThreadingActor):
         return self._dispatch(message)
 
     def _dispatch(self, message: Any) -> Any:
+        if type(message) is Request:
+            self.requests_handled += 1
         try:
             return self.handle(message)
         except Exception as exc:
@@ -153,14 +91,29 @@ class SafeActor(pykka.ThreadingActor):
                 reply_error(self.bus, reply, "internal", f"internal error, id {error_id}")
             return None
 
-    def serve(self, server: Server, subjects: Subjects, drops: Drops) -> list[SubscriptionHandle]:
-        """Subscribes to the endpoints `server` serves: each request becomes a `Request`."""
-        me = self.actor_ref
+    def serve(
+        self, server: Server, subjects: Subjects, drops: Drops, shed: Tally
+    ) -> list[SubscriptionHandle]:
+        """Subscribes to the endpoints `server` serves: each request becomes a `Request`
+        told to this actor, or, while MAX_PENDING_REQUESTS of them wait for it, an
+        `unavailable` reply at once (shed, counted). Requests keep their place among the
+        actor's other messages, so a reply reflects everything told before it."""
+        ref, bus = self.actor_ref, self.bus
+        told = [0]  # the loop's count; `requests_handled` is the actor's: no lock
 
         def on_request(endpoint: Any, body: Any, reply: str) -> None:
-            safe_tell(me, Request(endpoint=endpoint, body=body, reply=reply))
+            if told[0] - self.requests_handled >= MAX_PENDING_REQUESTS:
+                shed.add("requests")
+                reply_error(bus, reply, "unavailable", f"{server} is overloaded; retry")
+                return
+            try:
+                ref.tell(Request(endpoint=endpoint, body=body, reply=reply))
+            except pykka.ActorDeadError:
+                reply_error(bus, reply, "unavailable", f"{server} is stopping; retry")
+                return
+            told[0] += 1
 
-        return serve(self.bus, subjects, served_by(server), on_request, drops)
+        return serve(bus, subjects, served_by(server), on_request, drops)
 
     def handle(self, message: Any) -> Any:
         log.warning("%s: unexpected message %r", type(self).__name__, message)
@@ -187,11 +140,28 @@ def safe_tell(ref: pykka.ActorRef[Any], message: Any) -> None:
         log.debug("dropped %s for stopped %s", type(message).__name__, ref)
 
 
+def stop_all(refs: Iterable[pykka.ActorRef[Any]], timeout: float) -> int:
+    """Stops actors together (not one round trip each, as `ref.stop()` in a loop would);
+    returns how many had not stopped within `timeout`. Never from a pooled actor's own
+    dispatcher: waiting on actors it runs could wait forever."""
+    futures = [ref.stop(block=False) for ref in refs]
+    deadline = time.monotonic() + timeout
+    late = 0
+    for future in futures:
+        try:
+            future.get(timeout=max(0.0, deadline - time.monotonic()))
+        except pykka.Timeout:
+            late += 1
+    if late:
+        log.warning("%d actors did not stop within %.1fs", late, timeout)
+    return late
+
+
 def tell_latest(ref: pykka.ActorRef[Any], key: Hashable, message: Any) -> None:
-    """`tell` through the latest lane of a SafeActor: replaces an unread message of the
+    """`tell` through the latest lane of a pooled actor: replaces an unread message of the
     same key (a plain `tell` to other actors). Tolerates a stopped actor, as `safe_tell`."""
     inbox = ref.actor_inbox
-    if not isinstance(inbox, Inbox):
+    if not isinstance(inbox, PooledInbox):
         safe_tell(ref, message)
     elif ref.is_alive():
         inbox.put_latest(key, message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -39,8 +40,18 @@ class Coalescer(Generic[T]):
     def take(self) -> list[T]:
         """Actor side: every item put so far, in the order put."""
         self._armed = False
+        items: list[T] = []
         pop = self._items.popleft
-        return [pop() for _ in range(len(self._items))]
+        try:
+            while True:
+                items.append(pop())
+        except IndexError:  # empty (the loop side may also have dropped the oldest)
+            return items
+
+    def drop_oldest(self) -> None:
+        """Loop side, under overload: the oldest item goes (a no-op when none is left)."""
+        with contextlib.suppress(IndexError):
+            self._items.popleft()
 
     def __len__(self) -> int:
         return len(self._items)

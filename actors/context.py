@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from actors.runtime import Runtime
 from bus.edge import Drops, Tally
 from bus.jetstream import KvStore
 from bus.runtime import Bus
@@ -17,6 +18,7 @@ from schemas.settings import Settings
 @dataclass(frozen=True)
 class Context:
     bus: Bus
+    runtime: Runtime
     subjects: Subjects
     settings: Settings
     emit: Callable[[Event], None]
@@ -26,4 +28,7 @@ class Context:
     selections: Tally = field(default_factory=Tally)
     # Actors restarted after dying, per kind (parents write, Supervisor reports).
     restarts: Tally = field(default_factory=Tally)
+    # Work shed under overload, per kind: "requests" answered unavailable at once,
+    # "heartbeats" coalesced away (newest wins).
+    shed: Tally = field(default_factory=Tally)
     clock: Callable[[], float] = field(default=time.monotonic)

@@ -23,9 +23,9 @@ Threading rules.
 - Code on a dispatcher must not block on another actor of the same dispatcher: inside an
   actor use `tell`, `ask(block=False)`, `stop(block=False)`. Actors on `OnLoop` run on
   the event loop itself and must never block at all (no blocking I/O, no `ask().get()`).
-- The latest lane (`put_latest`, as in actors/base.py's `Inbox`): a newer message
-  replaces an unread one of the same key; the lane is handled where its wake-up stands in
-  the FIFO, its messages delivered to `on_receive` as tells, oldest key first.
+- The latest lane (`put_latest`): a newer message replaces an unread one of the same key;
+  the lane is handled where its wake-up stands in the FIFO, its messages delivered to
+  `on_receive` as tells, oldest key first.
 - Failures: an exception in `on_start` or in a tell is logged (`_handle_failure`),
   `on_failure` is called and the actor stops; in an ask it goes to the caller. Messages
   left after stop: asks get ActorDeadError (a pending stop gets its reply).
@@ -154,7 +154,7 @@ class PooledInbox:
             while self._fifo:
                 envelope = self._fifo.popleft()
                 if envelope.reply_to is not None:
-                    self.actor._answer_dead(envelope)
+                    self.actor._pooled_answer_dead(envelope)
             if self._release():
                 return
 
@@ -398,28 +398,28 @@ class PooledActor(pykka.Actor):
         try:
             self.on_start()
         except Exception:
-            self._fail()
+            self._pooled_fail()
 
     def _pooled_handle(self, envelope: Envelope[Any]) -> int:
         """Handles one FIFO entry; returns how many messages that was."""
         if envelope is not _LATEST_WAKE:
-            self._receive(envelope.message, envelope.reply_to)
+            self._pooled_receive(envelope.message, envelope.reply_to)
             return 1
         handled = 0
         for message in self._pooled_inbox.take_latest():
             if self.actor_stopped.is_set():
                 break
-            self._receive(message, None)
+            self._pooled_receive(message, None)
             handled += 1
         return handled
 
-    def _receive(self, message: Any, reply_to: pykka.Future[Any] | None) -> None:
+    def _pooled_receive(self, message: Any, reply_to: pykka.Future[Any] | None) -> None:
         """pykka's `_actor_loop_running` body, for one message."""
         try:
             response = self._handle_receive(message)
         except Exception:
             if reply_to is None:
-                self._fail()
+                self._pooled_fail()
             else:
                 log.info("Exception returned from %s to caller:", self, exc_info=True)
                 reply_to.set_exception()
@@ -432,7 +432,7 @@ class PooledActor(pykka.Actor):
         if reply_to is not None:
             reply_to.set(response)
 
-    def _fail(self) -> None:
+    def _pooled_fail(self) -> None:
         exc_info = sys.exc_info()
         self._handle_failure(*exc_info)
         try:
@@ -440,7 +440,7 @@ class PooledActor(pykka.Actor):
         except Exception:
             self._handle_failure(*sys.exc_info())
 
-    def _answer_dead(self, envelope: Envelope[Any]) -> None:
+    def _pooled_answer_dead(self, envelope: Envelope[Any]) -> None:
         """pykka's teardown for one waiting ask: a stop is answered, the rest are dead."""
         assert envelope.reply_to is not None
         if isinstance(envelope.message, _ActorStop):

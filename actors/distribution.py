@@ -93,6 +93,8 @@ def step_event(record: Distribution, emit: Emit) -> DistributionEvent:
 
 
 class DistributionActor(SafeActor):
+    dispatch = "workers"  # a pool shared by every distribution (they block on KV writes)
+
     def __init__(
         self,
         context: Context,
@@ -102,7 +104,7 @@ class DistributionActor(SafeActor):
         parent: pykka.ActorRef[Any],
         store: DistributionStore,
     ) -> None:
-        super().__init__()
+        super().__init__(context.runtime.dispatcher(self.dispatch, "distribution"))
         self.ctx = context
         self.bus = context.bus
         self.spec = spec

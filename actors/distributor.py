@@ -41,7 +41,7 @@ from typing import Any
 import pykka
 from msgspec.structs import replace
 
-from actors.base import SafeActor
+from actors.base import SafeActor, stop_all
 from actors.context import Context
 from actors.distribution import DistributionActor
 from actors.distribution_machine import TERMINAL_STATUSES, resolve_targets
@@ -85,7 +85,7 @@ MAX_RESTARTS = 3
 
 class DistributorActor(SafeActor):
     def __init__(self, context: Context) -> None:
-        super().__init__()
+        super().__init__(context.runtime.dispatcher(self.dispatch, "distributor"))
         self.ctx = context
         self.bus = context.bus
         self.store = DistributionStore(context.buckets["distributions"], context.buckets["desired"])
@@ -115,15 +115,16 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         self._load()
-        self._subscriptions = self.serve("distributor", self.ctx.subjects, self.ctx.drops)
+        self._subscriptions = self.serve(
+            "distributor", self.ctx.subjects, self.ctx.drops, self.ctx.shed
+        )
         for config_type in list(self.queues):
             self._start_head(config_type)
 
     def on_stop(self) -> None:
         for subscription in self._subscriptions:
             subscription.unsubscribe()
-        for ref in self.running.values():
-            ref.stop(timeout=5)
+        stop_all(self.running.values(), timeout=5)
 
     def _load(self) -> None:
         """Records, version counters and desired state from the store; unfinished

@@ -1,7 +1,10 @@
 """GatewayActor: one per gateway; owns that gateway's health.
 
-Owns: a HealthTracker (metrics, score, status with hysteresis), the probe timer
-(`P.gw.<id>.ping`) and the staleness timer. Its heartbeats come through its route at the
+Owns: a HealthTracker (metrics, score, status with hysteresis), its enrolment with the
+prober (bus/probes.py sends `P.gw.<id>.ping` for every gateway over one reply inbox; it
+is paused while the gateway is down) and its staleness timer (on the runtime's timer
+wheel; replaced by every batch of heartbeats, so it fires only for a silent gateway, and
+a missed heartbeat counts only if gatefleet could have seen it: bus/awareness.py). Its heartbeats come through its route at the
 bus edge (actors/routes.py), which is its subscription to `P.gw.<id>.heartbeat`: the edge
 decodes and checks each one and puts it, with its arrival time, in the actor's
 `Coalescer`, telling it `HeartbeatsPending` only when no such message is already on its
@@ -9,7 +12,7 @@ way. The actor takes every heartbeat waiting when it runs and hands them to its 
 as one batch (actors/health.py, "Batches"). At steady rates a batch holds one heartbeat;
 when the actor falls behind, one wake-up, one health evaluation and one update to the
 load balancer serve many heartbeats, so the cost of a thread wake-up is paid per batch.
-Receives: HeartbeatsPending, Tick, ProbeDue, ProbeAnswered, SetThreshold.
+Receives: HeartbeatsPending, Tick, ProbeAnswered, SetThreshold.
 Emits: gateway.status_changed, gateway.down, gateway.recovered; tells the load balancer
 GatewayUpdated after every batch of accepted heartbeats (through its latest lane: it keeps
 only the newest snapshot of each gateway), and the supervisor and the distributor on a
@@ -20,7 +23,6 @@ on).
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,22 +37,19 @@ from actors.messages import (
     GatewayUpdated,
     HeartbeatsPending,
     ProbeAnswered,
-    ProbeDue,
     SetThreshold,
     Tick,
 )
-from bus.runtime import Reply, RequestFailed
-from schemas.codec import DecodeError, decode
+from bus.timers import TimerHandle
 from schemas.events import GatewayDown, GatewayRecovered, GatewayStatusChanged
 from schemas.settings import GatewayEntry
-from schemas.wire import Ping, Pong
 
 log = logging.getLogger(__name__)
 
-PROBE = Ping()  # the body of every probe request: `{}`
-
 
 class GatewayActor(SafeActor):
+    dispatch = "gateways"  # one pool of worker threads runs them all
+
     def __init__(
         self,
         context: Context,
@@ -62,7 +61,7 @@ class GatewayActor(SafeActor):
         supervisor: pykka.ActorRef[Any],
         distributor: pykka.ActorRef[Any],
     ) -> None:
-        super().__init__()
+        super().__init__(context.runtime.dispatcher(self.dispatch, "gateway"))
         self.parent = supervisor
         self.supervision_key = entry.id
         self.ctx = context
@@ -80,20 +79,35 @@ class GatewayActor(SafeActor):
         self.supervisor = supervisor
         self.distributor = distributor
         self._pending = pending
+        self._tick: TimerHandle | None = None
         self._tick_at: float | None = None
         self._tick_generation = 0
+        self._probing = False
         # Read through a proxy by tests (how much coalescing saved): heartbeats accepted,
         # and the wake-ups that took them (<= heartbeats_accepted).
         self.heartbeats_accepted = 0
         self.heartbeat_batches = 0
 
     def on_start(self) -> None:
+        prober = self.ctx.runtime.prober
+        if prober is not None:
+            ref = self.actor_ref
+
+            def on_probe(rtt_ms: float | None, reason: str | None) -> None:
+                safe_tell(ref, ProbeAnswered(rtt_ms=rtt_ms, error=reason))
+
+            prober.enroll(self.gateway_id, on_probe)
+            prober.pause(self.gateway_id)  # until it is up: heartbeats say when
         if len(self._pending):
             self._on_heartbeats()  # the first heartbeat, from discovery (or a restart's)
         if self.tracker.status == "unknown":
             self._tell_listeners(self.tracker.status)
-        if self.ctx.settings.health.probe_interval_ms:
-            self._schedule_probe()
+
+    def on_stop(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+        if self.ctx.runtime.prober is not None:
+            self.ctx.runtime.prober.withdraw(self.gateway_id)
 
     def handle(self, message: Any) -> Any:
         match message:
@@ -101,20 +115,16 @@ class GatewayActor(SafeActor):
                 self._on_heartbeats()
             case Tick(generation=generation):
                 if generation == self._tick_generation:
-                    self._tick_at = None
-                    if len(self._pending):  # heartbeats that beat the tick to the loop count
+                    self._tick = self._tick_at = None
+                    if len(self._pending):  # heartbeats that beat the tick to the edge count
                         self._on_heartbeats()
-                    self._apply(self.tracker.on_tick(self.ctx.clock()))
-                    self._schedule_tick()
-            case ProbeDue():
-                self._probe()
+                    self._check()
             case ProbeAnswered(rtt_ms=rtt_ms, error=error):
                 if rtt_ms is None:
                     log.debug("probe of %s failed: %s", self.gateway_id, error)
                     self._apply(self.tracker.on_probe_failed())
                 else:
                     self._apply(self.tracker.on_probe_ok(rtt_ms))
-                self._schedule_probe()
             case SetThreshold(threshold=threshold):
                 self._apply(self.tracker.set_threshold(threshold))
             case _:
@@ -143,7 +153,7 @@ class GatewayActor(SafeActor):
             self._tell_listeners(tracker.status, everyone=versions_changed)
         else:
             self._apply(outcome.transition)
-        self._schedule_tick()
+        self._schedule_tick(rearm=True)
 
     def _apply(self, transition: Transition | None) -> None:
         """Publishes a status change and tells the load balancer and supervisor."""
@@ -179,6 +189,13 @@ class GatewayActor(SafeActor):
             transition.reason,
         )
         self._tell_listeners(old)
+        prober = self.ctx.runtime.prober
+        if prober is not None and (new in ("unknown", "down")) != (old in ("unknown", "down")):
+            # Nothing to measure while it is down: heartbeats say when it is back.
+            if new in ("unknown", "down"):
+                prober.pause(self.gateway_id)
+            else:
+                prober.resume(self.gateway_id)
 
     def _tell_listeners(self, old_status: Any, *, everyone: bool = True) -> None:
         """The load balancer hears every update, through its latest lane (it keeps only the
@@ -190,42 +207,33 @@ class GatewayActor(SafeActor):
             safe_tell(self.supervisor, update)
             safe_tell(self.distributor, update)
 
-    def _schedule_tick(self) -> None:
-        now = self.ctx.clock()
-        at = self.tracker.next_check_at(now)
-        if at is None or (self._tick_at is not None and self._tick_at <= at):
-            return  # nothing to watch, or an earlier tick will re-plan
+    def _check(self) -> None:
+        """A tick: count missed heartbeats, unless gatefleet could not see them (local
+        health awareness: disconnected or lagging); then check again later, from the
+        detection floor it sets when it sees again."""
+        since = self.ctx.runtime.awareness.counting_from(self.tracker.last_seen or 0.0)
+        if since is None:
+            self._arm(self.ctx.clock() + self.tracker.interval / 2)
+            return
+        self._apply(self.tracker.on_tick(self.ctx.clock(), since=since))
+        self._schedule_tick()
+
+    def _schedule_tick(self, *, rearm: bool = False) -> None:
+        """Plans the next staleness check. After heartbeats (`rearm`) the pending check is
+        replaced by a later one, so a gateway that keeps beating is never ticked at all."""
+        since = self.ctx.runtime.awareness.snapshot.detection_floor
+        at = self.tracker.next_check_at(self.ctx.clock(), since=since)
+        if at is None:
+            return
+        if self._tick_at is not None and self._tick_at <= at and not rearm:
+            return  # an earlier check will re-plan
+        self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
         self._tick_at = at
         self._tick_generation += 1
-        self.bus.call_later(
-            max(0.0, at - now), safe_tell, self.actor_ref, Tick(generation=self._tick_generation)
-        )
-
-    def _schedule_probe(self) -> None:
-        delay = self.ctx.settings.health.probe_interval_ms / 1000
-        self.bus.call_later(delay, safe_tell, self.actor_ref, ProbeDue())
-
-    def _probe(self) -> None:
-        if self.tracker.status in ("unknown", "down"):
-            self._schedule_probe()  # nothing to measure; heartbeats decide when it is back
-            return
-        ref, gateway_id = self.actor_ref, self.gateway_id
-        started = time.monotonic()
-
-        def on_result(result: Reply | RequestFailed) -> None:
-            if isinstance(result, RequestFailed):
-                safe_tell(ref, ProbeAnswered(rtt_ms=None, error=result.reason))
-                return
-            rtt_ms = (time.monotonic() - started) * 1000
-            try:
-                pong = decode(result.data, Pong)
-            except DecodeError as exc:
-                safe_tell(ref, ProbeAnswered(rtt_ms=None, error=f"bad pong: {exc}"))
-                return
-            if pong.gateway_id != gateway_id:
-                safe_tell(ref, ProbeAnswered(rtt_ms=None, error=f"pong from {pong.gateway_id}"))
-                return
-            safe_tell(ref, ProbeAnswered(rtt_ms=rtt_ms))
-
-        timeout = self.ctx.settings.health.probe_timeout_ms / 1000
-        self.bus.request(self.ctx.subjects.ping(gateway_id), PROBE, timeout, on_result)
+        tick = Tick(generation=self._tick_generation)
+        delay = max(0.0, at - self.ctx.clock())
+        self._tick = self.ctx.runtime.timers.schedule(delay, safe_tell, self.actor_ref, tick)

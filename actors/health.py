@@ -226,11 +226,14 @@ class HealthTracker:
             return None
         return self._move("degraded", f"score {score:.1f} below {self.threshold:g} ({cause})")
 
-    def _missed_at(self, now: float) -> int:
+    def _missed_at(self, now: float, since: float | None = None) -> int:
+        """Missed intervals by `now`, counted from `since` (default: the last heartbeat;
+        local health awareness passes a later detection floor)."""
         if self.last_seen is None:
             return 0
+        start = self.last_seen if since is None else max(self.last_seen, since)
         i = self.interval
-        return max(0, math.floor((now - self.last_seen - i / 2) / i + _EPS))
+        return max(0, math.floor((now - start - i / 2) / i + _EPS))
 
     def set_threshold(self, threshold: float) -> Transition | None:
         self.threshold = threshold
@@ -313,11 +316,13 @@ class HealthTracker:
             new, why = old, ""
         return self._move(new, why)
 
-    def on_tick(self, now: float) -> Transition | None:
-        """Count missed heartbeats; mark down after `fall`. Idempotent: extra ticks are harmless."""
+    def on_tick(self, now: float, since: float | None = None) -> Transition | None:
+        """Count missed heartbeats (from `since`, if later than the last heartbeat: what
+        gatefleet could not see does not count); mark down after `fall`. Idempotent:
+        extra ticks are harmless."""
         if self.status == "unknown" or self.last_seen is None:
             return None
-        missed = self._missed_at(now)
+        missed = self._missed_at(now, since)
         self.missed_heartbeats = missed
         if missed:
             self.good_heartbeats = 0
@@ -327,12 +332,13 @@ class HealthTracker:
             return self._move("down", f"missed {missed} heartbeats")
         return self._check_score(f"missed {missed} heartbeats") if missed else None
 
-    def next_check_at(self, now: float) -> float | None:
+    def next_check_at(self, now: float, since: float | None = None) -> float | None:
         """When on_tick should next run (may be <= now: run it at once); None: no need."""
         if self.status in ("unknown", "down") or self.last_seen is None:
             return None
-        k = min(self._missed_at(now) + 1, self.settings.fall)
-        return self.last_seen + (k + 0.5) * self.interval + CHECK_SLACK_S
+        start = self.last_seen if since is None else max(self.last_seen, since)
+        k = min(self._missed_at(now, since) + 1, self.settings.fall)
+        return start + (k + 0.5) * self.interval + CHECK_SLACK_S
 
     def on_probe_ok(self, rtt_ms: float) -> Transition | None:
         rtt, a, prev = max(0.0, rtt_ms), self.settings.latency_smoothing, self.probe_latency_ms

@@ -108,7 +108,7 @@ def selection_event(
 
 class LoadBalancerActor(SafeActor):
     def __init__(self, context: Context) -> None:
-        super().__init__()
+        super().__init__(context.runtime.dispatcher(self.dispatch, "load-balancer"))
         self.ctx = context
         self.bus = context.bus
         orchestrator = context.settings.orchestrator
@@ -144,7 +144,9 @@ class LoadBalancerActor(SafeActor):
                 ha_enabled=self.ctx.settings.orchestrator.ha_enabled,
             )
         )
-        self._subscriptions = self.serve("load_balancer", self.ctx.subjects, self.ctx.drops)
+        self._subscriptions = self.serve(
+            "load_balancer", self.ctx.subjects, self.ctx.drops, self.ctx.shed
+        )
 
     def on_stop(self) -> None:
         for subscription in self._subscriptions:

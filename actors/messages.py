@@ -55,10 +55,6 @@ class Tick(_Message, frozen=True):
     generation: int
 
 
-class ProbeDue(_Message, frozen=True):
-    pass
-
-
 class ProbeAnswered(_Message, frozen=True):
     rtt_ms: float | None  # None: timed out or no responders
     error: str | None = None

@@ -13,7 +13,8 @@ supervisor, which owns the fleet's membership, changes it with `attach` and `det
 which hand the change to the loop. A heartbeat from an id with no route opens a
 provisional one (its coalescer buffers what follows) and tells the supervisor
 `Discovered`; once the supervisor has started the gateway's actor it attaches it, and
-the buffered heartbeats go to the actor.
+the buffered heartbeats go to the actor. When an actor falls far behind, its oldest
+waiting heartbeats are shed (newest wins; counted in `status` as shed heartbeats).
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ import pykka
 from actors.base import safe_tell
 from actors.coalescer import Coalescer
 from actors.messages import HEARTBEATS_PENDING, Arrival, Discovered, GoodbyeReceived
-from bus.edge import Drops, decode_from_gateway
+from bus.edge import Drops, Tally, decode_from_gateway
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
 from schemas.types import GATEWAY_ID_RE
 from schemas.wire import Goodbye, Heartbeat
+
+# Heartbeats of one gateway waiting for its actor; beyond this the oldest are dropped
+# (shed, counted): only the newest decide its health, the count and seq rules aside.
+MAX_PENDING_HEARTBEATS = 64
 
 
 class _Route:
@@ -42,10 +47,11 @@ class _Route:
 
 
 class GatewayRoutes:
-    def __init__(self, bus: Bus, subjects: Subjects, drops: Drops) -> None:
+    def __init__(self, bus: Bus, subjects: Subjects, drops: Drops, shed: Tally) -> None:
         self._bus = bus
         self._subjects = subjects
         self._drops = drops
+        self._shed = shed
         self._routes: dict[str, _Route] = {}  # the loop thread's alone
         self._supervisor: pykka.ActorRef[Any] | None = None
         self._subscriptions: list[SubscriptionHandle] = []
@@ -88,7 +94,7 @@ class GatewayRoutes:
 
     def _handler(self) -> Any:
         prefix = self._subjects.prefix + ".gw."
-        routes, drops, clock = self._routes, self._drops, time.monotonic
+        routes, drops, shed, clock = self._routes, self._drops, self._shed, time.monotonic
         supervisor = self._supervisor
         assert supervisor is not None
 
@@ -105,8 +111,12 @@ class GatewayRoutes:
                     route = routes[gateway_id] = _Route(Coalescer(), None)
                     route.pending.put((heartbeat, clock()))
                     safe_tell(supervisor, Discovered(heartbeat=heartbeat, pending=route.pending))
-                elif route.pending.put((heartbeat, clock())) and route.ref is not None:
-                    safe_tell(route.ref, HEARTBEATS_PENDING)
+                else:
+                    if len(route.pending) >= MAX_PENDING_HEARTBEATS:  # its actor is far behind
+                        route.pending.drop_oldest()
+                        shed.add("heartbeats")
+                    if route.pending.put((heartbeat, clock())) and route.ref is not None:
+                        safe_tell(route.ref, HEARTBEATS_PENDING)
             elif verb == "goodbye":
                 if decode_from_gateway(msg, Goodbye, gateway_id, drops) is not None:
                     safe_tell(supervisor, GoodbyeReceived(gateway_id=gateway_id))

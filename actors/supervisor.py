@@ -21,7 +21,7 @@ from typing import Any
 
 import pykka
 
-from actors.base import SafeActor
+from actors.base import SafeActor, stop_all
 from actors.coalescer import Coalescer
 from actors.context import Context
 from actors.failover import (
@@ -79,7 +79,7 @@ class SupervisorActor(SafeActor):
         distributor: pykka.ActorRef[Any],
         routes: GatewayRoutes,
     ) -> None:
-        super().__init__()
+        super().__init__(context.runtime.dispatcher(self.dispatch, "supervisor"))
         self.ctx = context
         self.bus = context.bus
         self.load_balancer = load_balancer
@@ -112,14 +112,15 @@ class SupervisorActor(SafeActor):
         for entry in self.ctx.settings.gateways:
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
-        self._subscriptions = self.serve("supervisor", self.ctx.subjects, self.ctx.drops)
+        self._subscriptions = self.serve(
+            "supervisor", self.ctx.subjects, self.ctx.drops, self.ctx.shed
+        )
 
     def on_stop(self) -> None:
         self.routes.stop()
         for subscription in self._subscriptions:
             subscription.unsubscribe()
-        for ref in self.gateways.values():
-            ref.stop(timeout=5)
+        stop_all(self.gateways.values(), timeout=5)
 
     # Messages ----------------------------------------------------------------------------
 
@@ -258,6 +259,7 @@ class SupervisorActor(SafeActor):
 
     def status(self) -> StatusReply:
         settings = self.ctx.settings
+        awareness = self.ctx.runtime.awareness.status()
         counts = self.distribution_counts
         return StatusReply(
             active_distributions=counts.active,
@@ -273,4 +275,9 @@ class SupervisorActor(SafeActor):
             actor_restarts=sum(self.ctx.restarts.counts().values()),
             gateways_by_status=dict(Counter(self.statuses.values())),
             distributions_by_state=dict(counts.by_state),
+            orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),
+            orchestrator_max_lag_ms=round(awareness.orchestrator_max_lag_ms, 3),
+            detection_suspended=awareness.suspended,
+            detection_suspended_s=round(awareness.suspended_s, 3),
+            shed=self.ctx.shed.counts(),
         )

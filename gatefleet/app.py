@@ -23,6 +23,7 @@ from actors.distributor import DistributorActor
 from actors.load_balancer import LoadBalancerActor
 from actors.messages import ReportTo
 from actors.routes import GatewayRoutes
+from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
 from bus.edge import Drops
 from bus.jetstream import JetStream
@@ -46,6 +47,7 @@ class Orchestrator:
         self.drops = Drops()
         self.server: EmbeddedServer | None = None
         self.bus: Bus | None = None
+        self.runtime: Runtime | None = None
         self._actors: list[pykka.ActorRef[Any]] = []
         self.url = settings.bus.url
 
@@ -68,8 +70,10 @@ class Orchestrator:
         jetstream = JetStream(self.bus, self.subjects)
         audit = self.settings.audit
         jetstream.setup(max_age_s=audit.max_age_hours * 3600, max_bytes=audit.max_bytes)
+        self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health)
         context = Context(
             bus=self.bus,
+            runtime=self.runtime,
             subjects=self.subjects,
             settings=self.settings,
             emit=jetstream.emit,
@@ -81,7 +85,7 @@ class Orchestrator:
         load_balancer = self._started(LoadBalancerActor.start(context))
         # Before the supervisor, so it hears of every gateway the supervisor spawns.
         distributor = self._started(DistributorActor.start(context))
-        routes = GatewayRoutes(self.bus, self.subjects, self.drops)
+        routes = GatewayRoutes(self.bus, self.subjects, self.drops, context.shed)
         supervisor = self._started(
             SupervisorActor.start(
                 context, load_balancer=load_balancer, distributor=distributor, routes=routes
@@ -101,10 +105,13 @@ class Orchestrator:
     def stop(self) -> None:
         try:
             for ref in reversed(self._actors):
-                ref.stop(timeout=5)
+                ref.stop(timeout=10)
             self._actors.clear()
         finally:
             try:
+                if self.runtime is not None:
+                    self.runtime.stop()
+                    self.runtime = None
                 if self.bus is not None:
                     self.bus.stop()
                     self.bus = None

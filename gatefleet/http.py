@@ -264,6 +264,30 @@ def render_metrics(status: StatusReply) -> str:
             [("", status.actor_restarts)],
         ),
         _family(
+            "gatefleet_orchestrator_lag_ms",
+            "gauge",
+            "How late gatefleet's own event loop runs (local health awareness).",
+            [("", status.orchestrator_lag_ms)],
+        ),
+        _family(
+            "gatefleet_detection_suspended",
+            "gauge",
+            "1 while missed heartbeats are not counted (gatefleet disconnected or lagging).",
+            [("", int(status.detection_suspended))],
+        ),
+        _family(
+            "gatefleet_detection_suspended_seconds_total",
+            "counter",
+            "Seconds gatefleet did not count missed heartbeats since start.",
+            [("", status.detection_suspended_s)],
+        ),
+        _family(
+            "gatefleet_shed_total",
+            "counter",
+            "Work shed under overload since start: requests answered unavailable, heartbeats coalesced away.",
+            _by_label("kind", _zeros(("requests", "heartbeats"), status.shed)),
+        ),
+        _family(
             "gatefleet_health_threshold_percent",
             "gauge",
             "Health score a gateway needs to be selectable.",

@@ -84,6 +84,16 @@ class StatusReply(_Body, frozen=True):
     selections: dict[str, int] = msgspec.field(default_factory=dict)
     gateways_by_status: dict[str, int] = msgspec.field(default_factory=dict)
     distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
+    # Local health awareness: how late gatefleet's own loop runs (now, and the worst of
+    # the last seconds), whether missed heartbeats are not counted right now (it is
+    # disconnected or lagging), and the seconds spent so since start.
+    orchestrator_lag_ms: NonNegativeFloat = 0.0
+    orchestrator_max_lag_ms: NonNegativeFloat = 0.0
+    detection_suspended: bool = False
+    detection_suspended_s: NonNegativeFloat = 0.0
+    # Work shed under overload since start: "requests" answered `unavailable` at once,
+    # "heartbeats" coalesced away (newest wins).
+    shed: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):

@@ -76,6 +76,12 @@ class HealthSettings(_Section, frozen=True):
     latency_budget_ms: Annotated[float, Meta(gt=0.0)] = 500.0
     # Connection count treated as full load when a gateway reports no max_connections.
     connection_reference: PositiveInt = 1000
+    # Local health awareness: after gatefleet reconnects to NATS, missed heartbeats count
+    # again only this long after (the gateways' own clients reconnect too).
+    reconnect_grace_ms: Annotated[int, Meta(ge=0, le=86_400_000)] = 5000
+    # ... and while gatefleet's own loop lags by more than this share of the heartbeat
+    # interval, missed heartbeats do not count at all.
+    lag_suspend_share: Annotated[float, Meta(gt=0.0, le=100.0)] = 0.5
     weights: HealthWeights = msgspec.field(default_factory=HealthWeights)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pykka
@@ -12,6 +13,7 @@ import pytest
 
 from actors.base import PING, SafeActor, tell_latest
 from actors.coalescer import Coalescer
+from actors.dispatch import OwnThread
 from bus.connection import BusError
 from bus.runtime import Bus, Inbound, Reply, RequestFailed
 from bus.server import EmbeddedServer
@@ -200,8 +202,8 @@ class Observed:
 class Collector(SafeActor):
     """Records what it handles; `"hold"` keeps it busy until released, `"boom"` raises."""
 
-    def __init__(self, bus: Bus, seen: Observed) -> None:
-        super().__init__()
+    def __init__(self, bus: Bus, seen: Observed, dispatcher: OwnThread) -> None:
+        super().__init__(dispatcher)
         self.bus = bus
         self.seen = seen
 
@@ -215,17 +217,28 @@ class Collector(SafeActor):
         return None
 
 
-def held(bus: Bus) -> tuple[pykka.ActorRef[Collector], Observed]:
+@pytest.fixture
+def own_thread() -> Iterator[OwnThread]:
+    dispatcher = OwnThread("collector")
+    dispatcher.start()
+    yield dispatcher
+    pykka.ActorRegistry.stop_all(block=True, timeout=5)
+    dispatcher.stop()
+
+
+def held(bus: Bus, dispatcher: OwnThread) -> tuple[pykka.ActorRef[Collector], Observed]:
     """A Collector busy on "hold", so what is told next waits in its inbox."""
     seen = Observed()
-    ref = Collector.start(bus, seen)
+    ref = Collector.start(bus, seen, dispatcher)
     ref.tell("hold")
     assert seen.holding.wait(5)
     return ref, seen
 
 
-def test_latest_lane_keeps_the_newest_per_key_and_the_order_of_later_tells(bus: Bus) -> None:
-    ref, actor = held(bus)
+def test_latest_lane_keeps_the_newest_per_key_and_the_order_of_later_tells(
+    bus: Bus, own_thread: OwnThread
+) -> None:
+    ref, actor = held(bus, own_thread)
     tell_latest(ref, "a", ("a", 1))
     tell_latest(ref, "b", ("b", 1))
     tell_latest(ref, "a", ("a", 2))
@@ -235,8 +248,10 @@ def test_latest_lane_keeps_the_newest_per_key_and_the_order_of_later_tells(bus: 
     assert actor.handled == ["hold", ("a", 2), ("b", 1), "after"]
 
 
-def test_latest_lane_entry_newer_than_a_tell_can_overtake_it(bus: Bus) -> None:
-    ref, actor = held(bus)
+def test_latest_lane_entry_newer_than_a_tell_can_overtake_it(
+    bus: Bus, own_thread: OwnThread
+) -> None:
+    ref, actor = held(bus, own_thread)
     tell_latest(ref, "a", ("a", 1))
     ref.tell("between")
     tell_latest(ref, "a", ("a", 2))  # replaces 1 while it waits: handled where 1 was
@@ -249,8 +264,10 @@ def test_latest_lane_entry_newer_than_a_tell_can_overtake_it(bus: Bus) -> None:
     assert actor.handled[-1] == ("a", 3)
 
 
-def test_latest_lane_isolates_errors_and_tolerates_a_stopped_actor(bus: Bus) -> None:
-    ref, actor = held(bus)
+def test_latest_lane_isolates_errors_and_tolerates_a_stopped_actor(
+    bus: Bus, own_thread: OwnThread
+) -> None:
+    ref, actor = held(bus, own_thread)
     tell_latest(ref, "x", "boom")
     tell_latest(ref, "y", "fine")
     actor.release.set()

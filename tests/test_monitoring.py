@@ -321,17 +321,24 @@ def test_probes_measure_response_latency(
 def test_a_burst_from_one_gateway_is_coalesced_and_counted_whole(
     gatefleet: Orchestrator, fleet: Fleet, event_log: EventLog, prefix: str
 ) -> None:
+    """Far faster than its actor can take them: each heartbeat is either counted or, once
+    more than MAX_PENDING_HEARTBEATS wait for the actor, shed (the oldest go, counted in
+    `status`); the newest always reaches it."""
     subject = f"{prefix}.gw.edge-1.heartbeat"
     fleet.publish_raw(subject, heartbeat_body("edge-1", 1))
     status_of(event_log, "edge-1", "healthy")
     burst = 3_000
     for seq in range(2, burst + 2):  # far faster than one actor wake-up per heartbeat
         fleet.publish_raw(subject, heartbeat_body("edge-1", seq, active_connections=seq))
+
+    def accounted() -> int:
+        return fleet.gateways()["edge-1"].heartbeats + fleet.status().shed.get("heartbeats", 0)
+
     wait_until(
-        lambda: fleet.gateways()["edge-1"].heartbeats == burst + 1,
+        lambda: accounted() == burst + 1,
         timeout=20,
-        what="every heartbeat of the burst counted",
-        show=lambda: fleet.gateways()["edge-1"].heartbeats,
+        what="every heartbeat of the burst counted or shed",
+        show=accounted,
     )
     row = fleet.gateways()["edge-1"]
     assert (row.last_seq, row.active_connections) == (burst + 1, burst + 1)  # the newest
@@ -339,7 +346,7 @@ def test_a_burst_from_one_gateway_is_coalesced_and_counted_whole(
     [ref] = pykka.ActorRegistry.get_by_class(GatewayActor)
     proxy = ref.proxy()
     accepted, batches = proxy.heartbeats_accepted.get(), proxy.heartbeat_batches.get()
-    assert accepted == burst + 1
+    assert accepted == row.heartbeats
     assert batches < accepted  # some wake-ups took several heartbeats
 
 

@@ -1,0 +1,94 @@
+"""Runtime: where actors run, and the shared machinery of time on the bus loop.
+
+- Dispatchers (actors/dispatch.py): `gateways`, a pool of worker threads that runs every
+  GatewayActor's inbox; `workers`, a pool for DistributionActors (they block on key-value
+  writes, so they stay off the gateways' pool); and one `OwnThread` per singleton (load
+  balancer, distributor, supervisor), whose blocking start-up and key-value work then
+  delays nobody else. An actor picks one with its `dispatch` class attribute.
+- `timers`: the coalesced timer wheel on the bus loop (bus/timers.py): scheduling a timer
+  from an actor costs a deque append, not a wake-up of the loop.
+- `awareness`: local health awareness (bus/awareness.py): whether gatefleet could see
+  heartbeats just now (connected, loop not lagging), and from when misses count again.
+- `prober`: latency probes of every gateway over one reply inbox (bus/probes.py); None
+  when `health.probe_interval_ms` is 0.
+
+Start: `start()` after the bus is connected; stop: `stop()` after every actor has stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from actors.dispatch import Backlog, Dispatcher, OwnThread, Pool
+from bus.awareness import LocalAwareness, watch
+from bus.probes import Prober
+from bus.runtime import Bus
+from bus.subjects import Subjects
+from bus.timers import TimerWheel
+from schemas.settings import HealthSettings
+
+# Worker threads running gateway actors. Their handlers are pure computation under the
+# GIL, so more threads add contention, not throughput (measured: bench_dispatch, and
+# `python -m bench fleet` with 1 and 2).
+GATEWAY_WORKERS = 2
+DISTRIBUTION_WORKERS = 2
+
+
+@dataclass
+class Runtime:
+    bus: Bus
+    gateways: Pool
+    workers: Pool
+    timers: TimerWheel
+    awareness: LocalAwareness
+    prober: Prober | None
+    _own: dict[str, OwnThread] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def start(cls, bus: Bus, subjects: Subjects, health: HealthSettings) -> Runtime:
+        timers = TimerWheel(bus.loop)
+        timers.start()
+        interval_s = health.heartbeat_interval_ms / 1000
+        awareness = watch(
+            bus,
+            timers,
+            heartbeat_interval_s=interval_s,
+            lag_threshold_s=interval_s * health.lag_suspend_share,
+            reconnect_grace_s=health.reconnect_grace_ms / 1000,
+        )
+        prober = None
+        if health.probe_interval_ms:
+            interval = health.probe_interval_ms / 1000
+            timeout = min(health.probe_timeout_ms / 1000, interval)
+            prober = Prober(bus, timers, subjects, interval_s=interval, timeout_s=timeout)
+            prober.start()
+        gateways = Pool("gateway-actors", workers=GATEWAY_WORKERS)
+        workers = Pool("distribution-actors", workers=DISTRIBUTION_WORKERS)
+        gateways.start()
+        workers.start()
+        return cls(bus, gateways, workers, timers, awareness, prober)
+
+    def dispatcher(self, dispatch: str, name: str) -> Dispatcher:
+        """The dispatcher for an actor's `dispatch` kind; "own" is a thread per `name`."""
+        if dispatch == "gateways":
+            return self.gateways
+        if dispatch == "workers":
+            return self.workers
+        with self._lock:
+            own = self._own.get(name)
+            if own is None or not own.running:
+                own = self._own[name] = OwnThread(name)
+                own.start()
+            return own
+
+    def backlogs(self) -> list[Backlog]:
+        return [self.gateways.backlog(), self.workers.backlog()]
+
+    def stop(self) -> None:
+        if self.prober is not None:
+            self.prober.stop()
+        for dispatcher in (self.gateways, self.workers, *self._own.values()):
+            dispatcher.stop()
+        self.timers.stop()
