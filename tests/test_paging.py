@@ -16,6 +16,7 @@ from actors.paging import (
     gateways_page,
     take_page,
 )
+from gatefleet.output import read_gateways, read_pages
 from schemas.api import (
     DISTRIBUTIONS_DEFAULT_LIMIT,
     GATEWAYS_DEFAULT_LIMIT,
@@ -316,3 +317,27 @@ def test_a_large_distribution_page_is_cut_by_bytes() -> None:
 def test_a_bad_distribution_cursor_is_refused(cursor: str) -> None:
     with pytest.raises(BadCursor):
         distributions_page([record(0)], DistributionListRequest(cursor=cursor))
+
+
+# Reading every page (gatefleet gateways|distributions) ---------------------------------------
+
+
+def test_reading_pages_shows_progress_on_stderr_only_once_it_is_slow(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    table = [snapshot(f"edge-{i:02d}") for i in range(10)]
+    pages = list(all_pages(table, GatewaysRequest(limit=4)))
+    rows, cursor = read_pages(pages, lambda p: p.gateways, lambda p: p.next_cursor, "gateways")
+    assert (len(rows), cursor) == (10, None)
+    assert capsys.readouterr() == ("", "")
+    everything = read_gateways(iter(pages))
+    assert everything == GatewaysReply(gateways=sorted(table, key=lambda g: g.gateway_id))
+    read_pages(pages, lambda p: p.gateways, lambda p: p.next_cursor, "gateways", quiet_s=0)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "gatefleet: read 4 gateways so far...",
+        "gatefleet: read 8 gateways so far...",
+    ]
+    _, cursor = read_pages(pages[:2], lambda p: p.gateways, lambda p: p.next_cursor, "gateways")
+    assert cursor == pages[1].next_cursor  # cut short: where it would go on
