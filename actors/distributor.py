@@ -56,6 +56,7 @@ from actors.messages import (
     ReportTo,
     Request,
 )
+from actors.paging import BadCursor, distributions_page
 from actors.reconcile_driver import ReconcileDriver
 from actors.reconciliation import Desired, Resync
 from bus.edge import reply_error
@@ -66,7 +67,6 @@ from schemas.api import (
     DistributeRequest,
     Distribution,
     DistributionGetRequest,
-    DistributionListReply,
     DistributionListRequest,
     GatewayDelivery,
     ReconcileRequest,
@@ -167,13 +167,12 @@ class DistributorActor(SafeActor):
                 body=DistributionListRequest() as request,
                 reply=reply,
             ):
-                rows = [
-                    r
-                    for r in self.records.values()
-                    if request.include_completed or r.status in OPEN_STATUSES
-                ]
-                rows.sort(key=lambda r: (r.created_at, r.id))
-                self.bus.publish(reply, DistributionListReply(distributions=rows))
+                try:
+                    page = distributions_page(self.records.values(), request)
+                except BadCursor as exc:
+                    reply_error(self.bus, reply, "bad_request", str(exc))
+                else:
+                    self.bus.publish(reply, page)
             case Request(endpoint=api.RECONCILE, body=ReconcileRequest() as request, reply=reply):
                 answer = self.reconcile.request(request.gateway_id, request.config_type)
                 if isinstance(answer, str):

@@ -39,12 +39,14 @@ from actors.messages import (
     Request,
     TableStats,
 )
+from actors.paging import BadCursor, gateways_page
 from actors.pool import Pool
 from actors.strategies import Selection, SelectorState, select, shortlist
+from bus.edge import reply_error
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
-    GatewaysReply,
+    GatewaysRequest,
     LoadBalancingConfig,
     LoadBalancingUpdate,
     SelectReply,
@@ -166,9 +168,13 @@ class LoadBalancerActor(SafeActor):
                 endpoint=api.LOAD_BALANCING_SET, body=LoadBalancingUpdate() as update, reply=reply
             ):
                 self._set(update, reply)
-            case Request(endpoint=api.GATEWAYS, reply=reply):
-                rows = sorted(self.pool.gateways.values(), key=lambda s: s.gateway_id)
-                self.bus.publish(reply, GatewaysReply(gateways=rows))
+            case Request(endpoint=api.GATEWAYS, body=GatewaysRequest() as request, reply=reply):
+                try:
+                    page = gateways_page(self.pool.gateways.values(), request)
+                except BadCursor as exc:
+                    reply_error(self.bus, reply, "bad_request", str(exc))
+                else:
+                    self.bus.publish(reply, page)
             case TableStats():
                 table = self.pool.gateways
                 healthy = sum(1 for row in table.values() if row.status == "healthy")

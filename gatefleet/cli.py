@@ -13,10 +13,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any, TypeVar, get_args
 
 import click
 import msgspec
@@ -38,7 +38,9 @@ from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.settings import Settings
-from schemas.types import STRATEGIES
+from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass
@@ -206,12 +208,33 @@ def status(config: str | None, nats: str | None, as_json: bool) -> None:
         output.show_status(client.status(), as_json=ctx.as_json)
 
 
+def _limit_option(what: str) -> Callable[[F], F]:
+    return click.option(
+        "--limit",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help=f"List at most this many {what} (0: all of them, page after page).",
+    )
+
+
 @main.command()
+@click.option("--status", type=click.Choice(get_args(GatewayStatus)), help="Only these.")
+@click.option("--region", help="Only gateways of this region.")
+@_limit_option("gateways")
 @client_options
-def gateways(config: str | None, nats: str | None, as_json: bool) -> None:
-    """List the gateways with their health."""
+def gateways(
+    status: GatewayStatus | None,
+    region: str | None,
+    limit: int,
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+) -> None:
+    """List the gateways with their health, by id."""
     with connected(config, nats, as_json) as (client, ctx):
-        output.show_gateways(client.gateways(), as_json=ctx.as_json)
+        pages = client.gateway_pages(status=status, region=region, max_rows=limit or None)
+        output.show_gateways(output.read_gateways(pages), as_json=ctx.as_json)
 
 
 @main.command()
@@ -389,21 +412,36 @@ def distribute(
 @main.command()
 @click.argument("distribution_id", required=False)
 @click.option("--all", "include_completed", is_flag=True, help="Include finished ones.")
+@click.option(
+    "--status",
+    type=click.Choice(get_args(DistributionStatus)),
+    help="Only these (finished ones included: implies --all).",
+)
+@click.option("--type", "config_type", help="Only distributions of this config type.")
+@_limit_option("distributions")
 @client_options
 def distributions(
     distribution_id: str | None,
     include_completed: bool,
+    status: DistributionStatus | None,
+    config_type: str | None,
+    limit: int,
     config: str | None,
     nats: str | None,
     as_json: bool,
 ) -> None:
-    """List distributions (in progress, or --all), or show one by id."""
+    """List distributions, oldest first (in progress, or --all), or show one by id."""
     with connected(config, nats, as_json) as (client, ctx):
         if distribution_id:
             output.show_distribution(client.get_distribution(distribution_id), as_json=ctx.as_json)
         else:
-            listed = client.list_distributions(include_completed)
-            output.show_distributions(listed, as_json=ctx.as_json)
+            pages = client.distribution_pages(
+                include_completed or status is not None,
+                status=status,
+                config_type=config_type,
+                max_rows=limit or None,
+            )
+            output.show_distributions(output.read_distributions(pages), as_json=ctx.as_json)
 
 
 main.add_command(audit)

@@ -5,10 +5,18 @@
         client.update_load_balancing_config("LeastConnections", 75.0)
 
 Error replies become typed exceptions; an unreachable server is `Unavailable`.
+
+The two lists are paged: `gateways()` and `list_distributions()` return one page (its
+`next_cursor` asks for the next), `gateway_pages()` and `distribution_pages()` go through
+every page:
+
+    for page in client.gateway_pages(status="healthy"):
+        for gateway in page.gateways: ...
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -19,6 +27,8 @@ from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas import endpoints as api
 from schemas.api import (
+    DISTRIBUTIONS_MAX_LIMIT,
+    GATEWAYS_MAX_LIMIT,
     DistributeReply,
     DistributeRequest,
     Distribution,
@@ -27,6 +37,7 @@ from schemas.api import (
     DistributionListRequest,
     Empty,
     GatewaysReply,
+    GatewaysRequest,
     LoadBalancingConfig,
     LoadBalancingUpdate,
     MaybeError,
@@ -36,9 +47,10 @@ from schemas.api import (
 )
 from schemas.codec import decode
 from schemas.endpoints import Endpoint
-from schemas.types import StrategyName
+from schemas.types import DistributionStatus, GatewayStatus, StrategyName
 
 T = TypeVar("T", bound=msgspec.Struct)
+P = TypeVar("P", GatewaysReply, DistributionListReply)
 
 
 class GatefleetError(Exception):
@@ -111,8 +123,32 @@ class GatefleetClient:
     def status(self) -> StatusReply:
         return self.call(api.STATUS, Empty())
 
-    def gateways(self) -> GatewaysReply:
-        return self.call(api.GATEWAYS, Empty())
+    def gateways(
+        self,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        status: GatewayStatus | None = None,
+        region: str | None = None,
+    ) -> GatewaysReply:
+        """One page of gateways by id (the first, without a cursor)."""
+        request = GatewaysRequest(limit=limit, cursor=cursor, status=status, region=region)
+        return self.call(api.GATEWAYS, request)
+
+    def gateway_pages(
+        self,
+        *,
+        status: GatewayStatus | None = None,
+        region: str | None = None,
+        max_rows: int | None = None,
+    ) -> Iterator[GatewaysReply]:
+        """Every page of gateways, in order, up to `max_rows` rows in all (None: every
+        row). The last page's `next_cursor` is where a cut-short listing would go on."""
+
+        def fetch(limit: int, cursor: str | None) -> GatewaysReply:
+            return self.gateways(limit=limit, cursor=cursor, status=status, region=region)
+
+        return _pages(fetch, lambda page: len(page.gateways), GATEWAYS_MAX_LIMIT, max_rows)
 
     def select_optimal_gateway(
         self, region: str | None = None, client_id: str | None = None
@@ -144,6 +180,63 @@ class GatefleetClient:
             api.DISTRIBUTIONS_GET, DistributionGetRequest(distribution_id=distribution_id)
         )
 
-    def list_distributions(self, include_completed: bool = True) -> DistributionListReply:
-        request = DistributionListRequest(include_completed=include_completed)
+    def list_distributions(
+        self,
+        include_completed: bool = True,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        status: DistributionStatus | None = None,
+        config_type: str | None = None,
+    ) -> DistributionListReply:
+        """One page of distributions, oldest first (the first, without a cursor)."""
+        request = DistributionListRequest(
+            include_completed=include_completed,
+            limit=limit,
+            cursor=cursor,
+            status=status,
+            config_type=config_type,
+        )
         return self.call(api.DISTRIBUTIONS_LIST, request)
+
+    def distribution_pages(
+        self,
+        include_completed: bool = True,
+        *,
+        status: DistributionStatus | None = None,
+        config_type: str | None = None,
+        max_rows: int | None = None,
+    ) -> Iterator[DistributionListReply]:
+        """Every page of distributions, oldest first, up to `max_rows` rows in all."""
+
+        def fetch(limit: int, cursor: str | None) -> DistributionListReply:
+            return self.list_distributions(
+                include_completed,
+                limit=limit,
+                cursor=cursor,
+                status=status,
+                config_type=config_type,
+            )
+
+        return _pages(
+            fetch, lambda page: len(page.distributions), DISTRIBUTIONS_MAX_LIMIT, max_rows
+        )
+
+
+def _pages(
+    fetch: Callable[[int, str | None], P],
+    count: Callable[[P], int],
+    page_size: int,
+    max_rows: int | None,
+) -> Iterator[P]:
+    """Pages from `fetch(limit, cursor)` until the last one, or `max_rows` rows."""
+    cursor: str | None = None
+    left = max_rows
+    while left is None or left > 0:
+        page = fetch(page_size if left is None else min(page_size, left), cursor)
+        yield page
+        cursor = page.next_cursor
+        if cursor is None:
+            return
+        if left is not None:
+            left -= count(page)

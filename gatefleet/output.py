@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import click
 import msgspec
 from rich.console import Console
 from rich.live import Live
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 # Piped output is not wrapped at 80 columns: tables stay one row per gateway.
 console = Console(width=None if sys.stdout.isatty() else 160)
+# Reading every page of a list shows progress on stderr once it has taken this long.
+PROGRESS_AFTER_S = 1.0
+R = TypeVar("R")
 
 
 def print_json(obj: Any) -> None:
@@ -78,11 +82,56 @@ def _ago(when: datetime | None) -> str:
     return f"{seconds:.1f}s ago" if seconds < 120 else when.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def read_pages(
+    pages: Iterable[R],
+    rows: Callable[[R], Sequence[Any]],
+    cursor: Callable[[R], str | None],
+    what: str,
+    *,
+    quiet_s: float = PROGRESS_AFTER_S,
+) -> tuple[list[Any], str | None]:
+    """Every row of `pages`, and the last page's next_cursor (set when a row limit cut the
+    listing short). Progress goes to stderr, and only once reading takes `quiet_s`."""
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+    shown = False
+    collected: list[Any] = []
+    next_cursor: str | None = None
+    for page in pages:
+        collected += rows(page)
+        next_cursor = cursor(page)
+        if next_cursor is not None and time.monotonic() - started >= quiet_s:
+            line = f"gatefleet: read {len(collected)} {what} so far..."
+            click.echo(f"\r{line}" if tty else line, err=True, nl=not tty)
+            shown = True
+    if shown and tty:
+        click.echo("\r\033[K", err=True, nl=False)  # the table replaces the progress line
+    return collected, next_cursor
+
+
+def read_gateways(pages: Iterable[GatewaysReply]) -> GatewaysReply:
+    """One reply holding every page's rows (what `gatefleet gateways --json` prints)."""
+    rows, cursor = read_pages(pages, lambda p: p.gateways, lambda p: p.next_cursor, "gateways")
+    return GatewaysReply(gateways=rows, next_cursor=cursor)
+
+
+def read_distributions(pages: Iterable[DistributionListReply]) -> DistributionListReply:
+    rows, cursor = read_pages(
+        pages, lambda p: p.distributions, lambda p: p.next_cursor, "distributions"
+    )
+    return DistributionListReply(distributions=rows, next_cursor=cursor)
+
+
+_MORE = "more follow: --limit 0 lists them all"
+
+
 def show_gateways(reply: GatewaysReply, *, as_json: bool) -> None:
     if as_json:
         print_json(reply)
         return
     table = Table(title=f"{len(reply.gateways)} gateways", title_justify="left")
+    if reply.next_cursor is not None:
+        table.caption = _MORE
     for column in (
         "id",
         "region",
@@ -218,6 +267,8 @@ def show_distributions(reply: DistributionListReply, *, as_json: bool) -> None:
         print_json(reply)
         return
     table = Table(title=f"{len(reply.distributions)} distributions", title_justify="left")
+    if reply.next_cursor is not None:
+        table.caption = _MORE
     for column in ("id", "type", "version", "status", "acked", "failed", "targets", "created"):
         table.add_column(column, no_wrap=True)
     for d in reply.distributions:

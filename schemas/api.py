@@ -7,7 +7,7 @@ always one of these Structs or an `ErrorReply`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -37,6 +37,22 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 }
 ClientId = Annotated[str, Meta(min_length=1, max_length=256)]
 
+# Paging of `P.api.gateways` and `P.api.distributions.list` (docs/PROTOCOL.md section 5).
+# A GatewaySnapshot row is about 360 bytes (about 600 with 64-char ids and a few labels),
+# so a page of GATEWAYS_MAX_LIMIT rows stays well under NATS's 1 MiB payload limit.
+GATEWAYS_DEFAULT_LIMIT: Final = 500
+GATEWAYS_MAX_LIMIT: Final = 1000
+DISTRIBUTIONS_DEFAULT_LIMIT: Final = 100
+DISTRIBUTIONS_MAX_LIMIT: Final = 1000
+# Whatever the limit, a page's rows take at most this many bytes of JSON (a page always
+# holds at least one row): the reply stays under the 1 MiB default payload limit even
+# when rows are large (labels, a distribution to thousands of gateways).
+PAGE_MAX_BYTES: Final = 900 * 1024
+# An opaque position: the sort key of the last row of the previous page. "" is no cursor.
+Cursor = Annotated[str, Meta(max_length=1024)]
+GatewaysLimit = Annotated[int, Meta(ge=1, le=GATEWAYS_MAX_LIMIT)]
+DistributionsLimit = Annotated[int, Meta(ge=1, le=DISTRIBUTIONS_MAX_LIMIT)]
+
 
 class _Body(msgspec.Struct, frozen=True, kw_only=True):
     """Base for API bodies."""
@@ -58,7 +74,16 @@ class MaybeError(_Body, frozen=True, gc=False):
 
 
 class Empty(_Body, frozen=True, gc=False):
-    """`{}`: the request body of status, load-balancing.get and gateways."""
+    """`{}`: the request body of status and load-balancing.get."""
+
+
+class GatewaysRequest(_Body, frozen=True, gc=False):
+    """`P.api.gateways`: one page of gateways, by id; `{}` is the first page of all."""
+
+    limit: GatewaysLimit | None = None  # null: GATEWAYS_DEFAULT_LIMIT
+    cursor: Cursor | None = None  # a reply's next_cursor; null or "": the first page
+    status: GatewayStatus | None = None
+    region: Region | None = None
 
 
 class Features(_Body, frozen=True):
@@ -139,7 +164,14 @@ class DistributionGetRequest(_Body, frozen=True):
 
 
 class DistributionListRequest(_Body, frozen=True):
+    """`P.api.distributions.list`: one page, oldest first (by created_at, then id)."""
+
     include_completed: bool = True
+    # Additions: paging and filters (all optional: `{}` is the first page).
+    limit: DistributionsLimit | None = None  # null: DISTRIBUTIONS_DEFAULT_LIMIT
+    cursor: Cursor | None = None
+    status: DistributionStatus | None = None
+    config_type: ConfigType | None = None
 
 
 GatewayDeliveryState = Literal[
@@ -174,6 +206,8 @@ class Distribution(_Body, frozen=True):
 
 class DistributionListReply(_Body, frozen=True):
     distributions: list[Distribution]
+    # Addition: pass it as `cursor` for the next page; null on the last page.
+    next_cursor: str | None = None
 
 
 class GatewaySnapshot(_Body, frozen=True, gc=False):
@@ -213,6 +247,8 @@ class GatewaySnapshot(_Body, frozen=True, gc=False):
 
 class GatewaysReply(_Body, frozen=True):
     gateways: list[GatewaySnapshot]
+    # Pass it as `cursor` for the next page; null on the last page.
+    next_cursor: str | None = None
 
 
 class FailbackRequest(_Body, frozen=True):

@@ -24,6 +24,7 @@ from schemas.api import (
     FailbackReply,
     FailbackRequest,
     GatewaysReply,
+    GatewaysRequest,
     LoadBalancingConfig,
     LoadBalancingUpdate,
     ReconcileReply,
@@ -64,7 +65,12 @@ STATUS: Final = Endpoint(
     "status", Empty, StatusReply, "supervisor", writes=False, http=("GET", "/status")
 )
 GATEWAYS: Final = Endpoint(
-    "gateways", Empty, GatewaysReply, "load_balancer", writes=False, http=("GET", "/gateways")
+    "gateways",
+    GatewaysRequest,
+    GatewaysReply,
+    "load_balancer",
+    writes=False,
+    http=("GET", "/gateways"),
 )
 SELECT_GATEWAY: Final = Endpoint(
     "select-gateway",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -13,6 +14,7 @@ from bus.runtime import Bus, Inbound
 from gatefleet.gateway import GatewayAgent, Metrics
 from schemas.api import Empty, GatewaySnapshot, GatewaysReply, StatusReply
 from schemas.codec import decode
+from schemas.wire import Heartbeat
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -96,6 +98,25 @@ class Fleet:
 
     def publish_raw(self, subject: str, data: bytes) -> None:
         self.bus.publish(subject, data)
+
+    def beat_once(
+        self, gateway_ids: Iterable[str], region: str = "us-west", metrics: Metrics = IDLE
+    ) -> None:
+        """One heartbeat per id, no agent: the cheap way to register many gateways (they
+        go down after `fall` intervals unless the test's heartbeat interval is long)."""
+        for gateway_id in gateway_ids:
+            beat = Heartbeat(
+                gateway_id=gateway_id,
+                region=region,
+                seq=1,
+                ts=datetime.now(UTC),
+                cpu_percent=metrics.cpu_percent,
+                memory_percent=metrics.memory_percent,
+                active_connections=metrics.active_connections,
+                max_connections=metrics.max_connections,
+                latency_ms=metrics.latency_ms,
+            )
+            self.bus.publish(f"{self.prefix}.gw.{gateway_id}.heartbeat", beat)
 
 
 class ArrivalClock:

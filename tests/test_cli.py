@@ -156,7 +156,10 @@ def test_distribute_with_wait_and_list(live: Fleet, config_file: Path, tmp_path:
     listed = json.loads(run(config_file, "distributions", "--all", "--json").output)
     [record] = listed["distributions"]
     assert (record["status"], record["version"]) == ("completed", 1)
-    assert json.loads(run(config_file, "distributions", "--json").output) == {"distributions": []}
+    assert json.loads(run(config_file, "distributions", "--json").output) == {
+        "distributions": [],
+        "next_cursor": None,
+    }
     one = run(config_file, "distributions", record["id"])
     assert "Route v1" in one.output
 

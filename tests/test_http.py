@@ -275,7 +275,8 @@ def test_distribute_get_and_list(http: Http) -> None:
         assert [d.id for d in listed] == [reply.distribution_id]
     for query in ("?include_completed=false", "?include_completed=False"):
         response = http.get(f"{API}/distributions{query}")
-        assert (response.status, response.json()) == (200, {"distributions": []})
+        expected: dict[str, object] = {"distributions": [], "next_cursor": None}
+        assert (response.status, response.json()) == (200, expected)
 
 
 def test_healthz_and_metrics(http: Http, fleet: Fleet, gatefleet: Orchestrator) -> None:
