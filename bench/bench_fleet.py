@@ -1,6 +1,6 @@
 """Fleet scale: gatefleet with its default health settings against a simulated fleet.
 
-    python -m bench fleet [--steps 1000,2500,5000,10000,20000] [--duration 20] [--json]
+    python -m bench fleet [--steps 1000,2500,5000,10000,20000] [--duration 20] [--json FILE]
 
 Each step N runs in fresh processes, with its own embedded nats-server:
 
@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -286,10 +285,10 @@ class _Prober:
 async def _observe(url: str, prefix: str, count: int, ctl: Controls) -> dict[str, Any]:
     import nats  # noqa: PLC0415
 
-    disconnects = [0]
+    disconnects, closing = [0], [False]
 
     async def on_disconnect() -> None:
-        disconnects[0] += 1
+        disconnects[0] += not closing[0]  # nats-py calls this on close() too
 
     nc = await nats.connect(
         url, name="bench-observer", max_reconnect_attempts=-1, disconnected_cb=on_disconnect
@@ -321,6 +320,7 @@ async def _observe(url: str, prefix: str, count: int, ctl: Controls) -> dict[str
         await asyncio.sleep(max(0.0, start + tick / PROBE_HZ - loop.time()))
     if pending:
         await asyncio.wait(pending, timeout=REQUEST_TIMEOUT_S + 1)
+    closing[0] = True
     await nc.close()
     return {
         "requests": prober.requests,
@@ -663,13 +663,23 @@ def _phase_latencies(result: dict[str, Any], raw: dict[str, Any]) -> None:
             if outcome != "ok":
                 failures[outcome] = failures.get(outcome, 0) + 1
         result[f"{phase}_requests"] = len(chosen)
-        result[f"{phase}_p50"] = percentile(latencies, 50)
-        result[f"{phase}_p99"] = percentile(latencies, 99)
+        result[f"{phase}_p50"] = _latency_percentile(latencies, 50)
+        result[f"{phase}_p99"] = _latency_percentile(latencies, 99)
         result[f"{phase}_failures"] = failures
     downs = result.get("downs", [])
     result["false_downs"] = sum(1 for d in downs if d[1] == "down")
     result["false_status_downs"] = sum(1 for d in downs if d[1] == "status_changed")
     result["false_downs_steady"] = sum(1 for d in downs if steady[0] <= d[0] <= steady[1])
+    reg = raw.get("registration", (math.nan, math.nan))
+    result["false_downs_registration"] = sum(1 for d in downs if reg[0] <= d[0] <= reg[1])
+
+
+def _latency_percentile(latencies: list[float], q: float) -> float:
+    """`percentile`, where a failed request (inf) at or next to the rank makes it inf."""
+    ordered = sorted(latencies)
+    if ordered and math.isinf(ordered[math.ceil((len(ordered) - 1) * q / 100.0)]):
+        return math.inf
+    return percentile(ordered, q)
 
 
 def _judge(result: dict[str, Any]) -> None:
@@ -686,7 +696,8 @@ def _judge(result: dict[str, Any]) -> None:
         why.append(
             f"false downs: {result.get('false_downs', 0):,} gateway.down, "
             f"{result.get('false_status_downs', 0):,} status_changed to down "
-            f"({result.get('false_downs_steady', 0):,} in steady state)"
+            f"({result.get('false_downs_registration', 0):,} while registering, "
+            f"{result.get('false_downs_steady', 0):,} in steady state)"
         )
     if result.get("steady_p99", math.inf) > AIM_STEADY_P99_S:
         why.append(f"steady p99 {_ms(result.get('steady_p99', math.nan))} > 250ms")
@@ -841,12 +852,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--max-broken", type=int, default=1, help="stop stepping after this many steps not held"
     )
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     args = parser.parse_args(argv)
     steps = [int(s.replace("_", "")) for s in args.steps.split(",") if s.strip()]
 
     def say(line: str) -> None:
-        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+        print(line, flush=True)
 
     results, broken = [], 0
     for count in steps:
@@ -859,8 +870,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if broken >= args.max_broken and count != steps[-1]:
             say(f"  stopping after {broken} step(s) not held (--max-broken {args.max_broken})")
             break
-    if args.json:
-        document = {"machine": machine_line(), "results": results}
-        print(json.dumps(_jsonable(document), indent=1, default=str))
-    else:
-        report(results)
+    report(results)
+    if args.json:  # the runner's own lines share stdout, so JSON goes to a file
+        document = {"machine": machine_line(), "argv": list(argv or []), "results": results}
+        Path(args.json).write_text(json.dumps(_jsonable(document), indent=1, default=str))
+        print(f"results written to {args.json}")
