@@ -706,12 +706,13 @@ def _judge(result: dict[str, Any]) -> None:
     for phase in ("reg", "steady"):
         if result.get(f"{phase}_failures"):
             why.append(f"{phase} requests not answered: {result[f'{phase}_failures']}")
-    bus = result.get("bus_trouble", 0) or result.get("disconnected_snapshots", 0)
-    if bus or result.get("reconnects"):
+    lost = ("bus_trouble", "disconnected_snapshots", "reconnects", "observer_disconnects")
+    if any(result.get(key) for key in lost):
         why.append(
             f"BUS: {result.get('bus_trouble', 0)} trouble log lines, "
-            f"{result.get('reconnects', 0)} reconnects, "
-            f"{result.get('disconnected_snapshots', 0)} disconnected seconds"
+            f"{result.get('reconnects', 0)} reconnects and "
+            f"{result.get('disconnected_snapshots', 0)} disconnected seconds (orchestrator), "
+            f"{result.get('observer_disconnects', 0)} disconnects (observer)"
         )
     accepted, sent = result.get("accepted_rate", math.nan), result.get("sent_rate", math.nan)
     if not math.isnan(accepted) and accepted < 0.95 * sent:
