@@ -171,7 +171,10 @@ def orchestrator_main(url: str, prefix: str, data_dir: str, ctl: Controls, out: 
         out.put(("orch", snapshot()))
     finally:
         started = time.monotonic()
-        orchestrator.stop()
+        try:
+            orchestrator.stop()
+        except Exception as exc:  # e.g. an actor that did not stop in time: a finding
+            out.put(("orch-stop-failed", f"{type(exc).__name__}: {exc}"))
         out.put(("orch-stopped", time.monotonic() - started))
 
 
@@ -521,6 +524,8 @@ def _drive_step(
             ctl.orch_stop.set()
             raw["orchestrator_exit"] = _stop_process(orch, args.stop_timeout)
             raw["orchestrator_stop_s"] = inbox.wait_for("orch-stopped", 0.5)
+            if failed := inbox.wait_for("orch-stop-failed", 0):
+                note(f"the orchestrator's stop() failed: {failed}")
             # The baseline: a bare subscriber on the same simulator, which still runs.
             raw["bare"] = _bare_baseline(start("bare", bare_main, url, prefix, ctl), ctl, args)
             ctl.sim_stop.set()
@@ -669,9 +674,11 @@ def _phase_latencies(result: dict[str, Any], raw: dict[str, Any]) -> None:
     downs = result.get("downs", [])
     result["false_downs"] = sum(1 for d in downs if d[1] == "down")
     result["false_status_downs"] = sum(1 for d in downs if d[1] == "status_changed")
-    result["false_downs_steady"] = sum(1 for d in downs if steady[0] <= d[0] <= steady[1])
     reg = raw.get("registration", (math.nan, math.nan))
-    result["false_downs_registration"] = sum(1 for d in downs if reg[0] <= d[0] <= reg[1])
+    for phase, (lo, hi) in (("registration", reg), ("steady", steady)):
+        result[f"false_downs_{phase}"] = sum(
+            1 for d in downs if d[1] == "down" and lo <= d[0] <= hi
+        )
 
 
 def _latency_percentile(latencies: list[float], q: float) -> float:
@@ -696,7 +703,7 @@ def _judge(result: dict[str, Any]) -> None:
         why.append(
             f"false downs: {result.get('false_downs', 0):,} gateway.down, "
             f"{result.get('false_status_downs', 0):,} status_changed to down "
-            f"({result.get('false_downs_registration', 0):,} while registering, "
+            f"(gateway.down: {result.get('false_downs_registration', 0):,} while registering, "
             f"{result.get('false_downs_steady', 0):,} in steady state)"
         )
     if result.get("steady_p99", math.inf) > AIM_STEADY_P99_S:
