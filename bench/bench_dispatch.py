@@ -79,6 +79,7 @@ def case(kind: str, actors: int, messages: int) -> dict[str, Any]:
     if dispatcher is not None:
         dispatcher.start()
     rss0 = rss_bytes()
+    refs: list[pykka.ActorRef[Any]]
     if dispatcher is None:
         refs = [ThreadSink.start() for _ in range(actors)]
     else:

@@ -128,11 +128,19 @@ class EmbeddedServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown of its own (tests and chaos runs)."""
+        self._end(signal.SIGKILL, 5.0)
+
     def stop(self, timeout: float = 5.0) -> None:
+        self._end(signal.SIGTERM, timeout)
+
+    def _end(self, signum: int, timeout: float) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
+        if process.poll() is None:
+            process.send_signal(signum)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
