@@ -34,11 +34,11 @@ from typing import Any, ClassVar
 
 import pykka
 
+from actors.context import Context
 from actors.dispatch import Dispatcher, PooledActor, PooledInbox
 from actors.messages import ChildDied, Request
-from bus.edge import Drops, Tally, reply_error, serve
+from bus.edge import reply_error, serve
 from bus.runtime import Bus, SubscriptionHandle
-from bus.subjects import Subjects
 from schemas.endpoints import Server, served_by
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,13 @@ class SafeActor(PooledActor):
                 reply_error(self.bus, reply, "internal", f"internal error, id {error_id}")
             return None
 
-    def serve(
-        self, server: Server, subjects: Subjects, drops: Drops, shed: Tally
-    ) -> list[SubscriptionHandle]:
-        """Subscribes to the endpoints `server` serves: each request becomes a `Request`
-        told to this actor, or, while MAX_PENDING_REQUESTS of them wait for it, an
-        `unavailable` reply at once (shed, counted). Requests keep their place among the
-        actor's other messages, so a reply reflects everything told before it."""
-        ref, bus = self.actor_ref, self.bus
+    def serve(self, server: Server, context: Context) -> list[SubscriptionHandle]:
+        """Subscribes to the endpoints `server` serves, on the API lane (a connection of
+        its own, so requests never wait unread behind heartbeats): each request becomes a
+        `Request` told to this actor, or, while MAX_PENDING_REQUESTS of them wait for it,
+        an `unavailable` reply at once (shed, counted). Requests keep their place among
+        the actor's other messages, so a reply reflects everything told before it."""
+        ref, bus, shed = self.actor_ref, context.runtime.api_bus, context.shed
         told = [0]  # the loop's count; `requests_handled` is the actor's: no lock
 
         def on_request(endpoint: Any, body: Any, reply: str) -> None:
@@ -113,7 +112,7 @@ class SafeActor(PooledActor):
                 return
             told[0] += 1
 
-        return serve(bus, subjects, served_by(server), on_request, drops)
+        return serve(bus, context.subjects, served_by(server), on_request, context.drops)
 
     def handle(self, message: Any) -> Any:
         log.warning("%s: unexpected message %r", type(self).__name__, message)

@@ -247,27 +247,58 @@ class Pool(Dispatcher):
     when one is idle: `_idle` counts waiting workers not yet notified, read without the
     lock on the fast path (busy workers: no lock, no futex), decremented by the notifier."""
 
-    def __init__(self, name: str, workers: int = 2, throughput: int = 32) -> None:
+    def __init__(
+        self,
+        name: str,
+        workers: int = 2,
+        throughput: int = 32,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         super().__init__(name, throughput)
         self.workers = workers
         self._cond = threading.Condition(threading.Lock())
         self._idle = 0
         self._threads: list[threading.Thread] = []
+        # Scheduled from this loop's thread (the bus edge, handing over heartbeats): wake
+        # idle workers once per pass of the loop, after it has handed over a whole burst,
+        # not once per message.
+        self._loop = loop
+        self._loop_thread: int | None = None
+        self._wake_due = False
 
     def start(self) -> None:
         super().start()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._learn_loop_thread)
         for i in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
     def _wake(self) -> None:
-        if self._idle:  # unlocked read: a stale 0 is safe (the worker re-checks the queue)
-            with self._cond:
-                if self._idle:
-                    self._idle -= 1
-                    self.wakeups += 1
-                    self._cond.notify()
+        if not self._idle:  # unlocked read: a stale 0 is safe (the worker re-checks the queue)
+            return
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread:
+            if not self._wake_due:
+                self._wake_due = True
+                loop.call_soon(self._wake_after_pass)
+            return
+        with self._cond:
+            if self._idle:
+                self._idle -= 1
+                self.wakeups += 1
+                self._cond.notify()
+
+    def _wake_after_pass(self) -> None:
+        """On the loop, once it has handed over what it had: as many workers as needed."""
+        self._wake_due = False
+        with self._cond:
+            wanted = min(self._idle, len(self._ready))
+            if wanted:
+                self._idle -= wanted
+                self.wakeups += 1
+                self._cond.notify(wanted)
 
     def _work(self) -> None:
         ready, cond, budget = self._ready, self._cond, self.throughput
@@ -287,6 +318,9 @@ class Pool(Dispatcher):
                 again = False
             if again:
                 self.schedule(inbox)
+
+    def _learn_loop_thread(self) -> None:
+        self._loop_thread = threading.get_ident()
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:

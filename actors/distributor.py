@@ -115,9 +115,7 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         self._load()
-        self._subscriptions = self.serve(
-            "distributor", self.ctx.subjects, self.ctx.drops, self.ctx.shed
-        )
+        self._subscriptions = self.serve("distributor", self.ctx)
         for config_type in list(self.queues):
             self._start_head(config_type)
 

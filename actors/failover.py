@@ -148,11 +148,13 @@ class FailoverPlanner:
         self.held: dict[str, str | None] = {}  # recovered, awaiting a manual failback
 
     def on_change(
-        self, gateway_id: str, old: str, new: str, statuses: dict[str, str], now: float
+        self, gateway_id: str, old: str, new: str, *, fleet: int, down: int, now: float
     ) -> list[Action]:
+        """A gateway's status changed; `fleet` gateways are known, `down` of them down
+        (counting this change)."""
         actions: list[Action] = []
         if new == "down" and old != "down":
-            change = self.guard.on_down(gateway_id, now, len(statuses))
+            change = self.guard.on_down(gateway_id, now, fleet)
             if change is not None:
                 actions.append(change)
             if self.guard.frozen:
@@ -161,8 +163,7 @@ class FailoverPlanner:
                 actions.append(FindReplacement(gateway_id))
         elif old == "down" and new != "down":
             self.waiting.discard(gateway_id)
-            down_now = sum(1 for s in statuses.values() if s == "down")
-            change = self.guard.on_fleet_seen(down_now, len(statuses))
+            change = self.guard.on_fleet_seen(down, fleet)
             if change is not None:
                 actions.append(change)
                 actions += [FindReplacement(g) for g in sorted(self.waiting)]

@@ -180,7 +180,11 @@ class GatewayActor(SafeActor):
             )
         elif old == "down" and new == "healthy":
             emit(GatewayRecovered(gateway_id=self.gateway_id, score=transition.score))
-        log.info(
+        # Down and back are news at any fleet size; healthy <-> degraded is routine at
+        # thousands of gateways (the events record every one of them).
+        level = logging.INFO if "down" in (old, new) else logging.DEBUG
+        log.log(
+            level,
             "gateway %s: %s -> %s (score %.1f, %s)",
             self.gateway_id,
             old,

@@ -108,14 +108,16 @@ def health_score(
     w = settings.weights
     latency = probe_latency_ms if probe_latency_ms is not None else reported_latency_ms
     capacity = max_connections if max_connections is not None else settings.connection_reference
-    parts = (
-        (w.cpu, 1.0 - cpu_percent / 100.0),
-        (w.memory, 1.0 - memory_percent / 100.0),
-        (w.connections, 1.0 - active_connections / max(1, capacity)),
-        (w.latency, 1.0 - (latency or 0.0) / settings.latency_budget_ms),
-    )
-    total = sum(weight for weight, _ in parts)
-    mean = sum(weight * _unit(sub) for weight, sub in parts) / total if total > 0 else 1.0
+    total = w.cpu + w.memory + w.connections + w.latency
+    if total > 0:  # written out: this runs for every heartbeat of every gateway
+        mean = (
+            w.cpu * _unit(1.0 - cpu_percent / 100.0)
+            + w.memory * _unit(1.0 - memory_percent / 100.0)
+            + w.connections * _unit(1.0 - active_connections / max(1, capacity))
+            + w.latency * _unit(1.0 - (latency or 0.0) / settings.latency_budget_ms)
+        ) / total
+    else:
+        mean = 1.0
     return min(100.0, max(0.0, 100.0 * mean - w.failure_penalty * consecutive_failures))
 
 
@@ -182,6 +184,8 @@ class HealthTracker:
         self.config_versions: dict[str, int] = {}
         # seq of the previous heartbeat if it was ignored as a replay, else None.
         self._ignored_seq: int | None = None
+        # (heartbeat, probe latency, failures, score) of the last score computed.
+        self._scored: tuple[Heartbeat, float | None, int, float] | None = None
 
     @property
     def interval(self) -> float:
@@ -199,7 +203,13 @@ class HealthTracker:
         hb = self.last_heartbeat
         if hb is None:
             return 0.0
-        return health_score(
+        # Asked several times per heartbeat (evaluation, transition, snapshot): computed
+        # once per change of what it depends on.
+        inputs = (hb, self.probe_latency_ms, self.consecutive_failures)
+        cached = self._scored
+        if cached is not None and cached[0] is hb and cached[1:3] == inputs[1:]:
+            return cached[3]
+        score = health_score(
             self.settings,
             cpu_percent=hb.cpu_percent,
             memory_percent=hb.memory_percent,
@@ -209,6 +219,8 @@ class HealthTracker:
             reported_latency_ms=hb.latency_ms,
             consecutive_failures=self.consecutive_failures,
         )
+        self._scored = (*inputs, score)
+        return score
 
     def _move(self, new: GatewayStatus, reason: str) -> Transition | None:
         old = self.status

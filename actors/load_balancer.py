@@ -146,9 +146,7 @@ class LoadBalancerActor(SafeActor):
                 ha_enabled=self.ctx.settings.orchestrator.ha_enabled,
             )
         )
-        self._subscriptions = self.serve(
-            "load_balancer", self.ctx.subjects, self.ctx.drops, self.ctx.shed
-        )
+        self._subscriptions = self.serve("load_balancer", self.ctx)
 
     def on_stop(self) -> None:
         for subscription in self._subscriptions:

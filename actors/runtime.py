@@ -9,6 +9,8 @@
   from an actor costs a deque append, not a wake-up of the loop.
 - `awareness`: local health awareness (bus/awareness.py): whether gatefleet could see
   heartbeats just now (connected, loop not lagging), and from when misses count again.
+- `api_bus`: a second NATS connection, on a loop of its own, that the request
+  endpoints are served on: the API lane.
 - `prober`: latency probes of every gateway over one reply inbox (bus/probes.py); None
   when `health.probe_interval_ms` is 0.
 
@@ -38,6 +40,9 @@ DISTRIBUTION_WORKERS = 2
 @dataclass
 class Runtime:
     bus: Bus
+    # The API lane: `P.api.*` requests arrive on a connection (and loop) of their own, so
+    # they are never read behind a backlog of heartbeats on the main connection.
+    api_bus: Bus
     gateways: Pool
     workers: Pool
     timers: TimerWheel
@@ -62,13 +67,17 @@ class Runtime:
         if health.probe_interval_ms:
             interval = health.probe_interval_ms / 1000
             timeout = min(health.probe_timeout_ms / 1000, interval)
-            prober = Prober(bus, timers, subjects, interval_s=interval, timeout_s=timeout)
+            prober = Prober(
+                bus, timers, subjects, interval_s=interval, timeout_s=timeout, lag=awareness.lag_s
+            )
             prober.start()
-        gateways = Pool("gateway-actors", workers=GATEWAY_WORKERS)
+        gateways = Pool("gateway-actors", workers=GATEWAY_WORKERS, loop=bus.loop)
         workers = Pool("distribution-actors", workers=DISTRIBUTION_WORKERS)
         gateways.start()
         workers.start()
-        return cls(bus, gateways, workers, timers, awareness, prober)
+        api_bus = Bus(bus.url, name=f"{bus.name}-api")
+        api_bus.start()
+        return cls(bus, api_bus, gateways, workers, timers, awareness, prober)
 
     def dispatcher(self, dispatch: str, name: str) -> Dispatcher:
         """The dispatcher for an actor's `dispatch` kind; "own" is a thread per `name`."""
@@ -92,3 +101,4 @@ class Runtime:
         for dispatcher in (self.gateways, self.workers, *self._own.values()):
             dispatcher.stop()
         self.timers.stop()
+        self.api_bus.stop()

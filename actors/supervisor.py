@@ -69,6 +69,8 @@ from schemas.wire import Redirect as RedirectNotice
 
 log = logging.getLogger(__name__)
 
+FIRST_LOGGED = 20  # registrations logged one by one
+
 
 class SupervisorActor(SafeActor):
     def __init__(
@@ -92,9 +94,11 @@ class SupervisorActor(SafeActor):
         )
         self.gateways: dict[str, pykka.ActorRef[Any]] = {}
         self.statuses: dict[str, GatewayStatus] = {}
+        self.status_counts: Counter[str] = Counter()  # of `statuses`, kept as they change
         # Each gateway's heartbeats waiting for its actor (shared with its route).
         self.pending: dict[str, Coalescer[Arrival]] = {}
         self._subscriptions: list[SubscriptionHandle] = []
+        self._registered = 0
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
         self.entries: dict[str, GatewayEntry] = {}  # latest identity, to restart an actor
         settings = context.settings
@@ -112,9 +116,7 @@ class SupervisorActor(SafeActor):
         for entry in self.ctx.settings.gateways:
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
-        self._subscriptions = self.serve(
-            "supervisor", self.ctx.subjects, self.ctx.drops, self.ctx.shed
-        )
+        self._subscriptions = self.serve("supervisor", self.ctx)
 
     def on_stop(self) -> None:
         self.routes.stop()
@@ -159,18 +161,37 @@ class SupervisorActor(SafeActor):
         if gateway_id not in self.gateways:
             return  # a late update from a gateway that has left
         old = self.statuses.get(gateway_id, "unknown")
-        self.statuses[gateway_id] = snapshot.status
-        self.entries[gateway_id] = GatewayEntry(
-            id=gateway_id,
-            region=snapshot.region,
-            role=snapshot.role,
-            backup_for=snapshot.backup_for,
-        )
-        if self.ctx.settings.orchestrator.ha_enabled and old != snapshot.status:
-            statuses: dict[str, str] = dict(self.statuses)
-            self._act(
-                self.planner.on_change(gateway_id, old, snapshot.status, statuses, self.ctx.clock())
+        self._set_status(gateway_id, snapshot.status)
+        entry = self.entries.get(gateway_id)
+        if entry is None or (entry.region, entry.role, entry.backup_for) != (
+            snapshot.region,
+            snapshot.role,
+            snapshot.backup_for,
+        ):
+            self.entries[gateway_id] = GatewayEntry(
+                id=gateway_id,
+                region=snapshot.region,
+                role=snapshot.role,
+                backup_for=snapshot.backup_for,
             )
+        if self.ctx.settings.orchestrator.ha_enabled and old != snapshot.status:
+            fleet, down = len(self.statuses), self.status_counts["down"]
+            now = self.ctx.clock()
+            self._act(
+                self.planner.on_change(
+                    gateway_id, old, snapshot.status, fleet=fleet, down=down, now=now
+                )
+            )
+
+    def _set_status(self, gateway_id: str, status: GatewayStatus | None) -> None:
+        """Keeps `statuses` and their counts (None: the gateway is gone)."""
+        counts = self.status_counts
+        old = self.statuses.pop(gateway_id, None)
+        if old is not None:
+            counts[old] -= 1
+        if status is not None:
+            self.statuses[gateway_id] = status
+            counts[status] += 1
 
     def _act(self, actions: list[Action]) -> None:
         for action in actions:
@@ -220,12 +241,20 @@ class SupervisorActor(SafeActor):
 
     def _spawn(self, entry: GatewayEntry, pending: Coalescer[Arrival], *, source: str) -> None:
         self.entries[entry.id] = entry
-        self.statuses[entry.id] = "unknown"
+        self._set_status(entry.id, "unknown")
         self.pending[entry.id] = pending
         # Registered first: the actor's first status change must come after it in the stream.
         self.ctx.emit(GatewayRegistered(gateway_id=entry.id, region=entry.region, source=source))
         self._start_gateway(entry)
-        log.info("gateway %s registered from %s (region %s)", entry.id, source, entry.region)
+        self._registered += 1
+        # One line per gateway for the first few, then one per thousand: a fleet of 10,000
+        # registering at once should not be 10,000 log lines (the events have each one).
+        level = logging.INFO if self._registered <= FIRST_LOGGED else logging.DEBUG
+        log.log(level, "gateway %s registered from %s (region %s)", entry.id, source, entry.region)
+        if self._registered % 1000 == 0:
+            log.info(
+                "%d gateways registered so far (%d known now)", self._registered, len(self.gateways)
+            )
 
     def _start_gateway(self, entry: GatewayEntry) -> None:
         pending = self.pending[entry.id]
@@ -246,7 +275,7 @@ class SupervisorActor(SafeActor):
         if ref is None:
             return
         self.routes.detach(gateway_id)
-        self.statuses.pop(gateway_id, None)
+        self._set_status(gateway_id, None)
         self.entries.pop(gateway_id, None)
         self.pending.pop(gateway_id, None)
         self._act(self.planner.forget(gateway_id))
@@ -260,24 +289,30 @@ class SupervisorActor(SafeActor):
     def status(self) -> StatusReply:
         settings = self.ctx.settings
         awareness = self.ctx.runtime.awareness.status()
+        shed, probes = self.ctx.shed.counts(), {}
+        prober = self.ctx.runtime.prober
+        if prober is not None:
+            probes = prober.stats()._asdict()
+            shed["probes"] = probes["shed"]
         counts = self.distribution_counts
         return StatusReply(
             active_distributions=counts.active,
             successfully_completed_distributions=counts.completed,
             failed_distributions=counts.failed,
             gateways_managed=len(self.gateways),
-            gateways_healthy=sum(1 for s in self.statuses.values() if s == "healthy"),
+            gateways_healthy=self.status_counts["healthy"],
             load_balancing_strategy=self.lb_config.strategy,
             health_check_threshold=self.lb_config.health_threshold,
             ha_enabled=settings.orchestrator.ha_enabled,
             malformed_messages=self.ctx.drops.counts(),
             selections=self.ctx.selections.counts(),
             actor_restarts=sum(self.ctx.restarts.counts().values()),
-            gateways_by_status=dict(Counter(self.statuses.values())),
+            gateways_by_status={s: n for s, n in self.status_counts.items() if n},
             distributions_by_state=dict(counts.by_state),
             orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),
             orchestrator_max_lag_ms=round(awareness.orchestrator_max_lag_ms, 3),
             detection_suspended=awareness.suspended,
             detection_suspended_s=round(awareness.suspended_s, 3),
-            shed=self.ctx.shed.counts(),
+            shed=shed,
+            probes=probes,
         )

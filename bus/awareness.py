@@ -115,6 +115,7 @@ class LocalAwareness:
         self._disconnect_in_episode = False
         self._listeners: list[Listener] = []
         self._wheel: TimerWheel | None = None
+        self._inbound: InboundLag | None = None
         self._last_tick: float | None = None  # when the wheel last reported (None: no wheel)
 
     # Readers, any thread ----------------------------------------------------------------
@@ -143,7 +144,7 @@ class LocalAwareness:
         snapshot = self._snapshot
         wheel = self._wheel
         return AwarenessStatus(
-            orchestrator_lag_ms=wheel.lag_s * 1000 if wheel else 0.0,
+            orchestrator_lag_ms=self.lag_s() * 1000,
             orchestrator_max_lag_ms=wheel.max_lag_s * 1000 if wheel else 0.0,
             suspended=snapshot.suspended,
             suspended_s=snapshot.suspended_s(now),
@@ -157,9 +158,21 @@ class LocalAwareness:
         """`listener(Awareness)` on the loop after each change (e.g. to pause probes)."""
         self._listeners = [*self._listeners, listener]
 
-    def attach_wheel(self, wheel: TimerWheel) -> None:
+    def attach_wheel(self, wheel: TimerWheel, inbound: InboundLag | None = None) -> None:
+        """Lag from now on: the wheel's (the loop runs late) or, when given, the inbound
+        round trip's (messages wait unread), whichever is worse."""
         self._wheel = wheel
-        wheel.add_lag_listener(self.on_lag)
+        self._inbound = inbound
+        if inbound is None:
+            wheel.add_lag_listener(self.on_lag)
+        else:
+            wheel.add_lag_listener(lambda now, lag: self.on_lag(now, max(lag, inbound.lag_s(now))))
+
+    def lag_s(self) -> float:
+        """The worse of the loop's lag and the inbound round trip, now (any thread)."""
+        wheel, inbound = self._wheel, self._inbound
+        loop = wheel.lag_s if wheel is not None else 0.0
+        return max(loop, inbound.lag_s()) if inbound is not None else loop
 
     # The owner, on the loop -------------------------------------------------------------
 
@@ -240,6 +253,58 @@ class LocalAwareness:
                 log.exception("awareness listener %r failed", listener)
 
 
+class InboundLag:
+    """How long what reaches gatefleet waits unread: a message sent to ourselves through
+    the server every `period_s`, timed on its way back. The loop's own lag says when the
+    loop runs late; this also sees a backlog in the socket and the server's buffers (the
+    loop busy reading an endless stream of heartbeats is not late, but behind).
+
+    On the loop only, but for `lag_s`, which any thread may read."""
+
+    def __init__(self, bus: Bus, wheel: TimerWheel, period_s: float = 0.1) -> None:
+        self.bus = bus
+        self.wheel = wheel
+        self.period_s = period_s
+        self.last_s = 0.0  # the last round trip measured
+        self._sent_at: float | None = None  # the round trip under way, if any
+        self._subject = ""
+
+    def start(self) -> None:
+        """Subscribes (blocks the caller until the server has it), then pings."""
+
+        async def subscribe() -> None:
+            nc = self.bus.nc
+            self._subject = nc.new_inbox()
+            await nc.subscribe(self._subject, cb=self._on_echo)
+            await nc.flush()
+
+        self.bus.run(subscribe())
+        self.wheel.schedule(self.period_s, self._ping)
+
+    def lag_s(self, now: float | None = None) -> float:
+        """The last round trip, or the one under way if it is already longer."""
+        sent = self._sent_at
+        if sent is None:
+            return self.last_s
+        return max(self.last_s, (self.wheel.clock() if now is None else now) - sent)
+
+    def _ping(self) -> None:
+        if self._sent_at is None and self.bus.nc.is_connected:
+            self._sent_at = self.wheel.clock()
+            self.bus.spawn(self.bus.nc.publish(self._subject, b""))
+        self.wheel.schedule(self.period_s, self._ping)
+
+    def reset(self) -> None:
+        """After a reconnect: a ping lost with the old connection is not a lag."""
+        self._sent_at = None
+        self.last_s = 0.0
+
+    async def _on_echo(self, _msg: object) -> None:
+        if self._sent_at is not None:
+            self.last_s = self.wheel.clock() - self._sent_at
+            self._sent_at = None
+
+
 def watch(
     bus: Bus,
     wheel: TimerWheel,
@@ -256,6 +321,13 @@ def watch(
         reconnect_grace_s=reconnect_grace_s,
         clock=wheel.clock,
     )
-    awareness.attach_wheel(wheel)
-    bus.add_connection_listener(awareness.on_disconnected, awareness.on_reconnected)
+    inbound = InboundLag(bus, wheel)
+    inbound.start()
+    awareness.attach_wheel(wheel, inbound)
+
+    def on_reconnected() -> None:
+        inbound.reset()
+        awareness.on_reconnected()
+
+    bus.add_connection_listener(awareness.on_disconnected, on_reconnected)
     return awareness

@@ -83,6 +83,7 @@ class ProbeStats(NamedTuple):
     errors: int  # publishes that failed
     late: int  # replies after their probe timed out (or was dropped): ignored
     skipped: int  # rounds not sent because the previous probe was still in flight
+    shed: int  # rounds not sent because the loop lagged (overload)
 
 
 class _Gateway:
@@ -118,6 +119,8 @@ class Prober:
         interval_s: float = 2.0,
         timeout_s: float = 1.0,
         step_s: float | None = None,
+        shed_lag_s: float = 0.1,
+        lag: Callable[[], float] | None = None,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("interval_s and timeout_s must be positive")
@@ -148,7 +151,11 @@ class Prober:
         self._epoch = 0.0
         self._running = False
         self.sent = self.answered = self.timed_out = self.no_responders = 0
-        self.bad_answers = self.errors = self.late = self.skipped = 0
+        self.bad_answers = self.errors = self.late = self.skipped = self.shed = 0
+        # Above this loop lag no probe is sent (see _take_due).
+        self.shed_lag_s = shed_lag_s
+        # How far behind gatefleet is (default: the wheel's loop lag).
+        self.lag = lag or (lambda: wheel.lag_s)
 
     # Life cycle (not on the loop) ---------------------------------------------------------
 
@@ -221,6 +228,7 @@ class Prober:
             errors=self.errors,
             late=self.late,
             skipped=self.skipped,
+            shed=self.shed,
         )
 
     # On the loop --------------------------------------------------------------------------
@@ -272,6 +280,10 @@ class Prober:
         return first
 
     def _sweep(self, now: float) -> None:
+        if self.lag() > self.shed_lag_s:
+            # While the loop lags, answers may wait unread in our own socket: no probe
+            # times out until it has caught up (local health awareness, for probes).
+            return
         deadlines = self._deadlines
         pending = self._pending
         while deadlines and deadlines[0][0] <= now:
@@ -302,6 +314,11 @@ class Prober:
                 continue
             if gateway.in_flight is not None:
                 self.skipped += 1
+                continue
+            if self.lag() > self.shed_lag_s:
+                # Overloaded: probes are the first work to shed (the gateway's next
+                # heartbeat says as much), and a probe answered late would blame it.
+                self.shed += 1
                 continue
             token = format(next(tokens), "x")
             probe = _Probe(gateway, token)

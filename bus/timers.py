@@ -70,11 +70,6 @@ class TimerHandle:
             self.cancelled = True
             self.wheel._cancelled += 1  # approximate under races: only steers compaction
 
-    def __lt__(self, other: TimerHandle) -> bool:
-        if self.deadline != other.deadline:
-            return self.deadline < other.deadline
-        return self.seq < other.seq
-
 
 class TimerWheel:
     """Timers coalesced onto one periodic tick of `loop` (see the module docstring)."""
@@ -92,7 +87,8 @@ class TimerWheel:
         self.resolution_s = resolution_s
         self.clock = clock
         self._incoming: deque[TimerHandle] = deque()
-        self._heap: list[TimerHandle] = []
+        # (deadline, seq, timer): tuples compare in C, a handle's __lt__ would in Python.
+        self._heap: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._cancelled = 0
         self._lag_listeners: list[LagListener] = []
@@ -184,11 +180,16 @@ class TimerWheel:
         heap = self._heap
         incoming = self._incoming
         while incoming:
-            heapq.heappush(heap, incoming.popleft())
+            timer = incoming.popleft()
+            if timer.cancelled:  # cancelled before it reached the heap
+                self._cancelled -= 1
+                continue
+            heapq.heappush(heap, (timer.deadline, timer.seq, timer))
         if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(heap):
             self._compact()
-        while heap and heap[0].deadline <= now:
-            timer = heapq.heappop(heap)
+            heap = self._heap
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
             if timer.cancelled:
                 self._cancelled -= 1
                 continue
@@ -217,6 +218,6 @@ class TimerWheel:
                 log.exception("lag listener %r failed", listener)
 
     def _compact(self) -> None:
-        self._heap = [timer for timer in self._heap if not timer.cancelled]
+        self._heap = [entry for entry in self._heap if not entry[2].cancelled]
         heapq.heapify(self._heap)
         self._cancelled = 0

@@ -285,7 +285,7 @@ def render_metrics(status: StatusReply) -> str:
             "gatefleet_shed_total",
             "counter",
             "Work shed under overload since start: requests answered unavailable, heartbeats coalesced away.",
-            _by_label("kind", _zeros(("requests", "heartbeats"), status.shed)),
+            _by_label("kind", _zeros(("requests", "heartbeats", "probes"), status.shed)),
         ),
         _family(
             "gatefleet_health_threshold_percent",

@@ -117,8 +117,10 @@ class StatusReply(_Body, frozen=True):
     detection_suspended: bool = False
     detection_suspended_s: NonNegativeFloat = 0.0
     # Work shed under overload since start: "requests" answered `unavailable` at once,
-    # "heartbeats" coalesced away (newest wins).
+    # "heartbeats" coalesced away (newest wins), "probes" not sent while the loop lagged.
     shed: dict[str, int] = msgspec.field(default_factory=dict)
+    # The latency prober's counters (sent, answered, timed_out, no_responders, ...).
+    probes: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):
