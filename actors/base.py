@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, ClassVar
 
+import msgspec
 import pykka
 
 from actors.context import Context
@@ -39,7 +40,7 @@ from actors.dispatch import Dispatcher, PooledActor, PooledInbox
 from actors.messages import ChildDied, Request
 from bus.edge import reply_error, serve
 from bus.runtime import Bus, SubscriptionHandle
-from schemas.endpoints import Server, served_by
+from schemas.endpoints import Endpoint, Server, served_by
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ class SafeActor(PooledActor):
         super().__init__(dispatcher=dispatcher)
         self.handler_errors = 0
         self.requests_handled = 0
+        # Where replies go: the API lane's connection once `serve` has run (its loop is
+        # not behind with heartbeats, so an answer is not held up on the way out either).
+        self._replies: Bus | None = None
+
+    @property
+    def replies(self) -> Bus:
+        return self._replies or self.bus
 
     def on_receive(self, message: Any) -> Any:
         if message == PING:
@@ -88,19 +96,33 @@ class SafeActor(PooledActor):
             log.exception("%s failed on %s (error id %s)", name, kind, error_id)
             reply = getattr(message, "reply", None)
             if isinstance(reply, str) and reply:
-                reply_error(self.bus, reply, "internal", f"internal error, id {error_id}")
+                reply_error(self.replies, reply, "internal", f"internal error, id {error_id}")
             return None
 
-    def serve(self, server: Server, context: Context) -> list[SubscriptionHandle]:
+    def serve(
+        self,
+        server: Server,
+        context: Context,
+        direct: Mapping[Endpoint[Any, Any], Callable[[Any], msgspec.Struct]] | None = None,
+    ) -> list[SubscriptionHandle]:
         """Subscribes to the endpoints `server` serves, on the API lane (a connection of
         its own, so requests never wait unread behind heartbeats): each request becomes a
         `Request` told to this actor, or, while MAX_PENDING_REQUESTS of them wait for it,
         an `unavailable` reply at once (shed, counted). Requests keep their place among
-        the actor's other messages, so a reply reflects everything told before it."""
+        the actor's other messages, so a reply reflects everything told before it.
+        `direct` endpoints are answered on the lane itself, from what the function
+        returns: it must only read what the actor publishes for that (immutable views)."""
         ref, bus, shed = self.actor_ref, context.runtime.api_bus, context.shed
+        self._replies = bus
         told = [0]  # the loop's count; `requests_handled` is the actor's: no lock
 
+        answers = direct or {}
+
         def on_request(endpoint: Any, body: Any, reply: str) -> None:
+            answer = answers.get(endpoint)
+            if answer is not None:
+                bus.publish(reply, answer(body))
+                return
             if told[0] - self.requests_handled >= MAX_PENDING_REQUESTS:
                 shed.add("requests")
                 reply_error(bus, reply, "unavailable", f"{server} is overloaded; retry")

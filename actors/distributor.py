@@ -156,10 +156,13 @@ class DistributorActor(SafeActor):
                 record = self.records.get(request.distribution_id)
                 if record is None:
                     reply_error(
-                        self.bus, reply, "not_found", f"no distribution {request.distribution_id}"
+                        self.replies,
+                        reply,
+                        "not_found",
+                        f"no distribution {request.distribution_id}",
                     )
                 else:
-                    self.bus.publish(reply, record)
+                    self.replies.publish(reply, record)
             case Request(
                 endpoint=api.DISTRIBUTIONS_LIST,
                 body=DistributionListRequest() as request,
@@ -168,15 +171,15 @@ class DistributorActor(SafeActor):
                 try:
                     page = distributions_page(self.records.values(), request)
                 except BadCursor as exc:
-                    reply_error(self.bus, reply, "bad_request", str(exc))
+                    reply_error(self.replies, reply, "bad_request", str(exc))
                 else:
-                    self.bus.publish(reply, page)
+                    self.replies.publish(reply, page)
             case Request(endpoint=api.RECONCILE, body=ReconcileRequest() as request, reply=reply):
                 answer = self.reconcile.request(request.gateway_id, request.config_type)
                 if isinstance(answer, str):
-                    reply_error(self.bus, reply, "not_found", answer)
+                    reply_error(self.replies, reply, "not_found", answer)
                 else:
-                    self.bus.publish(reply, answer)
+                    self.replies.publish(reply, answer)
             case DistributionChanged(record=record):
                 self._changed(record)
             case GatewayUpdated(snapshot=snapshot):
@@ -201,7 +204,7 @@ class DistributorActor(SafeActor):
         limit = self.ctx.settings.orchestrator.max_config_bytes
         if size > limit:
             message = f"config_data is {size} bytes encoded, over the limit of {limit}"
-            reply_error(self.bus, reply, "bad_request", message)
+            reply_error(self.replies, reply, "bad_request", message)
             return
         config_type = request.config_type
         version = self.versions.get(config_type, 0) + 1
@@ -218,7 +221,7 @@ class DistributorActor(SafeActor):
             created_at=utc_now(),
         )
         dist_id = self._create(spec)
-        self.bus.publish(reply, DistributeReply(distribution_id=dist_id))
+        self.replies.publish(reply, DistributeReply(distribution_id=dist_id))
         self._enqueue(self.records[dist_id], spec)
 
     def _create(self, spec: DistributionSpec) -> str:

@@ -161,7 +161,7 @@ class LoadBalancerActor(SafeActor):
             case GatewayRemoved(gateway_id=gateway_id):
                 self.pool.remove(gateway_id)
             case Request(endpoint=api.LOAD_BALANCING_GET, reply=reply):
-                self.bus.publish(reply, self.config)
+                self.replies.publish(reply, self.config)
             case Request(
                 endpoint=api.LOAD_BALANCING_SET, body=LoadBalancingUpdate() as update, reply=reply
             ):
@@ -170,9 +170,9 @@ class LoadBalancerActor(SafeActor):
                 try:
                     page = gateways_page(self.pool.gateways.values(), request)
                 except BadCursor as exc:
-                    reply_error(self.bus, reply, "bad_request", str(exc))
+                    reply_error(self.replies, reply, "bad_request", str(exc))
                 else:
-                    self.bus.publish(reply, page)
+                    self.replies.publish(reply, page)
             case TableStats():
                 table = self.pool.gateways
                 healthy = sum(1 for row in table.values() if row.status == "healthy")
@@ -209,7 +209,7 @@ class LoadBalancerActor(SafeActor):
             self._remember(client_id, selection.gateway_id)
         record = settings.audit.record_selections
         event_id = new_event_id() if record else None
-        self.bus.publish(
+        self.replies.publish(
             reply,
             SelectReply(
                 gateway_id=selection.gateway_id,
@@ -266,4 +266,4 @@ class LoadBalancerActor(SafeActor):
             )
             if self.supervisor is not None:
                 self.supervisor.tell(LoadBalancingInForce(config=new))
-        self.bus.publish(reply, new)
+        self.replies.publish(reply, new)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -100,6 +101,7 @@ class SupervisorActor(SafeActor):
         self._subscriptions: list[SubscriptionHandle] = []
         self._registered = 0
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
+        self.view = StatusView(0, {}, self.lb_config, self.distribution_counts)
         self.entries: dict[str, GatewayEntry] = {}  # latest identity, to restart an actor
         settings = context.settings
         window_ms = settings.ha.detection_window_ms or (
@@ -116,7 +118,10 @@ class SupervisorActor(SafeActor):
         for entry in self.ctx.settings.gateways:
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
-        self._subscriptions = self.serve("supervisor", self.ctx)
+        ctx = self.ctx
+        self._subscriptions = self.serve(
+            "supervisor", ctx, direct={api.STATUS: lambda _body: status_reply(self.view, ctx)}
+        )
 
     def on_stop(self) -> None:
         self.routes.stop()
@@ -141,8 +146,6 @@ class SupervisorActor(SafeActor):
                     self._act(self.planner.on_replacement(gateway_id, to, reason))
             case Request(endpoint=api.FAILBACK, body=FailbackRequest() as request, reply=reply):
                 self._failback(request.gateway_id, reply)
-            case Request(endpoint=api.STATUS, reply=reply):
-                self.bus.publish(reply, self.status())
             case ChildDied(kind="GatewayActor", key=gateway_id, error=error):
                 self._restart(gateway_id, error)
             case LoadBalancingInForce(config=config):
@@ -150,8 +153,10 @@ class SupervisorActor(SafeActor):
                     for ref in self.gateways.values():
                         ref.tell(SetThreshold(threshold=config.health_threshold))
                 self.lb_config = config
+                self._publish_view()
             case DistributionCounts():
                 self.distribution_counts = message
+                self._publish_view()
             case _:
                 return super().handle(message)
         return None
@@ -192,6 +197,7 @@ class SupervisorActor(SafeActor):
         if status is not None:
             self.statuses[gateway_id] = status
             counts[status] += 1
+        self._publish_view()
 
     def _act(self, actions: list[Action]) -> None:
         for action in actions:
@@ -224,11 +230,13 @@ class SupervisorActor(SafeActor):
     def _failback(self, gateway_id: str, reply: str) -> None:
         actions = self.planner.failback(gateway_id)
         if actions is None:
-            reply_error(self.bus, reply, "not_found", f"no failback is pending for {gateway_id}")
+            reply_error(
+                self.replies, reply, "not_found", f"no failback is pending for {gateway_id}"
+            )
             return
         released = next((a.from_gateway for a in actions if isinstance(a, Redirect)), None)
         self._act(actions)
-        self.bus.publish(reply, FailbackReply(gateway_id=gateway_id, released_from=released))
+        self.replies.publish(reply, FailbackReply(gateway_id=gateway_id, released_from=released))
 
     def _restart(self, gateway_id: str, error: str) -> None:
         """A GatewayActor died: a new one takes over, rebuilding health from heartbeats."""
@@ -268,6 +276,7 @@ class SupervisorActor(SafeActor):
             distributor=self.distributor,
         )
         self.gateways[entry.id] = ref
+        self._publish_view()
         self.routes.attach(entry.id, ref, pending)
 
     def _remove(self, gateway_id: str, reason: str) -> None:
@@ -286,33 +295,57 @@ class SupervisorActor(SafeActor):
         self.ctx.emit(GatewayLeft(gateway_id=gateway_id, reason=reason))
         log.info("gateway %s left (%s)", gateway_id, reason)
 
-    def status(self) -> StatusReply:
-        settings = self.ctx.settings
-        awareness = self.ctx.runtime.awareness.status()
-        shed, probes = self.ctx.shed.counts(), {}
-        prober = self.ctx.runtime.prober
-        if prober is not None:
-            probes = prober.stats()._asdict()
-            shed["probes"] = probes["shed"]
-        counts = self.distribution_counts
-        return StatusReply(
-            active_distributions=counts.active,
-            successfully_completed_distributions=counts.completed,
-            failed_distributions=counts.failed,
+    def _publish_view(self) -> None:
+        """Replaces the view `status` is answered from (see StatusView)."""
+        self.view = StatusView(
             gateways_managed=len(self.gateways),
-            gateways_healthy=self.status_counts["healthy"],
-            load_balancing_strategy=self.lb_config.strategy,
-            health_check_threshold=self.lb_config.health_threshold,
-            ha_enabled=settings.orchestrator.ha_enabled,
-            malformed_messages=self.ctx.drops.counts(),
-            selections=self.ctx.selections.counts(),
-            actor_restarts=sum(self.ctx.restarts.counts().values()),
-            gateways_by_status={s: n for s, n in self.status_counts.items() if n},
-            distributions_by_state=dict(counts.by_state),
-            orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),
-            orchestrator_max_lag_ms=round(awareness.orchestrator_max_lag_ms, 3),
-            detection_suspended=awareness.suspended,
-            detection_suspended_s=round(awareness.suspended_s, 3),
-            shed=shed,
-            probes=probes,
+            by_status={s: n for s, n in self.status_counts.items() if n},
+            lb_config=self.lb_config,
+            distributions=self.distribution_counts,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """What `P.api.status` reports of the supervisor's state, replaced whole (never
+    changed) after each change: the status request is answered from the newest view on
+    the API lane itself, so it never waits behind thousands of registrations or status
+    changes in the supervisor's inbox (it reports the state as of the last message the
+    supervisor handled)."""
+
+    gateways_managed: int
+    by_status: dict[str, int]
+    lb_config: LoadBalancingConfig
+    distributions: DistributionCounts
+
+
+def status_reply(view: StatusView, ctx: Context) -> StatusReply:
+    """The status body from a view and the counters anyone may read (any thread)."""
+    awareness = ctx.runtime.awareness.status()
+    shed, probes = ctx.shed.counts(), {}
+    prober = ctx.runtime.prober
+    if prober is not None:
+        probes = prober.stats()._asdict()
+        shed["probes"] = probes["shed"]
+    counts = view.distributions
+    return StatusReply(
+        active_distributions=counts.active,
+        successfully_completed_distributions=counts.completed,
+        failed_distributions=counts.failed,
+        gateways_managed=view.gateways_managed,
+        gateways_healthy=view.by_status.get("healthy", 0),
+        load_balancing_strategy=view.lb_config.strategy,
+        health_check_threshold=view.lb_config.health_threshold,
+        ha_enabled=ctx.settings.orchestrator.ha_enabled,
+        malformed_messages=ctx.drops.counts(),
+        selections=ctx.selections.counts(),
+        actor_restarts=sum(ctx.restarts.counts().values()),
+        gateways_by_status=dict(view.by_status),
+        distributions_by_state=dict(counts.by_state),
+        orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),
+        orchestrator_max_lag_ms=round(awareness.orchestrator_max_lag_ms, 3),
+        detection_suspended=awareness.suspended,
+        detection_suspended_s=round(awareness.suspended_s, 3),
+        shed=shed,
+        probes=probes,
+    )
