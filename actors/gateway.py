@@ -116,9 +116,13 @@ class GatewayActor(SafeActor):
             case Tick(generation=generation):
                 if generation == self._tick_generation:
                     self._tick = self._tick_at = None
-                    if len(self._pending):  # heartbeats that beat the tick to the edge count
-                        self._on_heartbeats()
-                    self._check()
+                    try:
+                        if len(self._pending):  # heartbeats that beat the tick count
+                            self._on_heartbeats()
+                        self._check()
+                    finally:  # whatever happened, detection goes on
+                        if self._tick is None:
+                            self._schedule_tick()
             case ProbeAnswered(rtt_ms=rtt_ms, error=error):
                 if rtt_ms is None:
                     log.debug("probe of %s failed: %s", self.gateway_id, error)

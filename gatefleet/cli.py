@@ -37,6 +37,7 @@ from gatefleet.client import GatefleetClient, GatefleetError, NotFound
 from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.simulate import Faults, run_simulation_blocking
+from schemas.codec import decode
 from schemas.settings import Settings
 from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
 
@@ -391,7 +392,7 @@ def distribute(
     """Push configuration CONFIG_TYPE from SOURCE (a JSON object; a file, or - for stdin)."""
     name = getattr(source, "name", "-")
     try:
-        config_data = msgspec.json.decode(source.read())
+        config_data = decode(source.read(), object)
     except msgspec.DecodeError as exc:
         fail(f"{name}: not valid JSON: {exc}", EXIT_USAGE)
     if not isinstance(config_data, dict):

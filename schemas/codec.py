@@ -28,12 +28,30 @@ def decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
     return found
 
 
+class TooDeep(msgspec.DecodeError):
+    """Nested deeper than the decoder goes (msgspec raises RecursionError)."""
+
+
+class NotUtf8(msgspec.DecodeError):
+    """Not UTF-8 (msgspec raises UnicodeDecodeError)."""
+
+
 def decode(data: bytes, kind: type[T]) -> T:
-    return decoder(kind).decode(data)
+    """Decodes or raises DecodeError: every way bad bytes can fail is one exception."""
+    try:
+        return decoder(kind).decode(data)
+    except RecursionError as exc:
+        raise TooDeep("JSON nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise NotUtf8(f"not valid UTF-8 at byte {exc.start}") from exc
 
 
 def error_cause(exc: msgspec.DecodeError) -> str:
     """A short, stable name for why a message was rejected, used to count drops per cause."""
     if isinstance(exc, msgspec.ValidationError):
         return "invalid_fields"
+    if isinstance(exc, TooDeep):
+        return "too_deep"
+    if isinstance(exc, NotUtf8):
+        return "invalid_utf8"
     return "malformed_json"

@@ -12,8 +12,11 @@ GATEWAY_ID_RE: Final = re.compile(GATEWAY_ID_PATTERN)
 
 GatewayId = Annotated[str, Meta(pattern=GATEWAY_ID_PATTERN)]
 Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
-NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
-Count = Annotated[int, Meta(ge=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0, le=1e12)]
+# Integers a JSON number holds exactly in every language (2^53): a 400-digit count would
+# otherwise pass decoding and overflow arithmetic later.
+MAX_COUNT: Final = 2**53
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 ConfigType = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")]
 Region = Annotated[str, Meta(min_length=1, max_length=64)]
 

@@ -12,11 +12,20 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from schemas.types import ConfigType, Count, GatewayId, NonNegativeFloat, Percent, Region, Role
+from schemas.types import (
+    MAX_COUNT,
+    ConfigType,
+    Count,
+    GatewayId,
+    NonNegativeFloat,
+    Percent,
+    Region,
+    Role,
+)
 
 Label = Annotated[str, Meta(max_length=256)]
 DistributionId = Annotated[str, Meta(pattern=r"^dist-[A-Za-z0-9-]{1,64}$")]
-Version = Annotated[int, Meta(ge=1)]
+Version = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 
 
 class _Wire(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,10 +41,12 @@ class Heartbeat(_Wire, frozen=True, gc=False):
     memory_percent: Percent
     active_connections: Count
     latency_ms: NonNegativeFloat | None = None
-    max_connections: Annotated[int, Meta(ge=1)] | None = None
+    max_connections: Annotated[int, Meta(ge=1, le=MAX_COUNT)] | None = None
     role: Role | None = None  # absent: as configured, else primary
     backup_for: GatewayId | None = None
-    config_versions: dict[ConfigType, Count] = msgspec.field(default_factory=dict)
+    config_versions: Annotated[dict[ConfigType, Count], Meta(max_length=256)] = msgspec.field(
+        default_factory=dict
+    )
     labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(default_factory=dict)
 
 

@@ -377,3 +377,32 @@ def test_200_gateways_at_10hz_every_heartbeat_counted(
     assert fleet.status().malformed_messages == {}
     alive = [ref for ref in pykka.ActorRegistry.get_all() if ref.is_alive()]
     assert len(alive) >= 200 + 2
+
+
+def test_out_of_range_deep_and_non_utf8_input_is_dropped_counted_and_answered(
+    gatefleet: Orchestrator, fleet: Fleet, event_log: EventLog, prefix: str
+) -> None:
+    """Bounds at the edge: a count past 2^53 (a 400-digit number would overflow the score
+    later), JSON nested past the decoder's depth, bytes that are not UTF-8. Heartbeats are
+    dropped and counted; requests get `bad_request`, never silence; the gateway is fine."""
+    subject = f"{prefix}.gw.edge-1.heartbeat"
+    fleet.publish_raw(subject, heartbeat_body("edge-1", 1))
+    status_of(event_log, "edge-1", "healthy")
+    fleet.publish_raw(subject, heartbeat_body("edge-1", 2, active_connections=int("9" * 400)))
+    fleet.publish_raw(subject, b'{"gateway_id": "edge-1", "region": "' + b"[" * 100_000)
+    fleet.publish_raw(subject, b'{"gateway_id": "edge-1\xff", "region": "us-west"}')
+    fleet.publish_raw(subject, heartbeat_body("edge-1", 3, active_connections=7))
+    wait_until(lambda: fleet.gateways()["edge-1"].last_seq == 3, what="the good heartbeat")
+    assert fleet.gateways()["edge-1"].active_connections == 7
+    drops = fleet.status().malformed_messages
+    assert drops.get("invalid_fields") == 1
+    assert drops.get("malformed_json", 0) + drops.get("too_deep", 0) >= 1
+    assert drops.get("invalid_utf8") == 1
+    for body in (
+        b'{"config_type": "Route", "config_data": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+        b'{"config_type": "R\xffoute", "config_data": {}}',
+        b'{"config_type": "Route", "config_data": {}, "target_gateways": ["' + b"9" * 70 + b'"]}',
+    ):
+        reply = fleet.raw_call("distribute", body)
+        assert reply["error"]["code"] == "bad_request", reply
+    assert fleet.status().malformed_messages.get("bad_request") == 3
