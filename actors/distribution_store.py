@@ -144,7 +144,9 @@ def record_from_spec(dist_id: str, spec: DistributionSpec) -> Distribution:
         unknown=spec.unknown,
         created_at=spec.created_at,
     )
-    return record if spec.origin == "distribute" else replace(record, origin=spec.origin)
+    if spec.origin != "distribute" or spec.request_id is not None:
+        record = replace(record, origin=spec.origin, request_id=spec.request_id)
+    return record
 
 
 def abandoned(record: Distribution, reason: str) -> Distribution:

@@ -36,6 +36,7 @@ import logging
 import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import pykka
@@ -81,6 +82,8 @@ log = logging.getLogger(__name__)
 OPEN_STATUSES = frozenset[DistributionStatus]({"pending", "in_progress"})
 # A distribution whose actor dies more often than this is failed, not started again.
 MAX_RESTARTS = 3
+# How long a distribute request_id is remembered (a retry after that starts anew).
+REQUEST_ID_TTL = timedelta(hours=24)
 
 
 class DistributorActor(SafeActor):
@@ -104,6 +107,7 @@ class DistributorActor(SafeActor):
         )
         self.records: dict[str, Distribution] = {}
         self.versions: dict[str, int] = {}
+        self.request_ids: dict[str, str] = {}  # distribute request_id -> distribution id
         self.queues: dict[str, deque[str]] = {}
         self.running: dict[str, pykka.ActorRef[Any]] = {}
         self.restarts: Counter[str] = Counter()  # per distribution id
@@ -129,6 +133,7 @@ class DistributorActor(SafeActor):
         distributions queued again; what gateways rejected, from the records."""
         loaded = self.store.load()
         self.records, self.versions = loaded.records, loaded.versions
+        self.request_ids = {r.request_id: r.id for r in self.records.values() if r.request_id}
         for (config_type, gateway_id), value in loaded.desired.items():
             desired = Desired(value.version, value.distribution_id)
             self.reconcile.set_desired(config_type, gateway_id, desired)
@@ -206,6 +211,10 @@ class DistributorActor(SafeActor):
             message = f"config_data is {size} bytes encoded, over the limit of {limit}"
             reply_error(self.replies, reply, "bad_request", message)
             return
+        earlier = self._by_request_id(request.request_id)
+        if earlier is not None:  # a retry: the same answer, nothing new started
+            self.replies.publish(reply, DistributeReply(distribution_id=earlier.id))
+            return
         config_type = request.config_type
         version = self.versions.get(config_type, 0) + 1
         self.store.put_version(config_type, version)
@@ -219,16 +228,29 @@ class DistributorActor(SafeActor):
             targets=[*targets, *unknown],
             unknown=unknown,
             created_at=utc_now(),
+            request_id=request.request_id,
         )
         dist_id = self._create(spec)
         self.replies.publish(reply, DistributeReply(distribution_id=dist_id))
         self._enqueue(self.records[dist_id], spec)
+
+    def _by_request_id(self, request_id: str | None) -> Distribution | None:
+        """The distribution created for this request_id within REQUEST_ID_TTL, if any."""
+        if request_id is None:
+            return None
+        dist_id = self.request_ids.get(request_id)
+        record = self.records.get(dist_id) if dist_id is not None else None
+        if record is None or utc_now() - record.created_at > REQUEST_ID_TTL:
+            return None
+        return record
 
     def _create(self, spec: DistributionSpec) -> str:
         """Stores a new distribution's spec and keeps its (pending) record."""
         dist_id = f"dist-{uuid.uuid4()}"
         self.store.put_spec(dist_id, spec)
         self._update(record_from_spec(dist_id, spec))
+        if spec.request_id is not None:
+            self.request_ids[spec.request_id] = dist_id
         return dist_id
 
     def _enqueue(self, record: Distribution, spec: DistributionSpec) -> None:
@@ -399,6 +421,7 @@ class DistributorActor(SafeActor):
             origin="reconcile",
             created_at=utc_now(),
             abandoned=None,
+            request_id=None,
         )
         dist_id = self._create(spec)
         self._enqueue(self.records[dist_id], spec)

@@ -14,10 +14,7 @@ which hand the change to the loop. A heartbeat from an id with no route opens a
 provisional one (its coalescer buffers what follows) and tells the supervisor
 `Discovered`; once the supervisor has started the gateway's actor it attaches it, and
 the buffered heartbeats go to the actor. When an actor falls far behind, its oldest
-waiting heartbeats are shed (newest wins); when gatefleet as a whole is behind by more
-than three heartbeat intervals, known gateways' heartbeats are dropped unread until it has
-caught up (detection is suspended meanwhile, so nobody is accused). Both are counted in
-`status` as shed heartbeats.
+waiting heartbeats are shed (newest wins; counted in `status` as shed heartbeats).
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ import pykka
 from actors.base import safe_tell
 from actors.coalescer import Coalescer
 from actors.messages import HEARTBEATS_PENDING, Arrival, Discovered, GoodbyeReceived
-from bus.awareness import LocalAwareness
 from bus.edge import Drops, Tally, decode_from_gateway
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
@@ -51,11 +47,8 @@ class _Route:
 
 
 class GatewayRoutes:
-    def __init__(
-        self, bus: Bus, subjects: Subjects, drops: Drops, shed: Tally, awareness: LocalAwareness
-    ) -> None:
+    def __init__(self, bus: Bus, subjects: Subjects, drops: Drops, shed: Tally) -> None:
         self._bus = bus
-        self._awareness = awareness
         self._subjects = subjects
         self._drops = drops
         self._shed = shed
@@ -102,7 +95,6 @@ class GatewayRoutes:
     def _handler(self) -> Any:
         prefix = self._subjects.prefix + ".gw."
         routes, drops, shed, clock = self._routes, self._drops, self._shed, time.monotonic
-        awareness = self._awareness
         supervisor = self._supervisor
         assert supervisor is not None
 
@@ -112,9 +104,6 @@ class GatewayRoutes:
             if route is None and not GATEWAY_ID_RE.fullmatch(gateway_id):
                 verb = ""
             if verb == "heartbeat":
-                if awareness.shedding and route is not None:  # far behind: see awareness
-                    shed.add("heartbeats")
-                    return
                 heartbeat = decode_from_gateway(msg, Heartbeat, gateway_id, drops)
                 if heartbeat is None:
                     return

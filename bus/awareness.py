@@ -108,12 +108,6 @@ class LocalAwareness:
             heartbeat_interval_s / 2 if lag_threshold_s is None else lag_threshold_s
         )
         self.reconnect_grace_s = reconnect_grace_s
-        # Behind by more than three heartbeat intervals (a backlog that is not a burst):
-        # the edge drops heartbeats of known gateways unread rather than fall further
-        # behind until the server cuts the connection (a slow consumer); misses do not
-        # count meanwhile (suspended). A last resort: probes are shed long before.
-        self.shed_lag_s = 3 * heartbeat_interval_s
-        self.shedding = False
         self.clock = clock
         now = clock()
         self._snapshot = Awareness(False, now, now, "", 0.0, 0)
@@ -186,7 +180,6 @@ class LocalAwareness:
         """Each wheel tick: suspended while the lag exceeds the threshold. The suspension
         is dated from when the loop stopped seeing (`now - lag_s`)."""
         self._last_tick = now
-        self.shedding = lag_s > self.shed_lag_s
         if lag_s > self.lag_threshold_s:
             self._suspend(LAG, f"loop lag {lag_s * 1000:.0f} ms", now - lag_s)
         elif LAG in self._causes:

@@ -150,10 +150,16 @@ class SelectReply(_Body, frozen=True, gc=False):
     selection_id: str | None = None
 
 
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
 class DistributeRequest(_Body, frozen=True):
     config_type: ConfigType
     config_data: dict[str, Any]
     target_gateways: list[GatewayId] | None = None
+    # Addition: the same request_id within 24 h answers the same distribution and starts
+    # nothing new, so a client may retry a distribute whose answer it did not get.
+    request_id: RequestId | None = None
 
 
 class DistributeReply(_Body, frozen=True):
@@ -204,6 +210,8 @@ class Distribution(_Body, frozen=True):
     # Addition: "reconcile" for a push of a gateway's desired version (P.api.reconcile or
     # automatic), "distribute" for P.api.distribute.
     origin: Literal["distribute", "reconcile"] = "distribute"
+    # Addition: the distribute request's `request_id`, if it had one.
+    request_id: str | None = None
 
 
 class DistributionListReply(_Body, frozen=True):

@@ -73,6 +73,8 @@ class DistributionSpec(_Stored, frozen=True):
     created_at: datetime | None = None
     # Given up by the distributor (its actor died again and again): it ends failed, so.
     abandoned: str | None = None
+    # The distribute request's request_id (idempotent retries).
+    request_id: str | None = None
 
 
 class VersionCounter(_Stored, frozen=True):

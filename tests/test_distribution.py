@@ -580,3 +580,33 @@ def test_a_queued_distribution_survives_a_restart_from_its_spec_alone(
     wait_until(both_completed, timeout=10, what="both completed after the restart")
     assert [p.distribution_id for _, _, p in fleet.applied["gw-other"]] == [queued]
     assert other.config_versions["Route"] == 2
+
+
+def test_the_same_request_id_answers_the_same_distribution_also_after_a_restart(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    prefix: str,
+    bus: Bus,
+) -> None:
+    fleet.add_many("gw-1", "gw-2")
+    orchestrator = run()
+    body = encode({"config_type": "Route", "config_data": ROUTE, "request_id": "deploy-42"})
+    first = fleet.raw_call("distribute", body)["distribution_id"]
+    again = fleet.raw_call("distribute", body)["distribution_id"]
+    assert again == first
+    other = fleet.raw_call("distribute", encode({"config_type": "Route", "config_data": ROUTE}))
+    assert other["distribution_id"] != first
+    wait_until(
+        lambda: client.get_distribution(other["distribution_id"]).status == "completed",
+        what="both done",
+    )
+    record = client.get_distribution(first)
+    assert (record.request_id, record.version) == ("deploy-42", 1)
+    assert len(client.list_distributions().distributions) == 2
+    orchestrator.stop()
+
+    run()
+    assert fleet.raw_call("distribute", body)["distribution_id"] == first
+    assert len(client.list_distributions().distributions) == 2
+    assert [p.version for _, _, p in fleet.applied["gw-1"]] == [1, 2]
