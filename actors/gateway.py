@@ -23,6 +23,7 @@ on).
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -120,8 +121,8 @@ class GatewayActor(SafeActor):
                         if len(self._pending):  # heartbeats that beat the tick count
                             self._on_heartbeats()
                         self._check()
-                    finally:  # whatever happened, detection goes on
-                        if self._tick is None:
+                    finally:  # whatever happened, detection goes on (or is parked)
+                        if self._tick_at is None:
                             self._schedule_tick()
             case ProbeAnswered(rtt_ms=rtt_ms, error=error):
                 if rtt_ms is None:
@@ -219,9 +220,19 @@ class GatewayActor(SafeActor):
         """A tick: count missed heartbeats, unless gatefleet could not see them (local
         health awareness: disconnected or lagging); then check again later, from the
         detection floor it sets when it sees again."""
-        since = self.ctx.runtime.awareness.counting_from(self.tracker.last_seen or 0.0)
+        awareness = self.ctx.runtime.awareness
+        since = awareness.counting_from(self.tracker.last_seen or 0.0)
         if since is None:
-            self._arm(self.ctx.clock() + self.tracker.interval / 2)
+            # Parked until gatefleet sees again (a fleet's timers polling through a long
+            # suspension would add to the very overload that caused it).
+            if self._tick is not None:
+                self._tick.cancel()
+            self._tick = None
+            self._tick_at = math.inf
+            self._tick_generation += 1
+            tick = Tick(generation=self._tick_generation)
+            if not awareness.park(safe_tell, self.actor_ref, tick):
+                self._arm(self.ctx.clock() + self.tracker.interval / 2)  # a stall, or over
             return
         self._apply(self.tracker.on_tick(self.ctx.clock(), since=since))
         self._schedule_tick()

@@ -27,6 +27,7 @@ import pykka
 from actors.base import safe_tell
 from actors.coalescer import Coalescer
 from actors.messages import HEARTBEATS_PENDING, Arrival, Discovered, GoodbyeReceived
+from bus.awareness import LocalAwareness
 from bus.edge import Drops, Tally, decode_from_gateway
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
@@ -47,8 +48,11 @@ class _Route:
 
 
 class GatewayRoutes:
-    def __init__(self, bus: Bus, subjects: Subjects, drops: Drops, shed: Tally) -> None:
+    def __init__(
+        self, bus: Bus, subjects: Subjects, drops: Drops, shed: Tally, awareness: LocalAwareness
+    ) -> None:
         self._bus = bus
+        self._awareness = awareness
         self._subjects = subjects
         self._drops = drops
         self._shed = shed
@@ -95,6 +99,7 @@ class GatewayRoutes:
     def _handler(self) -> Any:
         prefix = self._subjects.prefix + ".gw."
         routes, drops, shed, clock = self._routes, self._drops, self._shed, time.monotonic
+        awareness = self._awareness
         supervisor = self._supervisor
         assert supervisor is not None
 
@@ -104,6 +109,9 @@ class GatewayRoutes:
             if route is None and not GATEWAY_ID_RE.fullmatch(gateway_id):
                 verb = ""
             if verb == "heartbeat":
+                if awareness.shedding and route is not None:  # far behind: see awareness
+                    shed.add("heartbeats")
+                    return
                 heartbeat = decode_from_gateway(msg, Heartbeat, gateway_id, drops)
                 if heartbeat is None:
                     return

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -108,6 +109,12 @@ class LocalAwareness:
             heartbeat_interval_s / 2 if lag_threshold_s is None else lag_threshold_s
         )
         self.reconnect_grace_s = reconnect_grace_s
+        # Behind by more than two heartbeat intervals (a backlog, not a burst): the edge
+        # drops heartbeats of known gateways unread rather than fall further behind
+        # until the server cuts the connection as a slow consumer. Misses do not count
+        # meanwhile (suspended), and probes were shed long before.
+        self.shed_lag_s = 2 * heartbeat_interval_s
+        self.shedding = False
         self.clock = clock
         now = clock()
         self._snapshot = Awareness(False, now, now, "", 0.0, 0)
@@ -116,6 +123,7 @@ class LocalAwareness:
         self._listeners: list[Listener] = []
         self._wheel: TimerWheel | None = None
         self._inbound: InboundLag | None = None
+        self._parked: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
         self._last_tick: float | None = None  # when the wheel last reported (None: no wheel)
 
     # Readers, any thread ----------------------------------------------------------------
@@ -152,6 +160,14 @@ class LocalAwareness:
             reason=snapshot.reason,
         )
 
+    def park(self, fn: Callable[..., object], *args: object) -> bool:
+        """Calls `fn(*args)` on the loop when gatefleet sees again, instead of a check
+        that would find it still suspended: a fleet's detection timers stay parked, not
+        polling, through a suspension. Any thread. False if it is not suspended (any
+        more): the caller checks now itself."""
+        self._parked.append((fn, args))
+        return self._snapshot.suspended
+
     # Wiring -----------------------------------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
@@ -180,6 +196,7 @@ class LocalAwareness:
         """Each wheel tick: suspended while the lag exceeds the threshold. The suspension
         is dated from when the loop stopped seeing (`now - lag_s`)."""
         self._last_tick = now
+        self.shedding = lag_s > self.shed_lag_s
         if lag_s > self.lag_threshold_s:
             self._suspend(LAG, f"loop lag {lag_s * 1000:.0f} ms", now - lag_s)
         elif LAG in self._causes:
@@ -246,6 +263,14 @@ class LocalAwareness:
 
     def _publish(self, snapshot: Awareness) -> None:
         self._snapshot = snapshot
+        if not snapshot.suspended:  # published first: a late park() sees it, checks itself
+            parked = self._parked
+            for _ in range(len(parked)):
+                fn, args = parked.popleft()
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("parked call %r failed", fn)
         for listener in self._listeners:
             try:
                 listener(snapshot)

@@ -85,7 +85,9 @@ class Orchestrator:
         load_balancer = self._started(LoadBalancerActor.start(context))
         # Before the supervisor, so it hears of every gateway the supervisor spawns.
         distributor = self._started(DistributorActor.start(context))
-        routes = GatewayRoutes(self.bus, self.subjects, self.drops, context.shed)
+        routes = GatewayRoutes(
+            self.bus, self.subjects, self.drops, context.shed, self.runtime.awareness
+        )
         supervisor = self._started(
             SupervisorActor.start(
                 context, load_balancer=load_balancer, distributor=distributor, routes=routes
