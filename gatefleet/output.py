@@ -63,7 +63,15 @@ def show_status(reply: StatusReply, *, as_json: bool) -> None:
         ("distributions completed", reply.successfully_completed_distributions),
         ("distributions failed", reply.failed_distributions),
         ("actor restarts", reply.actor_restarts),
+        ("orchestrator lag", f"{reply.orchestrator_lag_ms:.0f} ms"),
+        (
+            "detection",
+            "suspended (gatefleet cannot see: missed heartbeats do not count)"
+            if reply.detection_suspended
+            else f"on ({reply.detection_suspended_s:.1f}s suspended since start)",
+        ),
     ]
+    rows += [(f"shed: {kind}", n) for kind, n in sorted(reply.shed.items()) if n]
     rows += [(f"dropped: {cause}", n) for cause, n in sorted(reply.malformed_messages.items())]
     console.print(key_value_table("gatefleet", rows))
 
