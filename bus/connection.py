@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -14,6 +15,13 @@ from nats.aio.client import Client
 log = logging.getLogger(__name__)
 
 CONNECT_ERRORS = (nats.errors.Error, OSError, TimeoutError)
+
+
+async def close_connection(client: Client) -> None:
+    """Closes a connection whatever state it is in: nats-py's close can also raise
+    RuntimeError when the server went away mid-close (uvloop's transport is gone)."""
+    with contextlib.suppress(*CONNECT_ERRORS, RuntimeError):
+        await client.close()
 
 
 class BusError(RuntimeError):

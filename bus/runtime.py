@@ -171,7 +171,7 @@ class Bus:
         if self._nc is not None and not self._nc.is_closed:
             try:
                 self.run(self._nc.drain(), timeout=timeout)
-            except (concurrent.futures.TimeoutError, nats.errors.Error, BusError) as exc:
+            except (concurrent.futures.TimeoutError, nats.errors.Error, RuntimeError) as exc:
                 log.warning("nats drain did not finish cleanly: %s", exc)
         self._stop_loop()
 

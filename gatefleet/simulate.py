@@ -60,7 +60,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.connection import CONNECT_ERRORS
+from bus.connection import CONNECT_ERRORS, close_connection
 from bus.subjects import check_gateway_id
 from gatefleet.gateway import Metrics, connect
 from schemas.codec import DecodeError, decoder
@@ -624,7 +624,7 @@ async def run_simulation(
     finally:
         with contextlib.suppress(*CONNECT_ERRORS):
             await nc.flush()  # goodbyes out before the connection goes
-        await nc.close()
+        await close_connection(nc)
     summary.heartbeats_sent = fleet.heartbeats_sent
     summary.heartbeats_skipped = fleet.heartbeats_skipped
     summary.config_pushes = fleet.config_pushes

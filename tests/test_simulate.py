@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -16,6 +17,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus.runtime import Bus
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
 from gatefleet import simulate
@@ -446,3 +448,40 @@ async def test_blocking_simulation_in_a_thread_stops_cleanly(
     await goodbyes.reached(5)
     assert result[0].gateways == 5
     assert result[0].cpu_s > 0
+
+
+def test_a_server_gone_while_the_simulation_stops_ends_it_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """`gatefleet up --simulate` stopped by a signal that also reaches the nats-server:
+    closing a connection whose server just died must not raise (nats-py can, with uvloop)."""
+    server = EmbeddedServer(tmp_path, port=0)
+    server.start()
+    stop, ran = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_simulation_blocking(server.url, 20, ["r1"], stop=stop, interval_s=0.05)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            ran.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        bus = Bus(server.url, use_uvloop=False)
+        bus.start()
+        seen = threading.Event()
+        bus.subscribe("gatefleet.gw.*.heartbeat", lambda _msg: seen.set())
+        assert seen.wait(WAIT), "the simulation never beat"
+        bus.stop()
+        server.kill()
+        stop.set()
+        assert ran.wait(WAIT)
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        server.stop()
+    assert failures == []

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.connection import CONNECT_ERRORS, open_connection
+from bus.connection import CONNECT_ERRORS, close_connection, open_connection
 from bus.subjects import Subjects, check_gateway_id
 from schemas.codec import DecodeError, decode, encode
 from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
@@ -252,8 +252,7 @@ class GatewayAgent:
     async def _close_own_connection(self) -> None:
         if self._url is not None and self._nc is not None:
             nc, self._nc = self._nc, None
-            with contextlib.suppress(*_NATS_ERRORS):
-                await nc.close()
+            await close_connection(nc)
 
     # Heartbeats --------------------------------------------------------------------------
 
