@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -58,12 +59,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 class EmbeddedServer:
     """One nats-server child. `start()` returns once it accepts clients."""
 
-    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        on_exit: Callable[[int | None], object] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.host = host
         self.url = ""
         self.server_name = ""
+        # Called (from the log reader's thread) with the exit status when the server ends
+        # on its own after it was ready: not after stop() or kill().
+        self.on_exit = on_exit
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._log_tail: list[bytes] = []
@@ -94,6 +105,7 @@ class EmbeddedServer:
         if not ready.wait(timeout) or not self.url:
             self.stop()
             raise ServerError(f"nats-server did not become ready: {self._last_complaint()}")
+        self.port = int(self.url.rsplit(":", 1)[1])  # a restart listens where clients look
         log.info("embedded nats-server %s ready on %s", self.server_name, self.url)
         return self.url
 
@@ -113,7 +125,10 @@ class EmbeddedServer:
                     ready.set()
             elif b"[ERR]" in line or b"[FTL]" in line:
                 log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
+        was_ready = ready.is_set()
         ready.set()  # the process ended: unblock start(), which sees no url
+        if was_ready and self._process is process and self.on_exit is not None:
+            self.on_exit(process.wait())  # nobody stopped it: it died
 
     def _last_complaint(self) -> str:
         """The server's last error line, without its pid and timestamp, on one line."""

@@ -12,6 +12,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -28,7 +33,7 @@ from actors.supervisor import SupervisorActor
 from bus.edge import Drops
 from bus.jetstream import JetStream
 from bus.runtime import Bus
-from bus.server import EmbeddedServer
+from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
 from gatefleet.config import URL_FILE, resolve_data_dir
 from schemas.settings import Settings
@@ -36,12 +41,26 @@ from schemas.settings import Settings
 log = logging.getLogger(__name__)
 A = TypeVar("A", bound=pykka.Actor)
 
+# An embedded server that dies is started again, but not more often than this.
+SERVER_RESTARTS = 3
+SERVER_RESTART_WINDOW_S = 300.0
+
 
 class Orchestrator:
     """The running gatefleet: a bus, its durable state and the actors."""
 
-    def __init__(self, settings: Settings, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        env: dict[str, str] | None = None,
+        on_fatal: Callable[[str], object] | None = None,
+    ) -> None:
         self.settings = settings
+        # Told why, once, when gatefleet cannot go on (its embedded server keeps dying).
+        self.on_fatal = on_fatal
+        self._server_deaths: deque[float] = deque()
+        self._deaths: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.data_dir = resolve_data_dir(settings, os.environ if env is None else env)
         self.subjects = Subjects(settings.bus.subject_prefix)
         self.drops = Drops()
@@ -62,7 +81,13 @@ class Orchestrator:
 
     def _start(self) -> None:
         if not self.url:
-            self.server = EmbeddedServer(self.data_dir, port=self.settings.bus.port)
+            self.server = EmbeddedServer(
+                self.data_dir, port=self.settings.bus.port, on_exit=self._server_died
+            )
+            watchdog = threading.Thread(
+                target=self._watch_server, name="gatefleet-server-watchdog", daemon=True
+            )
+            watchdog.start()
             self.url = self.server.start()
             (self.data_dir / URL_FILE).write_text(self.url + "\n")
         self.bus = Bus(self.url)
@@ -99,6 +124,47 @@ class Orchestrator:
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
 
+    def _server_died(self, status: int | None) -> None:
+        """The embedded nats-server ended on its own (called on its log reader's thread,
+        which is about to end: the restart is the watchdog thread's, since a child dies
+        with the thread that started it, PR_SET_PDEATHSIG)."""
+        self._deaths.put(status)
+
+    def _watch_server(self) -> None:
+        """The watchdog thread: each death of the embedded server starts it again on the
+        same port and store, at most SERVER_RESTARTS times in SERVER_RESTART_WINDOW_S;
+        the bus reconnects by itself meanwhile."""
+        while True:
+            status = self._deaths.get()
+            if self.server is None:  # stopped: nothing to watch any more
+                return
+            self._restart_server(status)
+
+    def _restart_server(self, status: int | None) -> None:
+        server, now = self.server, time.monotonic()
+        if server is None:
+            return
+        deaths = self._server_deaths
+        deaths.append(now)
+        while deaths and now - deaths[0] > SERVER_RESTART_WINDOW_S:
+            deaths.popleft()
+        if len(deaths) > SERVER_RESTARTS:
+            why = (
+                f"the embedded nats-server died {len(deaths)} times in "
+                f"{SERVER_RESTART_WINDOW_S / 60:g} minutes (last exit status {status}); giving up"
+            )
+            log.error("%s", why)
+            if self.on_fatal is not None:
+                self.on_fatal(why)
+            return
+        log.warning("embedded nats-server exited (status %s); starting it again", status)
+        try:
+            server.start()
+        except ServerError as exc:
+            log.error("the embedded nats-server did not start again: %s", exc)  # noqa: TRY400 - one line
+            if self.on_fatal is not None:
+                self.on_fatal(f"the embedded nats-server did not start again: {exc}")
+
     def _started(self, ref: pykka.ActorRef[A]) -> pykka.ActorRef[A]:
         self._actors.append(ref)
         ref.ask(PING, timeout=10)
@@ -122,6 +188,7 @@ class Orchestrator:
                     self.server.stop()
                     (self.data_dir / URL_FILE).unlink(missing_ok=True)
                     self.server = None
+                    self._deaths.put(None)  # ends the watchdog
                 _sweep_actors()
 
     def __enter__(self) -> Orchestrator:

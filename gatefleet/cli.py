@@ -124,7 +124,13 @@ def up(
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    orchestrator = Orchestrator(settings)
+    fatal: list[str] = []
+
+    def give_up(why: str) -> None:
+        fatal.append(why)
+        stop.set()
+
+    orchestrator = Orchestrator(settings, on_fatal=give_up)
     started = time.monotonic()
     try:
         url = orchestrator.start()
@@ -150,6 +156,8 @@ def up(
             http_api.stop()  # drains its own connection while the server is still up
         orchestrator.stop()
         log.info("stopped")
+    if fatal:
+        fail(fatal[0])
 
 
 def _start_http(

@@ -54,8 +54,10 @@ class Running:
         assert self.ready.wait(timeout), "".join(self.lines)
 
     def server_pid(self) -> int:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        pids = [int(p) for p in children.read_text().split()]
+        """The nats-server child (of any of gatefleet's threads: a restarted server is
+        the watchdog thread's)."""
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        pids = [int(p) for task in tasks.iterdir() for p in (task / "children").read_text().split()]
         names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
         [pid] = [pid for pid, name in names.items() if name == "nats-server"]
         return pid
@@ -199,3 +201,33 @@ def test_events_survive_a_restart_on_the_embedded_server(tmp_path: Path) -> None
         info = bus.run(bus.js.stream_info("KEEP"))
         bus.stop()
     assert info.state.messages == 1
+
+
+def test_a_dead_embedded_server_is_restarted_and_the_fourth_death_ends_up(
+    running: Running, config: Path
+) -> None:
+    """The embedded nats-server killed under `gatefleet up`: started again on the same
+    port and store, status answers again; past 3 restarts in 5 minutes, `up` exits 1 with
+    one line saying why."""
+    running.wait_ready()
+    for death in range(1, 4):
+        old = running.server_pid()
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while True:  # a new child, answering status on the same URL
+            time.sleep(0.1)
+            assert time.monotonic() < deadline, f"no new server after death {death}"
+            try:
+                if running.server_pid() == old:
+                    continue
+            except ValueError:  # between the old and the new child
+                continue
+            result = run_cli("status", "--config", str(config), "--json")
+            if result.returncode == 0:
+                break
+        assert json.loads(result.stdout)["status"] == "ok"
+    os.kill(running.server_pid(), signal.SIGKILL)
+    assert running.process.wait(timeout=20) == 1
+    log = "".join(running.lines)
+    assert "died 4 times in 5 minutes" in log
+    assert "Traceback" not in log
