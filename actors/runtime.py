@@ -11,6 +11,7 @@
   heartbeats just now (connected, loop not lagging), and from when misses count again.
 - `api_bus`: a second NATS connection, on a loop of its own, that the request
   endpoints are served on: the API lane.
+- `jetstream`: whether JetStream answers, asked every 5 s (for `status` and /healthz).
 - `prober`: latency probes of every gateway over one reply inbox (bus/probes.py); None
   when `health.probe_interval_ms` is 0.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from actors.dispatch import Backlog, Dispatcher, OwnThread, Pool
 from bus.awareness import LocalAwareness, watch
+from bus.jetstream import JetStreamWatch
 from bus.probes import Prober
 from bus.runtime import Bus
 from bus.subjects import Subjects
@@ -48,6 +50,7 @@ class Runtime:
     timers: TimerWheel
     awareness: LocalAwareness
     prober: Prober | None
+    jetstream: JetStreamWatch
     _own: dict[str, OwnThread] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -77,7 +80,9 @@ class Runtime:
         workers.start()
         api_bus = Bus(bus.url, name=f"{bus.name}-api")
         api_bus.start()
-        return cls(bus, api_bus, gateways, workers, timers, awareness, prober)
+        jetstream = JetStreamWatch(bus)
+        jetstream.start(timers.schedule)
+        return cls(bus, api_bus, gateways, workers, timers, awareness, prober, jetstream)
 
     def dispatcher(self, dispatch: str, name: str) -> Dispatcher:
         """The dispatcher for an actor's `dispatch` kind; "own" is a thread per `name`."""

@@ -119,8 +119,15 @@ class SupervisorActor(SafeActor):
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
         ctx = self.ctx
+        peers = {
+            "load_balancer": self.load_balancer,
+            "distributor": self.distributor,
+            "supervisor": self.actor_ref,
+        }
         self._subscriptions = self.serve(
-            "supervisor", ctx, direct={api.STATUS: lambda _body: status_reply(self.view, ctx)}
+            "supervisor",
+            ctx,
+            direct={api.STATUS: lambda _body: status_reply(self.view, ctx, peers)},
         )
 
     def on_stop(self) -> None:
@@ -319,8 +326,15 @@ class StatusView:
     distributions: DistributionCounts
 
 
-def status_reply(view: StatusView, ctx: Context) -> StatusReply:
+def status_reply(
+    view: StatusView, ctx: Context, peers: dict[str, pykka.ActorRef[Any]]
+) -> StatusReply:
     """The status body from a view and the counters anyone may read (any thread)."""
+    health = {
+        "nats": "ok" if ctx.bus.nc.is_connected else "disconnected",
+        "jetstream": ctx.runtime.jetstream.state,
+    }
+    health.update((name, "ok" if ref.is_alive() else "stopped") for name, ref in peers.items())
     awareness = ctx.runtime.awareness.status()
     shed, probes = ctx.shed.counts(), {}
     prober = ctx.runtime.prober
@@ -348,4 +362,5 @@ def status_reply(view: StatusView, ctx: Context) -> StatusReply:
         detection_suspended_s=round(awareness.suspended_s, 3),
         shed=shed,
         probes=probes,
+        health=health,
     )

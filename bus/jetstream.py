@@ -7,8 +7,10 @@ share one NATS account. Buckets are `<prefix>_<name>` likewise.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
@@ -17,6 +19,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from bus.connection import BusError
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
@@ -138,3 +141,31 @@ class JetStream:
         self._bus.publish(
             self._subjects.event(event.type), encode(event), headers={"Nats-Msg-Id": event.id}
         )
+
+
+class JetStreamWatch:
+    """Whether JetStream answers: asked every `period_s` on the bus loop (an account-info
+    request), so a status reply can say so without waiting for it."""
+
+    def __init__(self, bus: Bus, period_s: float = 5.0, timeout_s: float = 2.0) -> None:
+        self._bus = bus
+        self.period_s = period_s
+        self.timeout_s = timeout_s
+        self.state = "ok"  # or why not, read by any thread
+
+    def start(self, schedule: Callable[[float, Callable[[], object]], object]) -> None:
+        """`schedule(delay, fn)` runs `fn` on the bus loop later (the timer wheel)."""
+        self._schedule = schedule
+        schedule(self.period_s, self._tick)
+
+    def _tick(self) -> None:
+        self._bus.spawn(self._check())
+        self._schedule(self.period_s, self._tick)
+
+    async def _check(self) -> None:
+        try:
+            await asyncio.wait_for(self._bus.js.account_info(), self.timeout_s)
+        except (nats.errors.Error, BusError, TimeoutError) as exc:
+            self.state = f"not answering: {type(exc).__name__}"
+        else:
+            self.state = "ok"

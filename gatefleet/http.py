@@ -176,6 +176,10 @@ class _Api:
         status, body = await self.ask(STATUS, b"{}", min(self.timeout, HEALTH_TIMEOUT_S))
         if status != http_bridge.OK:
             return _json(503, body)
+        down = {part: why for part, why in decode(body, StatusReply).health.items() if why != "ok"}
+        if down:
+            reasons = "; ".join(f"{part}: {why}" for part, why in sorted(down.items()))
+            return _error(503, "unavailable", reasons)
         return _json(200, b'{"status":"ok"}')
 
     async def metrics(self, _request: web.Request) -> web.Response:

@@ -121,6 +121,9 @@ class StatusReply(_Body, frozen=True):
     shed: dict[str, int] = msgspec.field(default_factory=dict)
     # The latency prober's counters (sent, answered, timed_out, no_responders, ...).
     probes: dict[str, int] = msgspec.field(default_factory=dict)
+    # Each part gatefleet needs -> "ok" or what is wrong: nats, jetstream, load_balancer,
+    # distributor, supervisor (/healthz answers 503 naming those not ok).
+    health: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):

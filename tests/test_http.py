@@ -15,8 +15,10 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
+import pykka
 import pytest
 
+from actors.distributor import DistributorActor
 from bus.edge import MAX_REQUEST_BYTES
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
@@ -464,3 +466,25 @@ def test_start_fails_cleanly_on_a_busy_port(
     port = int(serve("").base.rsplit(":", 1)[1])
     with pytest.raises(OSError, match="address already in use"):
         HttpApi().start(gatefleet.url, prefix, "127.0.0.1", port, "")
+
+
+def test_healthz_names_a_top_level_actor_that_is_down(
+    serve: Callable[[str], Http], gatefleet: Orchestrator, fleet: Fleet
+) -> None:
+    http = serve("")
+    assert http.get("/healthz").status == 200
+    assert set(fleet.status().health.values()) == {"ok"}
+    assert set(fleet.status().health) == {
+        "nats",
+        "jetstream",
+        "load_balancer",
+        "distributor",
+        "supervisor",
+    }
+    [distributor] = pykka.ActorRegistry.get_by_class(DistributorActor)
+    distributor.stop(timeout=5)
+
+    response = http.get("/healthz")
+    assert response.status == 503
+    assert response.error() == ("unavailable", "distributor: stopped")
+    assert fleet.status().health["distributor"] == "stopped"
