@@ -52,7 +52,9 @@ from schemas.api import (
     SelectReply,
     SelectRequest,
 )
+from schemas.codec import DecodeError
 from schemas.events import (
+    Alarm,
     CandidateView,
     GatewaySelected,
     LoadBalancingChanged,
@@ -129,7 +131,16 @@ class LoadBalancerActor(SafeActor):
         self._subscriptions: list[SubscriptionHandle] = []
 
     def on_start(self) -> None:
-        stored = self.ctx.buckets["settings"].get(SETTINGS_KEY, LoadBalancingConfig)
+        try:
+            stored = self.ctx.buckets["settings"].get(SETTINGS_KEY, LoadBalancingConfig)
+        except DecodeError as exc:
+            # No stored value may stop start-up: the configured settings stand instead.
+            message = (
+                f"stored load-balancing settings unreadable ({exc}); using the configured ones"
+            )
+            log.error("%s", message)  # noqa: TRY400 - one line, no traceback: expected input
+            self.ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
+            stored = None
         if stored is not None:
             self.config = stored
             self.pool.set_threshold(stored.health_threshold)

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
+from bus.jetstream import bucket_name
+from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, Unavailable
 from gatefleet.gateway import Metrics
 from schemas.api import SelectReply, SelectRequest
-from schemas.events import GatewayStatusChanged, LoadBalancingChanged
+from schemas.events import Alarm, GatewayStatusChanged, LoadBalancingChanged
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet, MutableMetrics
@@ -222,6 +224,32 @@ def test_settings_survive_a_restart(
         status = client.status()
     assert (config.strategy, config.health_threshold) == ("LatencyBased", 80.0)
     assert (status.load_balancing_strategy, status.health_check_threshold) == ("LatencyBased", 80.0)
+
+
+def test_an_unreadable_stored_setting_is_alarmed_and_the_configured_one_used(
+    settings: Settings,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    prefix: str,
+    bus: Bus,
+    event_log: EventLog,
+) -> None:
+    """No stored value can stop start-up: garbage under the settings key is logged,
+    alarmed (`ha.alarm` kind bad_stored_value) and replaced by the configuration."""
+    first = start_orchestrator(settings)
+    first.stop()
+
+    async def corrupt() -> None:
+        kv = await bus.js.key_value(bucket_name(prefix, "settings"))
+        await kv.put("load_balancing", b'{"strategy": "Fastest", "health_threshold": 900}')
+
+    bus.run(corrupt())
+    second = start_orchestrator(settings)
+    with GatefleetClient(second.url, prefix=prefix) as client:
+        config = client.get_load_balancing_config()
+    assert (config.strategy, config.health_threshold) == ("RoundRobin", 70.0)
+    alarm = event_log.wait_for(lambda e: isinstance(e, Alarm))
+    assert isinstance(alarm, Alarm)
+    assert alarm.kind == "bad_stored_value"
 
 
 def test_selection_reply_links_to_its_audit_event(
