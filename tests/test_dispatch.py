@@ -266,17 +266,21 @@ def test_flooded_actor_does_not_starve_another_on_one_worker() -> None:
     pool = Pool("fair", workers=1, throughput=8)
     pool.start()
     try:
-        gate = threading.Event()
+        gate, holding = threading.Event(), threading.Event()
         order: list[str] = []
 
         class Logged(PooledActor):
             def on_receive(self, message: Any) -> None:
                 if message == "gate":
+                    holding.set()
                     gate.wait(WAIT)
                 order.append(message)
 
         flooded, quiet = Logged.start(dispatcher=pool), Logged.start(dispatcher=pool)
         flooded.tell("gate")  # holds the only worker while the flood queues up
+        # Only once the worker is inside "gate": were "quiet" told sooner, a worker slow
+        # to start could run quiet's first turn (which takes it) before flooded's gate.
+        assert holding.wait(WAIT)
         for _ in range(1000):
             flooded.tell("flood")
         quiet.tell("quiet")
