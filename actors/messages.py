@@ -49,6 +49,10 @@ class GoodbyeReceived(_Message, frozen=True):
     gateway_id: str
 
 
+class ForgetDue(_Message, frozen=True):
+    """Timer -> Supervisor: time to forget gateways down for health.forget_after_s."""
+
+
 class Tick(_Message, frozen=True):
     """A timer fired; `generation` lets an actor ignore timers it has replaced."""
 

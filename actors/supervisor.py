@@ -10,7 +10,8 @@ and a mass failure freezes all this. It restarts GatewayActors that die.
 Receives: Discovered, GoodbyeReceived (from the routes), GatewayUpdated (status changes),
 LoadBalancingInForce, DistributionCounts, ReplacementFound, ChildDied, and the requests of
 `status` and `failback`.
-Emits: gateway.registered, gateway.left, ha.failover, ha.failback, ha.alarm.
+Emits: gateway.registered, gateway.left, gateway.forgotten (down for
+`health.forget_after_s`, unless configured), ha.failover, ha.failback, ha.alarm.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import pykka
 
-from actors.base import SafeActor, stop_all
+from actors.base import SafeActor, safe_tell, stop_all
 from actors.coalescer import Coalescer
 from actors.context import Context
 from actors.failover import (
@@ -42,6 +43,7 @@ from actors.messages import (
     Discovered,
     DistributionCounts,
     FindReplacementFor,
+    ForgetDue,
     GatewayRemoved,
     GatewayUpdated,
     GoodbyeReceived,
@@ -63,7 +65,14 @@ from schemas.api import (
     LoadBalancingConfig,
     StatusReply,
 )
-from schemas.events import Alarm, Failback, Failover, GatewayLeft, GatewayRegistered
+from schemas.events import (
+    Alarm,
+    Failback,
+    Failover,
+    GatewayForgotten,
+    GatewayLeft,
+    GatewayRegistered,
+)
 from schemas.settings import GatewayEntry
 from schemas.types import GatewayStatus
 from schemas.wire import Redirect as RedirectNotice
@@ -96,6 +105,9 @@ class SupervisorActor(SafeActor):
         self.gateways: dict[str, pykka.ActorRef[Any]] = {}
         self.statuses: dict[str, GatewayStatus] = {}
         self.status_counts: Counter[str] = Counter()  # of `statuses`, kept as they change
+        self.down_since: dict[str, float] = {}  # when each down gateway went down
+        # [[gateways]]: known before they beat, never forgotten, their role kept.
+        self.configured = {entry.id: entry for entry in context.settings.gateways}
         # Each gateway's heartbeats waiting for its actor (shared with its route).
         self.pending: dict[str, Coalescer[Arrival]] = {}
         self._subscriptions: list[SubscriptionHandle] = []
@@ -118,6 +130,7 @@ class SupervisorActor(SafeActor):
         for entry in self.ctx.settings.gateways:
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
+        self._plan_forgetting()
         ctx = self.ctx
         peers = {
             "load_balancer": self.load_balancer,
@@ -141,9 +154,19 @@ class SupervisorActor(SafeActor):
     def handle(self, message: Any) -> Any:
         match message:
             case Discovered(heartbeat=heartbeat, pending=pending):
-                if heartbeat.gateway_id not in self.gateways:
-                    entry = GatewayEntry(id=heartbeat.gateway_id, region=heartbeat.region)
+                gateway_id = heartbeat.gateway_id
+                if gateway_id not in self.gateways:
+                    # What [[gateways]] says of it (role, backup_for) outlives a goodbye.
+                    configured = self.configured.get(gateway_id)
+                    entry = GatewayEntry(
+                        id=gateway_id,
+                        region=heartbeat.region,
+                        role=configured.role if configured else "primary",
+                        backup_for=configured.backup_for if configured else None,
+                    )
                     self._spawn(entry, pending, source="heartbeat")
+            case ForgetDue():
+                self._forget_long_down()
             case GoodbyeReceived(gateway_id=gateway_id):
                 self._remove(gateway_id, "goodbye")
             case GatewayUpdated(snapshot=snapshot):
@@ -204,6 +227,10 @@ class SupervisorActor(SafeActor):
         if status is not None:
             self.statuses[gateway_id] = status
             counts[status] += 1
+        if status != "down":
+            self.down_since.pop(gateway_id, None)
+        elif old != "down":
+            self.down_since[gateway_id] = self.ctx.clock()
         self._publish_view()
 
     def _act(self, actions: list[Action]) -> None:
@@ -286,7 +313,23 @@ class SupervisorActor(SafeActor):
         self._publish_view()
         self.routes.attach(entry.id, ref, pending)
 
-    def _remove(self, gateway_id: str, reason: str) -> None:
+    def _forget_long_down(self) -> None:
+        """Gateways down for `health.forget_after_s` leave (unless configured); checked
+        on a period of a tenth of that, at most a minute."""
+        forget_after = self.ctx.settings.health.forget_after_s
+        now = self.ctx.clock()
+        for gateway_id, since in list(self.down_since.items()):
+            if now - since >= forget_after and gateway_id not in self.configured:
+                self._remove(gateway_id, f"down for {now - since:.0f}s", GatewayForgotten)
+        self._plan_forgetting()
+
+    def _plan_forgetting(self) -> None:
+        forget_after = self.ctx.settings.health.forget_after_s
+        if forget_after > 0:
+            period = min(60.0, max(0.05, forget_after / 10))
+            self.ctx.runtime.timers.schedule(period, safe_tell, self.actor_ref, ForgetDue())
+
+    def _remove(self, gateway_id: str, reason: str, event: type[GatewayLeft] = GatewayLeft) -> None:
         ref = self.gateways.pop(gateway_id, None)
         if ref is None:
             return
@@ -299,8 +342,9 @@ class SupervisorActor(SafeActor):
         ref.stop(timeout=5)
         self.load_balancer.tell(GatewayRemoved(gateway_id=gateway_id))
         self.distributor.tell(GatewayRemoved(gateway_id=gateway_id))
-        self.ctx.emit(GatewayLeft(gateway_id=gateway_id, reason=reason))
-        log.info("gateway %s left (%s)", gateway_id, reason)
+        self.ctx.emit(event(gateway_id=gateway_id, reason=reason))
+        verb = "was forgotten" if event is GatewayForgotten else "left"
+        log.info("gateway %s %s (%s)", gateway_id, verb, reason)
 
     def _publish_view(self) -> None:
         """Replaces the view `status` is answered from (see StatusView)."""

@@ -73,6 +73,11 @@ class GatewayLeft(_Event, frozen=True, tag="gateway.left"):
     reason: str
 
 
+class GatewayForgotten(GatewayLeft, frozen=True, tag="gateway.forgotten"):
+    """A gateway down for `health.forget_after_s` is forgotten: it leaves as if it had
+    said goodbye (a subclass, so whatever reads `gateway.left` reads this too)."""
+
+
 # Load balancing ---------------------------------------------------------------------------
 
 
@@ -300,6 +305,7 @@ Event = (
     | GatewayDown
     | GatewayRecovered
     | GatewayLeft
+    | GatewayForgotten
     | LoadBalancingChanged
     | GatewaySelected
     | DistributionEvent

@@ -82,6 +82,9 @@ class HealthSettings(_Section, frozen=True):
     # ... and while gatefleet's own loop lags by more than this share of the heartbeat
     # interval, missed heartbeats do not count at all.
     lag_suspend_share: Annotated[float, Meta(gt=0.0, le=100.0)] = 0.5
+    # A gateway down this long is forgotten (gateway.forgotten), unless [[gateways]] lists
+    # it; 0: never.
+    forget_after_s: Annotated[float, Meta(ge=0.0, le=365 * 86400.0)] = 86400.0
     weights: HealthWeights = msgspec.field(default_factory=HealthWeights)
 
 

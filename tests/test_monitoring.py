@@ -18,6 +18,7 @@ from gatefleet.app import Orchestrator
 from schemas.api import SelectReply, SelectRequest
 from schemas.events import (
     GatewayDown,
+    GatewayForgotten,
     GatewayLeft,
     GatewayRecovered,
     GatewayRegistered,
@@ -406,3 +407,46 @@ def test_out_of_range_deep_and_non_utf8_input_is_dropped_counted_and_answered(
         reply = fleet.raw_call("distribute", body)
         assert reply["error"]["code"] == "bad_request", reply
     assert fleet.status().malformed_messages.get("bad_request") == 3
+
+
+def test_a_gateway_down_long_enough_is_forgotten_unless_configured(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+) -> None:
+    """health.forget_after_s: a gateway down that long leaves (`gateway.forgotten`); one
+    listed in [[gateways]] stays, and its configured role survives a goodbye and a
+    re-registration."""
+    settings = make_settings(
+        health={"heartbeat_interval_ms": 100, "forget_after_s": 0.5},
+        gateways=[{"id": "gw-conf", "region": "us-west", "role": "backup", "backup_for": "gw-a"}],
+    )
+    start_orchestrator(settings)
+    fleet.add("gw-a", interval_s=0.1)
+    fleet.add("gw-conf", interval_s=0.1)
+    status_of(event_log, "gw-a", "healthy")
+    status_of(event_log, "gw-conf", "healthy")
+    assert fleet.gateways()["gw-conf"].role == "backup"
+
+    fleet.stop("gw-conf")  # goodbye, then back: still the configured backup
+    fleet.add("gw-conf", interval_s=0.1)
+    mark = event_log.mark()
+    status_of(event_log, "gw-conf", "healthy", since=mark)
+    assert (fleet.gateways()["gw-conf"].role, fleet.gateways()["gw-conf"].backup_for) == (
+        "backup",
+        "gw-a",
+    )
+
+    fleet.stop("gw-a", goodbye=False)
+    fleet.stop("gw-conf", goodbye=False)
+    forgotten = event_log.wait_for(lambda e: isinstance(e, GatewayForgotten), timeout=5)
+    assert isinstance(forgotten, GatewayForgotten)
+    assert forgotten.gateway_id == "gw-a"
+    assert forgotten.type == "gateway.forgotten"
+    wait_until(lambda: "gw-a" not in fleet.gateways(), what="gw-a gone")
+    # The configured one went down with it: after a few more checks (every 0.05 s) it must
+    # still be there. An absence has no event to wait on, so a fixed window.
+    time.sleep(1.0)
+    assert fleet.gateways()["gw-conf"].status == "down"
+    assert [e.gateway_id for e in event_log.of_type(GatewayForgotten)] == ["gw-a"]
