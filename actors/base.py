@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 PING = "ping"
 # Fault injection: the actor that receives it dies, as if a bug had killed it.
 CRASH = "crash"
-# Requests waiting in one actor's urgent lane before more are shed with `unavailable`.
+# Requests waiting for one actor before more are shed with `unavailable` (`serve`).
 MAX_PENDING_REQUESTS = 1000
 
 

@@ -4,8 +4,10 @@ Owns: a HealthTracker (metrics, score, status with hysteresis), its enrolment wi
 prober (bus/probes.py sends `P.gw.<id>.ping` for every gateway over one reply inbox; it
 is paused while the gateway is down) and its staleness timer (on the runtime's timer
 wheel; replaced by every batch of heartbeats, so it fires only for a silent gateway, and
-a missed heartbeat counts only if gatefleet could have seen it: bus/awareness.py). Its heartbeats come through its route at the
-bus edge (actors/routes.py), which is its subscription to `P.gw.<id>.heartbeat`: the edge
+a missed heartbeat counts only if gatefleet could have seen it: bus/awareness.py).
+
+Its heartbeats come through its route at the bus edge (actors/routes.py), which is its
+subscription to `P.gw.<id>.heartbeat`: the edge
 decodes and checks each one and puts it, with its arrival time, in the actor's
 `Coalescer`, telling it `HeartbeatsPending` only when no such message is already on its
 way. The actor takes every heartbeat waiting when it runs and hands them to its tracker
@@ -83,7 +85,6 @@ class GatewayActor(SafeActor):
         self._tick: TimerHandle | None = None
         self._tick_at: float | None = None
         self._tick_generation = 0
-        self._probing = False
         # Read through a proxy by tests (how much coalescing saved): heartbeats accepted,
         # and the wake-ups that took them (<= heartbeats_accepted).
         self.heartbeats_accepted = 0
@@ -225,12 +226,7 @@ class GatewayActor(SafeActor):
         if since is None:
             # Parked until gatefleet sees again (a fleet's timers polling through a long
             # suspension would add to the very overload that caused it).
-            if self._tick is not None:
-                self._tick.cancel()
-            self._tick = None
-            self._tick_at = math.inf
-            self._tick_generation += 1
-            tick = Tick(generation=self._tick_generation)
+            tick = self._replace_tick(math.inf)
             if not awareness.park(safe_tell, self.actor_ref, tick):
                 self._arm(self.ctx.clock() + self.tracker.interval / 2)  # a stall, or over
             return
@@ -249,10 +245,15 @@ class GatewayActor(SafeActor):
         self._arm(at)
 
     def _arm(self, at: float) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
-        self._tick_at = at
-        self._tick_generation += 1
-        tick = Tick(generation=self._tick_generation)
+        tick = self._replace_tick(at)
         delay = max(0.0, at - self.ctx.clock())
         self._tick = self.ctx.runtime.timers.schedule(delay, safe_tell, self.actor_ref, tick)
+
+    def _replace_tick(self, at: float) -> Tick:
+        """Cancels the planned check; the Tick of the one due `at` (older ones are ignored)."""
+        if self._tick is not None:
+            self._tick.cancel()
+        self._tick = None
+        self._tick_at = at
+        self._tick_generation += 1
+        return Tick(generation=self._tick_generation)

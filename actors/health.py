@@ -243,9 +243,12 @@ class HealthTracker:
         local health awareness passes a later detection floor)."""
         if self.last_seen is None:
             return 0
-        start = self.last_seen if since is None else max(self.last_seen, since)
         i = self.interval
-        return max(0, math.floor((now - start - i / 2) / i + _EPS))
+        return max(0, math.floor((now - self._counted_from(since) - i / 2) / i + _EPS))
+
+    def _counted_from(self, since: float | None) -> float:
+        assert self.last_seen is not None
+        return self.last_seen if since is None else max(self.last_seen, since)
 
     def set_threshold(self, threshold: float) -> Transition | None:
         self.threshold = threshold
@@ -348,9 +351,8 @@ class HealthTracker:
         """When on_tick should next run (may be <= now: run it at once); None: no need."""
         if self.status in ("unknown", "down") or self.last_seen is None:
             return None
-        start = self.last_seen if since is None else max(self.last_seen, since)
         k = min(self._missed_at(now, since) + 1, self.settings.fall)
-        return start + (k + 0.5) * self.interval + CHECK_SLACK_S
+        return self._counted_from(since) + (k + 0.5) * self.interval + CHECK_SLACK_S
 
     def on_probe_ok(self, rtt_ms: float) -> Transition | None:
         rtt, a, prev = max(0.0, rtt_ms), self.settings.latency_smoothing, self.probe_latency_ms

@@ -14,7 +14,11 @@ which hand the change to the loop. A heartbeat from an id with no route opens a
 provisional one (its coalescer buffers what follows) and tells the supervisor
 `Discovered`; once the supervisor has started the gateway's actor it attaches it, and
 the buffered heartbeats go to the actor. When an actor falls far behind, its oldest
-waiting heartbeats are shed (newest wins; counted in `status` as shed heartbeats).
+waiting heartbeats are shed (newest wins); while gatefleet as a whole is more than two
+heartbeat intervals behind (local awareness says `shedding`), known gateways' heartbeats
+are dropped unread, so that it catches up before the server cuts its connection as a
+slow consumer (detection is suspended then anyway). Both count in `status` as shed
+heartbeats.
 """
 
 from __future__ import annotations

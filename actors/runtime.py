@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from actors.dispatch import Backlog, Dispatcher, OwnThread, Pool
+from actors.dispatch import Dispatcher, OwnThread, Pool
 from bus.awareness import LocalAwareness, watch
 from bus.jetstream import JetStreamWatch
 from bus.probes import Prober
@@ -33,8 +33,8 @@ from bus.timers import TimerWheel
 from schemas.settings import HealthSettings
 
 # Worker threads running gateway actors. Their handlers are pure computation under the
-# GIL, so more threads add contention, not throughput (measured: bench_dispatch, and
-# `python -m bench fleet` with 1 and 2).
+# GIL: at 10,000 gateways one worker, two, or the bus loop itself all came to about 0.95
+# of a core (`python -m bench fleet`); two let one turn start while the other waits.
 GATEWAY_WORKERS = 2
 DISTRIBUTION_WORKERS = 2
 
@@ -96,9 +96,6 @@ class Runtime:
                 own = self._own[name] = OwnThread(name)
                 own.start()
             return own
-
-    def backlogs(self) -> list[Backlog]:
-        return [self.gateways.backlog(), self.workers.backlog()]
 
     def stop(self) -> None:
         if self.prober is not None:

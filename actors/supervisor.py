@@ -127,7 +127,7 @@ class SupervisorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        for entry in self.ctx.settings.gateways:
+        for entry in self.configured.values():
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
         self._plan_forgetting()

@@ -99,9 +99,6 @@ class TimerWheel:
         self._window_start = 0.0
         self._window_max = 0.0
         self._previous_window_max = 0.0
-        self.ticks = 0
-        self.fired = 0
-        self.callback_errors = 0
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -176,7 +173,6 @@ class TimerWheel:
         # instead of catching up with a burst of ticks.
         self._next_tick = max(self._next_tick, now) + self.resolution_s
         self._note_lag(now, lag)
-        self.ticks += 1
         heap = self._heap
         incoming = self._incoming
         while incoming:
@@ -194,11 +190,9 @@ class TimerWheel:
                 self._cancelled -= 1
                 continue
             timer.cancelled = True  # fired: a later cancel() is a no-op and not counted
-            self.fired += 1
             try:
                 timer.fn(*timer.args)
             except Exception:  # one bad callback must not stop every other timer
-                self.callback_errors += 1
                 log.exception("timer callback %r failed", timer.fn)
         if not self._running:
             return
