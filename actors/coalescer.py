@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -48,10 +47,14 @@ class Coalescer(Generic[T]):
         except IndexError:  # empty (the loop side may also have dropped the oldest)
             return items
 
-    def drop_oldest(self) -> None:
-        """Loop side, under overload: the oldest item goes (a no-op when none is left)."""
-        with contextlib.suppress(IndexError):
+    def drop_oldest(self) -> bool:
+        """Loop side, under overload: the oldest item goes. False when the actor took them
+        all first (between the caller's length check and this call): nothing was dropped."""
+        try:
             self._items.popleft()
+        except IndexError:
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self._items)

@@ -124,9 +124,9 @@ class GatewayRoutes:
                     route.pending.put((heartbeat, clock()))
                     safe_tell(supervisor, Discovered(heartbeat=heartbeat, pending=route.pending))
                 else:
-                    if len(route.pending) >= MAX_PENDING_HEARTBEATS:  # its actor is far behind
-                        route.pending.drop_oldest()
-                        shed.add("heartbeats")
+                    pending = route.pending
+                    if len(pending) >= MAX_PENDING_HEARTBEATS and pending.drop_oldest():
+                        shed.add("heartbeats")  # its actor is far behind
                     if route.pending.put((heartbeat, clock())) and route.ref is not None:
                         safe_tell(route.ref, HEARTBEATS_PENDING)
             elif verb == "goodbye":

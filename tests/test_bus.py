@@ -289,6 +289,17 @@ def test_coalescer_wakes_once_per_batch() -> None:
     assert pending.take() == [3]
 
 
+def test_coalescer_drop_oldest_says_whether_it_dropped() -> None:
+    """The edge counts a shed heartbeat only when one went: the actor may have taken
+    them all between the edge's length check and the drop."""
+    pending: Coalescer[int] = Coalescer()
+    pending.put(1)
+    pending.put(2)
+    assert pending.drop_oldest() is True
+    assert pending.take() == [2]
+    assert pending.drop_oldest() is False
+
+
 def test_coalescer_loses_nothing_between_threads() -> None:
     pending: Coalescer[int] = Coalescer()
     wakes: list[int] = []
