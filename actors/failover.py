@@ -148,10 +148,18 @@ class FailoverPlanner:
         self.held: dict[str, str | None] = {}  # recovered, awaiting a manual failback
 
     def on_change(
-        self, gateway_id: str, old: str, new: str, *, fleet: int, down: int, now: float
+        self,
+        gateway_id: str,
+        old: str,
+        new: str,
+        *,
+        fleet: int,
+        down: int,
+        now: float,
+        flapping: bool = False,
     ) -> list[Action]:
         """A gateway's status changed; `fleet` gateways are known, `down` of them down
-        (counting this change)."""
+        (counting this change). A `flapping` gateway's failback waits for `on_steady`."""
         actions: list[Action] = []
         if new == "down" and old != "down":
             change = self.guard.on_down(gateway_id, now, fleet)
@@ -168,13 +176,22 @@ class FailoverPlanner:
                 actions.append(change)
                 actions += [FindReplacement(g) for g in sorted(self.waiting)]
                 self.waiting.clear()
-        if new == "healthy" and gateway_id in self.failed_over:
-            replacement = self.failed_over.pop(gateway_id)
-            if self.manual_failback:
-                self.held[gateway_id] = replacement
-            else:
-                actions.append(self._failback(gateway_id, replacement, "recovered"))
+        if new == "healthy" and not flapping:
+            actions += self._recovered(gateway_id)
         return actions
+
+    def on_steady(self, gateway_id: str) -> list[Action]:
+        """A healthy gateway stopped flapping: the failback its recovery deferred."""
+        return self._recovered(gateway_id)
+
+    def _recovered(self, gateway_id: str) -> list[Action]:
+        if gateway_id not in self.failed_over:
+            return []
+        replacement = self.failed_over.pop(gateway_id)
+        if self.manual_failback:
+            self.held[gateway_id] = replacement
+            return []
+        return [self._failback(gateway_id, replacement, "recovered")]
 
     def on_replacement(self, gateway_id: str, to: str | None, reason: str) -> list[Action]:
         self.failed_over[gateway_id] = to

@@ -34,9 +34,10 @@ import pykka
 from actors.base import SafeActor, safe_tell, tell_latest
 from actors.coalescer import Coalescer
 from actors.context import Context
-from actors.health import HealthTracker, Transition
+from actors.health import CHECK_SLACK_S, HealthTracker, Transition
 from actors.messages import (
     Arrival,
+    FlapCheck,
     GatewayUpdated,
     HeartbeatsPending,
     ProbeAnswered,
@@ -44,7 +45,7 @@ from actors.messages import (
     Tick,
 )
 from bus.timers import TimerHandle
-from schemas.events import GatewayDown, GatewayRecovered, GatewayStatusChanged
+from schemas.events import GatewayDown, GatewayFlapping, GatewayRecovered, GatewayStatusChanged
 from schemas.settings import GatewayEntry
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class GatewayActor(SafeActor):
         self._tick: TimerHandle | None = None
         self._tick_at: float | None = None
         self._tick_generation = 0
+        self._flap_check: TimerHandle | None = None
         # Read through a proxy by tests (how much coalescing saved): heartbeats accepted,
         # and the wake-ups that took them (<= heartbeats_accepted).
         self.heartbeats_accepted = 0
@@ -106,8 +108,9 @@ class GatewayActor(SafeActor):
             self._tell_listeners(self.tracker.status)
 
     def on_stop(self) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
+        for timer in (self._tick, self._flap_check):
+            if timer is not None:
+                timer.cancel()
         if self.ctx.runtime.prober is not None:
             self.ctx.runtime.prober.withdraw(self.gateway_id)
 
@@ -133,6 +136,13 @@ class GatewayActor(SafeActor):
                     self._apply(self.tracker.on_probe_ok(rtt_ms))
             case SetThreshold(threshold=threshold):
                 self._apply(self.tracker.set_threshold(threshold))
+            case FlapCheck():
+                self._flap_check = None
+                if self.tracker.flaps.on_check(self.ctx.clock()):
+                    self._flapping_changed()
+                    self._tell_listeners(self.tracker.status)
+                else:
+                    self._plan_flap_check()  # the timer fired early
             case _:
                 return super().handle(message)
         return None
@@ -186,6 +196,9 @@ class GatewayActor(SafeActor):
             )
         elif old == "down" and new == "healthy":
             emit(GatewayRecovered(gateway_id=self.gateway_id, score=transition.score))
+        if self.tracker.flaps.on_change(old, new, self.ctx.clock()):
+            self._flapping_changed()
+        self._plan_flap_check()
         # Down and back are news at any fleet size; healthy <-> degraded is routine at
         # thousands of gateways (the events record every one of them).
         level = logging.INFO if "down" in (old, new) else logging.DEBUG
@@ -206,6 +219,34 @@ class GatewayActor(SafeActor):
                 prober.pause(self.gateway_id)
             else:
                 prober.resume(self.gateway_id)
+
+    def _flapping_changed(self) -> None:
+        flaps = self.tracker.flaps
+        log.warning(
+            "gateway %s %s",
+            self.gateway_id,
+            "is flapping" if flaps.flapping else "stopped flapping",
+        )
+        self.ctx.emit(
+            GatewayFlapping(
+                gateway_id=self.gateway_id,
+                flapping=flaps.flapping,
+                changes=flaps.threshold,
+                window_s=flaps.window_s,
+            )
+        )
+
+    def _plan_flap_check(self) -> None:
+        """A flapping gateway that is healthy is checked when its hold would end."""
+        if self._flap_check is not None:
+            self._flap_check.cancel()
+            self._flap_check = None
+        end = self.tracker.flaps.ends_at()
+        if end is not None:
+            delay = max(0.0, end - self.ctx.clock()) + CHECK_SLACK_S
+            self._flap_check = self.ctx.runtime.timers.schedule(
+                delay, safe_tell, self.actor_ref, FlapCheck()
+            )
 
     def _tell_listeners(self, old_status: Any, *, everyone: bool = True) -> None:
         """The load balancer hears every update, through its latest lane (it keeps only the

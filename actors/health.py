@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from actors.flapping import FlapDetector
 from schemas.api import GatewaySnapshot
 from schemas.settings import HealthSettings
 from schemas.types import GatewayStatus, Role
@@ -182,6 +183,8 @@ class HealthTracker:
         self.heartbeats = 0  # accepted since the actor started
         self.labels: dict[str, str] = {}
         self.config_versions: dict[str, int] = {}
+        # Fed by the GatewayActor, which has the clock (status changes come from here).
+        self.flaps = FlapDetector(settings)
         # seq of the previous heartbeat if it was ignored as a replay, else None.
         self._ignored_seq: int | None = None
         # (heartbeat, probe latency, failures, score) of the last score computed.
@@ -386,4 +389,5 @@ class HealthTracker:
             # Shared with the heartbeat they came from: nobody mutates them (see on_heartbeats).
             config_versions=self.config_versions,
             labels=self.labels,
+            flapping=self.flaps.flapping,
         )

@@ -106,6 +106,7 @@ class SupervisorActor(SafeActor):
         self.statuses: dict[str, GatewayStatus] = {}
         self.status_counts: Counter[str] = Counter()  # of `statuses`, kept as they change
         self.down_since: dict[str, float] = {}  # when each down gateway went down
+        self.flapping: set[str] = set()
         # [[gateways]]: known before they beat, never forgotten, their role kept.
         self.configured = {entry.id: entry for entry in context.settings.gateways}
         # Each gateway's heartbeats waiting for its actor (shared with its route).
@@ -113,7 +114,7 @@ class SupervisorActor(SafeActor):
         self._subscriptions: list[SubscriptionHandle] = []
         self._registered = 0
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
-        self.view = StatusView(0, {}, self.lb_config, self.distribution_counts)
+        self.view = StatusView(0, {}, 0, self.lb_config, self.distribution_counts)
         self.entries: dict[str, GatewayEntry] = {}  # latest identity, to restart an actor
         settings = context.settings
         window_ms = settings.ha.detection_window_ms or (
@@ -196,6 +197,11 @@ class SupervisorActor(SafeActor):
         if gateway_id not in self.gateways:
             return  # a late update from a gateway that has left
         old = self.statuses.get(gateway_id, "unknown")
+        was_flapping = gateway_id in self.flapping
+        if snapshot.flapping:
+            self.flapping.add(gateway_id)
+        else:
+            self.flapping.discard(gateway_id)
         self._set_status(gateway_id, snapshot.status)
         entry = self.entries.get(gateway_id)
         if entry is None or (entry.region, entry.role, entry.backup_for) != (
@@ -209,14 +215,23 @@ class SupervisorActor(SafeActor):
                 role=snapshot.role,
                 backup_for=snapshot.backup_for,
             )
-        if self.ctx.settings.orchestrator.ha_enabled and old != snapshot.status:
+        if not self.ctx.settings.orchestrator.ha_enabled:
+            return
+        if old != snapshot.status:
             fleet, down = len(self.statuses), self.status_counts["down"]
-            now = self.ctx.clock()
             self._act(
                 self.planner.on_change(
-                    gateway_id, old, snapshot.status, fleet=fleet, down=down, now=now
+                    gateway_id,
+                    old,
+                    snapshot.status,
+                    fleet=fleet,
+                    down=down,
+                    now=self.ctx.clock(),
+                    flapping=snapshot.flapping,
                 )
             )
+        elif was_flapping and not snapshot.flapping and snapshot.status == "healthy":
+            self._act(self.planner.on_steady(gateway_id))
 
     def _set_status(self, gateway_id: str, status: GatewayStatus | None) -> None:
         """Keeps `statuses` and their counts (None: the gateway is gone)."""
@@ -334,6 +349,7 @@ class SupervisorActor(SafeActor):
         if ref is None:
             return
         self.routes.detach(gateway_id)
+        self.flapping.discard(gateway_id)
         self._set_status(gateway_id, None)
         self.entries.pop(gateway_id, None)
         self.pending.pop(gateway_id, None)
@@ -351,6 +367,7 @@ class SupervisorActor(SafeActor):
         self.view = StatusView(
             gateways_managed=len(self.gateways),
             by_status={s: n for s, n in self.status_counts.items() if n},
+            flapping=len(self.flapping),
             lb_config=self.lb_config,
             distributions=self.distribution_counts,
         )
@@ -366,6 +383,7 @@ class StatusView:
 
     gateways_managed: int
     by_status: dict[str, int]
+    flapping: int
     lb_config: LoadBalancingConfig
     distributions: DistributionCounts
 
@@ -399,6 +417,7 @@ def status_reply(
         selections=ctx.selections.counts(),
         actor_restarts=sum(ctx.restarts.counts().values()),
         gateways_by_status=dict(view.by_status),
+        gateways_flapping=view.flapping,
         distributions_by_state=dict(counts.by_state),
         orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),
         orchestrator_max_lag_ms=round(awareness.orchestrator_max_lag_ms, 3),

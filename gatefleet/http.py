@@ -244,6 +244,12 @@ def render_metrics(status: StatusReply) -> str:
             _by_label("status", _zeros(get_args(GatewayStatus), status.gateways_by_status)),
         ),
         _family(
+            "gatefleet_gateways_flapping",
+            "gauge",
+            "Gateways flapping (not selected, not failed back to).",
+            [("", status.gateways_flapping)],
+        ),
+        _family(
             "gatefleet_selections_total",
             "counter",
             "Gateway selections served since start, by the strategy in force.",

@@ -56,6 +56,7 @@ def show_status(reply: StatusReply, *, as_json: bool) -> None:
         ("status", reply.status),
         ("gateways managed", reply.gateways_managed),
         ("gateways healthy", reply.gateways_healthy),
+        ("gateways flapping", reply.gateways_flapping),
         ("strategy", reply.load_balancing_strategy),
         ("health threshold", f"{reply.health_check_threshold:g}%"),
         ("HA", "enabled" if reply.ha_enabled else "disabled"),
@@ -167,7 +168,8 @@ def show_gateways(reply: GatewaysReply, *, as_json: bool) -> None:
             g.gateway_id,
             g.region,
             role,
-            f"[{STATUS_STYLE.get(g.status, '')}]{g.status}[/]",
+            f"[{STATUS_STYLE.get(g.status, '')}]{g.status}[/]"
+            + (" [magenta]flapping[/]" if g.flapping else ""),
             f"{g.score:.1f}",
             _fmt(g.cpu_percent, "%"),
             _fmt(g.memory_percent, "%"),

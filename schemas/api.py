@@ -108,6 +108,7 @@ class StatusReply(_Body, frozen=True):
     actor_restarts: Count = 0
     selections: dict[str, int] = msgspec.field(default_factory=dict)
     gateways_by_status: dict[str, int] = msgspec.field(default_factory=dict)
+    gateways_flapping: Count = 0
     distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
     # Local health awareness: how late gatefleet's own loop runs (now, and the worst of
     # the last seconds), whether missed heartbeats are not counted right now (it is
@@ -247,6 +248,9 @@ class GatewaySnapshot(_Body, frozen=True, gc=False):
     heartbeats: Count = 0
     config_versions: dict[str, int] = msgspec.field(default_factory=dict)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    # Status changed health.flap_threshold times within health.flap_window_s, and not yet
+    # healthy for health.flap_hold_s since: not selected, not failed back to.
+    flapping: bool = False
 
     @property
     def latency_ms(self) -> float | None:

@@ -68,6 +68,16 @@ class GatewayRecovered(_Event, frozen=True, tag="gateway.recovered"):
     score: float
 
 
+class GatewayFlapping(_Event, frozen=True, tag="gateway.flapping"):
+    """A gateway started flapping (`flapping` true: `changes` status changes within
+    `window_s`) or stopped (false: healthy for health.flap_hold_s)."""
+
+    gateway_id: str
+    flapping: bool
+    changes: int
+    window_s: float
+
+
 class GatewayLeft(_Event, frozen=True, tag="gateway.left"):
     gateway_id: str
     reason: str
@@ -304,6 +314,7 @@ Event = (
     | GatewayStatusChanged
     | GatewayDown
     | GatewayRecovered
+    | GatewayFlapping
     | GatewayLeft
     | GatewayForgotten
     | LoadBalancingChanged

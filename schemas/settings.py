@@ -85,6 +85,11 @@ class HealthSettings(_Section, frozen=True):
     # A gateway down this long is forgotten (gateway.forgotten), unless [[gateways]] lists
     # it; 0: never.
     forget_after_s: Annotated[float, Meta(ge=0.0, le=365 * 86400.0)] = 86400.0
+    # Flapping: this many status changes within flap_window_s (0: never flapping); it
+    # ends after flap_hold_s healthy.
+    flap_threshold: Annotated[int, Meta(ge=0, le=1000)] = 5
+    flap_window_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
+    flap_hold_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 30.0
     weights: HealthWeights = msgspec.field(default_factory=HealthWeights)
 
 
