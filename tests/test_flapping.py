@@ -14,8 +14,15 @@ from gatefleet.app import Orchestrator
 from schemas.api import GatewaySnapshot, SelectReply, SelectRequest
 from schemas.events import Failback, GatewayFlapping, GatewayStatusChanged
 from schemas.settings import HealthSettings, Settings
+from schemas.types import GatewayStatus
 from tests.conftest import EventLog, SettingsFactory
 from tests.fleet import BUSY, IDLE, Fleet, MutableMetrics
+
+BACK_AND_FORTH: list[tuple[GatewayStatus, GatewayStatus]] = [
+    ("healthy", "degraded"),
+    ("degraded", "healthy"),
+]
+DOWN_AND_UP: list[tuple[GatewayStatus, GatewayStatus]] = [("healthy", "down"), ("down", "healthy")]
 
 
 def detector(threshold: int = 3, window_s: float = 10.0, hold_s: float = 5.0) -> FlapDetector:
@@ -36,14 +43,14 @@ def test_enough_changes_within_the_window_make_it_flap() -> None:
 
 def test_changes_spread_wider_than_the_window_are_no_flap() -> None:
     flaps = detector(window_s=10.0)
-    for n, (old, new) in enumerate([("healthy", "degraded"), ("degraded", "healthy")] * 3):
+    for n, (old, new) in enumerate(BACK_AND_FORTH * 3):
         assert not flaps.on_change(old, new, n * 6.0)  # 3 changes span 12 s > 10 s
     assert not flaps.flapping
 
 
 def test_it_ends_after_holding_healthy_and_a_change_restarts_the_hold() -> None:
     flaps = detector(hold_s=5.0)
-    for at, (old, new) in enumerate([("healthy", "down"), ("down", "healthy")] * 2):
+    for at, (old, new) in enumerate(DOWN_AND_UP * 2):
         flaps.on_change(old, new, float(at))
     assert flaps.flapping
     assert flaps.ends_at() == 3.0 + 5.0
@@ -125,7 +132,7 @@ def changed_to(event_log: EventLog, gateway_id: str, status: str, since: int) ->
     )
 
 
-def flapping(event_log: EventLog, value: bool, since: int = 0, timeout: float = 5.0) -> float:
+def flapping(event_log: EventLog, value: bool, since: int = 0, timeout: float = 5.0) -> int:
     event = event_log.wait_for(
         lambda e: isinstance(e, GatewayFlapping) and e.flapping is value, timeout, since
     )
