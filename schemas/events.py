@@ -139,6 +139,9 @@ class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
     excluded: dict[str, str]
     candidate_count: int | None = None
     excluded_count: int | None = None
+    # Gateways in slow start this selection passed over or chose -> their ramp factor
+    # (load_balancing.slow_start_s); empty when none was.
+    slow_start: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 # Distribution -----------------------------------------------------------------------------

@@ -101,6 +101,9 @@ class LoadBalancingSettings(_Section, frozen=True):
     latency_margin_ms: Annotated[float, Meta(ge=0.0)] = 2.0
     # Seed for WeightedRandom; absent means seeded from the OS.
     random_seed: int | None = None
+    # A gateway that registers or recovers ramps up its share of selections linearly over
+    # this many seconds (0: at once).
+    slow_start_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 0.0
 
 
 class HaSettings(_Section, frozen=True):

@@ -182,6 +182,10 @@ def show_selection(event: GatewaySelected) -> None:
                 ("health threshold", f"{event.threshold:g}"),
                 ("picked", event.gateway_id or "nobody"),
                 ("why", event.reason),
+                *(
+                    (f"slow start: {gw}", f"ramp {share:.0%} of its full share")
+                    for gw, share in sorted(event.slow_start.items())
+                ),
             ],
         )
     )
