@@ -41,11 +41,18 @@ from actors.messages import (
     GatewayUpdated,
     HeartbeatsPending,
     ProbeAnswered,
+    SetMaintenance,
     SetThreshold,
     Tick,
 )
 from bus.timers import TimerHandle
-from schemas.events import GatewayDown, GatewayFlapping, GatewayRecovered, GatewayStatusChanged
+from schemas.events import (
+    GatewayDown,
+    GatewayFlapping,
+    GatewayMaintenance,
+    GatewayRecovered,
+    GatewayStatusChanged,
+)
 from schemas.settings import GatewayEntry
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ class GatewayActor(SafeActor):
         load_balancer: pykka.ActorRef[Any],
         supervisor: pykka.ActorRef[Any],
         distributor: pykka.ActorRef[Any],
+        maintenance: SetMaintenance | None = None,
     ) -> None:
         super().__init__(context.runtime.dispatcher(self.dispatch, "gateway"))
         self.parent = supervisor
@@ -79,6 +87,8 @@ class GatewayActor(SafeActor):
             settings=context.settings.health,
             threshold=threshold,
         )
+        if maintenance is not None:  # from its first snapshot on (a restart's, or a restored one)
+            self.tracker.set_maintenance(maintenance.enabled, maintenance.reason)
         self.load_balancer = load_balancer
         self.supervisor = supervisor
         self.distributor = distributor
@@ -136,6 +146,10 @@ class GatewayActor(SafeActor):
                     self._apply(self.tracker.on_probe_ok(rtt_ms))
             case SetThreshold(threshold=threshold):
                 self._apply(self.tracker.set_threshold(threshold))
+            case SetMaintenance(enabled=enabled, reason=reason):
+                if self.tracker.set_maintenance(enabled, reason):
+                    self._maintenance_changed()
+                    self._tell_listeners(self.tracker.status)
             case FlapCheck():
                 self._flap_check = None
                 if self.tracker.flaps.on_check(self.ctx.clock()):
@@ -164,9 +178,12 @@ class GatewayActor(SafeActor):
             return
         self.heartbeats_accepted += outcome.accepted
         self.heartbeat_batches += 1
+        if outcome.back_in_service:
+            self._maintenance_changed()
         if outcome.transition is None:
             versions_changed = tracker.config_versions != previous_versions
-            self._tell_listeners(tracker.status, everyone=versions_changed)
+            everyone = versions_changed or outcome.back_in_service
+            self._tell_listeners(tracker.status, everyone=everyone)
         else:
             self._apply(outcome.transition)
         self._schedule_tick(rearm=True)
@@ -219,6 +236,23 @@ class GatewayActor(SafeActor):
                 prober.pause(self.gateway_id)
             else:
                 prober.resume(self.gateway_id)
+
+    def _maintenance_changed(self) -> None:
+        tracker = self.tracker
+        log.info(
+            "gateway %s %s",
+            self.gateway_id,
+            f"in maintenance ({tracker.maintenance_reason or 'no reason given'})"
+            if tracker.maintenance
+            else "back in service after maintenance",
+        )
+        self.ctx.emit(
+            GatewayMaintenance(
+                gateway_id=self.gateway_id,
+                enabled=tracker.maintenance,
+                reason=tracker.maintenance_reason,
+            )
+        )
 
     def _flapping_changed(self) -> None:
         flaps = self.tracker.flaps

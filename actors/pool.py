@@ -1,7 +1,7 @@
 """The selection pool: every known gateway, and which are eligible, kept one change at a time.
 
 Pure logic, no threads. Rules: a gateway is eligible only while `status == "healthy"`,
-`score >= threshold`, it is not flapping and not held; a `backup` with `backup_for = X` waits while X
+`score >= threshold`, it is not flapping, in maintenance or held; a `backup` with `backup_for = X` waits while X
 is eligible.
 
 An update re-judges only the gateways linked to the one that changed by `backup_for` (its
@@ -131,6 +131,8 @@ class Pool:
             return f"status {g.status}"
         if g.score < self.threshold:
             return f"score {float(g.score)} below threshold {float(self.threshold)}"
+        if g.maintenance:
+            return f"maintenance ({g.maintenance_reason or 'no reason given'})"
         if g.flapping:
             return "flapping"
         if gateway_id in self.held:
@@ -153,6 +155,7 @@ class Pool:
             g.status == "healthy"
             and g.score >= self.threshold
             and not g.flapping
+            and not g.maintenance
             and g.gateway_id not in self.held
         )
 
@@ -162,6 +165,7 @@ class Pool:
             old.status == new.status
             and (old.score >= self.threshold) == (new.score >= self.threshold)
             and old.flapping == new.flapping
+            and old.maintenance == new.maintenance
             and old.role == new.role
             and old.backup_for == new.backup_for
             and old.region == new.region

@@ -250,6 +250,12 @@ def render_metrics(status: StatusReply) -> str:
             [("", status.gateways_flapping)],
         ),
         _family(
+            "gatefleet_gateways_in_maintenance",
+            "gauge",
+            "Gateways in maintenance (drained by an operator).",
+            [("", status.gateways_in_maintenance)],
+        ),
+        _family(
             "gatefleet_selections_total",
             "counter",
             "Gateway selections served since start, by the strategy in force.",

@@ -109,6 +109,7 @@ class StatusReply(_Body, frozen=True):
     selections: dict[str, int] = msgspec.field(default_factory=dict)
     gateways_by_status: dict[str, int] = msgspec.field(default_factory=dict)
     gateways_flapping: Count = 0
+    gateways_in_maintenance: Count = 0
     distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
     # Local health awareness: how late gatefleet's own loop runs (now, and the worst of
     # the last seconds), whether missed heartbeats are not counted right now (it is
@@ -251,6 +252,10 @@ class GatewaySnapshot(_Body, frozen=True, gc=False):
     # Status changed health.flap_threshold times within health.flap_window_s, and not yet
     # healthy for health.flap_hold_s since: not selected, not failed back to.
     flapping: bool = False
+    # In maintenance (P.api.maintenance): not selected, its traffic moved to a backup, not
+    # reconciled; after maintenance is turned off, until `rise` good heartbeats.
+    maintenance: bool = False
+    maintenance_reason: str | None = None
 
     @property
     def latency_ms(self) -> float | None:
@@ -278,6 +283,22 @@ class FailbackReply(_Body, frozen=True):
     gateway_id: GatewayId
     # The gateway that carried its traffic meanwhile (null if none could).
     released_from: GatewayId | None
+
+
+class MaintenanceRequest(_Body, frozen=True):
+    """`P.api.maintenance`: drain a gateway (`enabled` true) or return it (false)."""
+
+    gateway_id: GatewayId
+    enabled: bool
+    reason: Annotated[str, Meta(max_length=256)] | None = None
+
+
+class MaintenanceReply(_Body, frozen=True):
+    gateway_id: GatewayId
+    # As requested; a gateway turned off stays out of selection until `rise` good
+    # heartbeats (its record's `maintenance` turns false then).
+    enabled: bool
+    reason: str | None = None
 
 
 class ReconcileRequest(_Body, frozen=True):

@@ -78,6 +78,15 @@ class GatewayFlapping(_Event, frozen=True, tag="gateway.flapping"):
     window_s: float
 
 
+class GatewayMaintenance(_Event, frozen=True, tag="gateway.maintenance"):
+    """A gateway went into maintenance (`enabled` true, when requested) or came back into
+    service (false: turned off, then `rise` good heartbeats)."""
+
+    gateway_id: str
+    enabled: bool
+    reason: str | None = None
+
+
 class GatewayLeft(_Event, frozen=True, tag="gateway.left"):
     gateway_id: str
     reason: str
@@ -318,6 +327,7 @@ Event = (
     | GatewayDown
     | GatewayRecovered
     | GatewayFlapping
+    | GatewayMaintenance
     | GatewayLeft
     | GatewayForgotten
     | LoadBalancingChanged
