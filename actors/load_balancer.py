@@ -240,6 +240,8 @@ class LoadBalancerActor(SafeActor):
         )
         if event_id is not None:  # the client has its answer: now the audit record
             self.ctx.emit(selection_event(event_id, request, selection, self.pool, self.config))
+        if selection.gateway_id is not None:  # after the record: it shows the load as judged
+            self.pool.picked(selection.gateway_id)
 
     def _ramp(self) -> Callable[[str], float] | None:
         """Each gateway's slow start factor now; None (the common case) when none ramps."""

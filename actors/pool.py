@@ -79,6 +79,13 @@ class Pool:
         self._link(snapshot)
         self._refresh(seeds)
 
+    def picked(self, gateway_id: str) -> None:
+        """A selection chose it: its load counts one more connection (actors/members.py)."""
+        g = self.gateways.get(gateway_id)
+        if g is not None and self.everyone.find(gateway_id) is not None:
+            self.everyone.picked(gateway_id)
+            self.regions[g.region].picked(gateway_id)
+
     def remove(self, gateway_id: str) -> None:
         old = self.gateways.pop(gateway_id, None)
         if old is not None:
