@@ -23,8 +23,10 @@ ahead of every other as soon as it can be; that report is retried without limit.
 `close()` (clean stop) waits up to a deadline until every event is stored; if all are, it
 stores `orchestrator.stopped`, the mark that this run left nothing unaccounted for. A
 start that finds the stream ending otherwise records an `audit.gap` for the window since
-the last stored event (`unclean_stop_gap`): the previous run was killed, and what it had
-in flight then (acks come within milliseconds: normally the last few) is not vouched for.
+the last stored event (`unclean_stop_gap`): the previous run was killed (or could not
+store its last events before it stopped), and what it had not stored then is not vouched
+for. Acks come within milliseconds (`python -m bench events`), so after a kill that is
+normally its last few milliseconds of events; while the stream refused writes, all since.
 
 Order: events are stored in the order emitted, except around failures, where a retried
 event lands after later ones (its `ts` says when it happened).
@@ -338,13 +340,15 @@ class EventOutbox:
         self._in_flight.clear()
         self._retries.clear()
         self._incoming.clear()
+        self._gap = None
         events = [item for item in left if not item.reports]
+        why = self._last_failure or "no answer"
         for item in events:
             self._lose(item, "not stored when gatefleet stopped")
         log.error(
             "%d events could not be stored before the stop (%s); %d lost in this run",
             len(events),
-            self._last_failure or "no answer",
+            why,
             self.lost,
         )
 
@@ -383,6 +387,6 @@ def unclean_stop_gap(last: Event | None, stored_at: datetime) -> AuditGap | None
         since=since,
         until=utc_now(),
         events_lost=None,
-        reason="the previous run did not stop cleanly (killed?): events it emitted "
-        "after its last stored one may be missing",
+        reason="the previous run ended without a clean stop (killed, or its last events "
+        "could not be stored): events it emitted after its last stored one may be missing",
     )
