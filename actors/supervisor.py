@@ -488,5 +488,6 @@ def status_reply(
         detection_suspended_s=round(awareness.suspended_s, 3),
         shed=shed,
         probes=probes,
+        events_lost=ctx.events_lost(),
         health=health,
     )

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
@@ -23,7 +24,7 @@ from bus.connection import BusError
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
-from schemas.events import Event
+from schemas.events import Event, decode_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=msgspec.Struct)
@@ -136,11 +137,22 @@ class JetStream:
                 KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1)
             )
 
-    def emit(self, event: Event) -> None:
-        """Publishes an event (not awaiting the store's ack: hot paths must not wait)."""
-        self._bus.publish(
-            self._subjects.event(event.type), encode(event), headers={"Nats-Msg-Id": event.id}
-        )
+    def last_event(self) -> tuple[Event | None, datetime] | None:
+        """The stream's last event (None if it does not decode) and when it was stored;
+        None when the stream holds none."""
+        return self._bus.run(self._last_event(stream_name(self._subjects.prefix)))
+
+    async def _last_event(self, stream: str) -> tuple[Event | None, datetime] | None:
+        js = self._bus.js
+        state = (await js.stream_info(stream)).state
+        if not state.messages:
+            return None
+        stored = await js.get_msg(stream, seq=state.last_seq)
+        try:
+            event: Event | None = decode_event(stored.data or b"")
+        except msgspec.DecodeError:
+            event = None
+        return event, stored.time or datetime.now(UTC)
 
 
 class JetStreamWatch:

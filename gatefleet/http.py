@@ -304,6 +304,12 @@ def render_metrics(status: StatusReply) -> str:
             _by_label("kind", _zeros(("requests", "heartbeats", "probes"), status.shed)),
         ),
         _family(
+            "gatefleet_events_lost_total",
+            "counter",
+            "Events the audit stream could not store since start (each reported by an audit.gap event).",
+            [("", status.events_lost)],
+        ),
+        _family(
             "gatefleet_health_threshold_percent",
             "gauge",
             "Health score a gateway needs to be selectable.",

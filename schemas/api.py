@@ -126,6 +126,9 @@ class StatusReply(_Body, frozen=True):
     # Each part gatefleet needs -> "ok" or what is wrong: nats, jetstream, load_balancer,
     # distributor, supervisor (/healthz answers 503 naming those not ok).
     health: dict[str, str] = msgspec.field(default_factory=dict)
+    # Events the audit stream could not store since start (each reported in the stream
+    # by an `audit.gap` event).
+    events_lost: Count = 0
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):

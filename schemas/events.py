@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -320,8 +320,34 @@ class OrchestratorStarted(_Event, frozen=True, tag="orchestrator.started"):
     ha_enabled: bool
 
 
+class OrchestratorStopped(_Event, frozen=True, tag="orchestrator.stopped"):
+    """A clean stop: the last event of a run, stored only once every event before it
+    was (or, for events the stream never took, once `audit.gap` reported them).
+    `events_lost`: events of the run that could not be stored."""
+
+    events_lost: int
+
+
+class AuditGap(_Event, frozen=True, tag="audit.gap"):
+    """Events the audit trail may be missing, between `since` and `until` (event times).
+
+    `cause` "not_stored": `events_lost` events emitted in that window could not be stored
+    (the stream refused or did not answer until their retries ran out, or too many
+    waited); `reason` is the last failure. "unclean_stop": the previous run ended
+    without `orchestrator.stopped` (it was killed): `since` is its last stored event,
+    `until` this start, `events_lost` null (unknown)."""
+
+    cause: Literal["not_stored", "unclean_stop"]
+    since: datetime
+    until: datetime
+    events_lost: int | None
+    reason: str
+
+
 Event = (
     OrchestratorStarted
+    | OrchestratorStopped
+    | AuditGap
     | GatewayRegistered
     | GatewayStatusChanged
     | GatewayDown

@@ -117,6 +117,9 @@ class AuditSettings(_Section, frozen=True):
     record_selections: bool = True
     max_age_hours: Annotated[float, Meta(ge=0.0)] = 720.0  # 0: keep forever
     max_bytes: Annotated[int, Meta(ge=-1)] = 1024 * 1024 * 1024  # -1: no limit
+    # How long an event the stream did not store is sent again before it counts as lost
+    # (under the stream's 2-minute duplicate window, so a retry is never stored twice).
+    event_retry_ms: Annotated[int, Meta(ge=1, le=60_000)] = 30_000
 
 
 class HttpSettings(_Section, frozen=True):
