@@ -170,7 +170,7 @@ def _start_http(
     except ValueError as exc:
         orchestrator.stop()
         fail(f"--http: {exc}", EXIT_USAGE)
-    http_api = HttpApi()
+    http_api = HttpApi(per_gateway_metrics_max=settings.http.per_gateway_metrics_max)
     try:
         http_api.start(url, settings.bus.subject_prefix, host, port, settings.http.token)
     except (BusError, OSError) as exc:

@@ -16,7 +16,7 @@ unavailable 503, internal 500), and no answer at all is 503 `unavailable`.
 | GET  /api/v1/orchestration/distributions/{id} | `P.api.distributions.get` |
 | GET  /api/v1/orchestration/distributions?include_completed=true | `P.api.distributions.list` |
 | GET  /healthz | `P.api.status`: 200 `{"status": "ok"}` or 503 |
-| GET  /metrics | the counts of P.api.status, as Prometheus text |
+| GET  /metrics | the counts of P.api.status (and, for small fleets, P.api.gateways' heartbeat ages), as Prometheus text |
 
 POST bodies are forwarded untouched (an empty one as `{}`): the actors validate them, so
 a bad body gets the same `bad_request` over HTTP as over NATS. Bodies over 8 MiB are
@@ -34,7 +34,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import get_args
+from datetime import UTC, datetime
 
 import msgspec
 from aiohttp import web
@@ -43,11 +43,17 @@ from aiohttp.typedefs import Middleware
 from bus.edge import MAX_REQUEST_BYTES, error_body
 from bus.runtime import Bus
 from bus.subjects import Subjects
-from gatefleet import http_bridge
-from schemas.api import ErrorCode, StatusReply
+from gatefleet import http_bridge, metrics
+from schemas.api import (
+    GATEWAYS_MAX_LIMIT,
+    ErrorCode,
+    GatewaySnapshot,
+    GatewaysReply,
+    GatewaysRequest,
+    StatusReply,
+)
 from schemas.codec import decode, encode
-from schemas.endpoints import ENDPOINTS, HTTP_PREFIX, STATUS, Endpoint
-from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
+from schemas.endpoints import ENDPOINTS, GATEWAYS, HTTP_PREFIX, STATUS, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ DEFAULT_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
 SHUTDOWN_TIMEOUT_S = 5.0
 JSON = "application/json"
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_PER_GATEWAY_METRICS_MAX = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AnyEndpoint = Endpoint[msgspec.Struct, msgspec.Struct]
 
@@ -64,9 +70,16 @@ AnyEndpoint = Endpoint[msgspec.Struct, msgspec.Struct]
 class HttpApi:
     """The HTTP server and its bus, started and stopped from any thread but the bus's."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT_S, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        access_log: bool = True,
+        per_gateway_metrics_max: int = DEFAULT_PER_GATEWAY_METRICS_MAX,
+    ) -> None:
         self.timeout = timeout
         self.access_log = access_log
+        self.per_gateway_metrics_max = per_gateway_metrics_max
         self._bus: Bus | None = None
         self._runner: web.AppRunner | None = None
 
@@ -80,7 +93,13 @@ class HttpApi:
         bus = Bus(url, name="gatefleet-http")
         bus.start()
         try:
-            app = make_app(bus, Subjects(prefix), token=token, timeout=self.timeout)
+            app = make_app(
+                bus,
+                Subjects(prefix),
+                token=token,
+                timeout=self.timeout,
+                per_gateway_metrics_max=self.per_gateway_metrics_max,
+            )
             self._runner = bus.run(self._serve(app, host, port), timeout=30)
         except BaseException:
             bus.stop()
@@ -117,9 +136,16 @@ class HttpApi:
             bus.stop()
 
 
-def make_app(bus: Bus, subjects: Subjects, *, token: str, timeout: float) -> web.Application:
+def make_app(
+    bus: Bus,
+    subjects: Subjects,
+    *,
+    token: str,
+    timeout: float,
+    per_gateway_metrics_max: int = DEFAULT_PER_GATEWAY_METRICS_MAX,
+) -> web.Application:
     """The aiohttp application; its handlers must run on `bus`'s loop."""
-    api = _Api(bus, subjects, timeout)
+    api = _Api(bus, subjects, timeout, per_gateway_metrics_max)
     app = web.Application(
         middlewares=[_error_bodies, _bearer_auth(token)], client_max_size=MAX_REQUEST_BYTES
     )
@@ -136,10 +162,13 @@ def make_app(bus: Bus, subjects: Subjects, *, token: str, timeout: float) -> web
 class _Api:
     """The handlers: each one NATS request."""
 
-    def __init__(self, bus: Bus, subjects: Subjects, timeout: float) -> None:
+    def __init__(
+        self, bus: Bus, subjects: Subjects, timeout: float, per_gateway_metrics_max: int
+    ) -> None:
         self.bus = bus
         self.subjects = subjects
         self.timeout = timeout
+        self.per_gateway_metrics_max = per_gateway_metrics_max
 
     async def ask(
         self,
@@ -183,24 +212,45 @@ class _Api:
         return _json(200, b'{"status":"ok"}')
 
     async def metrics(self, _request: web.Request) -> web.Response:
-        """Prometheus text; `gatefleet_up 0` alone when the orchestrator does not answer."""
-        text = await self._collect_metrics()
-        if text is None:
-            text = _family("gatefleet_up", "gauge", _UP_HELP, [("", 0)])
-        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+        """Prometheus text (gatefleet/metrics.py); `gatefleet_up 0` alone when the
+        orchestrator does not answer."""
+        status = await self._status()
+        gateways = None
+        if status is not None and status.gateways_managed <= self.per_gateway_metrics_max:
+            gateways = await self._gateways(self.per_gateway_metrics_max)
+        page = metrics.render(status, gateways, datetime.now(UTC))
+        return web.Response(body=page, headers={"Content-Type": metrics.CONTENT_TYPE})
 
-    async def _collect_metrics(self) -> str | None:
-        # One small request: the status carries every count (a list of gateways or of
-        # distributions could outgrow a NATS message).
-        status, status_body = await self.ask(STATUS, b"{}")
-        if status != http_bridge.OK:
-            log.warning("metrics: gatefleet did not answer: %s", status_body)
+    async def _status(self) -> StatusReply | None:
+        # The status carries every count (a list of distributions could outgrow a message).
+        code, body = await self.ask(STATUS, b"{}")
+        if code != http_bridge.OK:
+            log.warning("metrics: gatefleet did not answer: %s", body)
             return None
         try:
-            return render_metrics(decode(status_body, StatusReply))
+            return decode(body, StatusReply)
         except msgspec.DecodeError:
             log.exception("metrics: unexpected reply")
             return None
+
+    async def _gateways(self, at_most: int) -> list[GatewaySnapshot] | None:
+        """Up to `at_most` gateways, page by page; None if a page does not come."""
+        rows: list[GatewaySnapshot] = []
+        cursor: str | None = None
+        while len(rows) < at_most:
+            limit = min(GATEWAYS_MAX_LIMIT, at_most - len(rows))
+            code, body = await self.ask(
+                GATEWAYS, encode(GatewaysRequest(limit=limit, cursor=cursor))
+            )
+            if code != http_bridge.OK:
+                log.warning("metrics: no gateways list: %s", body)
+                return None
+            page = decode(body, GatewaysReply)
+            rows += page.gateways
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return rows
 
 
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
@@ -219,134 +269,6 @@ def query_body(kind: type[msgspec.Struct], fields: dict[str, str]) -> msgspec.St
         return msgspec.convert(values, kind, strict=False)
     except msgspec.ValidationError as exc:
         raise ValueError(str(exc)) from exc
-
-
-# Prometheus text format ------------------------------------------------------------------
-
-_UP_HELP = "1 when gatefleet answered this scrape's requests, else 0."
-
-
-def render_metrics(status: StatusReply) -> str:
-    """The /metrics page (Prometheus text format 0.0.4). Every known label value is listed,
-    zeros included, so that a series does not vanish when its count drops to 0."""
-    families = [
-        _family("gatefleet_up", "gauge", _UP_HELP, [("", 1)]),
-        _family(
-            "gatefleet_gateways_managed",
-            "gauge",
-            "Gateways gatefleet tracks.",
-            [("", status.gateways_managed)],
-        ),
-        _family(
-            "gatefleet_gateways",
-            "gauge",
-            "Gateways by health status.",
-            _by_label("status", _zeros(get_args(GatewayStatus), status.gateways_by_status)),
-        ),
-        _family(
-            "gatefleet_gateways_flapping",
-            "gauge",
-            "Gateways flapping (not selected, not failed back to).",
-            [("", status.gateways_flapping)],
-        ),
-        _family(
-            "gatefleet_gateways_in_maintenance",
-            "gauge",
-            "Gateways in maintenance (drained by an operator).",
-            [("", status.gateways_in_maintenance)],
-        ),
-        _family(
-            "gatefleet_selections_total",
-            "counter",
-            "Gateway selections served since start, by the strategy in force.",
-            _by_label("strategy", _zeros(STRATEGIES, status.selections)),
-        ),
-        _family(
-            "gatefleet_distributions",
-            "gauge",
-            "Configuration distributions on record, by state.",
-            _by_label("state", _zeros(get_args(DistributionStatus), status.distributions_by_state)),
-        ),
-        _family(
-            "gatefleet_malformed_messages_total",
-            "counter",
-            "Messages dropped as malformed since start, by cause.",
-            _by_label("cause", status.malformed_messages),
-        ),
-        _family(
-            "gatefleet_actor_restarts_total",
-            "counter",
-            "Actors restarted after a crash since start.",
-            [("", status.actor_restarts)],
-        ),
-        _family(
-            "gatefleet_orchestrator_lag_ms",
-            "gauge",
-            "How late gatefleet's own event loop runs (local health awareness).",
-            [("", status.orchestrator_lag_ms)],
-        ),
-        _family(
-            "gatefleet_detection_suspended",
-            "gauge",
-            "1 while missed heartbeats are not counted (gatefleet disconnected or lagging).",
-            [("", int(status.detection_suspended))],
-        ),
-        _family(
-            "gatefleet_detection_suspended_seconds_total",
-            "counter",
-            "Seconds gatefleet did not count missed heartbeats since start.",
-            [("", status.detection_suspended_s)],
-        ),
-        _family(
-            "gatefleet_shed_total",
-            "counter",
-            "Work shed under overload since start: requests answered unavailable, heartbeats coalesced away.",
-            _by_label("kind", _zeros(("requests", "heartbeats", "probes"), status.shed)),
-        ),
-        _family(
-            "gatefleet_events_lost_total",
-            "counter",
-            "Events the audit stream could not store since start (each reported by an audit.gap event).",
-            [("", status.events_lost)],
-        ),
-        _family(
-            "gatefleet_health_threshold_percent",
-            "gauge",
-            "Health score a gateway needs to be selectable.",
-            [("", status.health_check_threshold)],
-        ),
-        _family(
-            "gatefleet_load_balancing_strategy",
-            "gauge",
-            "The load-balancing strategy in force (always 1, the strategy is the label).",
-            [(_labels("strategy", status.load_balancing_strategy), 1)],
-        ),
-    ]
-    return "".join(families)
-
-
-def _family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> str:
-    lines = [f"# HELP {name} {help_text}\n", f"# TYPE {name} {kind}\n"]
-    lines += [f"{name}{labels} {_number(value)}\n" for labels, value in samples]
-    return "".join(lines)
-
-
-def _by_label(label: str, counts: dict[str, int]) -> list[tuple[str, float]]:
-    return [(_labels(label, value), count) for value, count in sorted(counts.items())]
-
-
-def _labels(label: str, value: str) -> str:
-    escaped = value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-    return f'{{{label}="{escaped}"}}'
-
-
-def _zeros(known: tuple[str, ...], counts: dict[str, int]) -> dict[str, int]:
-    """Every known label with its count, 0 where there is none."""
-    return dict.fromkeys(known, 0) | counts
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 # Responses, authentication and error bodies ----------------------------------------------

@@ -127,6 +127,8 @@ class HttpSettings(_Section, frozen=True):
     listen: str = ""
     # When set, every API call needs `Authorization: Bearer <token>`.
     token: str = ""
+    # /metrics shows each gateway's heartbeat age only for fleets up to this size.
+    per_gateway_metrics_max: Annotated[int, Meta(ge=0, le=100_000)] = 1000
 
 
 class GatewayEntry(_Section, frozen=True):

@@ -25,10 +25,10 @@ from bus.outbox import EventOutbox, unclean_stop_gap
 from bus.runtime import Bus
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
+from gatefleet import metrics
 from gatefleet.app import Orchestrator
 from gatefleet.audit import audit
 from gatefleet.audit.stream import Replay
-from gatefleet.http import render_metrics
 from schemas.events import (
     Alarm,
     AuditGap,
@@ -140,7 +140,7 @@ def test_events_the_stream_refuses_are_counted_then_reported_once_it_takes_write
         what="20 events counted lost",
         show=lambda: (outbox.lost, outbox.waiting),
     )
-    assert "gatefleet_events_lost_total 20\n" in render_metrics(fleet.status())
+    assert "gatefleet_events_lost_total 20.0\n" in metrics.render(fleet.status()).decode()
 
     # The report waits for room in the stream, then is stored after the 10 that fitted.
     limit_stream(bus, prefix, max_msgs=-1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -17,6 +16,7 @@ import aiohttp
 import msgspec
 import pykka
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from actors.distributor import DistributorActor
 from bus.edge import MAX_REQUEST_BYTES
@@ -59,7 +59,6 @@ ENDPOINTS = [
     ("GET", f"{API}/distributions?include_completed=true", None),
     ("GET", "/metrics", None),
 ]
-SAMPLE_RE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
 
 
 class Response(NamedTuple):
@@ -118,15 +117,13 @@ class Http:
 
 
 def metrics(text: str) -> dict[str, float]:
-    """`name{labels}` -> value for each sample of a Prometheus text page (checking syntax)."""
+    """`name{labels}` -> value for each sample of a Prometheus text page, as Prometheus's
+    own text parser reads it (it raises on a syntax error)."""
     samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) [a-z_]+ \S", line), line
-            continue
-        match = SAMPLE_RE.match(line)
-        assert match, f"not a sample: {line!r}"
-        samples[match[1] + (match[2] or "")] = float(match[3])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
 
 
@@ -327,6 +324,23 @@ def test_healthz_and_metrics(http: Http, fleet: Fleet, gatefleet: Orchestrator) 
     assert {name: samples.get(name) for name in expected} == expected
     assert samples["gatefleet_orchestrator_lag_ms"] >= 0
     assert samples["gatefleet_detection_suspended_seconds_total"] >= 0
+    # A small fleet: each gateway's heartbeat age, recent.
+    ages = {k: v for k, v in samples.items() if k.startswith("gatefleet_gateway_heartbeat_age")}
+    assert len(ages) == 2
+    assert all(0 <= age < 5 for age in ages.values())
+
+
+def test_no_per_gateway_series_above_per_gateway_metrics_max(
+    gatefleet: Orchestrator, fleet: Fleet, prefix: str
+) -> None:
+    api = HttpApi(per_gateway_metrics_max=1)  # the fleet has 2
+    try:
+        http = Http(api.start(gatefleet.url, prefix, "127.0.0.1", 0, ""), "")
+        samples = metrics(http.get("/metrics").body.decode())
+    finally:
+        api.stop()
+    assert samples["gatefleet_gateways_managed"] == 2
+    assert not [k for k in samples if k.startswith("gatefleet_gateway_heartbeat_age")]
 
 
 # Authentication ---------------------------------------------------------------------------
