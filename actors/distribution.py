@@ -16,6 +16,10 @@ gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush request
 `P.gw.<id>.config`; tells the parent DistributionChanged after every stored step, and
 stops itself once the distribution has ended.
 
+A step whose record cannot be stored (after the store's retries) is not carried out:
+the distribution ends failed ("cannot store its progress: <why>") as it was told last,
+and the actor stops, so its type's queue moves on.
+
 Its parent, the distributor, writes its desired state (schemas/stored.py) before
 starting it, and starts a new one from the stored record if it dies (SafeActor tells it
 ChildDied). An ack that does not decode or does not match the push (distribution,
@@ -39,10 +43,13 @@ from actors.distribution_machine import (
     Finished,
     ScheduleRetry,
     Send,
+    abandoned,
+    finished_step,
 )
 from actors.distribution_store import DistributionStore
 from actors.messages import DistributionChanged, PushAnswered, RetryDue
 from bus.edge import Drops
+from bus.jetstream import KvError
 from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
@@ -144,14 +151,38 @@ class DistributionActor(SafeActor):
         return None
 
     def _step(self, commands: list[Command]) -> None:
-        """Tell the parent of a new record, store it before anything goes out, then act."""
+        """Store a new record before anything goes out, tell the parent of it, then act.
+        A record that cannot be stored ends the distribution failed, as it was told last:
+        nothing of the step that needed the write is done."""
         record = self.machine.record
         if record is not self._told:
-            self._told = record
             if any(isinstance(c, Send | ScheduleRetry | Finished) for c in commands):
-                self.store.put_record(record)
+                try:
+                    self.store.put_record(record)
+                except KvError as exc:
+                    self._give_up(f"cannot store its progress: {exc}")
+                    return
+            self._told = record
             safe_tell(self.distributor, DistributionChanged(record=record))
         self._act(record, commands)
+
+    def _give_up(self, reason: str) -> None:
+        """Ends failed, from the last record told (what has really been sent)."""
+        failed = abandoned(self._told, reason, utc_now())
+        try:
+            self.store.put_record(failed)
+        except KvError as exc:
+            log.error(  # noqa: TRY400 - a known failure: one line, no traceback
+                "distribution %s failed and that cannot be stored either (%s): after a "
+                "restart it resumes from its last stored record",
+                failed.id,
+                exc,
+            )
+        self._told = failed
+        log.error("distribution %s failed: %s", failed.id, reason)
+        self.ctx.emit(step_event(failed, Emit(finished_step(failed))))
+        safe_tell(self.distributor, DistributionChanged(record=failed))
+        self.stop()
 
     def _act(self, record: Distribution, commands: list[Command]) -> None:
         for command in commands:

@@ -362,12 +362,22 @@ class DistributionMachine:
             status = "failed" if acked == 0 else "partially_failed"
             reason = f"{failed} of {total} gateways failed"
         self._commit({}, status=status, completed_at=now_wall, reason=reason)
-        done = Emit(
-            FinishedStep(
-                status=status,
-                successful=list(rec.successful_gateways),
-                failed=list(rec.failed_gateways),
-                reason=reason,
-            )
-        )
-        return [done, Finished(status)]
+        return [Emit(finished_step(self._record)), Finished(status)]
+
+
+def abandoned(record: Distribution, reason: str, now_wall: datetime) -> Distribution:
+    """The record of a distribution given up on (its actor died again and again, or its
+    progress could not be stored), ended as failed as it stands."""
+    return replace(
+        record, status="failed", completed_at=record.completed_at or now_wall, reason=reason
+    )
+
+
+def finished_step(record: Distribution) -> FinishedStep:
+    """The `finished` step of a record that has ended."""
+    return FinishedStep(
+        status=record.status,
+        successful=list(record.successful_gateways),
+        failed=list(record.failed_gateways),
+        reason=record.reason,
+    )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from msgspec.structs import replace
 
-from actors.distribution_machine import TERMINAL_STATUSES, new_distribution
+from actors.distribution_machine import TERMINAL_STATUSES, abandoned, new_distribution
 from bus.jetstream import KvStore
 from schemas.api import Distribution
 from schemas.codec import DecodeError
@@ -80,11 +80,15 @@ class DistributionStore:
                 spec = self.spec(dist_id)
                 if spec is not None and spec.targets is not None:
                     loaded.records[dist_id] = record_from_spec(dist_id, spec)
+        for record in loaded.records.values():
+            # A spec is stored before its version counter, which may have failed after it.
+            last = loaded.versions.get(record.config_type, 0)
+            loaded.versions[record.config_type] = max(last, record.version)
         for dist_id, record in list(loaded.records.items()):
             if record.status not in TERMINAL_STATUSES:
                 spec = self.spec(dist_id)
                 if spec is not None and spec.abandoned:
-                    loaded.records[dist_id] = abandoned(record, spec.abandoned)
+                    loaded.records[dist_id] = abandoned(record, spec.abandoned, utc_now())
         for key, value in self._desired.items(DesiredConfig).items():
             config_type, _, gateway_id = key.partition(".")
             loaded.desired[(config_type, gateway_id or None)] = value
@@ -147,10 +151,3 @@ def record_from_spec(dist_id: str, spec: DistributionSpec) -> Distribution:
     if spec.origin != "distribute" or spec.request_id is not None:
         record = replace(record, origin=spec.origin, request_id=spec.request_id)
     return record
-
-
-def abandoned(record: Distribution, reason: str) -> Distribution:
-    """The record of a distribution given up on, ended as failed."""
-    return replace(
-        record, status="failed", completed_at=record.completed_at or utc_now(), reason=reason
-    )

@@ -16,9 +16,12 @@ its DistributionActor emits every other step); `ha.reconcile` through the driver
 Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list`,
 `P.api.reconcile`.
 
-`distribute` answers once the version counter and the spec are stored (the spec names the
-targets, resolved when the distribution is created, so its record can be rebuilt from it);
-desired state is written when the distribution starts, before its actor sends anything.
+`distribute` answers once the spec is stored (the spec names the targets, resolved when
+the distribution is created, so its record can be rebuilt from it), or `unavailable` if
+the store refuses it (nothing is stored then); the version counter is written after the
+spec. Desired state is written when the distribution starts, before its actor sends
+anything; a distribution that cannot be started (its desired state or spec cannot be
+written or read) ends failed with the reason, and the next one of its type starts.
 Which key each component writes is in schemas/stored.py. At start, unfinished
 distributions are queued again per type in version order and resumed; what each gateway
 rejected is rebuilt from the records.
@@ -45,8 +48,13 @@ from msgspec.structs import replace
 from actors.base import SafeActor, stop_all
 from actors.context import Context
 from actors.distribution import DistributionActor
-from actors.distribution_machine import TERMINAL_STATUSES, resolve_targets
-from actors.distribution_store import DistributionStore, abandoned, record_from_spec
+from actors.distribution_machine import (
+    TERMINAL_STATUSES,
+    abandoned,
+    finished_step,
+    resolve_targets,
+)
+from actors.distribution_store import DistributionStore, record_from_spec
 from actors.messages import (
     ChildDied,
     DistributionChanged,
@@ -61,6 +69,7 @@ from actors.paging import BadCursor, distributions_page
 from actors.reconcile_driver import ReconcileDriver
 from actors.reconciliation import Desired, Resync
 from bus.edge import reply_error
+from bus.jetstream import KvError
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
@@ -73,7 +82,7 @@ from schemas.api import (
     ReconcileRequest,
 )
 from schemas.codec import encode
-from schemas.events import DistributionEvent, FinishedStep, QueuedStep, utc_now
+from schemas.events import DistributionEvent, QueuedStep, utc_now
 from schemas.stored import DesiredConfig, DistributionSpec
 from schemas.types import DistributionStatus
 
@@ -217,8 +226,6 @@ class DistributorActor(SafeActor):
             return
         config_type = request.config_type
         version = self.versions.get(config_type, 0) + 1
-        self.store.put_version(config_type, version)
-        self.versions[config_type] = version
         targets, unknown = resolve_targets(request.target_gateways, self.reconcile.active)
         spec = DistributionSpec(
             config_type=config_type,
@@ -230,7 +237,16 @@ class DistributorActor(SafeActor):
             created_at=utc_now(),
             request_id=request.request_id,
         )
-        dist_id = self._create(spec)
+        try:
+            dist_id = self._create(spec)
+        except KvError as exc:
+            reply_error(self.replies, reply, "unavailable", f"cannot store it: {exc}")
+            return
+        self.versions[config_type] = version
+        try:
+            self.store.put_version(config_type, version)
+        except KvError as exc:  # its spec, stored, holds the version all the same
+            log.warning("version counter of %s not stored: %s", config_type, exc)
         self.replies.publish(reply, DistributeReply(distribution_id=dist_id))
         self._enqueue(self.records[dist_id], spec)
 
@@ -266,46 +282,60 @@ class DistributorActor(SafeActor):
         )
 
     def _start_head(self, config_type: str, spec: DistributionSpec | None = None) -> None:
-        """Starts the first distribution queued for `config_type`, if any."""
+        """Starts the first distribution queued for `config_type`, if any. One that cannot
+        start ends failed, and the next one is started instead."""
         queue = self.queues.get(config_type)
+        failed = []
+        while queue:
+            record = self.records[queue[0]]
+            reason = self._start(record, spec)
+            if reason is None:
+                break
+            queue.popleft()
+            spec = None
+            failed.append(self._fail(record, reason))
         if not queue:
             self.queues.pop(config_type, None)
-            return
-        record = self.records[queue[0]]
-        spec = spec or self.store.spec(record.id)
-        if spec is None:
-            log.error("distribution %s has no stored spec: failing it", record.id)
-            self._finished(self._fail(record, "spec lost"))
-            return
-        self._start_actor(record, spec)
+        for record in failed:
+            self.reconcile.finished(record)
 
-    def _start_actor(self, record: Distribution, spec: DistributionSpec) -> None:
-        sets_desired = record.status == "pending" and record.origin == "distribute"
-        if sets_desired:
-            self._set_desired(record, spec)
+    def _start(self, record: Distribution, spec: DistributionSpec | None = None) -> str | None:
+        """Starts its DistributionActor (writing desired state first if it sets it);
+        or why it cannot start."""
+        try:
+            spec = spec or self.store.spec(record.id)
+            if spec is None:
+                return "spec lost"
+            sets_desired = record.status == "pending" and record.origin == "distribute"
+            if sets_desired:
+                self._set_desired(record, spec)
+        except KvError as exc:
+            return f"cannot start it: {exc}"
         self.running[record.id] = DistributionActor.start(
             self.ctx, record, spec, parent=self.actor_ref, store=self.store
         )
         if sets_desired:
             self.reconcile.check(None, [record.config_type])
+        return None
 
     def _set_desired(self, record: Distribution, spec: DistributionSpec) -> None:
-        """Fleet-wide for a distribution to every gateway, else per named (known) gateway."""
+        """Fleet-wide for a distribution to every gateway, else per named (known) gateway:
+        stored, then in force (a write that fails raises KvError, and none is in force)."""
         value = DesiredConfig(
             config_type=record.config_type,
             version=record.version,
             distribution_id=record.id,
             set_at=utc_now(),
         )
-        desired = Desired(record.version, record.id)
         if spec.target_gateways is None:
-            self.store.put_desired(record.config_type, None, value)
-            self.reconcile.set_desired(record.config_type, None, desired)
-            return
-        for gw, delivery in record.gateways.items():
-            if delivery.state == "pending":  # not an unknown id, failed from the start
-                self.store.put_desired(record.config_type, gw, value)
-                self.reconcile.set_desired(record.config_type, gw, desired)
+            gateways: list[str | None] = [None]
+        else:  # not the unknown ids, failed from the start
+            gateways = [gw for gw, d in record.gateways.items() if d.state == "pending"]
+        for gw in gateways:
+            self.store.put_desired(record.config_type, gw, value)
+        desired = Desired(record.version, record.id)
+        for gw in gateways:
+            self.reconcile.set_desired(record.config_type, gw, desired)
 
     def _changed(self, record: Distribution) -> None:
         """A record as its DistributionActor stored it."""
@@ -327,18 +357,22 @@ class DistributorActor(SafeActor):
 
     def _fail(self, record: Distribution, reason: str) -> Distribution:
         """Gives up an unfinished distribution whose actor cannot carry it: its spec says
-        so (the record is its actor's to write), and it ends failed."""
-        spec = self.store.spec(record.id)
-        if spec is not None:
-            self.store.put_spec(record.id, replace(spec, abandoned=reason))
-        failed = abandoned(record, reason)
+        so (the record is its actor's to write), and it ends failed. If even that cannot
+        be stored, it is tried again after a restart."""
+        log.error("distribution %s failed: %s", record.id, reason)
+        try:
+            spec = self.store.spec(record.id)
+            if spec is not None:
+                self.store.put_spec(record.id, replace(spec, abandoned=reason))
+        except KvError as exc:
+            log.error(  # noqa: TRY400 - a known failure: one line, no traceback
+                "the failure of %s cannot be stored (%s): it starts again after a restart",
+                record.id,
+                exc,
+            )
+        failed = abandoned(record, reason, utc_now())
         self._update(failed)
-        step = FinishedStep(
-            status="failed",
-            successful=list(failed.successful_gateways),
-            failed=list(failed.failed_gateways),
-            reason=reason,
-        )
+        step = finished_step(failed)
         self.ctx.emit(DistributionEvent.of(failed.id, failed.config_type, failed.version, step))
         return failed
 
@@ -355,16 +389,13 @@ class DistributorActor(SafeActor):
         self.restarts[dist_id] += 1
         if self.restarts[dist_id] > MAX_RESTARTS:
             log.error("distribution actor %s died again (%s): failing it", dist_id, error)
-            reason = f"its actor died {self.restarts[dist_id]} times: {error}"
-            self._finished(self._fail(record, reason))
-            return
-        spec = self.store.spec(dist_id)
-        if spec is None:
-            self._finished(self._fail(record, "spec lost"))
+            self._finished(self._fail(record, f"its actor died {self.restarts[dist_id]} times"))
             return
         self.ctx.restarts.add("DistributionActor")
         log.warning("distribution actor %s died (%s): restarting it", dist_id, error)
-        self._start_actor(record, spec)
+        cannot = self._start(record)
+        if cannot is not None:
+            self._finished(self._fail(record, cannot))
 
     def _update(self, record: Distribution) -> None:
         """Keeps the record and the status counts; tells listeners when the counts change."""

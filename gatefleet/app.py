@@ -94,7 +94,12 @@ class Orchestrator:
         self.bus.start()
         jetstream = JetStream(self.bus, self.subjects)
         audit = self.settings.audit
-        jetstream.setup(max_age_s=audit.max_age_hours * 3600, max_bytes=audit.max_bytes)
+        jetstream.setup(
+            max_age_s=audit.max_age_hours * 3600,
+            max_bytes=audit.max_bytes,
+            kv_retries=self.settings.orchestrator.kv_write_retries,
+            kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
+        )
         self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health)
         context = Context(
             bus=self.bus,

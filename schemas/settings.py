@@ -38,6 +38,11 @@ class OrchestratorSettings(_Section, frozen=True):
     load_balancing_strategy: StrategyName = "RoundRobin"
     health_threshold_percent: Percent = 70.0
     ha_enabled: bool = True
+    # A failed key-value write (or read) is tried again this many times, the first after
+    # kv_write_backoff_ms and each next one after twice the wait before it; then the step
+    # that needed it fails (a distribution ends failed, a request gets `unavailable`).
+    kv_write_retries: Annotated[int, Meta(ge=0, le=20)] = 3
+    kv_write_backoff_ms: Milliseconds = 100
 
 
 class BusSettings(_Section, frozen=True):

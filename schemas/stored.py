@@ -8,8 +8,9 @@ Bucket `distributions`:
 - `layout`: `Layout`, the version of this layout (absent: 1, the first release's).
   Written once at start, after any migration.
 - `versions.<config_type>`: `VersionCounter`, the last version given to that type.
-  Writer: the distributor, before the spec that uses it, so versions only ever grow,
-  across restarts too.
+  Writer: the distributor, after the spec that uses it (the spec is what makes a
+  distribution exist). At start a type's last version is the higher of its counter and
+  its stored distributions' versions, so versions only ever grow, across restarts too.
 - `dist-<uuid>.spec`: `DistributionSpec`, what was asked and whom it resolved to.
   Writer: the distributor, before it answers `distribute`; rewritten only while the
   distribution waits in its queue (a reconciliation taking in more gateways) and to

@@ -1,0 +1,197 @@
+"""Configuration distribution when JetStream refuses writes: a real nats-server whose
+buckets are made to refuse any write that would grow them (their stream's `max_bytes` set
+to what they hold), as a full disk or an account over its limits would. No write is
+half-done: a failed one is retried with backoff, then its step fails visibly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from bus.jetstream import KvStore, bucket_name
+from bus.runtime import Bus
+from gatefleet.app import Orchestrator
+from gatefleet.client import GatefleetClient, Unavailable
+from tests import test_distribution
+from tests.conftest import EventLog, wait_until
+from tests.distribution_events import finished
+from tests.test_distribution import ROUTE, ConfigFleet
+
+# The fixtures of the distribution tests: a fleet whose gateways record what they apply,
+# and `run` to start an orchestrator with short timings.
+fleet = test_distribution.fleet
+run = test_distribution.run
+
+REFUSED = "JetStream refused it (maximum bytes exceeded)"
+RETRIES = {"kv_write_retries": 2, "kv_write_backoff_ms": 10}
+
+
+class Bucket:
+    """One of the orchestrator's buckets, seen from the test's own connection."""
+
+    def __init__(self, bus: Bus, prefix: str, name: str) -> None:
+        self.bus = bus
+        self.stream = "KV_" + bucket_name(prefix, name)
+        self.kv = KvStore(bus, bus.run(bus.js.key_value(bucket_name(prefix, name))))
+
+    def refuse_growth(self) -> None:
+        """From now on JetStream refuses any write that makes the bucket hold more."""
+        self._limit(None)
+
+    def lift_limit(self) -> None:
+        self._limit(-1)
+
+    def last_seq(self) -> int:
+        """The sequence number of the bucket's last accepted write."""
+
+        async def info() -> int:
+            return (await self.bus.js.stream_info(self.stream)).state.last_seq
+
+        return self.bus.run(info())
+
+    def _limit(self, max_bytes: int | None) -> None:
+        async def limit() -> None:
+            info = await self.bus.js.stream_info(self.stream)
+            config = info.config
+            # At least 1: 0 would mean no limit.
+            config.max_bytes = max(info.state.bytes, 1) if max_bytes is None else max_bytes
+            await self.bus.js.update_stream(config)
+
+        self.bus.run(limit())
+
+
+@pytest.fixture
+def bucket(bus: Bus, prefix: str) -> Callable[[str], Bucket]:
+    return lambda name: Bucket(bus, prefix, name)
+
+
+def retries_logged(caplog: pytest.LogCaptureFixture, key: str) -> int:
+    return sum(f"put {key} failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_step_that_cannot_be_stored_fails_the_distribution_and_the_queue_moves_on(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bucket: Callable[[str], Bucket],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    silent, other = fleet.add_many("gw-silent", "gw-other")
+    silent.silent_config = True
+    orchestrator = run(distribution_ack_timeout_ms=1000, **RETRIES)
+    first = client.distribute("Route", ROUTE, ["gw-silent"]).distribution_id
+    queued = client.distribute("Route", ROUTE, ["gw-other"]).distribution_id
+    wait_until(lambda: len(silent.received) == 1, what="the first push")
+    distributions = bucket("distributions")
+    distributions.refuse_growth()
+
+    # The timeout's retry must be stored before it is sent: refused, so it is not sent.
+    first_end = finished(event_log, first, timeout=5).details
+    assert first_end["status"] == "failed"
+    assert first_end["reason"] == f"cannot store its progress: {REFUSED}"
+    # Each write tried 1 + kv_write_retries times: the step's, then the failure's own.
+    assert retries_logged(caplog, first) == 2 * RETRIES["kv_write_retries"]
+    # The queue moved on: the next one started, and failed at its first write likewise.
+    assert finished(event_log, queued).details["reason"] == f"cannot store its progress: {REFUSED}"
+    assert len(silent.received) == 1
+    assert not other.received
+    record = client.get_distribution(first)
+    assert (record.status, record.reason) == ("failed", f"cannot store its progress: {REFUSED}")
+    status = client.status()
+    assert (status.active_distributions, status.failed_distributions) == (0, 2)
+
+    # Nothing is stuck after a restart: the failures could not be stored either, so both
+    # resume from what was stored and end.
+    orchestrator.stop()
+    distributions.lift_limit()
+    silent.silent_config = False
+    run()
+
+    def both_completed() -> bool:
+        return all(client.get_distribution(d).status == "completed" for d in (first, queued))
+
+    wait_until(both_completed, timeout=10, what="both completed after the restart")
+    assert [push.attempt for _, push in silent.received] == [1, 1]  # the same attempt again
+
+
+def test_a_write_refused_for_a_while_is_retried_and_the_distribution_goes_on(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bucket: Callable[[str], Bucket],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    [silent] = fleet.add_many("gw-1")
+    silent.silent_config = True
+    run(kv_write_retries=5, kv_write_backoff_ms=200)
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(lambda: len(silent.received) == 1, what="the first push")
+    distributions = bucket("distributions")
+    distributions.refuse_growth()
+    silent.silent_config = False
+    wait_until(lambda: retries_logged(caplog, dist_id) >= 1, what="a retry")
+    distributions.lift_limit()
+
+    assert finished(event_log, dist_id).details["status"] == "completed"
+    assert [push.attempt for _, push in silent.received] == [1, 2]
+
+
+def test_desired_state_that_cannot_be_stored_fails_the_distribution_before_any_push(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bucket: Callable[[str], Bucket],
+) -> None:
+    [gw] = fleet.add_many("gw-1")
+    run(**RETRIES)
+    desired = bucket("desired")
+    desired.refuse_growth()
+    first = client.distribute("Route", ROUTE, ["gw-1"]).distribution_id
+    second = client.distribute("Route", ROUTE).distribution_id
+
+    for dist_id in (first, second):
+        end = finished(event_log, dist_id).details
+        assert (end["status"], end["reason"]) == ("failed", f"cannot start it: {REFUSED}")
+    assert not gw.received
+    assert desired.kv.keys() == []
+
+    desired.lift_limit()
+    third = client.distribute("Route", ROUTE).distribution_id
+    assert finished(event_log, third).details["status"] == "completed"
+    assert gw.config_versions == {"Route": 3}
+
+
+def test_distribute_answers_unavailable_when_jetstream_refuses_writes_and_the_rest_works(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bucket: Callable[[str], Bucket],
+) -> None:
+    fleet.add_many("gw-1", "gw-2")
+    run(**RETRIES)
+    done = client.distribute("Route", ROUTE).distribution_id
+    finished(event_log, done)
+    distributions = bucket("distributions")
+    written = distributions.last_seq()
+    distributions.refuse_growth()
+
+    for config_type in ("Route", "Tls"):  # a new version of a type, and a new type
+        with pytest.raises(Unavailable) as refused:
+            client.distribute(config_type, {"blob": "x" * 200})
+        assert str(refused.value) == f"cannot store it: {REFUSED}"
+    assert distributions.last_seq() == written  # nothing half-stored
+    assert [d.id for d in client.list_distributions().distributions] == [done]
+    # Selection and health are not held up.
+    fleet.stop("gw-2", goodbye=False)
+    wait_until(lambda: client.status().gateways_healthy == 1, what="gw-2 seen down")
+    assert client.select_optimal_gateway().gateway_id == "gw-1"
+
+    distributions.lift_limit()
+    again = client.distribute("Route", ROUTE, ["gw-1"]).distribution_id
+    assert finished(event_log, again).details["status"] == "completed"
+    assert client.get_distribution(again).version == 2
