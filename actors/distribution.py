@@ -2,14 +2,14 @@
 
 Owns: a `DistributionMachine` (actors/distribution_machine.py: the batches, retries and
 the final status are decided there) and the pushes in flight. A step that sends, schedules
-a retry or finishes stores the new record (it is the one writer of its record's key,
-schemas/stored.py) first and then
-carries out the machine's commands (store, then act), so a crash at any point resumes
-from a record that is never behind what gateways have been sent. Acks and nacks in
-between are not stored one by one (each store is an fsync of the whole record): after a
-crash those gateways are sent the same push again, which they acknowledge without
-applying it twice (pushes are idempotent on distribution id and version). Every step is
-told to the parent, which answers status queries from memory.
+a retry or finishes first stores its progress and the chunks of the gateways changed
+since the last store (it is the one writer of those keys once it runs,
+schemas/stored.py), then carries out the machine's commands (store, then act), so a
+crash at any point resumes from a record that is never behind what gateways have been
+sent. Acks and nacks in between are not stored one by one (each store is an fsync):
+after a crash those gateways are sent the same push again, which they acknowledge
+without applying it twice (pushes are idempotent on distribution id and version). Every
+step is told to the parent, which answers status queries from memory.
 Receives: PushAnswered (from the bus loop), RetryDue (its own timers).
 Emits: `distribution.step` events (created, batch_sent, gateway_acked, gateway_nacked,
 gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush requests on
@@ -54,7 +54,6 @@ from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
 from schemas.events import DistributionEvent, utc_now
-from schemas.stored import DistributionSpec
 from schemas.wire import ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ class DistributionActor(SafeActor):
         self,
         context: Context,
         record: Distribution,
-        spec: DistributionSpec,
+        config_data: dict[str, Any],
         *,
         parent: pykka.ActorRef[Any],
         store: DistributionStore,
@@ -114,8 +113,8 @@ class DistributionActor(SafeActor):
         super().__init__(context.runtime.dispatcher(self.dispatch, "distribution"))
         self.ctx = context
         self.bus = context.bus
-        self.spec = spec
-        self.store = store  # its record's key is this actor's alone to write
+        self.config_data = config_data
+        self.store = store  # its progress and chunks are this actor's alone to write
         self.distributor = parent
         self.parent = parent  # told ChildDied if this actor dies (SafeActor)
         self.supervision_key = record.id
@@ -127,6 +126,8 @@ class DistributionActor(SafeActor):
             retry_delay_s=settings.distribution_retry_delay_ms / 1000,
         )
         self.ack_timeout_s = settings.distribution_ack_timeout_ms / 1000
+        # Each target's position, which says in which chunk its state is stored.
+        self._positions = {gw: n for n, gw in enumerate(record.target_gateways)}
         self._told = record
         self._pushes: dict[int, tuple[ConfigPush, bytes]] = {}  # per attempt number
 
@@ -158,7 +159,7 @@ class DistributionActor(SafeActor):
         if record is not self._told:
             if any(isinstance(c, Send | ScheduleRetry | Finished) for c in commands):
                 try:
-                    self.store.put_record(record)
+                    self._store(record)
                 except KvError as exc:
                     self._give_up(f"cannot store its progress: {exc}")
                     return
@@ -166,11 +167,18 @@ class DistributionActor(SafeActor):
             safe_tell(self.distributor, DistributionChanged(record=record))
         self._act(record, commands)
 
+    def _store(self, record: Distribution) -> None:
+        """Its progress and the states changed since the last store (the machine's)."""
+        changed = [self._positions[gw] for gw in self.machine.changed]
+        self.store.put_progress(record, changed)
+        self.machine.saved()
+
     def _give_up(self, reason: str) -> None:
         """Ends failed, from the last record told (what has really been sent)."""
         failed = abandoned(self._told, reason, utc_now())
         try:
-            self.store.put_record(failed)
+            # Every state the step changed, as it was told (its changes are not done).
+            self.store.put_progress(failed, [self._positions[gw] for gw in self.machine.changed])
         except KvError as exc:
             log.error(  # noqa: TRY400 - a known failure: one line, no traceback
                 "distribution %s failed and that cannot be stored either (%s): after a "
@@ -216,7 +224,7 @@ class DistributionActor(SafeActor):
                 distribution_id=record.id,
                 config_type=record.config_type,
                 version=record.version,
-                config_data=self.spec.config_data,
+                config_data=self.config_data,
                 attempt=attempt,
             )
             found = self._pushes[attempt] = (push, encode(push))

@@ -72,6 +72,7 @@ from schemas.events import (
     ResumedStep,
     Step,
 )
+from schemas.stored import STORED_ERROR_CHARS
 from schemas.types import DistributionStatus
 
 IN_FLIGHT_STATES: Final = frozenset[GatewayDeliveryState]({"sent", "timed_out", "retrying"})
@@ -185,6 +186,7 @@ class DistributionMachine:
         states = {gw: self._delivery(gw).state for gw in record.target_gateways}
         self._in_flight = {gw for gw, s in states.items() if s in IN_FLIGHT_STATES}
         self._pending = deque(gw for gw, s in states.items() if s == "pending")
+        self._changed: set[str] = set()  # gateways whose state changed since `saved()`
 
     @property
     def record(self) -> Distribution:
@@ -194,6 +196,15 @@ class DistributionMachine:
     @property
     def finished(self) -> bool:
         return self._record.status in TERMINAL_STATUSES
+
+    @property
+    def changed(self) -> frozenset[str]:
+        """The gateways whose state has changed since the last `saved()`."""
+        return frozenset(self._changed)
+
+    def saved(self) -> None:
+        """The record as it is now is stored."""
+        self._changed.clear()
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -256,7 +267,7 @@ class DistributionMachine:
         d = self._awaiting(gateway_id, attempt)
         if d is None:
             return []
-        self._commit({gateway_id: replace(d, state="nacked", error=error)})
+        self._commit({gateway_id: replace(d, state="nacked", error=clip(error))})
         return [
             Emit(GatewayNackedStep(attempts=d.attempts, error=error), gateway_id),
             *self._advance(now_wall),
@@ -328,6 +339,7 @@ class DistributionMachine:
                 self._in_flight.discard(gw)
         if changes:
             fields["gateways"] = {**rec.gateways, **changes}
+            self._changed.update(changes)
         if ok:
             fields["successful_gateways"] = [*rec.successful_gateways, *ok]
         if bad:
@@ -363,6 +375,14 @@ class DistributionMachine:
             reason = f"{failed} of {total} gateways failed"
         self._commit({}, status=status, completed_at=now_wall, reason=reason)
         return [Emit(finished_step(self._record)), Finished(status)]
+
+
+def clip(error: str) -> str:
+    """A gateway's error as kept in the record: at most STORED_ERROR_CHARS characters (the
+    `gateway_nacked` event has all of it), so that stored chunks stay bounded."""
+    if len(error) <= STORED_ERROR_CHARS:
+        return error
+    return error[: STORED_ERROR_CHARS - 1] + "…"
 
 
 def abandoned(record: Distribution, reason: str, now_wall: datetime) -> Distribution:

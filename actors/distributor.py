@@ -11,15 +11,16 @@ Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemove
 ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
 on every change: the supervisor).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
-its type, and "finished" for one it fails itself (spec lost, actor dying again and again;
+its type, and "finished" for one it fails itself (spec or content lost, its store
+failing, its actor dying again and again;
 its DistributionActor emits every other step); `ha.reconcile` through the driver.
 Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list`,
 `P.api.reconcile`.
 
-`distribute` answers once the spec is stored (the spec names the targets, resolved when
-the distribution is created, so its record can be rebuilt from it), or `unavailable` if
-the store refuses it (nothing is stored then); the version counter is written after the
-spec. Desired state is written when the distribution starts, before its actor sends
+`distribute` answers once the distribution is stored (its content, its targets,
+resolved when it is created, in chunks, and last its spec), or `unavailable` if the store
+refuses it (nothing of it exists then); the version counter is written after the spec.
+`distributions.get` answers a record with one page of its per-gateway states. Desired state is written when the distribution starts, before its actor sends
 anything; a distribution that cannot be started (its desired state or spec cannot be
 written or read) ends failed with the reason, and the next one of its type starts.
 Which key each component writes is in schemas/stored.py. At start, unfinished
@@ -52,9 +53,10 @@ from actors.distribution_machine import (
     TERMINAL_STATUSES,
     abandoned,
     finished_step,
+    new_distribution,
     resolve_targets,
 )
-from actors.distribution_store import DistributionStore, record_from_spec
+from actors.distribution_store import DistributionStore
 from actors.messages import (
     ChildDied,
     DistributionChanged,
@@ -65,7 +67,7 @@ from actors.messages import (
     ReportTo,
     Request,
 )
-from actors.paging import BadCursor, distributions_page
+from actors.paging import BadCursor, distribution_page, distributions_page
 from actors.reconcile_driver import ReconcileDriver
 from actors.reconciliation import Desired, Resync
 from bus.edge import reply_error
@@ -167,16 +169,7 @@ class DistributorActor(SafeActor):
                 body=DistributionGetRequest() as request,
                 reply=reply,
             ):
-                record = self.records.get(request.distribution_id)
-                if record is None:
-                    reply_error(
-                        self.replies,
-                        reply,
-                        "not_found",
-                        f"no distribution {request.distribution_id}",
-                    )
-                else:
-                    self.replies.publish(reply, record)
+                self._get(request, reply)
             case Request(
                 endpoint=api.DISTRIBUTIONS_LIST,
                 body=DistributionListRequest() as request,
@@ -230,15 +223,12 @@ class DistributorActor(SafeActor):
         spec = DistributionSpec(
             config_type=config_type,
             version=version,
-            config_data=request.config_data,
-            target_gateways=request.target_gateways,
-            targets=[*targets, *unknown],
-            unknown=unknown,
+            fleet_wide=request.target_gateways is None,
             created_at=utc_now(),
             request_id=request.request_id,
         )
         try:
-            dist_id = self._create(spec)
+            record = self._create(spec, targets, unknown, request.config_data)
         except KvError as exc:
             reply_error(self.replies, reply, "unavailable", f"cannot store it: {exc}")
             return
@@ -247,8 +237,21 @@ class DistributorActor(SafeActor):
             self.store.put_version(config_type, version)
         except KvError as exc:  # its spec, stored, holds the version all the same
             log.warning("version counter of %s not stored: %s", config_type, exc)
-        self.replies.publish(reply, DistributeReply(distribution_id=dist_id))
-        self._enqueue(self.records[dist_id], spec)
+        self.replies.publish(reply, DistributeReply(distribution_id=record.id))
+        self._enqueue(record)
+
+    def _get(self, request: DistributionGetRequest, reply: str) -> None:
+        record = self.records.get(request.distribution_id)
+        if record is None:
+            message = f"no distribution {request.distribution_id}"
+            reply_error(self.replies, reply, "not_found", message)
+            return
+        try:
+            page = distribution_page(record, limit=request.limit, cursor=request.cursor)
+        except BadCursor as exc:
+            reply_error(self.replies, reply, "bad_request", str(exc))
+        else:
+            self.replies.publish(reply, page)
 
     def _by_request_id(self, request_id: str | None) -> Distribution | None:
         """The distribution created for this request_id within REQUEST_ID_TTL, if any."""
@@ -260,20 +263,35 @@ class DistributorActor(SafeActor):
             return None
         return record
 
-    def _create(self, spec: DistributionSpec) -> str:
-        """Stores a new distribution's spec and keeps its (pending) record."""
-        dist_id = f"dist-{uuid.uuid4()}"
-        self.store.put_spec(dist_id, spec)
-        self._update(record_from_spec(dist_id, spec))
+    def _create(
+        self,
+        spec: DistributionSpec,
+        targets: list[str],
+        unknown: list[str],
+        content: dict[str, Any] | None,
+    ) -> Distribution:
+        """Stores a new distribution (with its version's `content`, unless stored already)
+        and keeps its (pending) record. Raises KvError, and then keeps nothing."""
+        record = new_distribution(
+            f"dist-{uuid.uuid4()}",
+            spec.config_type,
+            spec.version,
+            targets=targets,
+            unknown=unknown,
+            created_at=spec.created_at,
+        )
+        record = replace(record, origin=spec.origin, request_id=spec.request_id)
+        self.store.create(record, spec, content)
+        self._update(record)
         if spec.request_id is not None:
-            self.request_ids[spec.request_id] = dist_id
-        return dist_id
+            self.request_ids[spec.request_id] = record.id
+        return record
 
-    def _enqueue(self, record: Distribution, spec: DistributionSpec) -> None:
+    def _enqueue(self, record: Distribution) -> None:
         queue = self.queues.setdefault(record.config_type, deque())
         queue.append(record.id)
         if len(queue) == 1:
-            self._start_head(record.config_type, spec)
+            self._start_head(record.config_type)
             return
         self.ctx.emit(
             DistributionEvent.of(
@@ -281,38 +299,38 @@ class DistributorActor(SafeActor):
             )
         )
 
-    def _start_head(self, config_type: str, spec: DistributionSpec | None = None) -> None:
+    def _start_head(self, config_type: str) -> None:
         """Starts the first distribution queued for `config_type`, if any. One that cannot
         start ends failed, and the next one is started instead."""
         queue = self.queues.get(config_type)
         failed = []
         while queue:
             record = self.records[queue[0]]
-            reason = self._start(record, spec)
+            reason = self._start(record)
             if reason is None:
                 break
             queue.popleft()
-            spec = None
             failed.append(self._fail(record, reason))
         if not queue:
             self.queues.pop(config_type, None)
         for record in failed:
             self.reconcile.finished(record)
 
-    def _start(self, record: Distribution, spec: DistributionSpec | None = None) -> str | None:
+    def _start(self, record: Distribution) -> str | None:
         """Starts its DistributionActor (writing desired state first if it sets it);
         or why it cannot start."""
         try:
-            spec = spec or self.store.spec(record.id)
-            if spec is None:
-                return "spec lost"
+            spec = self.store.spec(record.id)
+            content = self.store.content(record.config_type, record.version)
+            if spec is None or content is None:
+                return "spec lost" if spec is None else "content lost"
             sets_desired = record.status == "pending" and record.origin == "distribute"
             if sets_desired:
                 self._set_desired(record, spec)
         except KvError as exc:
             return f"cannot start it: {exc}"
         self.running[record.id] = DistributionActor.start(
-            self.ctx, record, spec, parent=self.actor_ref, store=self.store
+            self.ctx, record, content, parent=self.actor_ref, store=self.store
         )
         if sets_desired:
             self.reconcile.check(None, [record.config_type])
@@ -327,7 +345,7 @@ class DistributorActor(SafeActor):
             distribution_id=record.id,
             set_at=utc_now(),
         )
-        if spec.target_gateways is None:
+        if spec.fleet_wide:
             gateways: list[str | None] = [None]
         else:  # not the unknown ids, failed from the start
             gateways = [gw for gw, d in record.gateways.items() if d.state == "pending"]
@@ -361,9 +379,7 @@ class DistributorActor(SafeActor):
         be stored, it is tried again after a restart."""
         log.error("distribution %s failed: %s", record.id, reason)
         try:
-            spec = self.store.spec(record.id)
-            if spec is not None:
-                self.store.put_spec(record.id, replace(spec, abandoned=reason))
+            self.store.abandon(record.id, reason)
         except KvError as exc:
             log.error(  # noqa: TRY400 - a known failure: one line, no traceback
                 "the failure of %s cannot be stored (%s): it starts again after a restart",
@@ -428,32 +444,24 @@ class DistributorActor(SafeActor):
     def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
         gw = resync.gateway_id
         if joining is not None:  # waiting in its queue: it takes in one more gateway
-            spec = self.store.spec(joining.id)
-            if spec is None:
-                return None
-            targets = [*(spec.targets or joining.target_gateways), gw]  # layout 1: no targets
-            self.store.put_spec(joining.id, replace(spec, targets=targets))
-            self._update(
-                replace(
-                    joining,
-                    target_gateways=[*joining.target_gateways, gw],
-                    gateways={**joining.gateways, gw: GatewayDelivery()},
-                )
+            joined = replace(
+                joining,
+                target_gateways=[*joining.target_gateways, gw],
+                gateways={**joining.gateways, gw: GatewayDelivery()},
             )
-            return joining.id
-        source = self.store.spec(resync.desired.distribution_id)
-        if source is None:
+            self.store.put_gateways(joined, [len(joined.target_gateways) - 1])
+            self._update(joined)
+            return joined.id
+        config_type, version = resync.config_type, resync.desired.version
+        if self.store.content(config_type, version) is None:
             return None
-        spec = replace(
-            source,
-            target_gateways=[gw],
-            targets=[gw],
-            unknown=[],
+        spec = DistributionSpec(
+            config_type=config_type,
+            version=version,
+            fleet_wide=False,
             origin="reconcile",
             created_at=utc_now(),
-            abandoned=None,
-            request_id=None,
         )
-        dist_id = self._create(spec)
-        self._enqueue(self.records[dist_id], spec)
-        return dist_id
+        record = self._create(spec, [gw], [], None)
+        self._enqueue(record)
+        return record.id

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -33,6 +33,8 @@ R = TypeVar("R")
 DEFAULT_PREFIX = "gatefleet"
 BUCKETS = ("settings", "distributions", "desired")
 DUPLICATE_WINDOW_S = 120.0
+# Reading a whole bucket at start: a large store takes longer than one call.
+ENTRIES_TIMEOUT_S = 300.0
 
 
 def stream_name(prefix: str) -> str:
@@ -94,6 +96,16 @@ class KvStore:
         data = encode(value)
         self._call(f"put {key}", lambda: self._kv.put(key, data))
 
+    def put_many(self, values: Mapping[str, msgspec.Struct]) -> None:
+        """Puts every value, all at once (not one round trip each); retried as a whole."""
+        encoded = {key: encode(value) for key, value in values.items()}
+
+        async def put_all() -> None:
+            await asyncio.gather(*(self._kv.put(key, data) for key, data in encoded.items()))
+
+        if encoded:
+            self._call(f"put {', '.join(list(encoded)[:3])}...", put_all)
+
     def get(self, key: str, kind: type[T]) -> T | None:
         async def fetch() -> bytes | None:
             try:
@@ -107,6 +119,34 @@ class KvStore:
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._kv.delete(key))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Deletes every key, all at once; retried as a whole."""
+        keys = list(keys)
+
+        async def delete_all() -> None:
+            await asyncio.gather(*(self._kv.delete(key) for key in keys))
+
+        if keys:
+            self._call(f"delete {', '.join(keys[:3])}...", delete_all)
+
+    def entries(self) -> dict[str, bytes]:
+        """Every live key and its value, read in one pass (a watch of the whole bucket),
+        not one round trip per key."""
+
+        async def fetch() -> dict[str, bytes]:
+            watcher = await self._kv.watchall(ignore_deletes=True)
+            found: dict[str, bytes] = {}
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the values there were at the start: all read
+                        break
+                    found[entry.key] = entry.value or b""
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            return found
+
+        return self._call("read every entry", fetch, timeout=ENTRIES_TIMEOUT_S)
 
     def keys(self) -> list[str]:
         async def fetch() -> list[str]:
@@ -130,11 +170,13 @@ class KvStore:
                 result[key] = value
         return result
 
-    def _call(self, what: str, call: Callable[[], Coroutine[Any, Any, R]]) -> R:
+    def _call(
+        self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = 10.0
+    ) -> R:
         delay, retries = self._backoff_s, 0
         while True:
             try:
-                return self._bus.run(call())
+                return self._bus.run(call(), timeout)
             except (nats.errors.Error, BusError, TimeoutError) as exc:
                 reason = failure_reason(exc)
                 if retries == self._retries or isinstance(exc, nats.errors.MaxPayloadError):
