@@ -142,7 +142,7 @@ class DistributionStore:
             return
         log.info("deleting %d leftover keys of distributions that do not exist", len(keys))
         try:
-            self._kv.delete_many(keys)
+            self._kv.purge(keys)
         except KvError as exc:
             log.warning("leftover keys not deleted (%s): tried again at the next start", exc)
 
@@ -247,6 +247,16 @@ class DistributionStore:
         self._desired.put(
             config_type if gateway_id is None else f"{config_type}.{gateway_id}", value
         )
+
+    def delete(self, records: Iterable[Distribution]) -> None:
+        """Deletes these distributions: each one's spec and chunks first (it no longer
+        exists), then its progress (a leftover, if that fails, deleted at start)."""
+        records = list(records)
+        self._kv.purge(f"{record.id}.>" for record in records)
+        self._kv.purge(record.id for record in records)
+
+    def delete_contents(self, versions: Iterable[tuple[str, int]]) -> None:
+        self._kv.purge(content_key(config_type, version) for config_type, version in versions)
 
     # Chunks and progress -----------------------------------------------------------------
 

@@ -20,7 +20,8 @@ Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list
 `distribute` answers once the distribution is stored (its content, its targets,
 resolved when it is created, in chunks, and last its spec), or `unavailable` if the store
 refuses it (nothing of it exists then); the version counter is written after the spec.
-`distributions.get` answers a record with one page of its per-gateway states. Desired state is written when the distribution starts, before its actor sends
+`distributions.get` answers a record with one page of its per-gateway states. Retention
+(actors/retention.py) runs at start and whenever a distribution ends. Desired state is written when the distribution starts, before its actor sends
 anything; a distribution that cannot be started (its desired state or spec cannot be
 written or read) ends failed with the reason, and the next one of its type starts.
 Which key each component writes is in schemas/stored.py. At start, unfinished
@@ -39,7 +40,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -70,6 +71,7 @@ from actors.messages import (
 from actors.paging import BadCursor, distribution_page, distributions_page
 from actors.reconcile_driver import ReconcileDriver
 from actors.reconciliation import Desired, Resync
+from actors.retention import past_history, unneeded_contents
 from bus.edge import reply_error
 from bus.jetstream import KvError
 from bus.runtime import SubscriptionHandle
@@ -118,6 +120,7 @@ class DistributorActor(SafeActor):
         )
         self.records: dict[str, Distribution] = {}
         self.versions: dict[str, int] = {}
+        self.contents: set[tuple[str, int]] = set()  # (type, version) of contents stored
         self.request_ids: dict[str, str] = {}  # distribute request_id -> distribution id
         self.queues: dict[str, deque[str]] = {}
         self.running: dict[str, pykka.ActorRef[Any]] = {}
@@ -130,6 +133,7 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         self._load()
+        self._prune()
         self._subscriptions = self.serve("distributor", self.ctx)
         for config_type in list(self.queues):
             self._start_head(config_type)
@@ -144,6 +148,7 @@ class DistributorActor(SafeActor):
         distributions queued again; what gateways rejected, from the records."""
         loaded = self.store.load()
         self.records, self.versions = loaded.records, loaded.versions
+        self.contents = loaded.contents
         self.request_ids = {r.request_id: r.id for r in self.records.values() if r.request_id}
         for (config_type, gateway_id), value in loaded.desired.items():
             desired = Desired(value.version, value.distribution_id)
@@ -282,6 +287,7 @@ class DistributorActor(SafeActor):
         )
         record = replace(record, origin=spec.origin, request_id=spec.request_id)
         self.store.create(record, spec, content)
+        self.contents.add((spec.config_type, spec.version))
         self._update(record)
         if spec.request_id is not None:
             self.request_ids[spec.request_id] = record.id
@@ -372,6 +378,38 @@ class DistributorActor(SafeActor):
             queue.popleft()
             self._start_head(record.config_type)
         self.reconcile.finished(record)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Retention (actors/retention.py): finished records past the history and the
+        contents nothing needs are deleted. What cannot be deleted now is tried again
+        after the next distribution ends."""
+        settings = self.ctx.settings.orchestrator
+        old = past_history(self.records.values(), settings.distribution_history)
+        try:
+            if old:
+                self.store.delete(old)
+                for record in old:
+                    self._drop(record)
+            needed = self.reconcile.desired_versions()
+            needed.update(
+                (r.config_type, r.version)
+                for r in self.records.values()
+                if r.status in OPEN_STATUSES
+            )
+            unneeded = unneeded_contents(self.contents, settings.config_history, needed)
+            if unneeded:
+                self.store.delete_contents(unneeded)
+                self.contents.difference_update(unneeded)
+        except KvError as exc:
+            log.warning("retention: cannot delete now (%s); tried again later", exc)
+
+    def _drop(self, record: Distribution) -> None:
+        """A deleted record leaves memory, its request_id and the counts."""
+        del self.records[record.id]
+        if record.request_id is not None and self.request_ids.get(record.request_id) == record.id:
+            del self.request_ids[record.request_id]
+        self._recount({record.status: -1})
 
     def _fail(self, record: Distribution, reason: str) -> Distribution:
         """Gives up an unfinished distribution whose actor cannot carry it: its spec says
@@ -414,15 +452,18 @@ class DistributorActor(SafeActor):
             self._finished(self._fail(record, cannot))
 
     def _update(self, record: Distribution) -> None:
-        """Keeps the record and the status counts; tells listeners when the counts change."""
+        """Keeps the record and the status counts."""
         old = self.records.get(record.id)
         self.records[record.id] = record
-        if old is not None and old.status == record.status:
-            return
+        if old is None:
+            self._recount({record.status: 1})
+        elif old.status != record.status:
+            self._recount({old.status: -1, record.status: 1})
+
+    def _recount(self, changes: Mapping[DistributionStatus, int]) -> None:
+        """Counts records per status; tells listeners when the counts change."""
         before = self._counts()
-        if old is not None:
-            self.statuses[old.status] -= 1
-        self.statuses[record.status] += 1
+        self.statuses.update(changes)
         counts = self._counts()
         if counts != before and self.supervisor is not None:
             self.supervisor.tell(counts)

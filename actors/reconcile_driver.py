@@ -87,6 +87,9 @@ class ReconcileDriver:
     def set_desired(self, config_type: str, gateway_id: str | None, desired: Desired) -> None:
         self.reconciler.set_desired(config_type, gateway_id, desired)
 
+    def desired_versions(self) -> set[tuple[str, int]]:
+        return self.reconciler.desired_versions()
+
     def on_gateway(self, snapshot: GatewaySnapshot) -> None:
         self.reconciler.on_gateway(snapshot)
         self.check([snapshot.gateway_id])

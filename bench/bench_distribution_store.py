@@ -189,7 +189,8 @@ def measure(url: str, bus: Bus, ids: list[str], batch: int, tmp: str) -> Figures
             figures.list_reply = len(bus.ask(f"{PREFIX}.api.distributions.list", b"{}", 30))
         orchestrator.stop()
 
-        kv = KvStore(bus, bus.run(bus.js.key_value(bucket_name(PREFIX, "distributions"))))
+        name = bucket_name(PREFIX, "distributions")
+        kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
         figures.values = kv.entries()
         started = time.perf_counter()
         orchestrator = Orchestrator(settings)

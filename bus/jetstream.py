@@ -86,9 +86,14 @@ class KvStore:
     server's max payload is not tried again: it would never fit.
     """
 
-    def __init__(self, bus: Bus, kv: KeyValue, *, retries: int = 0, backoff_s: float = 0.0) -> None:
+    def __init__(
+        self, bus: Bus, kv: KeyValue, bucket: str, *, retries: int = 0, backoff_s: float = 0.0
+    ) -> None:
         self._bus = bus
         self._kv = kv
+        # The bucket's stream and subjects, as NATS names them (to purge keys).
+        self._stream = f"KV_{bucket}"
+        self._subject_prefix = f"$KV.{bucket}."
         self._retries = retries
         self._backoff_s = backoff_s
 
@@ -117,18 +122,18 @@ class KvStore:
         data = self._call(f"get {key}", fetch)
         return None if data is None else decode(data, kind)
 
-    def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self._kv.delete(key))
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        """Deletes every key, all at once; retried as a whole."""
+    def purge(self, keys: Iterable[str]) -> None:
+        """Removes these keys (one ending in `.>`: every key under it) leaving no delete
+        marker behind, unlike `delete`, so that a bucket does not grow by one marker per
+        key ever deleted."""
         keys = list(keys)
 
-        async def delete_all() -> None:
-            await asyncio.gather(*(self._kv.delete(key) for key in keys))
+        async def purge_all() -> None:
+            js, stream, prefix = self._bus.js, self._stream, self._subject_prefix
+            await asyncio.gather(*(js.purge_stream(stream, subject=prefix + key) for key in keys))
 
         if keys:
-            self._call(f"delete {', '.join(keys[:3])}...", delete_all)
+            self._call(f"purge {', '.join(keys[:3])}...", purge_all)
 
     def entries(self) -> dict[str, bytes]:
         """Every live key and its value, read in one pass (a watch of the whole bucket),
@@ -212,7 +217,13 @@ class JetStream:
         )
         for name in BUCKETS:
             kv = self._bus.run(self._ensure_bucket(bucket_name(self._subjects.prefix, name)))
-            self.buckets[name] = KvStore(self._bus, kv, retries=kv_retries, backoff_s=kv_backoff_s)
+            self.buckets[name] = KvStore(
+                self._bus,
+                kv,
+                bucket_name(self._subjects.prefix, name),
+                retries=kv_retries,
+                backoff_s=kv_backoff_s,
+            )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         js = self._bus.js

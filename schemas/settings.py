@@ -43,6 +43,11 @@ class OrchestratorSettings(_Section, frozen=True):
     # that needed it fails (a distribution ends failed, a request gets `unavailable`).
     kv_write_retries: Annotated[int, Meta(ge=0, le=20)] = 3
     kv_write_backoff_ms: Milliseconds = 100
+    # Retention: finished distributions kept (the oldest beyond are deleted, per-gateway
+    # states and all), and the versions of each config type whose content is kept
+    # whatever became of their distributions (besides those some gateway should run).
+    distribution_history: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    config_history: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
 
 
 class BusSettings(_Section, frozen=True):

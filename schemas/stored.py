@@ -31,6 +31,10 @@ Bucket `distributions`:
   before every send, retry and finish. A distribution that never started has none: it
   is pending.
 
+Retention (actors/retention.py) deletes finished distributions and contents no longer
+needed: the distributor purges their keys (no delete marker is left), once their writers
+are done with them.
+
 Bucket `desired` (`DesiredConfig`; the content is that of its version). Writer: the
 distributor, when a distribution starts, before its first push.
 

@@ -32,8 +32,9 @@ class Bucket:
 
     def __init__(self, bus: Bus, prefix: str, name: str) -> None:
         self.bus = bus
-        self.stream = "KV_" + bucket_name(prefix, name)
-        self.kv = KvStore(bus, bus.run(bus.js.key_value(bucket_name(prefix, name))))
+        bucket = bucket_name(prefix, name)
+        self.stream = "KV_" + bucket
+        self.kv = KvStore(bus, bus.run(bus.js.key_value(bucket)), bucket)
 
     def refuse_growth(self) -> None:
         """From now on JetStream refuses any write that makes the bucket hold more."""

@@ -181,7 +181,7 @@ def buckets(bus: Bus, prefix: str) -> tuple[KvStore, KvStore]:
 
     async def make(name: str) -> KvStore:
         config = KeyValueConfig(bucket=bucket_name(prefix, name), history=1)
-        return KvStore(bus, await bus.js.create_key_value(config))
+        return KvStore(bus, await bus.js.create_key_value(config), config.bucket)
 
     return bus.run(make("distributions")), bus.run(make("desired"))
 

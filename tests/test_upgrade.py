@@ -72,7 +72,8 @@ def upgraded_from_layout2(tmp_path: Path) -> Iterator[tuple[Orchestrator, Bus]]:
 
 def stored(bus: Bus) -> dict[str, bytes]:
     """Every entry of the distributions bucket."""
-    kv = KvStore(bus, bus.run(bus.js.key_value(bucket_name("gatefleet", "distributions"))))
+    name = bucket_name("gatefleet", "distributions")
+    kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
     return kv.entries()
 
 
