@@ -64,6 +64,15 @@ class Loaded:
     desired: dict[tuple[str, str | None], DesiredConfig] = field(default_factory=dict)
     # (config type, version) of every content stored.
     contents: set[tuple[str, int]] = field(default_factory=set)
+    # What could not be read, and what was done instead: one line each (for an alarm).
+    unreadable: list[str] = field(default_factory=list)
+
+    def cannot_read(self, what: str, exc: DecodeError, instead: str) -> None:
+        """A stored value that does not decode: it is logged and reported, never raised
+        (no stored value may stop start-up)."""
+        message = f"stored {what} unreadable ({exc}); {instead}"
+        log.error("%s", message)
+        self.unreadable.append(message)
 
 
 @dataclass
@@ -95,8 +104,8 @@ class DistributionStore:
         from its spec, chunks and progress (pending if it has none); one its distributor
         abandoned ends failed. Leftovers of a distribution with no spec (its creation or
         deletion was cut short) are deleted."""
-        self._migrate()
         loaded = Loaded()
+        self._migrate(loaded)
         distributions: dict[str, _Keys] = defaultdict(_Keys)
         for key, data in self._kv.entries().items():
             try:
@@ -116,23 +125,28 @@ class DistributionStore:
                     else:
                         keys.progress = data
             except DecodeError as exc:
-                log.warning("skipping undecodable entry %r: %s", key, exc)
+                loaded.cannot_read(key, exc, "skipped")
         leftovers: list[str] = []
         for dist_id, keys in distributions.items():
             if keys.spec is None:
                 leftovers += _key_names(dist_id, keys)
                 continue
             try:
-                record = _record(dist_id, keys)
+                record = _record(dist_id, keys, loaded)
             except DecodeError as exc:
-                log.warning("skipping undecodable distribution %s: %s", dist_id, exc)
+                loaded.cannot_read(f"distribution {dist_id}", exc, "it is skipped")
                 continue
             loaded.records[dist_id] = record
             # A spec is stored before its version counter, which may have failed after it.
             last = loaded.versions.get(record.config_type, 0)
             loaded.versions[record.config_type] = max(last, record.version)
         self._delete_leftovers(leftovers)
-        for key, value in self._desired.items(DesiredConfig).items():
+        for key, data in self._desired.entries().items():
+            try:
+                value = decode(data, DesiredConfig)
+            except DecodeError as exc:
+                loaded.cannot_read(f"desired state {key}", exc, "skipped")
+                continue
             config_type, _, gateway_id = key.partition(".")
             loaded.desired[(config_type, gateway_id or None)] = value
         return loaded
@@ -146,8 +160,13 @@ class DistributionStore:
         except KvError as exc:
             log.warning("leftover keys not deleted (%s): tried again at the next start", exc)
 
-    def _migrate(self) -> None:
-        stored = self._kv.get(LAYOUT_KEY, Layout)
+    def _migrate(self, loaded: Loaded) -> None:
+        try:
+            stored = self._kv.get(LAYOUT_KEY, Layout)
+        except DecodeError as exc:
+            # Migrating again is safe: values of the current layout are left as they are.
+            loaded.cannot_read(LAYOUT_KEY, exc, "taken as layout 1 and migrated again")
+            stored = None
         version = 1 if stored is None else stored.version
         if version > LAYOUT_VERSION:
             raise StoreError(
@@ -155,11 +174,11 @@ class DistributionStore:
                 f"{LAYOUT_VERSION}: upgrade gatefleet"
             )
         if version < LAYOUT_VERSION:
-            self._migrate_to_3()
+            self._migrate_to_3(loaded)
             self._kv.put(LAYOUT_KEY, Layout(version=LAYOUT_VERSION))
             log.info("distributions store migrated from layout %d to %d", version, LAYOUT_VERSION)
 
-    def _migrate_to_3(self) -> None:
+    def _migrate_to_3(self, loaded: Loaded) -> None:
         """Layouts 1 and 2 -> 3: each record split into chunks and its progress, each spec
         into its content and a spec without targets. Safe to run again if cut short: a
         distribution's new spec is written last, so one whose spec is new is done."""
@@ -176,7 +195,7 @@ class DistributionStore:
             try:
                 self._migrate_one(dist_id, keys, contents)
             except DecodeError as exc:
-                log.warning("distribution %s not migrated, it does not decode: %s", dist_id, exc)
+                loaded.cannot_read(f"distribution {dist_id}", exc, "not migrated")
 
     def _migrate_one(self, dist_id: str, keys: _Keys, contents: dict[str, ConfigContent]) -> None:
         if keys.spec is not None and not _decodes(keys.spec, SpecV2):
@@ -184,7 +203,7 @@ class DistributionStore:
         old = None if keys.spec is None else decode(keys.spec, SpecV2)
         record = None  # None: its chunks and progress are migrated already
         if keys.progress is not None and _decodes(keys.progress, Distribution):
-            record = decode(keys.progress, Distribution)
+            record = _consistent(decode(keys.progress, Distribution))
         elif keys.progress is None and old is not None and old.targets is not None:
             record = _pending_record(dist_id, old)
         elif keys.progress is None or old is None:
@@ -290,21 +309,15 @@ def _chunks(record: Distribution, positions: Iterable[int]) -> dict[str, Gateway
     return chunks
 
 
-def _record(dist_id: str, keys: _Keys) -> Distribution:
-    """A distribution from its stored values (layout 3). Raises DecodeError."""
+def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> Distribution:
+    """A distribution from its stored values (layout 3). Raises DecodeError if its spec or
+    a chunk does not decode; progress that does not decode is taken as not stored."""
     assert keys.spec is not None
     spec = decode(keys.spec, DistributionSpec)
     gateways: dict[str, GatewayDelivery] = {}
     for n in sorted(keys.chunks):
         gateways.update(decode(keys.chunks[n], GatewayChunk).gateways)
-    if keys.progress is not None:
-        progress = decode(keys.progress, DistributionProgress)
-    elif any(d.attempts for d in gateways.values()):
-        # Its first step stored some chunks and then failed: it has started all the same
-        # (its actor resumes it, sending again to the gateways marked sent).
-        progress = DistributionProgress(status="in_progress")
-    else:
-        progress = DistributionProgress(status="pending")
+    progress = _progress(dist_id, keys.progress, gateways, loaded)
     record = Distribution(
         id=dist_id,
         status=progress.status,
@@ -326,6 +339,22 @@ def _record(dist_id: str, keys: _Keys) -> Distribution:
     return record
 
 
+def _progress(
+    dist_id: str, data: bytes | None, gateways: dict[str, GatewayDelivery], loaded: Loaded
+) -> DistributionProgress:
+    """Its stored progress; if none (or unreadable), what its gateways' states say."""
+    if data is not None:
+        try:
+            return decode(data, DistributionProgress)
+        except DecodeError as exc:
+            loaded.cannot_read(f"progress of {dist_id}", exc, "taken from its gateways' states")
+    if any(d.attempts for d in gateways.values()):
+        # Its first step stored some chunks and then failed: it has started all the same
+        # (its actor resumes it, sending again to the gateways marked sent).
+        return DistributionProgress(status="in_progress")
+    return DistributionProgress(status="pending")
+
+
 def _key_names(dist_id: str, keys: _Keys) -> list[str]:
     names = [chunk_key(dist_id, n) for n in keys.chunks]
     return names if keys.progress is None else [dist_id, *names]
@@ -337,6 +366,13 @@ def _decodes(data: bytes, kind: type[Any]) -> bool:
     except DecodeError:
         return False
     return True
+
+
+def _consistent(record: Distribution) -> Distribution:
+    """An old record with a state for each target, whatever its `gateways` held."""
+    states = record.gateways
+    gateways = {gw: states.get(gw, GatewayDelivery()) for gw in record.target_gateways}
+    return replace(record, gateways=gateways)
 
 
 def _pending_record(dist_id: str, spec: SpecV2) -> Distribution:

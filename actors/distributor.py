@@ -13,7 +13,9 @@ on every change: the supervisor).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec or content lost, its store
 failing, its actor dying again and again;
-its DistributionActor emits every other step); `ha.reconcile` through the driver.
+its DistributionActor emits every other step); `ha.reconcile` through the driver;
+`ha.alarm` (kind bad_stored_value) at start for each stored value that cannot be read
+(skipped, or replaced by what the other values say: no stored value stops start-up).
 Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list`,
 `P.api.reconcile`.
 
@@ -86,7 +88,7 @@ from schemas.api import (
     ReconcileRequest,
 )
 from schemas.codec import encode
-from schemas.events import DistributionEvent, QueuedStep, utc_now
+from schemas.events import Alarm, DistributionEvent, QueuedStep, utc_now
 from schemas.stored import DesiredConfig, DistributionSpec
 from schemas.types import DistributionStatus
 
@@ -147,6 +149,8 @@ class DistributorActor(SafeActor):
         """Records, version counters and desired state from the store; unfinished
         distributions queued again; what gateways rejected, from the records."""
         loaded = self.store.load()
+        for message in loaded.unreadable:  # skipped or replaced: start-up goes on
+            self.ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
         self.records, self.versions = loaded.records, loaded.versions
         self.contents = loaded.contents
         self.request_ids = {r.request_id: r.id for r in self.records.values() if r.request_id}

@@ -162,19 +162,6 @@ class KvStore:
 
         return self._call("keys", fetch)
 
-    def items(self, kind: type[T]) -> dict[str, T]:
-        """Every live entry decoded as `kind`; an entry that does not decode is logged and skipped."""
-        result: dict[str, T] = {}
-        for key in self.keys():
-            try:
-                value = self.get(key, kind)
-            except msgspec.DecodeError as exc:
-                log.warning("skipping undecodable entry %r: %s", key, exc)
-                continue
-            if value is not None:
-                result[key] = value
-        return result
-
     def _call(
         self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = 10.0
     ) -> R:

@@ -59,9 +59,10 @@ never started had no record.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
+from msgspec import Meta
 
 from schemas.api import GatewayDelivery
 from schemas.types import ConfigType, DistributionStatus, GatewayId
@@ -73,6 +74,8 @@ LAYOUT_VERSION: Final = 3
 # under 640 KB; a typical one (no error) is about 10 KB.
 CHUNK_GATEWAYS: Final = 100
 STORED_ERROR_CHARS: Final = 1000
+# Stored times carry their time zone (a naive one could not be compared with the others).
+Time = Annotated[datetime, Meta(tz=True)]
 
 
 class _Stored(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,7 +103,7 @@ class DistributionSpec(_Stored, frozen=True):
     # Asked for every active gateway (`target_gateways` null): it sets the fleet's
     # desired version. Else it named its targets, each of which it sets.
     fleet_wide: bool
-    created_at: datetime
+    created_at: Time
     origin: Literal["distribute", "reconcile"] = "distribute"
     # Given up by the distributor (its actor died again and again): it ends failed, so.
     abandoned: str | None = None
@@ -116,7 +119,7 @@ class GatewayChunk(_Stored, frozen=True):
 class DistributionProgress(_Stored, frozen=True):
     status: DistributionStatus
     batch: int = 0
-    completed_at: datetime | None = None
+    completed_at: Time | None = None
     reason: str | None = None
 
 
@@ -124,7 +127,7 @@ class DesiredConfig(_Stored, frozen=True):
     config_type: ConfigType
     version: Version
     distribution_id: DistributionId
-    set_at: datetime
+    set_at: Time
 
 
 class SpecV2(_Stored, frozen=True):
@@ -139,6 +142,6 @@ class SpecV2(_Stored, frozen=True):
     targets: list[str] | None = None
     unknown: list[str] = msgspec.field(default_factory=list)
     origin: Literal["distribute", "reconcile"] = "distribute"
-    created_at: datetime | None = None
+    created_at: Time | None = None
     abandoned: str | None = None
     request_id: str | None = None

@@ -6,13 +6,21 @@ half-done: a failed one is retried with backoff, then its step fails visibly."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
 
+from actors.distribution_machine import new_distribution
+from actors.distribution_store import DistributionStore
 from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
-from gatefleet.client import GatefleetClient, Unavailable
+from gatefleet.client import GatefleetClient, NotFound, Unavailable
+from schemas.codec import encode
+from schemas.events import Alarm
+from schemas.stored import DistributionSpec
 from tests import test_distribution
 from tests.conftest import EventLog, wait_until
 from tests.distribution_events import finished
@@ -24,6 +32,7 @@ fleet = test_distribution.fleet
 run = test_distribution.run
 
 REFUSED = "JetStream refused it (maximum bytes exceeded)"
+T0 = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
 RETRIES = {"kv_write_retries": 2, "kv_write_backoff_ms": 10}
 
 
@@ -201,3 +210,76 @@ def test_distribute_answers_unavailable_when_jetstream_refuses_writes_and_the_re
     again = client.distribute("Route", ROUTE, ["gw-1"]).distribution_id
     assert finished(event_log, again).details["status"] == "completed"
     assert client.get_distribution(again).version == 2
+
+
+# Bad stored values -----------------------------------------------------------------------
+
+
+def test_no_stored_value_stops_start_up_each_bad_one_is_alarmed_and_skipped_or_replaced(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """The buckets as gatefleet would have left them (layout 3), with bad values put in."""
+
+    async def bucket(name: str) -> KeyValue:
+        config = KeyValueConfig(bucket=bucket_name(prefix, name), history=1)
+        return await bus.js.create_key_value(config)
+
+    distributions, desired = bus.run(bucket("distributions")), bus.run(bucket("desired"))
+    store = DistributionStore(
+        KvStore(bus, distributions, bucket_name(prefix, "distributions")),
+        KvStore(bus, desired, bucket_name(prefix, "desired")),
+    )
+    store.put_version("Route", 3)
+    ids = {}
+    for name, (config_type, version) in {
+        "good": ("Route", 3),
+        "bad-spec": ("Route", 2),
+        "bad-chunk": ("Acl", 1),
+        "naive-time": ("Acl", 2),
+    }.items():
+        record = new_distribution(
+            f"dist-{name}", config_type, version, targets=["gw-1"], unknown=[], created_at=T0
+        )
+        spec = DistributionSpec(
+            config_type=config_type, version=version, fleet_wide=False, created_at=T0
+        )
+        store.create(record, spec, {"v": version})
+        ids[name] = record.id
+    naive = {"config_type": "Acl", "version": 2, "fleet_wide": False, "created_at": "2026-12-01T07:00:00"}
+    bad = {
+        "layout": b"not json",
+        "versions.Route": b'{"config_type": "Route", "last_version": "three"}',
+        "content.Acl.1": b'{"config_type": "Acl"}',
+        "dist-good": b'{"status": "sideways"}',  # its progress
+        "dist-bad-spec.spec": b'{"config_type": 7}',
+        "dist-bad-chunk.gw.0": b"[1, 2",
+        "dist-naive-time.spec": encode(naive),
+    }
+    for key, data in bad.items():
+        bus.run(distributions.put(key, data))
+    bus.run(desired.put("Route", b'{"version": 1}'))
+
+    fleet.add_many("gw-1")
+    run()
+    alarms = [a for a in event_log.of_type(Alarm) if a.kind == "bad_stored_value"]
+    assert len(alarms) == len(bad) + 1
+    for named in (
+        "layout",
+        "versions.Route",
+        "content.Acl.1",
+        "desired state Route",
+        *ids.values(),
+    ):
+        assert any(named in alarm.message for alarm in alarms), named
+    # The distribution whose progress was unreadable is pending again: it runs.
+    assert finished(event_log, ids["good"]).details["status"] == "completed"
+    for skipped in ("bad-spec", "bad-chunk", "naive-time"):
+        with pytest.raises(NotFound):
+            client.get_distribution(ids[skipped])
+    # Versions go on from the distributions that could be read.
+    assert client.get_distribution(client.distribute("Route", ROUTE).distribution_id).version == 4
