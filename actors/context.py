@@ -22,6 +22,7 @@ class Context:
     subjects: Subjects
     settings: Settings
     emit: Callable[[Event], None]
+    events_lost: Callable[[], int]  # events the stream could not store, since start
     drops: Drops
     buckets: dict[str, KvStore]
     # Selections made, per strategy (LoadBalancer writes, Supervisor reports).

@@ -146,14 +146,26 @@ class FailoverPlanner:
         self.failed_over: dict[str, str | None] = {}  # down gateway -> where its traffic went
         self.waiting: set[str] = set()  # down while frozen: failover when the guard thaws
         self.held: dict[str, str | None] = {}  # recovered, awaiting a manual failback
+        # Drained by an operator: a planned move (no guard), never failed back to.
+        self.maintenance: set[str] = set()
 
     def on_change(
-        self, gateway_id: str, old: str, new: str, *, fleet: int, down: int, now: float
+        self,
+        gateway_id: str,
+        old: str,
+        new: str,
+        *,
+        fleet: int,
+        down: int,
+        now: float,
+        flapping: bool = False,
     ) -> list[Action]:
         """A gateway's status changed; `fleet` gateways are known, `down` of them down
-        (counting this change)."""
+        (counting this change). A `flapping` gateway's failback waits for `on_steady`."""
         actions: list[Action] = []
-        if new == "down" and old != "down":
+        if new == "down" and old != "down" and gateway_id in self.maintenance:
+            pass  # moved already (or on its way): nothing to do, nothing to count
+        elif new == "down" and old != "down":
             change = self.guard.on_down(gateway_id, now, fleet)
             if change is not None:
                 actions.append(change)
@@ -168,16 +180,41 @@ class FailoverPlanner:
                 actions.append(change)
                 actions += [FindReplacement(g) for g in sorted(self.waiting)]
                 self.waiting.clear()
-        if new == "healthy" and gateway_id in self.failed_over:
-            replacement = self.failed_over.pop(gateway_id)
-            if self.manual_failback:
-                self.held[gateway_id] = replacement
-            else:
-                actions.append(self._failback(gateway_id, replacement, "recovered"))
+        if new == "healthy" and not flapping:
+            actions += self._recovered(gateway_id)
         return actions
+
+    def on_steady(self, gateway_id: str) -> list[Action]:
+        """A healthy gateway stopped flapping: the failback its recovery deferred."""
+        return self._recovered(gateway_id)
+
+    def start_maintenance(self, gateway_id: str, *, move: bool = True) -> list[Action]:
+        """An operator drains it: its traffic moves to a replacement (`move`), a planned
+        move, so the mass-failure guard neither counts it nor stops it."""
+        if gateway_id in self.maintenance:
+            return []
+        self.maintenance.add(gateway_id)
+        moved = gateway_id in self.failed_over or gateway_id in self.waiting
+        return [FindReplacement(gateway_id)] if move and not moved else []
+
+    def end_maintenance(self, gateway_id: str, *, steady: bool) -> list[Action]:
+        """Back in service: its traffic returns if it is `steady` (healthy, not flapping)."""
+        self.maintenance.discard(gateway_id)
+        return self._recovered(gateway_id) if steady else []
+
+    def _recovered(self, gateway_id: str) -> list[Action]:
+        if gateway_id not in self.failed_over or gateway_id in self.maintenance:
+            return []
+        replacement = self.failed_over.pop(gateway_id)
+        if self.manual_failback:
+            self.held[gateway_id] = replacement
+            return []
+        return [self._failback(gateway_id, replacement, "recovered")]
 
     def on_replacement(self, gateway_id: str, to: str | None, reason: str) -> list[Action]:
         self.failed_over[gateway_id] = to
+        if gateway_id in self.maintenance:
+            reason = f"maintenance; {reason}"
         redirect = Redirect(gateway_id, gateway_id, to, reason, failback=False)
         return [Hold(gateway_id), redirect] if self.manual_failback else [redirect]
 
@@ -194,6 +231,7 @@ class FailoverPlanner:
         self.failed_over.pop(gateway_id, None)
         self.held.pop(gateway_id, None)
         self.waiting.discard(gateway_id)
+        self.maintenance.discard(gateway_id)
         return [Release(gateway_id)] if held else []
 
     @staticmethod

@@ -34,17 +34,25 @@ import pykka
 from actors.base import SafeActor, safe_tell, tell_latest
 from actors.coalescer import Coalescer
 from actors.context import Context
-from actors.health import HealthTracker, Transition
+from actors.health import CHECK_SLACK_S, HealthTracker, Transition
 from actors.messages import (
     Arrival,
+    FlapCheck,
     GatewayUpdated,
     HeartbeatsPending,
     ProbeAnswered,
+    SetMaintenance,
     SetThreshold,
     Tick,
 )
 from bus.timers import TimerHandle
-from schemas.events import GatewayDown, GatewayRecovered, GatewayStatusChanged
+from schemas.events import (
+    GatewayDown,
+    GatewayFlapping,
+    GatewayMaintenance,
+    GatewayRecovered,
+    GatewayStatusChanged,
+)
 from schemas.settings import GatewayEntry
 
 log = logging.getLogger(__name__)
@@ -63,6 +71,7 @@ class GatewayActor(SafeActor):
         load_balancer: pykka.ActorRef[Any],
         supervisor: pykka.ActorRef[Any],
         distributor: pykka.ActorRef[Any],
+        maintenance: SetMaintenance | None = None,
     ) -> None:
         super().__init__(context.runtime.dispatcher(self.dispatch, "gateway"))
         self.parent = supervisor
@@ -78,6 +87,8 @@ class GatewayActor(SafeActor):
             settings=context.settings.health,
             threshold=threshold,
         )
+        if maintenance is not None:  # from its first snapshot on (a restart's, or a restored one)
+            self.tracker.set_maintenance(maintenance.enabled, maintenance.reason)
         self.load_balancer = load_balancer
         self.supervisor = supervisor
         self.distributor = distributor
@@ -85,6 +96,7 @@ class GatewayActor(SafeActor):
         self._tick: TimerHandle | None = None
         self._tick_at: float | None = None
         self._tick_generation = 0
+        self._flap_check: TimerHandle | None = None
         # Read through a proxy by tests (how much coalescing saved): heartbeats accepted,
         # and the wake-ups that took them (<= heartbeats_accepted).
         self.heartbeats_accepted = 0
@@ -106,8 +118,9 @@ class GatewayActor(SafeActor):
             self._tell_listeners(self.tracker.status)
 
     def on_stop(self) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
+        for timer in (self._tick, self._flap_check):
+            if timer is not None:
+                timer.cancel()
         if self.ctx.runtime.prober is not None:
             self.ctx.runtime.prober.withdraw(self.gateway_id)
 
@@ -133,6 +146,17 @@ class GatewayActor(SafeActor):
                     self._apply(self.tracker.on_probe_ok(rtt_ms))
             case SetThreshold(threshold=threshold):
                 self._apply(self.tracker.set_threshold(threshold))
+            case SetMaintenance(enabled=enabled, reason=reason):
+                if self.tracker.set_maintenance(enabled, reason):
+                    self._maintenance_changed()
+                    self._tell_listeners(self.tracker.status)
+            case FlapCheck():
+                self._flap_check = None
+                if self.tracker.flaps.on_check(self.ctx.clock()):
+                    self._flapping_changed()
+                    self._tell_listeners(self.tracker.status)
+                else:
+                    self._plan_flap_check()  # the timer fired early
             case _:
                 return super().handle(message)
         return None
@@ -154,9 +178,12 @@ class GatewayActor(SafeActor):
             return
         self.heartbeats_accepted += outcome.accepted
         self.heartbeat_batches += 1
+        if outcome.back_in_service:
+            self._maintenance_changed()
         if outcome.transition is None:
             versions_changed = tracker.config_versions != previous_versions
-            self._tell_listeners(tracker.status, everyone=versions_changed)
+            everyone = versions_changed or outcome.back_in_service
+            self._tell_listeners(tracker.status, everyone=everyone)
         else:
             self._apply(outcome.transition)
         self._schedule_tick(rearm=True)
@@ -186,6 +213,9 @@ class GatewayActor(SafeActor):
             )
         elif old == "down" and new == "healthy":
             emit(GatewayRecovered(gateway_id=self.gateway_id, score=transition.score))
+        if self.tracker.flaps.on_change(old, new, self.ctx.clock()):
+            self._flapping_changed()
+        self._plan_flap_check()
         # Down and back are news at any fleet size; healthy <-> degraded is routine at
         # thousands of gateways (the events record every one of them).
         level = logging.INFO if "down" in (old, new) else logging.DEBUG
@@ -206,6 +236,51 @@ class GatewayActor(SafeActor):
                 prober.pause(self.gateway_id)
             else:
                 prober.resume(self.gateway_id)
+
+    def _maintenance_changed(self) -> None:
+        tracker = self.tracker
+        log.info(
+            "gateway %s %s",
+            self.gateway_id,
+            f"in maintenance ({tracker.maintenance_reason or 'no reason given'})"
+            if tracker.maintenance
+            else "back in service after maintenance",
+        )
+        self.ctx.emit(
+            GatewayMaintenance(
+                gateway_id=self.gateway_id,
+                enabled=tracker.maintenance,
+                reason=tracker.maintenance_reason,
+            )
+        )
+
+    def _flapping_changed(self) -> None:
+        flaps = self.tracker.flaps
+        log.warning(
+            "gateway %s %s",
+            self.gateway_id,
+            "is flapping" if flaps.flapping else "stopped flapping",
+        )
+        self.ctx.emit(
+            GatewayFlapping(
+                gateway_id=self.gateway_id,
+                flapping=flaps.flapping,
+                changes=flaps.threshold,
+                window_s=flaps.window_s,
+            )
+        )
+
+    def _plan_flap_check(self) -> None:
+        """A flapping gateway that is healthy is checked when its hold would end."""
+        if self._flap_check is not None:
+            self._flap_check.cancel()
+            self._flap_check = None
+        end = self.tracker.flaps.ends_at()
+        if end is not None:
+            delay = max(0.0, end - self.ctx.clock()) + CHECK_SLACK_S
+            self._flap_check = self.ctx.runtime.timers.schedule(
+                delay, safe_tell, self.actor_ref, FlapCheck()
+            )
 
     def _tell_listeners(self, old_status: Any, *, everyone: bool = True) -> None:
         """The load balancer hears every update, through its latest lane (it keeps only the

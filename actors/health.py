@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from actors.flapping import FlapDetector
 from schemas.api import GatewaySnapshot
 from schemas.settings import HealthSettings
 from schemas.types import GatewayStatus, Role
@@ -149,6 +150,7 @@ class BatchOutcome:
     restarts: int  # of those, how many were accepted as a restart of the gateway
     rejected: tuple[Rejection, ...] = ()
     transition: Transition | None = None
+    back_in_service: bool = False  # out of maintenance with this batch
 
 
 class HealthTracker:
@@ -182,6 +184,13 @@ class HealthTracker:
         self.heartbeats = 0  # accepted since the actor started
         self.labels: dict[str, str] = {}
         self.config_versions: dict[str, int] = {}
+        # Fed by the GatewayActor, which has the clock (status changes come from here).
+        self.flaps = FlapDetector(settings)
+        # Maintenance: set by an operator; once turned off, it lasts until `rise` good
+        # heartbeats (`_returning`).
+        self.maintenance = False
+        self.maintenance_reason: str | None = None
+        self._returning = False
         # seq of the previous heartbeat if it was ignored as a replay, else None.
         self._ignored_seq: int | None = None
         # (heartbeat, probe latency, failures, score) of the last score computed.
@@ -250,6 +259,25 @@ class HealthTracker:
         assert self.last_seen is not None
         return self.last_seen if since is None else max(self.last_seen, since)
 
+    def set_maintenance(self, enabled: bool, reason: str | None = None) -> bool:
+        """True when it goes into maintenance now; turned off, it comes back later, through
+        the rise rule (`on_heartbeats` says when: BatchOutcome.back_in_service)."""
+        if enabled:
+            started = not self.maintenance
+            self.maintenance, self.maintenance_reason, self._returning = True, reason, False
+            return started
+        if self.maintenance:
+            self._returning, self.good_heartbeats = True, 0
+        return False
+
+    def _back_in_service(self) -> bool:
+        if not (self._returning and self.status == "healthy"):
+            return False
+        if self.good_heartbeats < self.settings.rise:
+            return False
+        self.maintenance, self.maintenance_reason, self._returning = False, None, False
+        return True
+
     def set_threshold(self, threshold: float) -> Transition | None:
         self.threshold = threshold
         return self._check_score("threshold changed")
@@ -288,11 +316,13 @@ class HealthTracker:
         if newest is None:
             return BatchOutcome(accepted=0, restarts=0, rejected=tuple(rejected))
         self._take_metrics(newest, accepted, now, wall)
+        transition = self._evaluate(run, broken)
         return BatchOutcome(
             accepted=accepted,
             restarts=restarts,
             rejected=tuple(rejected),
-            transition=self._evaluate(run, broken),
+            transition=transition,
+            back_in_service=self._back_in_service(),
         )
 
     def _take_metrics(self, hb: Heartbeat, accepted: int, now: float, wall: datetime) -> None:
@@ -386,4 +416,7 @@ class HealthTracker:
             # Shared with the heartbeat they came from: nobody mutates them (see on_heartbeats).
             config_versions=self.config_versions,
             labels=self.labels,
+            flapping=self.flaps.flapping,
+            maintenance=self.maintenance,
+            maintenance_reason=self.maintenance_reason,
         )

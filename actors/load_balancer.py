@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -41,6 +42,7 @@ from actors.messages import (
 )
 from actors.paging import BadCursor, gateways_page
 from actors.pool import Pool
+from actors.slow_start import SlowStart
 from actors.strategies import Selection, SelectorState, select, shortlist
 from bus.edge import reply_error
 from bus.runtime import SubscriptionHandle
@@ -107,6 +109,7 @@ def selection_event(
         candidate_count=len(selection.members),
         excluded=pool.excluded(AUDIT_EXCLUDED),
         excluded_count=pool.excluded_count,
+        slow_start=selection.slow_start,
     )
 
 
@@ -126,6 +129,7 @@ class LoadBalancerActor(SafeActor):
         )
         self.state = SelectorState()
         self.rng = random.Random(context.settings.load_balancing.random_seed)
+        self.slow_start = SlowStart(context.settings.load_balancing.slow_start_s)
         self.sticky: OrderedDict[str, str] = OrderedDict()
         self.supervisor: pykka.ActorRef[Any] | None = None
         self._subscriptions: list[SubscriptionHandle] = []
@@ -168,9 +172,13 @@ class LoadBalancerActor(SafeActor):
             case Request(endpoint=api.SELECT_GATEWAY, body=SelectRequest() as request, reply=reply):
                 self._select(request, reply)
             case GatewayUpdated(snapshot=snapshot):
+                self.slow_start.on_update(
+                    self.pool.gateways.get(snapshot.gateway_id), snapshot, self.ctx.clock()
+                )
                 self.pool.update(snapshot)
             case GatewayRemoved(gateway_id=gateway_id):
                 self.pool.remove(gateway_id)
+                self.slow_start.forget(gateway_id)
             case Request(endpoint=api.LOAD_BALANCING_GET, reply=reply):
                 self.replies.publish(reply, self.config)
             case Request(
@@ -214,6 +222,7 @@ class LoadBalancerActor(SafeActor):
             settings=settings.load_balancing,
             regions=settings.regions,
             sticky_gateway=self.sticky.get(client_id) if client_id else None,
+            ramp=self._ramp(),
         )
         self.ctx.selections.add(strategy)
         if client_id:
@@ -231,6 +240,16 @@ class LoadBalancerActor(SafeActor):
         )
         if event_id is not None:  # the client has its answer: now the audit record
             self.ctx.emit(selection_event(event_id, request, selection, self.pool, self.config))
+        if selection.gateway_id is not None:  # after the record: it shows the load as judged
+            self.pool.picked(selection.gateway_id)
+
+    def _ramp(self) -> Callable[[str], float] | None:
+        """Each gateway's slow start factor now; None (the common case) when none ramps."""
+        slow_start = self.slow_start
+        if not slow_start.ramping:
+            return None
+        now = self.ctx.clock()
+        return lambda gateway_id: slow_start.factor(gateway_id, now)
 
     def _replacement(self, gateway_id: str) -> ReplacementFound:
         failed = self.pool.gateways.get(gateway_id)

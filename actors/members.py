@@ -142,6 +142,7 @@ class Members:
         "ids",
         "latencies",
         "loads",
+        "picks",
         "reference",
         "scores",
     )
@@ -153,6 +154,10 @@ class Members:
         self.loads: list[float] = []
         self.latencies: list[float] = []
         self.scores: list[float] = []
+        # Selections of each gateway since its last heartbeat: each counts as one more
+        # connection in its load, so LeastConnections does not send every request between
+        # two heartbeats to the same gateway (docs/ARCHITECTURE.md, "Load balancing").
+        self.picks: dict[str, int] = {}
         self._by_load: Ranking | None = None
         self._by_latency: Ranking | None = None
         self._by_score: Ranking | None = None  # by -score: the highest first
@@ -209,12 +214,34 @@ class Members:
 
     # Changes -----------------------------------------------------------------------------
 
+    def _load(self, g: GatewaySnapshot) -> float:
+        load = connection_load(g, self.reference)
+        picks = self.picks.get(g.gateway_id)
+        if picks is None:
+            return load
+        capacity = g.max_connections if g.max_connections else self.reference
+        return load + picks / capacity
+
+    def picked(self, gateway_id: str) -> None:
+        """A selection chose it: one more connection until its next heartbeat says."""
+        i = self.find(gateway_id)
+        if i is None:
+            return
+        self.picks[gateway_id] = self.picks.get(gateway_id, 0) + 1
+        old, new = self.loads[i], self._load(self.gateways[i])
+        self.loads[i] = new
+        if self._by_load is not None:
+            self._by_load.move(old, new, gateway_id)
+
     def put(self, g: GatewaySnapshot) -> None:
         """Adds `g`, or replaces the row of its id."""
         gw_id = g.gateway_id
         i = bisect_left(self.ids, gw_id)
-        load, latency, score = connection_load(g, self.reference), latency_of(g), g.score
-        if i < len(self.ids) and self.ids[i] == gw_id:
+        present = i < len(self.ids) and self.ids[i] == gw_id
+        if not present or self.gateways[i].last_seq != g.last_seq:
+            self.picks.pop(gw_id, None)  # a new heartbeat counts its connections itself
+        load, latency, score = self._load(g), latency_of(g), g.score
+        if present:
             old_load, old_latency, old_score = self.loads[i], self.latencies[i], self.scores[i]
             self.gateways[i], self.loads[i] = g, load
             self.latencies[i], self.scores[i] = latency, score
@@ -252,6 +279,7 @@ class Members:
         if self._by_score is not None:
             self._by_score.remove(-self.scores[i], gateway_id)
         self._weights = None
+        self.picks.pop(gateway_id, None)
         g = self.gateways.pop(i)
         del self.ids[i], self.loads[i], self.latencies[i], self.scores[i]
         return g

@@ -53,6 +53,17 @@ class ForgetDue(_Message, frozen=True):
     """Timer -> Supervisor: time to forget gateways down for health.forget_after_s."""
 
 
+class SetMaintenance(_Message, frozen=True):
+    """To a GatewayActor: into maintenance, or back (through the rise rule)."""
+
+    enabled: bool
+    reason: str | None = None
+
+
+class FlapCheck(_Message, frozen=True):
+    """A flapping gateway may have been healthy long enough (actors/flapping.py)."""
+
+
 class Tick(_Message, frozen=True):
     """A timer fired; `generation` lets an actor ignore timers it has replaced."""
 

@@ -1,7 +1,7 @@
 """The selection pool: every known gateway, and which are eligible, kept one change at a time.
 
 Pure logic, no threads. Rules: a gateway is eligible only while `status == "healthy"`,
-`score >= threshold` and it is not held; a `backup` with `backup_for = X` waits while X
+`score >= threshold`, it is not flapping, in maintenance or held; a `backup` with `backup_for = X` waits while X
 is eligible.
 
 An update re-judges only the gateways linked to the one that changed by `backup_for` (its
@@ -79,6 +79,13 @@ class Pool:
         self._link(snapshot)
         self._refresh(seeds)
 
+    def picked(self, gateway_id: str) -> None:
+        """A selection chose it: its load counts one more connection (actors/members.py)."""
+        g = self.gateways.get(gateway_id)
+        if g is not None and self.everyone.find(gateway_id) is not None:
+            self.everyone.picked(gateway_id)
+            self.regions[g.region].picked(gateway_id)
+
     def remove(self, gateway_id: str) -> None:
         old = self.gateways.pop(gateway_id, None)
         if old is not None:
@@ -131,6 +138,10 @@ class Pool:
             return f"status {g.status}"
         if g.score < self.threshold:
             return f"score {float(g.score)} below threshold {float(self.threshold)}"
+        if g.maintenance:
+            return f"maintenance ({g.maintenance_reason or 'no reason given'})"
+        if g.flapping:
+            return "flapping"
         if gateway_id in self.held:
             return "held on its backup until an operator fails it back"
         return f"backup for {g.backup_for}, which is eligible"
@@ -147,13 +158,21 @@ class Pool:
     # Internals -------------------------------------------------------------------------
 
     def _fits(self, g: GatewaySnapshot) -> bool:
-        return g.status == "healthy" and g.score >= self.threshold and g.gateway_id not in self.held
+        return (
+            g.status == "healthy"
+            and g.score >= self.threshold
+            and not g.flapping
+            and not g.maintenance
+            and g.gateway_id not in self.held
+        )
 
     def _same_standing(self, old: GatewaySnapshot, new: GatewaySnapshot) -> bool:
         """Whether nothing eligibility (or the region index) depends on changed."""
         return (
             old.status == new.status
             and (old.score >= self.threshold) == (new.score >= self.threshold)
+            and old.flapping == new.flapping
+            and old.maintenance == new.maintenance
             and old.role == new.role
             and old.backup_for == new.backup_for
             and old.region == new.region

@@ -22,6 +22,7 @@ configuration shows.
 |--------------------------------------------------------|-------------------------------|
 | no desired version of that type for the gateway        | Skip                          |
 | gateway not active (healthy or degraded)               | Skip                          |
+| gateway in maintenance (until it is back in service)   | Skip                          |
 | it runs the desired version or a newer one             | Skip (in sync)                |
 | `busy`: the distributor's reason not to push now       | Skip (rechecked when it ends) |
 | it nacked exactly the desired version                  | Resync(push=False) once per   |
@@ -87,6 +88,7 @@ class _Gateway:
     acked: dict[str, tuple[int, datetime]] = field(default_factory=dict)
     timeouts: int = 0
     cooling_until: float = 0.0
+    maintenance: bool = False
 
 
 class Reconciler:
@@ -118,6 +120,7 @@ class Reconciler:
         if active and gw.status not in ACTIVE_GATEWAY_STATUSES:
             gw.timeouts, gw.cooling_until = 0, 0.0  # back from a failure: try it at once
         gw.status = snapshot.status
+        gw.maintenance = snapshot.maintenance
         gw.versions = dict(snapshot.config_versions)
         gw.last_seen = snapshot.last_seen
         if snapshot.last_seen is not None:
@@ -209,6 +212,8 @@ class Reconciler:
         gw = self._gateways.get(gateway_id)
         if gw is None or gw.status not in ACTIVE_GATEWAY_STATUSES:
             return Skip(f"gateway is {gw.status if gw else 'not known'}")
+        if gw.maintenance:
+            return Skip("gateway in maintenance")
         running = self.running(gateway_id, config_type)
         if running is not None and running >= desired.version:
             return Skip(f"in sync: runs version {running}, desired {desired.version}")

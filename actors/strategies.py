@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from actors.members import Members
 from actors.pool import Pool
+from actors.slow_start import SLOW_START_PASSES
 from schemas.api import GatewaySnapshot
 from schemas.settings import LoadBalancingSettings
 from schemas.types import STRATEGIES
@@ -56,10 +57,15 @@ def round_robin(members: Members, state: RoundRobinState) -> str:
     return chosen
 
 
-def least_connections(members: Members, state: RoundRobinState) -> str:
+def least_connections(
+    members: Members, state: RoundRobinState, passed: frozenset[str] = frozenset()
+) -> str:
     """Optimises spare capacity: the lowest `connection_load`. Ties (e.g. an idle fleet)
-    are shared by round robin over the tied ids, so they do not all go to one gateway."""
+    are shared by round robin over the tied ids, so they do not all go to one gateway.
+    `passed`: gateways slow start passed over (a few): the next lowest instead."""
     chosen = members.by_load.next_tied(state.last)
+    if chosen in passed:
+        chosen = next((gw for _, gw in members.by_load.keys if gw not in passed), chosen)
     state.last = chosen
     return chosen
 
@@ -172,6 +178,8 @@ class Selection:
     members: Members = field(default_factory=Members)
     region: str | None = None  # the region RegionAware chose from; None: any, or not RegionAware
     rule: str = ""
+    # Gateways in slow start that this selection passed over or chose -> their ramp factor.
+    slow_start: dict[str, float] = field(default_factory=dict)
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -206,13 +214,14 @@ def _apply(
     cursor: RoundRobinState,
     rng: random.Random,
     settings: LoadBalancingSettings,
+    passed: frozenset[str] = frozenset(),
 ) -> tuple[str, str]:
     over = f"{rule} over {_count(len(members))}"
     match rule:
         case "RoundRobin":
             return round_robin(members, cursor), over
         case "LeastConnections":
-            chosen = least_connections(members, cursor)
+            chosen = least_connections(members, cursor, passed)
             return chosen, f"{over}: lowest load {members.by_load.best():.3f}"
         case "WeightedRandom":
             return weighted_random(members, rng), f"{over}, weighted by health score"
@@ -240,9 +249,11 @@ def select(
     settings: LoadBalancingSettings,
     regions: dict[str, list[str]],
     sticky_gateway: str | None = None,
+    ramp: Callable[[str], float] | None = None,
 ) -> Selection:
     """Choose a gateway for one request. Never raises for an empty pool (gateway_id is
-    None); raises ValueError only for an unknown strategy or inner strategy."""
+    None); raises ValueError only for an unknown strategy or inner strategy. `ramp`: each
+    gateway's slow start factor (None: nobody is in slow start)."""
     rule = _rule(strategy, settings)
     if not pool.everyone:
         n = len(pool)
@@ -253,11 +264,20 @@ def select(
     members, chosen_region, note = pool.everyone, None, ""
     if strategy == "RegionAware":
         chosen_region, members, note = region_pool(pool, region, regions)
+    ramps: dict[str, float] = {}
     if sticky_gateway is not None and members.find(sticky_gateway) is not None:
         gateway_id, why = sticky_gateway, "sticky client"
     else:
         cursor = state.cursor(_scope(strategy, chosen_region, rule))
         gateway_id, why = _apply(rule, members, cursor=cursor, rng=rng, settings=settings)
+        if ramp is not None:
+
+            def again(passed: frozenset[str]) -> tuple[str, str]:
+                return _apply(
+                    rule, members, cursor=cursor, rng=rng, settings=settings, passed=passed
+                )
+
+            gateway_id, why, ramps = _slow_start(gateway_id, why, members, ramp, rng, again)
         why = f"{note}; {why}" if note else why
     return Selection(
         gateway_id=gateway_id,
@@ -266,7 +286,35 @@ def select(
         members=members,
         region=chosen_region,
         rule=rule,
+        slow_start=ramps,
     )
+
+
+def _slow_start(
+    chosen: str,
+    why: str,
+    members: Members,
+    ramp: Callable[[str], float],
+    rng: random.Random,
+    again: Callable[[frozenset[str]], tuple[str, str]],
+) -> tuple[str, str, dict[str, float]]:
+    """The strategy's pick, or another if slow start passes it over (actors/slow_start.py);
+    with the reason and the ramping gateways met (id -> factor)."""
+    passed: dict[str, float] = {}
+    for _ in range(SLOW_START_PASSES):
+        factor = ramp(chosen)
+        if factor >= 1.0 or rng.random() < factor:
+            break
+        passed[chosen] = factor
+        chosen, why = again(frozenset(passed))
+    if chosen in passed:  # drawn again at the last pass: the first one not passed over
+        chosen = next((gw for gw in members.ids if gw not in passed), chosen)
+    factor = ramp(chosen)
+    notes = [f"passed over {gw} (ramp {share:.0%})" for gw, share in passed.items()]
+    if factor < 1.0:
+        notes.append(f"{chosen} in slow start (ramp {factor:.0%})")
+        passed[chosen] = factor
+    return chosen, why + (f"; slow start: {', '.join(notes)}" if notes else ""), passed
 
 
 def choose(

@@ -23,6 +23,7 @@ from typing import Any
 
 import pykka
 
+from actors import maintenance
 from actors.base import SafeActor, safe_tell, stop_all
 from actors.coalescer import Coalescer
 from actors.context import Context
@@ -52,6 +53,7 @@ from actors.messages import (
     ReleaseGateway,
     ReplacementFound,
     Request,
+    SetMaintenance,
     SetThreshold,
 )
 from actors.routes import GatewayRoutes
@@ -63,6 +65,8 @@ from schemas.api import (
     FailbackRequest,
     GatewaySnapshot,
     LoadBalancingConfig,
+    MaintenanceReply,
+    MaintenanceRequest,
     StatusReply,
 )
 from schemas.events import (
@@ -106,6 +110,11 @@ class SupervisorActor(SafeActor):
         self.statuses: dict[str, GatewayStatus] = {}
         self.status_counts: Counter[str] = Counter()  # of `statuses`, kept as they change
         self.down_since: dict[str, float] = {}  # when each down gateway went down
+        self.flapping: set[str] = set()
+        # Maintenance as requested (gateway -> reason), and as the gateways report it
+        # (a gateway turned off stays in maintenance until `rise` good heartbeats).
+        self.maintenance: dict[str, str | None] = {}
+        self.in_maintenance: set[str] = set()
         # [[gateways]]: known before they beat, never forgotten, their role kept.
         self.configured = {entry.id: entry for entry in context.settings.gateways}
         # Each gateway's heartbeats waiting for its actor (shared with its route).
@@ -113,7 +122,7 @@ class SupervisorActor(SafeActor):
         self._subscriptions: list[SubscriptionHandle] = []
         self._registered = 0
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
-        self.view = StatusView(0, {}, self.lb_config, self.distribution_counts)
+        self.view = StatusView(0, {}, 0, 0, self.lb_config, self.distribution_counts)
         self.entries: dict[str, GatewayEntry] = {}  # latest identity, to restart an actor
         settings = context.settings
         window_ms = settings.ha.detection_window_ms or (
@@ -127,6 +136,7 @@ class SupervisorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
+        self.maintenance = maintenance.load(self.ctx)
         for entry in self.configured.values():
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
@@ -172,10 +182,15 @@ class SupervisorActor(SafeActor):
             case GatewayUpdated(snapshot=snapshot):
                 self._on_gateway_update(snapshot)
             case ReplacementFound(gateway_id=gateway_id, to=to, reason=reason):
-                if self.statuses.get(gateway_id) == "down":  # it may be back already
+                # It may be back already (or out of maintenance).
+                if self.statuses.get(gateway_id) == "down" or gateway_id in self.maintenance:
                     self._act(self.planner.on_replacement(gateway_id, to, reason))
             case Request(endpoint=api.FAILBACK, body=FailbackRequest() as request, reply=reply):
                 self._failback(request.gateway_id, reply)
+            case Request(
+                endpoint=api.MAINTENANCE, body=MaintenanceRequest() as request, reply=reply
+            ):
+                self._set_maintenance(request, reply)
             case ChildDied(kind="GatewayActor", key=gateway_id, error=error):
                 self._restart(gateway_id, error)
             case LoadBalancingInForce(config=config):
@@ -196,6 +211,10 @@ class SupervisorActor(SafeActor):
         if gateway_id not in self.gateways:
             return  # a late update from a gateway that has left
         old = self.statuses.get(gateway_id, "unknown")
+        was_flapping = gateway_id in self.flapping
+        was_in_maintenance = gateway_id in self.in_maintenance
+        _mark(self.flapping, gateway_id, snapshot.flapping)
+        _mark(self.in_maintenance, gateway_id, snapshot.maintenance)
         self._set_status(gateway_id, snapshot.status)
         entry = self.entries.get(gateway_id)
         if entry is None or (entry.region, entry.role, entry.backup_for) != (
@@ -209,14 +228,26 @@ class SupervisorActor(SafeActor):
                 role=snapshot.role,
                 backup_for=snapshot.backup_for,
             )
-        if self.ctx.settings.orchestrator.ha_enabled and old != snapshot.status:
+        if not self.ctx.settings.orchestrator.ha_enabled:
+            return
+        if old != snapshot.status:
             fleet, down = len(self.statuses), self.status_counts["down"]
-            now = self.ctx.clock()
             self._act(
                 self.planner.on_change(
-                    gateway_id, old, snapshot.status, fleet=fleet, down=down, now=now
+                    gateway_id,
+                    old,
+                    snapshot.status,
+                    fleet=fleet,
+                    down=down,
+                    now=self.ctx.clock(),
+                    flapping=snapshot.flapping,
                 )
             )
+        steady = snapshot.status == "healthy" and not snapshot.flapping
+        if was_in_maintenance and not snapshot.maintenance:
+            self._act(self.planner.end_maintenance(gateway_id, steady=steady))
+        elif was_flapping and steady:
+            self._act(self.planner.on_steady(gateway_id))
 
     def _set_status(self, gateway_id: str, status: GatewayStatus | None) -> None:
         """Keeps `statuses` and their counts (None: the gateway is gone)."""
@@ -272,6 +303,37 @@ class SupervisorActor(SafeActor):
         self._act(actions)
         self.replies.publish(reply, FailbackReply(gateway_id=gateway_id, released_from=released))
 
+    def _set_maintenance(self, request: MaintenanceRequest, reply: str) -> None:
+        gateway_id, enabled = request.gateway_id, request.enabled
+        ref = self.gateways.get(gateway_id)
+        if ref is None:
+            reply_error(self.replies, reply, "not_found", f"unknown gateway {gateway_id}")
+            return
+        try:  # stored first: what the reply confirms outlives a restart
+            if enabled:
+                maintenance.save(self.ctx, gateway_id, request.reason)
+            elif gateway_id in self.maintenance:
+                maintenance.delete(self.ctx, gateway_id)
+        except Exception:
+            log.exception("could not store maintenance of %s", gateway_id)
+            reply_error(self.replies, reply, "unavailable", "could not store the change; retry")
+            return
+        if enabled:
+            self.maintenance[gateway_id] = request.reason
+            self._act(self.planner.start_maintenance(gateway_id))
+        else:
+            self.maintenance.pop(gateway_id, None)
+        ref.tell(SetMaintenance(enabled=enabled, reason=request.reason))
+        log.info(
+            "maintenance %s for %s (%s)",
+            "on" if enabled else "off",
+            gateway_id,
+            request.reason or "no reason given",
+        )
+        self.replies.publish(
+            reply, MaintenanceReply(gateway_id=gateway_id, enabled=enabled, reason=request.reason)
+        )
+
     def _restart(self, gateway_id: str, error: str) -> None:
         """A GatewayActor died: a new one takes over, rebuilding health from heartbeats."""
         entry = self.entries.get(gateway_id)
@@ -300,6 +362,10 @@ class SupervisorActor(SafeActor):
 
     def _start_gateway(self, entry: GatewayEntry) -> None:
         pending = self.pending[entry.id]
+        drained = None
+        if entry.id in self.maintenance:  # restored, or across a goodbye or a restart
+            drained = SetMaintenance(enabled=True, reason=self.maintenance[entry.id])
+            self.planner.start_maintenance(entry.id, move=False)
         ref = GatewayActor.start(
             self.ctx,
             entry,
@@ -308,6 +374,7 @@ class SupervisorActor(SafeActor):
             load_balancer=self.load_balancer,
             supervisor=self.actor_ref,
             distributor=self.distributor,
+            maintenance=drained,
         )
         self.gateways[entry.id] = ref
         self._publish_view()
@@ -334,6 +401,8 @@ class SupervisorActor(SafeActor):
         if ref is None:
             return
         self.routes.detach(gateway_id)
+        self.flapping.discard(gateway_id)
+        self.in_maintenance.discard(gateway_id)
         self._set_status(gateway_id, None)
         self.entries.pop(gateway_id, None)
         self.pending.pop(gateway_id, None)
@@ -351,9 +420,18 @@ class SupervisorActor(SafeActor):
         self.view = StatusView(
             gateways_managed=len(self.gateways),
             by_status={s: n for s, n in self.status_counts.items() if n},
+            flapping=len(self.flapping),
+            in_maintenance=len(self.in_maintenance),
             lb_config=self.lb_config,
             distributions=self.distribution_counts,
         )
+
+
+def _mark(members: set[str], gateway_id: str, flag: bool) -> None:
+    if flag:
+        members.add(gateway_id)
+    else:
+        members.discard(gateway_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +444,8 @@ class StatusView:
 
     gateways_managed: int
     by_status: dict[str, int]
+    flapping: int
+    in_maintenance: int
     lb_config: LoadBalancingConfig
     distributions: DistributionCounts
 
@@ -399,6 +479,8 @@ def status_reply(
         selections=ctx.selections.counts(),
         actor_restarts=sum(ctx.restarts.counts().values()),
         gateways_by_status=dict(view.by_status),
+        gateways_flapping=view.flapping,
+        gateways_in_maintenance=view.in_maintenance,
         distributions_by_state=dict(counts.by_state),
         orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),
         orchestrator_max_lag_ms=round(awareness.orchestrator_max_lag_ms, 3),
@@ -406,5 +488,6 @@ def status_reply(
         detection_suspended_s=round(awareness.suspended_s, 3),
         shed=shed,
         probes=probes,
+        events_lost=ctx.events_lost(),
         health=health,
     )

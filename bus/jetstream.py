@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -24,7 +25,7 @@ from bus.connection import BusError
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
-from schemas.events import Event
+from schemas.events import Event, decode_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=msgspec.Struct)
@@ -121,6 +122,9 @@ class KvStore:
 
         data = self._call(f"get {key}", fetch)
         return None if data is None else decode(data, kind)
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", lambda: self._kv.delete(key))
 
     def purge(self, keys: Iterable[str]) -> None:
         """Removes these keys (one ending in `.>`: every key under it) leaving no delete
@@ -230,11 +234,22 @@ class JetStream:
                 KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1)
             )
 
-    def emit(self, event: Event) -> None:
-        """Publishes an event (not awaiting the store's ack: hot paths must not wait)."""
-        self._bus.publish(
-            self._subjects.event(event.type), encode(event), headers={"Nats-Msg-Id": event.id}
-        )
+    def last_event(self) -> tuple[Event | None, datetime] | None:
+        """The stream's last event (None if it does not decode) and when it was stored;
+        None when the stream holds none."""
+        return self._bus.run(self._last_event(stream_name(self._subjects.prefix)))
+
+    async def _last_event(self, stream: str) -> tuple[Event | None, datetime] | None:
+        js = self._bus.js
+        state = (await js.stream_info(stream)).state
+        if not state.messages:
+            return None
+        stored = await js.get_msg(stream, seq=state.last_seq)
+        try:
+            event: Event | None = decode_event(stored.data or b"")
+        except msgspec.DecodeError:
+            event = None
+        return event, stored.time or datetime.now(UTC)
 
 
 class JetStreamWatch:

@@ -32,6 +32,7 @@ from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
 from bus.edge import Drops
 from bus.jetstream import JetStream
+from bus.outbox import EventOutbox, unclean_stop_gap
 from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
@@ -67,6 +68,7 @@ class Orchestrator:
         self.server: EmbeddedServer | None = None
         self.bus: Bus | None = None
         self.runtime: Runtime | None = None
+        self.events: EventOutbox | None = None
         self._actors: list[pykka.ActorRef[Any]] = []
         self.url = settings.bus.url
 
@@ -100,13 +102,18 @@ class Orchestrator:
             kv_retries=self.settings.orchestrator.kv_write_retries,
             kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
         )
+        events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
+        events.start()
+        self.events = events  # from here on, a stop flushes it
+        self._check_last_run(jetstream, events)
         self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health)
         context = Context(
             bus=self.bus,
             runtime=self.runtime,
             subjects=self.subjects,
             settings=self.settings,
-            emit=jetstream.emit,
+            emit=events.emit,
+            events_lost=lambda: events.lost,
             drops=self.drops,
             buckets=jetstream.buckets,
         )
@@ -128,6 +135,15 @@ class Orchestrator:
         distributor.tell(ReportTo(supervisor=supervisor))
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
+
+    @staticmethod
+    def _check_last_run(jetstream: JetStream, events: EventOutbox) -> None:
+        """Records an audit gap when the previous run did not stop cleanly."""
+        last = jetstream.last_event()
+        gap = None if last is None else unclean_stop_gap(*last)
+        if gap is not None:
+            log.warning("%s; since %s", gap.reason, gap.since.isoformat())
+            events.emit(gap)
 
     def _server_died(self, status: int | None) -> None:
         """The embedded nats-server ended on its own (called on its log reader's thread,
@@ -185,6 +201,9 @@ class Orchestrator:
                 if self.runtime is not None:
                     self.runtime.stop()
                     self.runtime = None
+                if self.events is not None:
+                    self.events.close()
+                    self.events = None
                 if self.bus is not None:
                     self.bus.stop()
                     self.bus = None

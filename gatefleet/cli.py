@@ -275,6 +275,25 @@ def strategy(
 
 
 @main.command()
+@click.argument("gateway_id")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.option("--reason", help="Why (shown in tables and recorded in the audit trail).")
+@client_options
+def maintenance(
+    gateway_id: str,
+    state: str,
+    reason: str | None,
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+) -> None:
+    """Drain a gateway for maintenance (on), or return it to service (off)."""
+    with connected(config, nats, as_json) as (client, ctx):
+        reply = client.set_maintenance(gateway_id, state == "on", reason)
+        output.show_maintenance(reply, as_json=ctx.as_json)
+
+
+@main.command()
 @click.option("--count", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--regions", default="us-west,us-east,eu-west", show_default=True)
 @click.option(

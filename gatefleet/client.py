@@ -41,6 +41,8 @@ from schemas.api import (
     GatewaysRequest,
     LoadBalancingConfig,
     LoadBalancingUpdate,
+    MaintenanceReply,
+    MaintenanceRequest,
     MaybeError,
     SelectReply,
     SelectRequest,
@@ -164,6 +166,12 @@ class GatefleetClient:
     ) -> LoadBalancingConfig:
         update = LoadBalancingUpdate(strategy=strategy, health_threshold=health_threshold)
         return self.call(api.LOAD_BALANCING_SET, update)
+
+    def set_maintenance(
+        self, gateway_id: str, enabled: bool, reason: str | None = None
+    ) -> MaintenanceReply:
+        request = MaintenanceRequest(gateway_id=gateway_id, enabled=enabled, reason=reason)
+        return self.call(api.MAINTENANCE, request)
 
     def distribute(
         self,

@@ -244,6 +244,18 @@ def render_metrics(status: StatusReply) -> str:
             _by_label("status", _zeros(get_args(GatewayStatus), status.gateways_by_status)),
         ),
         _family(
+            "gatefleet_gateways_flapping",
+            "gauge",
+            "Gateways flapping (not selected, not failed back to).",
+            [("", status.gateways_flapping)],
+        ),
+        _family(
+            "gatefleet_gateways_in_maintenance",
+            "gauge",
+            "Gateways in maintenance (drained by an operator).",
+            [("", status.gateways_in_maintenance)],
+        ),
+        _family(
             "gatefleet_selections_total",
             "counter",
             "Gateway selections served since start, by the strategy in force.",
@@ -290,6 +302,12 @@ def render_metrics(status: StatusReply) -> str:
             "counter",
             "Work shed under overload since start: requests answered unavailable, heartbeats coalesced away.",
             _by_label("kind", _zeros(("requests", "heartbeats", "probes"), status.shed)),
+        ),
+        _family(
+            "gatefleet_events_lost_total",
+            "counter",
+            "Events the audit stream could not store since start (each reported by an audit.gap event).",
+            [("", status.events_lost)],
         ),
         _family(
             "gatefleet_health_threshold_percent",

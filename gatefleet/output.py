@@ -20,6 +20,7 @@ from schemas.api import (
     DistributionPage,
     GatewaysReply,
     LoadBalancingConfig,
+    MaintenanceReply,
     SelectReply,
     StatusReply,
 )
@@ -56,6 +57,8 @@ def show_status(reply: StatusReply, *, as_json: bool) -> None:
         ("status", reply.status),
         ("gateways managed", reply.gateways_managed),
         ("gateways healthy", reply.gateways_healthy),
+        ("gateways flapping", reply.gateways_flapping),
+        ("gateways in maintenance", reply.gateways_in_maintenance),
         ("strategy", reply.load_balancing_strategy),
         ("health threshold", f"{reply.health_check_threshold:g}%"),
         ("HA", "enabled" if reply.ha_enabled else "disabled"),
@@ -167,7 +170,9 @@ def show_gateways(reply: GatewaysReply, *, as_json: bool) -> None:
             g.gateway_id,
             g.region,
             role,
-            f"[{STATUS_STYLE.get(g.status, '')}]{g.status}[/]",
+            f"[{STATUS_STYLE.get(g.status, '')}]{g.status}[/]"
+            + (" [magenta]flapping[/]" if g.flapping else "")
+            + (" [cyan]maintenance[/]" if g.maintenance else ""),
             f"{g.score:.1f}",
             _fmt(g.cpu_percent, "%"),
             _fmt(g.memory_percent, "%"),
@@ -199,6 +204,19 @@ def show_load_balancing(config: LoadBalancingConfig, *, as_json: bool) -> None:
     console.print(
         f"strategy [bold]{config.strategy}[/], health threshold {config.health_threshold:g}%"
     )
+
+
+def show_maintenance(reply: MaintenanceReply, *, as_json: bool) -> None:
+    if as_json:
+        print_json(reply)
+        return
+    if reply.enabled:
+        why = f" ({reply.reason})" if reply.reason else ""
+        console.print(f"{reply.gateway_id}: in maintenance{why}; its traffic moves to a backup")
+    else:
+        console.print(
+            f"{reply.gateway_id}: maintenance off; selectable again after its next good heartbeats"
+        )
 
 
 def show_simulation(summary: SimulationSummary, *, as_json: bool) -> None:

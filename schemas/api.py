@@ -113,6 +113,8 @@ class StatusReply(_Body, frozen=True):
     actor_restarts: Count = 0
     selections: dict[str, int] = msgspec.field(default_factory=dict)
     gateways_by_status: dict[str, int] = msgspec.field(default_factory=dict)
+    gateways_flapping: Count = 0
+    gateways_in_maintenance: Count = 0
     distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
     # Local health awareness: how late gatefleet's own loop runs (now, and the worst of
     # the last seconds), whether missed heartbeats are not counted right now (it is
@@ -129,6 +131,9 @@ class StatusReply(_Body, frozen=True):
     # Each part gatefleet needs -> "ok" or what is wrong: nats, jetstream, load_balancer,
     # distributor, supervisor (/healthz answers 503 naming those not ok).
     health: dict[str, str] = msgspec.field(default_factory=dict)
+    # Events the audit stream could not store since start (each reported in the stream
+    # by an `audit.gap` event).
+    events_lost: Count = 0
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):
@@ -274,6 +279,13 @@ class GatewaySnapshot(_Body, frozen=True, gc=False):
     heartbeats: Count = 0
     config_versions: dict[str, int] = msgspec.field(default_factory=dict)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    # Status changed health.flap_threshold times within health.flap_window_s, and not yet
+    # healthy for health.flap_hold_s since: not selected, not failed back to.
+    flapping: bool = False
+    # In maintenance (P.api.maintenance): not selected, its traffic moved to a backup, not
+    # reconciled; after maintenance is turned off, until `rise` good heartbeats.
+    maintenance: bool = False
+    maintenance_reason: str | None = None
 
     @property
     def latency_ms(self) -> float | None:
@@ -301,6 +313,22 @@ class FailbackReply(_Body, frozen=True):
     gateway_id: GatewayId
     # The gateway that carried its traffic meanwhile (null if none could).
     released_from: GatewayId | None
+
+
+class MaintenanceRequest(_Body, frozen=True):
+    """`P.api.maintenance`: drain a gateway (`enabled` true) or return it (false)."""
+
+    gateway_id: GatewayId
+    enabled: bool
+    reason: Annotated[str, Meta(max_length=256)] | None = None
+
+
+class MaintenanceReply(_Body, frozen=True):
+    gateway_id: GatewayId
+    # As requested; a gateway turned off stays out of selection until `rise` good
+    # heartbeats (its record's `maintenance` turns false then).
+    enabled: bool
+    reason: str | None = None
 
 
 class ReconcileRequest(_Body, frozen=True):

@@ -27,6 +27,8 @@ from schemas.api import (
     GatewaysRequest,
     LoadBalancingConfig,
     LoadBalancingUpdate,
+    MaintenanceReply,
+    MaintenanceRequest,
     ReconcileReply,
     ReconcileRequest,
     SelectReply,
@@ -124,6 +126,14 @@ RECONCILE: Final = Endpoint(
     "reconcile", ReconcileRequest, ReconcileReply, "distributor", writes=True
 )
 FAILBACK: Final = Endpoint("failback", FailbackRequest, FailbackReply, "supervisor", writes=True)
+MAINTENANCE: Final = Endpoint(
+    "maintenance",
+    MaintenanceRequest,
+    MaintenanceReply,
+    "supervisor",
+    writes=True,
+    http=("POST", "/maintenance"),
+)
 
 ENDPOINTS: Final[tuple[Endpoint[msgspec.Struct, msgspec.Struct], ...]] = (
     STATUS,
@@ -136,6 +146,7 @@ ENDPOINTS: Final[tuple[Endpoint[msgspec.Struct, msgspec.Struct], ...]] = (
     DISTRIBUTIONS_LIST,
     RECONCILE,
     FAILBACK,
+    MAINTENANCE,
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -66,6 +66,25 @@ class GatewayDown(_Event, frozen=True, tag="gateway.down"):
 class GatewayRecovered(_Event, frozen=True, tag="gateway.recovered"):
     gateway_id: str
     score: float
+
+
+class GatewayFlapping(_Event, frozen=True, tag="gateway.flapping"):
+    """A gateway started flapping (`flapping` true: `changes` status changes within
+    `window_s`) or stopped (false: healthy for health.flap_hold_s)."""
+
+    gateway_id: str
+    flapping: bool
+    changes: int
+    window_s: float
+
+
+class GatewayMaintenance(_Event, frozen=True, tag="gateway.maintenance"):
+    """A gateway went into maintenance (`enabled` true, when requested) or came back into
+    service (false: turned off, then `rise` good heartbeats)."""
+
+    gateway_id: str
+    enabled: bool
+    reason: str | None = None
 
 
 class GatewayLeft(_Event, frozen=True, tag="gateway.left"):
@@ -129,6 +148,9 @@ class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
     excluded: dict[str, str]
     candidate_count: int | None = None
     excluded_count: int | None = None
+    # Gateways in slow start this selection passed over or chose -> their ramp factor
+    # (load_balancing.slow_start_s); empty when none was.
+    slow_start: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 # Distribution -----------------------------------------------------------------------------
@@ -298,12 +320,40 @@ class OrchestratorStarted(_Event, frozen=True, tag="orchestrator.started"):
     ha_enabled: bool
 
 
+class OrchestratorStopped(_Event, frozen=True, tag="orchestrator.stopped"):
+    """A clean stop: the last event of a run, stored only once every event before it
+    was (or, for events the stream never took, once `audit.gap` reported them).
+    `events_lost`: events of the run that could not be stored."""
+
+    events_lost: int
+
+
+class AuditGap(_Event, frozen=True, tag="audit.gap"):
+    """Events the audit trail may be missing, between `since` and `until` (event times).
+
+    `cause` "not_stored": `events_lost` events emitted in that window could not be stored
+    (the stream refused or did not answer until their retries ran out, or too many
+    waited); `reason` is the last failure. "unclean_stop": the previous run ended
+    without `orchestrator.stopped` (it was killed): `since` is its last stored event,
+    `until` this start, `events_lost` null (unknown)."""
+
+    cause: Literal["not_stored", "unclean_stop"]
+    since: datetime
+    until: datetime
+    events_lost: int | None
+    reason: str
+
+
 Event = (
     OrchestratorStarted
+    | OrchestratorStopped
+    | AuditGap
     | GatewayRegistered
     | GatewayStatusChanged
     | GatewayDown
     | GatewayRecovered
+    | GatewayFlapping
+    | GatewayMaintenance
     | GatewayLeft
     | GatewayForgotten
     | LoadBalancingChanged

@@ -95,6 +95,11 @@ class HealthSettings(_Section, frozen=True):
     # A gateway down this long is forgotten (gateway.forgotten), unless [[gateways]] lists
     # it; 0: never.
     forget_after_s: Annotated[float, Meta(ge=0.0, le=365 * 86400.0)] = 86400.0
+    # Flapping: this many status changes within flap_window_s (0: never flapping); it
+    # ends after flap_hold_s healthy.
+    flap_threshold: Annotated[int, Meta(ge=0, le=1000)] = 5
+    flap_window_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
+    flap_hold_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 30.0
     weights: HealthWeights = msgspec.field(default_factory=HealthWeights)
 
 
@@ -106,6 +111,9 @@ class LoadBalancingSettings(_Section, frozen=True):
     latency_margin_ms: Annotated[float, Meta(ge=0.0)] = 2.0
     # Seed for WeightedRandom; absent means seeded from the OS.
     random_seed: int | None = None
+    # A gateway that registers or recovers ramps up its share of selections linearly over
+    # this many seconds (0: at once).
+    slow_start_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 0.0
 
 
 class HaSettings(_Section, frozen=True):
@@ -119,6 +127,9 @@ class AuditSettings(_Section, frozen=True):
     record_selections: bool = True
     max_age_hours: Annotated[float, Meta(ge=0.0)] = 720.0  # 0: keep forever
     max_bytes: Annotated[int, Meta(ge=-1)] = 1024 * 1024 * 1024  # -1: no limit
+    # How long an event the stream did not store is sent again before it counts as lost
+    # (under the stream's 2-minute duplicate window, so a retry is never stored twice).
+    event_retry_ms: Annotated[int, Meta(ge=1, le=60_000)] = 30_000
 
 
 class HttpSettings(_Section, frozen=True):

@@ -24,7 +24,7 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
-from bus.jetstream import JetStream, stream_name
+from bus.jetstream import stream_name
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet.app import Orchestrator
@@ -59,6 +59,7 @@ from schemas.events import (
     GatewayStatusChanged,
     LoadBalancingChanged,
     OrchestratorStarted,
+    OrchestratorStopped,
     decode_event,
 )
 from schemas.settings import Settings
@@ -547,16 +548,18 @@ def test_a_duplicate_publish_is_stored_once(
     again = bus.run(bus.js.publish(subject, encode(event), headers=headers))
     assert (again.seq, again.duplicate) == (first.seq, True)
 
-    # The orchestrator's own path: JetStream.emit, twice, then an acknowledged marker.
+    # The orchestrator's own path: its event outbox, twice (acked), then a marker.
     emitted = LoadBalancingChanged(
         old_strategy="WeightedRandom",
         new_strategy="RoundRobin",
         old_threshold=70.0,
         new_threshold=70.0,
     )
-    jetstream = JetStream(bus, Subjects(prefix))
-    jetstream.emit(emitted)
-    jetstream.emit(emitted)
+    outbox = gatefleet.events
+    assert outbox is not None
+    outbox.emit(emitted)
+    outbox.emit(emitted)
+    wait_until(lambda: outbox.settled, what="the outbox's events acked")
     marker = LoadBalancingChanged(
         old_strategy="RoundRobin", new_strategy="RoundRobin", old_threshold=70.0, new_threshold=71.0
     )
@@ -589,13 +592,15 @@ def test_events_survive_an_orchestrator_restart_on_the_embedded_server(
 
     second = start_orchestrator(settings)
     assert second.server is not None
-    wait_until(lambda: len(replay()) == 5, what="the second run's events stored")
+    wait_until(lambda: len(replay()) == 6, what="the second run's events stored")
     after = replay()
     assert after[:3] == before
-    restarted = after[3]
+    assert isinstance(after[3], OrchestratorStopped)  # a clean stop: no audit.gap follows
+    assert after[3].events_lost == 0
+    restarted = after[4]
     assert isinstance(restarted, OrchestratorStarted)
     assert (restarted.strategy, restarted.threshold) == ("LatencyBased", 80.0)  # as stored
-    assert isinstance(after[4], GatewayRegistered)
+    assert isinstance(after[5], GatewayRegistered)
     state = msgspec.json.decode(
         run_audit(str(config), "state", "--json").stdout_bytes, type=FleetState
     )
@@ -665,11 +670,12 @@ class AuditProcess:
 def test_follow_tails_new_events(
     gatefleet: Orchestrator, bus: Bus, prefix: str, config_file: str
 ) -> None:
-    jetstream = JetStream(bus, Subjects(prefix))
+    assert gatefleet.events is not None
+    emit = gatefleet.events.emit
     old = LoadBalancingChanged(
         old_strategy="RoundRobin", new_strategy="RoundRobin", old_threshold=70.0, new_threshold=71.0
     )
-    jetstream.emit(old)
+    emit(old)
     # orchestrator.started, then ours
     wait_until(lambda: stored_count(bus, prefix) == 2, what="the old event stored")
     follower = AuditProcess("--config", config_file, "--json", "--follow", "--type", "lb")
@@ -677,12 +683,12 @@ def test_follow_tails_new_events(
         assert follower.next_event().id == old.id  # the history first
         for n in range(3):
             new = msgspec.structs.replace(old, id=f"evt-new-{n}", new_threshold=72.0 + n)
-            jetstream.emit(new)
+            emit(new)
             assert follower.next_event().id == new.id
         # Not of the followed type: never shown.
-        jetstream.emit(GatewayRegistered(gateway_id="edge-9", region="x", source="heartbeat"))
+        emit(GatewayRegistered(gateway_id="edge-9", region="x", source="heartbeat"))
         last = msgspec.structs.replace(old, id="evt-last")
-        jetstream.emit(last)
+        emit(last)
         assert follower.next_event().id == last.id
     finally:
         code, err = follower.stop()

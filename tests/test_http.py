@@ -322,6 +322,7 @@ def test_healthz_and_metrics(http: Http, fleet: Fleet, gatefleet: Orchestrator) 
         'gatefleet_shed_total{kind="requests"}': 0,
         'gatefleet_shed_total{kind="heartbeats"}': 0,
         "gatefleet_detection_suspended": 0,
+        "gatefleet_events_lost_total": 0,
     }
     assert {name: samples.get(name) for name in expected} == expected
     assert samples["gatefleet_orchestrator_lag_ms"] >= 0

@@ -35,7 +35,11 @@ RISE = 2
 
 @pytest.fixture
 def settings(make_settings: SettingsFactory) -> Settings:
-    return make_settings(health={"heartbeat_interval_ms": 100, "fall": FALL, "rise": RISE})
+    # Flap detection off: these tests walk a gateway through every status within a second
+    # (tests/test_flapping.py has it on).
+    return make_settings(
+        health={"heartbeat_interval_ms": 100, "fall": FALL, "rise": RISE, "flap_threshold": 0}
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pykka
 import pytest
 
@@ -86,6 +87,16 @@ def test_rules_desired_running_and_busy() -> None:
     assert pushes(check(r))
     r.on_gateway(snapshot("down", at=4, Route=1))
     assert check(r) == Skip("gateway is down")
+
+
+def test_rules_a_gateway_in_maintenance_is_not_reconciled() -> None:
+    r = Reconciler(cooldown_s=1.0)
+    r.set_desired("Route", None, V2)
+    drained = snapshot(Route=1)
+    r.on_gateway(GatewaySnapshot(**{**msgspec.structs.asdict(drained), "maintenance": True}))
+    assert check(r) == Skip("gateway in maintenance")
+    r.on_gateway(drained)  # back in service
+    assert pushes(check(r))
 
 
 def test_rules_a_rejected_version_is_reported_once_and_pushed_only_on_request() -> None:

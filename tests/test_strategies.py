@@ -9,6 +9,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Sequence
 
+import msgspec
 import pytest
 
 from actors.load_balancer import AUDIT_CANDIDATES, AUDIT_EXCLUDED, selection_event
@@ -245,6 +246,47 @@ def test_least_connections_ties_rotate() -> None:
     fleet = [gw("a", active=5), gw("b", active=5), gw("c", active=9)]
     state = RoundRobinState()
     assert [least_connections(m(fleet), state) for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_least_connections_counts_selections_since_the_last_heartbeat() -> None:
+    """Between two heartbeats the least loaded gateway does not take every request: each
+    selection counts as one more connection until its next heartbeat reports."""
+    fleet = [
+        GatewaySnapshot(
+            gateway_id=f"gw-{i}",
+            region="us-west",
+            status="healthy",
+            score=90.0,
+            active_connections=100 + 5 * i,
+            max_connections=1000,
+            last_seq=1,
+        )
+        for i in range(10)
+    ]
+    pool, state, rng = Pool.of(fleet, 70.0), SelectorState(), random.Random(1)
+    picks: Counter[str | None] = Counter()
+    for _ in range(1000):
+        chosen = select(
+            "LeastConnections",
+            pool,
+            region=None,
+            state=state,
+            rng=rng,
+            settings=LoadBalancingSettings(),
+            regions={},
+        ).gateway_id
+        picks[chosen] += 1
+        assert chosen is not None
+        pool.picked(chosen)
+    connections = [100 + 5 * i + picks[f"gw-{i}"] for i in range(10)]
+    assert max(connections) - min(connections) <= 1  # levelled, not herded
+    assert max(picks.values()) < 150
+    # The gateway's next heartbeat replaces the estimate with its own count.
+    beat = msgspec.structs.replace(fleet[0], active_connections=100, last_seq=2)
+    pool.update(beat)
+    i = pool.everyone.find("gw-0")
+    assert i is not None
+    assert pool.everyone.loads[i] == 0.1
 
 
 def test_least_connections_unknown_count_is_last() -> None:

@@ -81,7 +81,13 @@ WHEN = When()
 EVENT_TYPES: Final = tuple(str(cls.__struct_config__.tag) for cls in typing.get_args(Event))
 FAMILIES: Final = tuple(dict.fromkeys(t.partition(".")[0] for t in EVENT_TYPES))
 # Types that can name a gateway, or a distribution: what --gateway / --distribution read.
-GATEWAY_TYPES: Final = frozenset(EVENT_TYPES) - {"lb.changed", "ha.alarm", "orchestrator.started"}
+GATEWAY_TYPES: Final = frozenset(EVENT_TYPES) - {
+    "lb.changed",
+    "ha.alarm",
+    "orchestrator.started",
+    "orchestrator.stopped",
+    "audit.gap",
+}
 DISTRIBUTION_TYPES: Final = frozenset({"distribution.step", "ha.reconcile"})
 
 

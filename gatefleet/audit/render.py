@@ -15,6 +15,7 @@ from gatefleet import output
 from gatefleet.audit.state import DistributionState, FleetState
 from schemas.events import (
     Alarm,
+    AuditGap,
     BatchSentStep,
     CandidateView,
     CreatedStep,
@@ -34,6 +35,7 @@ from schemas.events import (
     GatewayStatusChanged,
     GatewayTimedOutStep,
     LoadBalancingChanged,
+    OrchestratorStopped,
     QueuedStep,
     Reconciliation,
     ResumedStep,
@@ -88,6 +90,19 @@ def summary(event: Event) -> tuple[str, str]:
             versions = f"reports v{event.reported_version}, desired v{event.desired_version}"
             dist = event.distribution_id or "no distribution"
             return gw, f"{event.config_type} {versions} -> {dist}: {event.reason}"
+        case AuditGap(cause="unclean_stop"):
+            return (
+                "",
+                f"may miss events from {when(event.since)} to {when(event.until)}: {event.reason}",
+            )
+        case AuditGap():
+            return "", (
+                f"{event.events_lost} events not stored, emitted from {when(event.since)}"
+                f" to {when(event.until)}: {event.reason}"
+            )
+        case OrchestratorStopped():
+            lost = f", {event.events_lost} events lost in this run" if event.events_lost else ""
+            return "", f"stopped cleanly{lost}"
     return "", ""  # pragma: no cover - the match is exhaustive
 
 
@@ -182,6 +197,10 @@ def show_selection(event: GatewaySelected) -> None:
                 ("health threshold", f"{event.threshold:g}"),
                 ("picked", event.gateway_id or "nobody"),
                 ("why", event.reason),
+                *(
+                    (f"slow start: {gw}", f"ramp {share:.0%} of its full share")
+                    for gw, share in sorted(event.slow_start.items())
+                ),
             ],
         )
     )

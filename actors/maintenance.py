@@ -1,0 +1,54 @@
+"""Which gateways an operator put in maintenance, kept across restarts.
+
+Stored in the `settings` bucket, one key per gateway (`maintenance.<gateway_id>`, so that
+no value grows with the fleet); the supervisor is the only writer. A key that does not
+read back is logged, alarmed (`ha.alarm` kind `bad_stored_value`) and skipped: no stored
+value stops start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import msgspec
+
+from actors.context import Context
+from schemas.events import Alarm
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "maintenance."
+
+
+class MaintenanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str | None = None
+    since: datetime
+
+
+def load(ctx: Context) -> dict[str, str | None]:
+    """gateway id -> the reason it is in maintenance."""
+    bucket = ctx.buckets["settings"]
+    found: dict[str, str | None] = {}
+    for key in bucket.keys():  # noqa: SIM118 - a KV bucket, not a dict
+        if not key.startswith(KEY_PREFIX):
+            continue
+        try:
+            record = bucket.get(key, MaintenanceRecord)
+        except msgspec.DecodeError as exc:
+            message = f"stored maintenance entry {key!r} unreadable ({exc}); skipped"
+            log.error("%s", message)  # noqa: TRY400 - one line, no traceback: expected input
+            ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
+            continue
+        if record is not None:
+            found[key.removeprefix(KEY_PREFIX)] = record.reason
+    return found
+
+
+def save(ctx: Context, gateway_id: str, reason: str | None) -> None:
+    record = MaintenanceRecord(reason=reason, since=datetime.now(UTC))
+    ctx.buckets["settings"].put(KEY_PREFIX + gateway_id, record)
+
+
+def delete(ctx: Context, gateway_id: str) -> None:
+    ctx.buckets["settings"].delete(KEY_PREFIX + gateway_id)
