@@ -250,7 +250,12 @@ def test_no_stored_value_stops_start_up_each_bad_one_is_alarmed_and_skipped_or_r
         )
         store.create(record, spec, {"v": version})
         ids[name] = record.id
-    naive = {"config_type": "Acl", "version": 2, "fleet_wide": False, "created_at": "2026-12-01T07:00:00"}
+    naive = {
+        "config_type": "Acl",
+        "version": 2,
+        "fleet_wide": False,
+        "created_at": "2026-12-01T07:00:00",
+    }
     bad = {
         "layout": b"not json",
         "versions.Route": b'{"config_type": "Route", "last_version": "three"}',
