@@ -62,6 +62,7 @@ from msgspec.structs import replace
 
 from schemas.api import Distribution, GatewayDelivery, GatewayDeliveryState
 from schemas.events import (
+    EVENT_MAX_IDS,
     BatchSentStep,
     CreatedStep,
     FinishedStep,
@@ -223,8 +224,9 @@ class DistributionMachine:
             CreatedStep(
                 config_type=rec.config_type,
                 version=rec.version,
-                target_gateways=list(rec.target_gateways),
-                unknown_gateways=unknown,
+                target_gateways=rec.target_gateways[:EVENT_MAX_IDS],
+                unknown_gateways=unknown[:EVENT_MAX_IDS],
+                target_count=len(rec.target_gateways),
             )
         )
         self._commit({}, status="in_progress")
@@ -397,7 +399,9 @@ def finished_step(record: Distribution) -> FinishedStep:
     """The `finished` step of a record that has ended."""
     return FinishedStep(
         status=record.status,
-        successful=list(record.successful_gateways),
-        failed=list(record.failed_gateways),
+        successful=record.successful_gateways[:EVENT_MAX_IDS],
+        failed=record.failed_gateways[:EVENT_MAX_IDS],
         reason=record.reason,
+        successful_count=len(record.successful_gateways),
+        failed_count=len(record.failed_gateways),
     )
