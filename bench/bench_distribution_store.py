@@ -33,6 +33,7 @@ from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
+from schemas.api import GATEWAY_STATES_MAX_LIMIT
 from schemas.codec import encode
 from schemas.events import DistributionEvent, decode_event
 from schemas.settings import Settings
@@ -74,12 +75,14 @@ def wait(condition: Any, what: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def largest_get_reply(bus: Bus, dist_id: str) -> tuple[int, int, list[str]]:
+def largest_get_reply(
+    bus: Bus, dist_id: str, limit: int | None = None
+) -> tuple[int, int, list[str]]:
     """(largest reply in bytes, pages, every gateway id in order) of distributions.get."""
     largest, pages, ids = 0, 0, []
     cursor = None
     while True:
-        body = encode({"distribution_id": dist_id, "cursor": cursor})
+        body = encode({"distribution_id": dist_id, "cursor": cursor, "limit": limit})
         reply = bus.ask(f"{PREFIX}.api.distributions.get", body, 30)
         page = msgspec.json.decode(reply)
         largest, pages = max(largest, len(reply)), pages + 1
@@ -121,6 +124,7 @@ class Figures:
     values: dict[str, bytes] = field(default_factory=dict)
     largest_get: int = 0
     pages: int = 0
+    largest_get_max_limit: int = 0
     list_reply: int = 0
     states_after: dict[str, int] = field(default_factory=dict)
     bare_put_s: float = 0.0
@@ -202,6 +206,9 @@ def measure(url: str, bus: Bus, ids: list[str], batch: int, tmp: str) -> Figures
         figures.largest_get, figures.pages, paged_ids = largest_get_reply(bus, dist_id)
         if paged_ids != ids:
             raise SystemExit("the resumed distribution does not target every gateway")
+        figures.largest_get_max_limit, _, _ = largest_get_reply(
+            bus, dist_id, GATEWAY_STATES_MAX_LIMIT
+        )
         with GatefleetClient(url, prefix=PREFIX, timeout=60) as client:
             figures.states_after = client.get_distribution(dist_id).state_counts
         figures.bare_put_s, figures.bare_read_s = bare_baseline(bus, figures.values)
@@ -222,8 +229,8 @@ def report(figures: Figures, ids: list[str], id_length: int, batch: int) -> None
     )
     print(
         f"distributions.get: {figures.pages} pages, largest reply {figures.largest_get} bytes "
-        f"({figures.largest_get / MIB:.1%} of 1 MiB); distributions.list: "
-        f"{figures.list_reply} bytes"
+        f"({figures.largest_get / MIB:.1%} of 1 MiB), {figures.largest_get_max_limit} bytes "
+        f"with limit {GATEWAY_STATES_MAX_LIMIT}; distributions.list: {figures.list_reply} bytes"
     )
     print(f"after the restart: states {figures.states_after}")
     print(
