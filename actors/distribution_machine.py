@@ -290,10 +290,10 @@ class DistributionMachine:
         final = d.attempts > self._retry_count
         if final:
             change = replace(
-                d, state="failed", error=f"no ack after {d.attempts} attempts: {reason}"
+                d, state="failed", error=clip(f"no ack after {d.attempts} attempts: {reason}")
             )
         else:
-            change = replace(d, state="retrying", error=f"attempt {d.attempts}: {reason}")
+            change = replace(d, state="retrying", error=clip(f"attempt {d.attempts}: {reason}"))
         self._commit({gateway_id: change})
         step = GatewayTimedOutStep(
             attempts=d.attempts, reason=reason, final=final, error=change.error
@@ -380,8 +380,9 @@ class DistributionMachine:
 
 
 def clip(error: str) -> str:
-    """A gateway's error as kept in the record: at most STORED_ERROR_CHARS characters (the
-    `gateway_nacked` event has all of it), so that stored chunks stay bounded."""
+    """A gateway's error as kept in the record: at most STORED_ERROR_CHARS characters (its
+    `gateway_nacked` or `gateway_timed_out` event has all of it), so that stored chunks
+    stay bounded."""
     if len(error) <= STORED_ERROR_CHARS:
         return error
     return error[: STORED_ERROR_CHARS - 1] + "…"

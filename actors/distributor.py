@@ -12,20 +12,21 @@ ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell Distributi
 on every change: the supervisor).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec or content lost, its store
-failing, its actor dying again and again;
-its DistributionActor emits every other step); `ha.reconcile` through the driver;
-`ha.alarm` (kind bad_stored_value) at start for each stored value that cannot be read
-(skipped, or replaced by what the other values say: no stored value stops start-up).
+failing, its actor dying again and again; its DistributionActor emits every other step);
+`ha.reconcile` through the driver; `ha.alarm` (kind bad_stored_value) at start for each
+stored value that cannot be read (skipped, or replaced by what the other values say: no
+stored value stops start-up).
 Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list`,
 `P.api.reconcile`.
 
 `distribute` answers once the distribution is stored (its content, its targets,
 resolved when it is created, in chunks, and last its spec), or `unavailable` if the store
 refuses it (nothing of it exists then); the version counter is written after the spec.
-`distributions.get` answers a record with one page of its per-gateway states. Retention
-(actors/retention.py) runs at start and whenever a distribution ends. Desired state is written when the distribution starts, before its actor sends
-anything; a distribution that cannot be started (its desired state or spec cannot be
+Desired state is written when the distribution starts, before its actor sends anything;
+a distribution that cannot be started (its desired state, spec or content cannot be
 written or read) ends failed with the reason, and the next one of its type starts.
+`distributions.get` answers a record with one page of its per-gateway states. Retention
+(actors/retention.py) runs at start and whenever a distribution ends.
 Which key each component writes is in schemas/stored.py. At start, unfinished
 distributions are queued again per type in version order and resumed; what each gateway
 rejected is rebuilt from the records.

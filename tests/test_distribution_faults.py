@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from nats.js.api import KeyValueConfig
@@ -15,12 +16,13 @@ from nats.js.kv import KeyValue
 from actors.distribution_machine import new_distribution
 from actors.distribution_store import DistributionStore
 from bus.jetstream import KvStore, bucket_name
-from bus.runtime import Bus
+from bus.runtime import Bus, Inbound
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient, NotFound, Unavailable
-from schemas.codec import encode
+from schemas.codec import decode, encode
 from schemas.events import Alarm
 from schemas.stored import DistributionSpec
+from schemas.wire import ConfigAck, ConfigPush
 from tests import test_distribution
 from tests.conftest import EventLog, wait_until
 from tests.distribution_events import finished
@@ -80,35 +82,75 @@ def retries_logged(caplog: pytest.LogCaptureFixture, key: str) -> int:
     return sum(f"put {key}" in r.getMessage() for r in caplog.records)
 
 
+class HeldGateway:
+    """A gateway (listed in [[gateways]]) whose config pushes the test answers when it
+    wants: what the store holds at each step is then the test's to choose."""
+
+    def __init__(self, bus: Bus, subject: str, gateway_id: str) -> None:
+        self.bus = bus
+        self.gateway_id = gateway_id
+        self.pushes: list[ConfigPush] = []
+        self.held: list[tuple[str, ConfigPush]] = []
+        self.auto = False  # answer at once
+        bus.subscribe(subject, self._on_push)
+
+    def _on_push(self, msg: Inbound) -> None:
+        push = decode(msg.data, ConfigPush)
+        self.pushes.append(push)
+        self.held.append((msg.reply, push))
+        if self.auto:
+            self.answer()
+
+    def answer(self) -> None:
+        while self.held:
+            reply, push = self.held.pop(0)
+            ack = ConfigAck(
+                distribution_id=push.distribution_id,
+                gateway_id=self.gateway_id,
+                ok=True,
+                version=push.version,
+            )
+            self.bus.publish(reply, ack)
+
+
+def held_gateway(
+    run: Callable[..., Orchestrator], bus: Bus, **settings: Any
+) -> tuple[Orchestrator, HeldGateway]:
+    """Starts an orchestrator that knows the held gateway."""
+    orchestrator = run(gateways=[{"id": "held", "region": "eu-west"}], **settings)
+    return orchestrator, HeldGateway(bus, orchestrator.subjects.config("held"), "held")
+
+
 def test_a_step_that_cannot_be_stored_fails_the_distribution_and_the_queue_moves_on(
     run: Callable[..., Orchestrator],
     fleet: ConfigFleet,
     client: GatefleetClient,
     event_log: EventLog,
     bucket: Callable[[str], Bucket],
+    bus: Bus,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    silent, other = fleet.add_many("gw-silent", "gw-other")
-    silent.silent_config = True
-    orchestrator = run(distribution_ack_timeout_ms=1000, **RETRIES)
-    first = client.distribute("Route", ROUTE, ["gw-silent"]).distribution_id
+    [other] = fleet.add_many("gw-other")
+    orchestrator, held = held_gateway(run, bus, **RETRIES)
+    first = client.distribute("Route", ROUTE, ["held"]).distribution_id
     queued = client.distribute("Route", ROUTE, ["gw-other"]).distribution_id
-    wait_until(lambda: len(silent.received) == 1, what="the first push")
+    wait_until(lambda: len(held.pushes) == 1, what="the first push")
     distributions = bucket("distributions")
     distributions.refuse_growth()
+    held.answer()
 
-    # The timeout's retry must be stored before it is sent: refused, so it is not sent.
-    first_end = finished(event_log, first, timeout=5).details
+    # Its last step (finished) must be stored before it is told: refused, so it is not.
+    first_end = finished(event_log, first).details
     assert first_end["status"] == "failed"
     assert first_end["reason"] == f"cannot store its progress: {REFUSED}"
     # Each write tried 1 + kv_write_retries times: the step's, then the failure's own.
     assert retries_logged(caplog, first) == 2 * RETRIES["kv_write_retries"]
     # The queue moved on: the next one started, and failed at its first write likewise.
     assert finished(event_log, queued).details["reason"] == f"cannot store its progress: {REFUSED}"
-    assert len(silent.received) == 1
     assert not other.received
     record = client.get_distribution(first)
     assert (record.status, record.reason) == ("failed", f"cannot store its progress: {REFUSED}")
+    assert record.gateways["held"].state == "sent"  # as it was last stored and told
     status = client.status()
     assert (status.active_distributions, status.failed_distributions) == (0, 2)
 
@@ -116,8 +158,8 @@ def test_a_step_that_cannot_be_stored_fails_the_distribution_and_the_queue_moves
     # resume from what was stored and end.
     orchestrator.stop()
     distributions.lift_limit()
-    silent.silent_config = False
-    run()
+    held.auto = True
+    run(gateways=[{"id": "held", "region": "eu-west"}])
 
     def both_completed() -> bool:
         return all(client.get_distribution(d).status == "completed" for d in (first, queued))
@@ -128,30 +170,28 @@ def test_a_step_that_cannot_be_stored_fails_the_distribution_and_the_queue_moves
         what="both completed after the restart",
         show=lambda: [client.get_distribution(d) for d in (first, queued)],
     )
-    assert [push.attempt for _, push in silent.received] == [1, 1]  # the same attempt again
+    assert [push.attempt for push in held.pushes] == [1, 1]  # the same attempt again
 
 
 def test_a_write_refused_for_a_while_is_retried_and_the_distribution_goes_on(
     run: Callable[..., Orchestrator],
-    fleet: ConfigFleet,
     client: GatefleetClient,
     event_log: EventLog,
     bucket: Callable[[str], Bucket],
+    bus: Bus,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    [silent] = fleet.add_many("gw-1")
-    silent.silent_config = True
-    run(kv_write_retries=5, kv_write_backoff_ms=200)
-    dist_id = client.distribute("Route", ROUTE).distribution_id
-    wait_until(lambda: len(silent.received) == 1, what="the first push")
+    _, held = held_gateway(run, bus, kv_write_retries=5, kv_write_backoff_ms=200)
+    dist_id = client.distribute("Route", ROUTE, ["held"]).distribution_id
+    wait_until(lambda: len(held.pushes) == 1, what="the first push")
     distributions = bucket("distributions")
     distributions.refuse_growth()
-    silent.silent_config = False
+    held.answer()
     wait_until(lambda: retries_logged(caplog, dist_id) >= 1, what="a retry")
     distributions.lift_limit()
 
     assert finished(event_log, dist_id).details["status"] == "completed"
-    assert [push.attempt for _, push in silent.received] == [1, 2]
+    assert [push.attempt for push in held.pushes] == [1]
 
 
 def test_desired_state_that_cannot_be_stored_fails_the_distribution_before_any_push(
