@@ -2,19 +2,23 @@
 
 Owns: a `DistributionMachine` (actors/distribution_machine.py: the batches, retries and
 the final status are decided there) and the pushes in flight. A step that sends, schedules
-a retry or finishes stores the new record (it is the one writer of its record's key,
-schemas/stored.py) first and then
-carries out the machine's commands (store, then act), so a crash at any point resumes
-from a record that is never behind what gateways have been sent. Acks and nacks in
-between are not stored one by one (each store is an fsync of the whole record): after a
-crash those gateways are sent the same push again, which they acknowledge without
-applying it twice (pushes are idempotent on distribution id and version). Every step is
-told to the parent, which answers status queries from memory.
+a retry or finishes first stores its progress and the chunks of the gateways changed
+since the last store (it is the one writer of those keys once it runs,
+schemas/stored.py), then carries out the machine's commands (store, then act), so a
+crash at any point resumes from a record that is never behind what gateways have been
+sent. Acks and nacks in between are not stored one by one (each store is an fsync):
+after a crash those gateways are sent the same push again, which they acknowledge
+without applying it twice (pushes are idempotent on distribution id and version). Every
+step is told to the parent, which answers status queries from memory.
 Receives: PushAnswered (from the bus loop), RetryDue (its own timers).
 Emits: `distribution.step` events (created, batch_sent, gateway_acked, gateway_nacked,
 gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush requests on
 `P.gw.<id>.config`; tells the parent DistributionChanged after every stored step, and
 stops itself once the distribution has ended.
+
+A step whose record cannot be stored (after the store's retries) is not carried out:
+the distribution ends failed ("cannot store its progress: <why>") as it was told last,
+and the actor stops, so its type's queue moves on.
 
 Its parent, the distributor, writes its desired state (schemas/stored.py) before
 starting it, and starts a new one from the stored record if it dies (SafeActor tells it
@@ -39,15 +43,17 @@ from actors.distribution_machine import (
     Finished,
     ScheduleRetry,
     Send,
+    abandoned,
+    finished_step,
 )
 from actors.distribution_store import DistributionStore
 from actors.messages import DistributionChanged, PushAnswered, RetryDue
 from bus.edge import Drops
+from bus.jetstream import KvError
 from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
 from schemas.events import DistributionEvent, utc_now
-from schemas.stored import DistributionSpec
 from schemas.wire import ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
@@ -99,7 +105,7 @@ class DistributionActor(SafeActor):
         self,
         context: Context,
         record: Distribution,
-        spec: DistributionSpec,
+        config_data: dict[str, Any],
         *,
         parent: pykka.ActorRef[Any],
         store: DistributionStore,
@@ -107,8 +113,8 @@ class DistributionActor(SafeActor):
         super().__init__(context.runtime.dispatcher(self.dispatch, "distribution"))
         self.ctx = context
         self.bus = context.bus
-        self.spec = spec
-        self.store = store  # its record's key is this actor's alone to write
+        self.config_data = config_data
+        self.store = store  # its progress and chunks are this actor's alone to write
         self.distributor = parent
         self.parent = parent  # told ChildDied if this actor dies (SafeActor)
         self.supervision_key = record.id
@@ -120,6 +126,8 @@ class DistributionActor(SafeActor):
             retry_delay_s=settings.distribution_retry_delay_ms / 1000,
         )
         self.ack_timeout_s = settings.distribution_ack_timeout_ms / 1000
+        # Each target's position, which says in which chunk its state is stored.
+        self._positions = {gw: n for n, gw in enumerate(record.target_gateways)}
         self._told = record
         self._pushes: dict[int, tuple[ConfigPush, bytes]] = {}  # per attempt number
 
@@ -144,14 +152,45 @@ class DistributionActor(SafeActor):
         return None
 
     def _step(self, commands: list[Command]) -> None:
-        """Tell the parent of a new record, store it before anything goes out, then act."""
+        """Store a new record before anything goes out, tell the parent of it, then act.
+        A record that cannot be stored ends the distribution failed, as it was told last:
+        nothing of the step that needed the write is done."""
         record = self.machine.record
         if record is not self._told:
-            self._told = record
             if any(isinstance(c, Send | ScheduleRetry | Finished) for c in commands):
-                self.store.put_record(record)
+                try:
+                    self._store(record)
+                except KvError as exc:
+                    self._give_up(f"cannot store its progress: {exc}")
+                    return
+            self._told = record
             safe_tell(self.distributor, DistributionChanged(record=record))
         self._act(record, commands)
+
+    def _store(self, record: Distribution) -> None:
+        """Its progress and the states changed since the last store (the machine's)."""
+        changed = [self._positions[gw] for gw in self.machine.changed]
+        self.store.put_progress(record, changed)
+        self.machine.saved()
+
+    def _give_up(self, reason: str) -> None:
+        """Ends failed, from the last record told (what has really been sent)."""
+        failed = abandoned(self._told, reason, utc_now())
+        try:
+            # Every state the step changed, as it was told (its changes are not done).
+            self.store.put_progress(failed, [self._positions[gw] for gw in self.machine.changed])
+        except KvError as exc:
+            log.error(  # noqa: TRY400 - a known failure: one line, no traceback
+                "distribution %s failed and that cannot be stored either (%s): after a "
+                "restart it resumes from its last stored record",
+                failed.id,
+                exc,
+            )
+        self._told = failed
+        log.error("distribution %s failed: %s", failed.id, reason)
+        self.ctx.emit(step_event(failed, Emit(finished_step(failed))))
+        safe_tell(self.distributor, DistributionChanged(record=failed))
+        self.stop()
 
     def _act(self, record: Distribution, commands: list[Command]) -> None:
         for command in commands:
@@ -185,7 +224,7 @@ class DistributionActor(SafeActor):
                 distribution_id=record.id,
                 config_type=record.config_type,
                 version=record.version,
-                config_data=self.spec.config_data,
+                config_data=self.config_data,
                 attempt=attempt,
             )
             found = self._pushes[attempt] = (push, encode(push))

@@ -62,6 +62,7 @@ from msgspec.structs import replace
 
 from schemas.api import Distribution, GatewayDelivery, GatewayDeliveryState
 from schemas.events import (
+    EVENT_MAX_IDS,
     BatchSentStep,
     CreatedStep,
     FinishedStep,
@@ -72,6 +73,7 @@ from schemas.events import (
     ResumedStep,
     Step,
 )
+from schemas.stored import STORED_ERROR_CHARS
 from schemas.types import DistributionStatus
 
 IN_FLIGHT_STATES: Final = frozenset[GatewayDeliveryState]({"sent", "timed_out", "retrying"})
@@ -185,6 +187,7 @@ class DistributionMachine:
         states = {gw: self._delivery(gw).state for gw in record.target_gateways}
         self._in_flight = {gw for gw, s in states.items() if s in IN_FLIGHT_STATES}
         self._pending = deque(gw for gw, s in states.items() if s == "pending")
+        self._changed: set[str] = set()  # gateways whose state changed since `saved()`
 
     @property
     def record(self) -> Distribution:
@@ -194,6 +197,15 @@ class DistributionMachine:
     @property
     def finished(self) -> bool:
         return self._record.status in TERMINAL_STATUSES
+
+    @property
+    def changed(self) -> frozenset[str]:
+        """The gateways whose state has changed since the last `saved()`."""
+        return frozenset(self._changed)
+
+    def saved(self) -> None:
+        """The record as it is now is stored."""
+        self._changed.clear()
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -212,8 +224,9 @@ class DistributionMachine:
             CreatedStep(
                 config_type=rec.config_type,
                 version=rec.version,
-                target_gateways=list(rec.target_gateways),
-                unknown_gateways=unknown,
+                target_gateways=rec.target_gateways[:EVENT_MAX_IDS],
+                unknown_gateways=unknown[:EVENT_MAX_IDS],
+                target_count=len(rec.target_gateways),
             )
         )
         self._commit({}, status="in_progress")
@@ -256,7 +269,7 @@ class DistributionMachine:
         d = self._awaiting(gateway_id, attempt)
         if d is None:
             return []
-        self._commit({gateway_id: replace(d, state="nacked", error=error)})
+        self._commit({gateway_id: replace(d, state="nacked", error=clip(error))})
         return [
             Emit(GatewayNackedStep(attempts=d.attempts, error=error), gateway_id),
             *self._advance(now_wall),
@@ -277,10 +290,10 @@ class DistributionMachine:
         final = d.attempts > self._retry_count
         if final:
             change = replace(
-                d, state="failed", error=f"no ack after {d.attempts} attempts: {reason}"
+                d, state="failed", error=clip(f"no ack after {d.attempts} attempts: {reason}")
             )
         else:
-            change = replace(d, state="retrying", error=f"attempt {d.attempts}: {reason}")
+            change = replace(d, state="retrying", error=clip(f"attempt {d.attempts}: {reason}"))
         self._commit({gateway_id: change})
         step = GatewayTimedOutStep(
             attempts=d.attempts, reason=reason, final=final, error=change.error
@@ -328,6 +341,7 @@ class DistributionMachine:
                 self._in_flight.discard(gw)
         if changes:
             fields["gateways"] = {**rec.gateways, **changes}
+            self._changed.update(changes)
         if ok:
             fields["successful_gateways"] = [*rec.successful_gateways, *ok]
         if bad:
@@ -362,12 +376,33 @@ class DistributionMachine:
             status = "failed" if acked == 0 else "partially_failed"
             reason = f"{failed} of {total} gateways failed"
         self._commit({}, status=status, completed_at=now_wall, reason=reason)
-        done = Emit(
-            FinishedStep(
-                status=status,
-                successful=list(rec.successful_gateways),
-                failed=list(rec.failed_gateways),
-                reason=reason,
-            )
-        )
-        return [done, Finished(status)]
+        return [Emit(finished_step(self._record)), Finished(status)]
+
+
+def clip(error: str) -> str:
+    """A gateway's error as kept in the record: at most STORED_ERROR_CHARS characters (its
+    `gateway_nacked` or `gateway_timed_out` event has all of it), so that stored chunks
+    stay bounded."""
+    if len(error) <= STORED_ERROR_CHARS:
+        return error
+    return error[: STORED_ERROR_CHARS - 1] + "…"
+
+
+def abandoned(record: Distribution, reason: str, now_wall: datetime) -> Distribution:
+    """The record of a distribution given up on (its actor died again and again, or its
+    progress could not be stored), ended as failed as it stands."""
+    return replace(
+        record, status="failed", completed_at=record.completed_at or now_wall, reason=reason
+    )
+
+
+def finished_step(record: Distribution) -> FinishedStep:
+    """The `finished` step of a record that has ended."""
+    return FinishedStep(
+        status=record.status,
+        successful=record.successful_gateways[:EVENT_MAX_IDS],
+        failed=record.failed_gateways[:EVENT_MAX_IDS],
+        reason=record.reason,
+        successful_count=len(record.successful_gateways),
+        failed_count=len(record.failed_gateways),
+    )

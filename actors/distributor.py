@@ -11,14 +11,22 @@ Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemove
 ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
 on every change: the supervisor).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
-its type, and "finished" for one it fails itself (spec lost, actor dying again and again;
-its DistributionActor emits every other step); `ha.reconcile` through the driver.
+its type, and "finished" for one it fails itself (spec or content lost, its store
+failing, its actor dying again and again; its DistributionActor emits every other step);
+`ha.reconcile` through the driver; `ha.alarm` (kind bad_stored_value) at start for each
+stored value that cannot be read (skipped, or replaced by what the other values say: no
+stored value stops start-up).
 Serves: `P.api.distribute`, `P.api.distributions.get`, `P.api.distributions.list`,
 `P.api.reconcile`.
 
-`distribute` answers once the version counter and the spec are stored (the spec names the
-targets, resolved when the distribution is created, so its record can be rebuilt from it);
-desired state is written when the distribution starts, before its actor sends anything.
+`distribute` answers once the distribution is stored (its content, its targets,
+resolved when it is created, in chunks, and last its spec), or `unavailable` if the store
+refuses it (nothing of it exists then); the version counter is written after the spec.
+Desired state is written when the distribution starts, before its actor sends anything;
+a distribution that cannot be started (its desired state, spec or content cannot be
+written or read) ends failed with the reason, and the next one of its type starts.
+`distributions.get` answers a record with one page of its per-gateway states. Retention
+(actors/retention.py) runs at start and whenever a distribution ends.
 Which key each component writes is in schemas/stored.py. At start, unfinished
 distributions are queued again per type in version order and resumed; what each gateway
 rejected is rebuilt from the records.
@@ -35,7 +43,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -45,8 +53,14 @@ from msgspec.structs import replace
 from actors.base import SafeActor, stop_all
 from actors.context import Context
 from actors.distribution import DistributionActor
-from actors.distribution_machine import TERMINAL_STATUSES, resolve_targets
-from actors.distribution_store import DistributionStore, abandoned, record_from_spec
+from actors.distribution_machine import (
+    TERMINAL_STATUSES,
+    abandoned,
+    finished_step,
+    new_distribution,
+    resolve_targets,
+)
+from actors.distribution_store import DistributionStore
 from actors.messages import (
     ChildDied,
     DistributionChanged,
@@ -57,10 +71,12 @@ from actors.messages import (
     ReportTo,
     Request,
 )
-from actors.paging import BadCursor, distributions_page
+from actors.paging import BadCursor, distribution_page, distributions_page
 from actors.reconcile_driver import ReconcileDriver
 from actors.reconciliation import Desired, Resync
+from actors.retention import past_history, unneeded_contents
 from bus.edge import reply_error
+from bus.jetstream import KvError
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
@@ -73,7 +89,7 @@ from schemas.api import (
     ReconcileRequest,
 )
 from schemas.codec import encode
-from schemas.events import DistributionEvent, FinishedStep, QueuedStep, utc_now
+from schemas.events import Alarm, DistributionEvent, QueuedStep, utc_now
 from schemas.stored import DesiredConfig, DistributionSpec
 from schemas.types import DistributionStatus
 
@@ -107,6 +123,7 @@ class DistributorActor(SafeActor):
         )
         self.records: dict[str, Distribution] = {}
         self.versions: dict[str, int] = {}
+        self.contents: set[tuple[str, int]] = set()  # (type, version) of contents stored
         self.request_ids: dict[str, str] = {}  # distribute request_id -> distribution id
         self.queues: dict[str, deque[str]] = {}
         self.running: dict[str, pykka.ActorRef[Any]] = {}
@@ -119,6 +136,7 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         self._load()
+        self._prune()
         self._subscriptions = self.serve("distributor", self.ctx)
         for config_type in list(self.queues):
             self._start_head(config_type)
@@ -132,7 +150,10 @@ class DistributorActor(SafeActor):
         """Records, version counters and desired state from the store; unfinished
         distributions queued again; what gateways rejected, from the records."""
         loaded = self.store.load()
+        for message in loaded.unreadable:  # skipped or replaced: start-up goes on
+            self.ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
         self.records, self.versions = loaded.records, loaded.versions
+        self.contents = loaded.contents
         self.request_ids = {r.request_id: r.id for r in self.records.values() if r.request_id}
         for (config_type, gateway_id), value in loaded.desired.items():
             desired = Desired(value.version, value.distribution_id)
@@ -158,16 +179,7 @@ class DistributorActor(SafeActor):
                 body=DistributionGetRequest() as request,
                 reply=reply,
             ):
-                record = self.records.get(request.distribution_id)
-                if record is None:
-                    reply_error(
-                        self.replies,
-                        reply,
-                        "not_found",
-                        f"no distribution {request.distribution_id}",
-                    )
-                else:
-                    self.replies.publish(reply, record)
+                self._get(request, reply)
             case Request(
                 endpoint=api.DISTRIBUTIONS_LIST,
                 body=DistributionListRequest() as request,
@@ -217,22 +229,39 @@ class DistributorActor(SafeActor):
             return
         config_type = request.config_type
         version = self.versions.get(config_type, 0) + 1
-        self.store.put_version(config_type, version)
-        self.versions[config_type] = version
         targets, unknown = resolve_targets(request.target_gateways, self.reconcile.active)
         spec = DistributionSpec(
             config_type=config_type,
             version=version,
-            config_data=request.config_data,
-            target_gateways=request.target_gateways,
-            targets=[*targets, *unknown],
-            unknown=unknown,
+            fleet_wide=request.target_gateways is None,
             created_at=utc_now(),
             request_id=request.request_id,
         )
-        dist_id = self._create(spec)
-        self.replies.publish(reply, DistributeReply(distribution_id=dist_id))
-        self._enqueue(self.records[dist_id], spec)
+        try:
+            record = self._create(spec, targets, unknown, request.config_data)
+        except KvError as exc:
+            reply_error(self.replies, reply, "unavailable", f"cannot store it: {exc}")
+            return
+        self.versions[config_type] = version
+        try:
+            self.store.put_version(config_type, version)
+        except KvError as exc:  # its spec, stored, holds the version all the same
+            log.warning("version counter of %s not stored: %s", config_type, exc)
+        self.replies.publish(reply, DistributeReply(distribution_id=record.id))
+        self._enqueue(record)
+
+    def _get(self, request: DistributionGetRequest, reply: str) -> None:
+        record = self.records.get(request.distribution_id)
+        if record is None:
+            message = f"no distribution {request.distribution_id}"
+            reply_error(self.replies, reply, "not_found", message)
+            return
+        try:
+            page = distribution_page(record, limit=request.limit, cursor=request.cursor)
+        except BadCursor as exc:
+            reply_error(self.replies, reply, "bad_request", str(exc))
+        else:
+            self.replies.publish(reply, page)
 
     def _by_request_id(self, request_id: str | None) -> Distribution | None:
         """The distribution created for this request_id within REQUEST_ID_TTL, if any."""
@@ -244,20 +273,36 @@ class DistributorActor(SafeActor):
             return None
         return record
 
-    def _create(self, spec: DistributionSpec) -> str:
-        """Stores a new distribution's spec and keeps its (pending) record."""
-        dist_id = f"dist-{uuid.uuid4()}"
-        self.store.put_spec(dist_id, spec)
-        self._update(record_from_spec(dist_id, spec))
+    def _create(
+        self,
+        spec: DistributionSpec,
+        targets: list[str],
+        unknown: list[str],
+        content: dict[str, Any] | None,
+    ) -> Distribution:
+        """Stores a new distribution (with its version's `content`, unless stored already)
+        and keeps its (pending) record. Raises KvError, and then keeps nothing."""
+        record = new_distribution(
+            f"dist-{uuid.uuid4()}",
+            spec.config_type,
+            spec.version,
+            targets=targets,
+            unknown=unknown,
+            created_at=spec.created_at,
+        )
+        record = replace(record, origin=spec.origin, request_id=spec.request_id)
+        self.store.create(record, spec, content)
+        self.contents.add((spec.config_type, spec.version))
+        self._update(record)
         if spec.request_id is not None:
-            self.request_ids[spec.request_id] = dist_id
-        return dist_id
+            self.request_ids[spec.request_id] = record.id
+        return record
 
-    def _enqueue(self, record: Distribution, spec: DistributionSpec) -> None:
+    def _enqueue(self, record: Distribution) -> None:
         queue = self.queues.setdefault(record.config_type, deque())
         queue.append(record.id)
         if len(queue) == 1:
-            self._start_head(record.config_type, spec)
+            self._start_head(record.config_type)
             return
         self.ctx.emit(
             DistributionEvent.of(
@@ -265,47 +310,61 @@ class DistributorActor(SafeActor):
             )
         )
 
-    def _start_head(self, config_type: str, spec: DistributionSpec | None = None) -> None:
-        """Starts the first distribution queued for `config_type`, if any."""
+    def _start_head(self, config_type: str) -> None:
+        """Starts the first distribution queued for `config_type`, if any. One that cannot
+        start ends failed, and the next one is started instead."""
         queue = self.queues.get(config_type)
+        failed = []
+        while queue:
+            record = self.records[queue[0]]
+            reason = self._start(record)
+            if reason is None:
+                break
+            queue.popleft()
+            failed.append(self._fail(record, reason))
         if not queue:
             self.queues.pop(config_type, None)
-            return
-        record = self.records[queue[0]]
-        spec = spec or self.store.spec(record.id)
-        if spec is None:
-            log.error("distribution %s has no stored spec: failing it", record.id)
-            self._finished(self._fail(record, "spec lost"))
-            return
-        self._start_actor(record, spec)
+        for record in failed:
+            self.reconcile.finished(record)
 
-    def _start_actor(self, record: Distribution, spec: DistributionSpec) -> None:
-        sets_desired = record.status == "pending" and record.origin == "distribute"
-        if sets_desired:
-            self._set_desired(record, spec)
+    def _start(self, record: Distribution) -> str | None:
+        """Starts its DistributionActor (writing desired state first if it sets it);
+        or why it cannot start."""
+        try:
+            spec = self.store.spec(record.id)
+            content = self.store.content(record.config_type, record.version)
+            if spec is None or content is None:
+                return "spec lost" if spec is None else "content lost"
+            sets_desired = record.status == "pending" and record.origin == "distribute"
+            if sets_desired:
+                self._set_desired(record, spec)
+        except KvError as exc:
+            return f"cannot start it: {exc}"
         self.running[record.id] = DistributionActor.start(
-            self.ctx, record, spec, parent=self.actor_ref, store=self.store
+            self.ctx, record, content, parent=self.actor_ref, store=self.store
         )
         if sets_desired:
             self.reconcile.check(None, [record.config_type])
+        return None
 
     def _set_desired(self, record: Distribution, spec: DistributionSpec) -> None:
-        """Fleet-wide for a distribution to every gateway, else per named (known) gateway."""
+        """Fleet-wide for a distribution to every gateway, else per named (known) gateway:
+        stored, then in force (a write that fails raises KvError, and none is in force)."""
         value = DesiredConfig(
             config_type=record.config_type,
             version=record.version,
             distribution_id=record.id,
             set_at=utc_now(),
         )
+        if spec.fleet_wide:
+            gateways: list[str | None] = [None]
+        else:  # not the unknown ids, failed from the start
+            gateways = [gw for gw, d in record.gateways.items() if d.state == "pending"]
+        for gw in gateways:
+            self.store.put_desired(record.config_type, gw, value)
         desired = Desired(record.version, record.id)
-        if spec.target_gateways is None:
-            self.store.put_desired(record.config_type, None, value)
-            self.reconcile.set_desired(record.config_type, None, desired)
-            return
-        for gw, delivery in record.gateways.items():
-            if delivery.state == "pending":  # not an unknown id, failed from the start
-                self.store.put_desired(record.config_type, gw, value)
-                self.reconcile.set_desired(record.config_type, gw, desired)
+        for gw in gateways:
+            self.reconcile.set_desired(record.config_type, gw, desired)
 
     def _changed(self, record: Distribution) -> None:
         """A record as its DistributionActor stored it."""
@@ -324,21 +383,55 @@ class DistributorActor(SafeActor):
             queue.popleft()
             self._start_head(record.config_type)
         self.reconcile.finished(record)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Retention (actors/retention.py): finished records past the history and the
+        contents nothing needs are deleted. What cannot be deleted now is tried again
+        after the next distribution ends."""
+        settings = self.ctx.settings.orchestrator
+        old = past_history(self.records.values(), settings.distribution_history)
+        try:
+            if old:
+                self.store.delete(old)
+                for record in old:
+                    self._drop(record)
+            needed = self.reconcile.desired_versions()
+            needed.update(
+                (r.config_type, r.version)
+                for r in self.records.values()
+                if r.status in OPEN_STATUSES
+            )
+            unneeded = unneeded_contents(self.contents, settings.config_history, needed)
+            if unneeded:
+                self.store.delete_contents(unneeded)
+                self.contents.difference_update(unneeded)
+        except KvError as exc:
+            log.warning("retention: cannot delete now (%s); tried again later", exc)
+
+    def _drop(self, record: Distribution) -> None:
+        """A deleted record leaves memory, its request_id and the counts."""
+        del self.records[record.id]
+        if record.request_id is not None and self.request_ids.get(record.request_id) == record.id:
+            del self.request_ids[record.request_id]
+        self._recount({record.status: -1})
 
     def _fail(self, record: Distribution, reason: str) -> Distribution:
         """Gives up an unfinished distribution whose actor cannot carry it: its spec says
-        so (the record is its actor's to write), and it ends failed."""
-        spec = self.store.spec(record.id)
-        if spec is not None:
-            self.store.put_spec(record.id, replace(spec, abandoned=reason))
-        failed = abandoned(record, reason)
+        so (the record is its actor's to write), and it ends failed. If even that cannot
+        be stored, it is tried again after a restart."""
+        log.error("distribution %s failed: %s", record.id, reason)
+        try:
+            self.store.abandon(record.id, reason)
+        except KvError as exc:
+            log.error(  # noqa: TRY400 - a known failure: one line, no traceback
+                "the failure of %s cannot be stored (%s): it starts again after a restart",
+                record.id,
+                exc,
+            )
+        failed = abandoned(record, reason, utc_now())
         self._update(failed)
-        step = FinishedStep(
-            status="failed",
-            successful=list(failed.successful_gateways),
-            failed=list(failed.failed_gateways),
-            reason=reason,
-        )
+        step = finished_step(failed)
         self.ctx.emit(DistributionEvent.of(failed.id, failed.config_type, failed.version, step))
         return failed
 
@@ -355,27 +448,27 @@ class DistributorActor(SafeActor):
         self.restarts[dist_id] += 1
         if self.restarts[dist_id] > MAX_RESTARTS:
             log.error("distribution actor %s died again (%s): failing it", dist_id, error)
-            reason = f"its actor died {self.restarts[dist_id]} times: {error}"
-            self._finished(self._fail(record, reason))
-            return
-        spec = self.store.spec(dist_id)
-        if spec is None:
-            self._finished(self._fail(record, "spec lost"))
+            self._finished(self._fail(record, f"its actor died {self.restarts[dist_id]} times"))
             return
         self.ctx.restarts.add("DistributionActor")
         log.warning("distribution actor %s died (%s): restarting it", dist_id, error)
-        self._start_actor(record, spec)
+        cannot = self._start(record)
+        if cannot is not None:
+            self._finished(self._fail(record, cannot))
 
     def _update(self, record: Distribution) -> None:
-        """Keeps the record and the status counts; tells listeners when the counts change."""
+        """Keeps the record and the status counts."""
         old = self.records.get(record.id)
         self.records[record.id] = record
-        if old is not None and old.status == record.status:
-            return
+        if old is None:
+            self._recount({record.status: 1})
+        elif old.status != record.status:
+            self._recount({old.status: -1, record.status: 1})
+
+    def _recount(self, changes: Mapping[DistributionStatus, int]) -> None:
+        """Counts records per status; tells listeners when the counts change."""
         before = self._counts()
-        if old is not None:
-            self.statuses[old.status] -= 1
-        self.statuses[record.status] += 1
+        self.statuses.update(changes)
         counts = self._counts()
         if counts != before and self.supervisor is not None:
             self.supervisor.tell(counts)
@@ -397,32 +490,24 @@ class DistributorActor(SafeActor):
     def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
         gw = resync.gateway_id
         if joining is not None:  # waiting in its queue: it takes in one more gateway
-            spec = self.store.spec(joining.id)
-            if spec is None:
-                return None
-            targets = [*(spec.targets or joining.target_gateways), gw]  # layout 1: no targets
-            self.store.put_spec(joining.id, replace(spec, targets=targets))
-            self._update(
-                replace(
-                    joining,
-                    target_gateways=[*joining.target_gateways, gw],
-                    gateways={**joining.gateways, gw: GatewayDelivery()},
-                )
+            joined = replace(
+                joining,
+                target_gateways=[*joining.target_gateways, gw],
+                gateways={**joining.gateways, gw: GatewayDelivery()},
             )
-            return joining.id
-        source = self.store.spec(resync.desired.distribution_id)
-        if source is None:
+            self.store.put_gateways(joined, [len(joined.target_gateways) - 1])
+            self._update(joined)
+            return joined.id
+        config_type, version = resync.config_type, resync.desired.version
+        if self.store.content(config_type, version) is None:
             return None
-        spec = replace(
-            source,
-            target_gateways=[gw],
-            targets=[gw],
-            unknown=[],
+        spec = DistributionSpec(
+            config_type=config_type,
+            version=version,
+            fleet_wide=False,
             origin="reconcile",
             created_at=utc_now(),
-            abandoned=None,
-            request_id=None,
         )
-        dist_id = self._create(spec)
-        self._enqueue(self.records[dist_id], spec)
-        return dist_id
+        record = self._create(spec, [gw], [], None)
+        self._enqueue(record)
+        return record.id

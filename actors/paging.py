@@ -1,4 +1,5 @@
-"""Paging of `P.api.gateways` and `P.api.distributions.list`: pure functions, no I/O.
+"""Paging of `P.api.gateways`, `P.api.distributions.list` and of the per-gateway states
+in `P.api.distributions.get`: pure functions, no I/O.
 
 A page is the first `limit` rows, in sort-key order, whose key is greater than the
 cursor's, among the rows that pass the filters. The cursor is the sort key of the last
@@ -7,8 +8,13 @@ cursor stays valid while rows come and go: a row added or removed before it shif
 nothing, and the row it names may itself be gone. Rows added after it while a client
 pages are seen, rows removed are not: each page is as of when it was served.
 
+The per-gateway states of one distribution are paged in target order, by position:
+targets are only ever added at the end, so a position is as stable as a key. Their
+cursor also names the distribution, so that one distribution's is not used on another.
+
 On the wire a cursor is opaque: base64url (unpadded) of the JSON array `[kind, *key]`,
-e.g. `["gw", "edge-1"]`. The kind keeps one list's cursor from being used on the other.
+e.g. `["gw", "edge-1"]`, `["dgw", "dist-…", 499]`. The kind keeps one list's cursor from
+being used on another.
 
 Besides `limit`, a page's rows take at most `max_bytes` of JSON (at least one row is
 always returned), so that a reply fits in one NATS message however large its rows are.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -30,11 +37,13 @@ from msgspec import Meta
 from actors.distribution_machine import TERMINAL_STATUSES
 from schemas.api import (
     DISTRIBUTIONS_DEFAULT_LIMIT,
+    GATEWAY_STATES_DEFAULT_LIMIT,
     GATEWAYS_DEFAULT_LIMIT,
     PAGE_MAX_BYTES,
     Distribution,
     DistributionListReply,
     DistributionListRequest,
+    DistributionPage,
     GatewaySnapshot,
     GatewaysReply,
     GatewaysRequest,
@@ -47,10 +56,14 @@ K = TypeVar("K")
 
 GATEWAY_CURSOR: Final = "gw"
 DISTRIBUTION_CURSOR: Final = "dist"
+GATEWAY_STATE_CURSOR: Final = "dgw"
 _json = msgspec.json.Encoder()
 _gateway_cursor = msgspec.json.Decoder(tuple[Literal["gw"], GatewayId])
 _distribution_cursor = msgspec.json.Decoder(
     tuple[Literal["dist"], Annotated[datetime, Meta(tz=True)], DistributionId]
+)
+_gateway_state_cursor = msgspec.json.Decoder(
+    tuple[Literal["dgw"], DistributionId, Annotated[int, Meta(ge=0, le=2**31)]]
 )
 
 
@@ -82,16 +95,27 @@ def take_page(
 ) -> tuple[list[T], bool]:
     """The first `limit` rows by `key` past `after` (None: from the start), cut short
     before `max_bytes` of JSON; and whether more rows follow."""
+    head = _head(rows, key, after=after, limit=limit)
+    page = _fit(head[:limit], max_bytes)
+    return page, len(page) < len(head)
+
+
+def _head(rows: Iterable[T], key: Callable[[T], Any], *, after: Any | None, limit: int) -> list[T]:
+    """The first `limit` + 1 rows by `key` past `after` (one more: do more follow?)."""
     candidates = rows if after is None else (row for row in rows if key(row) > after)
-    head = heapq.nsmallest(limit + 1, candidates, key=key)
+    return heapq.nsmallest(limit + 1, candidates, key=key)
+
+
+def _fit(rows: list[T], max_bytes: int) -> list[T]:
+    """The first rows that take at most `max_bytes` of JSON (at least one)."""
     page: list[T] = []
     size = 0
-    for row in head[:limit]:
+    for row in rows:
         size += len(_json.encode(row)) + 1  # and its comma
         if page and size > max_bytes:
             break
         page.append(row)
-    return page, len(page) < len(head)
+    return page
 
 
 def _gateway_key(row: GatewaySnapshot) -> str:
@@ -136,8 +160,8 @@ def distributions_page(
     *,
     max_bytes: int = PAGE_MAX_BYTES,
 ) -> DistributionListReply:
-    """One page of `P.api.distributions.list`, oldest first (created_at, then id).
-    Raises BadCursor."""
+    """One page of `P.api.distributions.list`, oldest first (created_at, then id), each
+    row with the first page of its per-gateway states. Raises BadCursor."""
     after = None
     if request.cursor:
         _, created_at, dist_id = _decode_cursor(request.cursor, _distribution_cursor)
@@ -150,15 +174,56 @@ def distributions_page(
         and (status is None or row.status == status)
         and (config_type is None or row.config_type == config_type)
     )
-    page, more = take_page(
-        rows,
-        _distribution_key,
-        after=after,
-        limit=request.limit or DISTRIBUTIONS_DEFAULT_LIMIT,
-        max_bytes=max_bytes,
-    )
+    limit = request.limit or DISTRIBUTIONS_DEFAULT_LIMIT
+    head = _head(rows, _distribution_key, after=after, limit=limit)
+    page = _fit([distribution_page(row, max_bytes=max_bytes) for row in head[:limit]], max_bytes)
     next_cursor = None
-    if more:
+    if len(page) < len(head):
         last = page[-1]
         next_cursor = encode_cursor(DISTRIBUTION_CURSOR, last.created_at, last.id)
     return DistributionListReply(distributions=page, next_cursor=next_cursor)
+
+
+def distribution_page(
+    record: Distribution,
+    *,
+    limit: int | None = None,
+    cursor: str | None = None,
+    max_bytes: int = PAGE_MAX_BYTES,
+) -> DistributionPage:
+    """`P.api.distributions.get`: the record with one page of its targets' states, in
+    target order, cut short before their JSON takes `max_bytes`. The cursor is the last
+    position returned: targets are only ever added at the end, so it stays valid.
+    Raises BadCursor."""
+    start = 0
+    if cursor:
+        _, dist_id, last = _decode_cursor(cursor, _gateway_state_cursor)
+        if dist_id != record.id:
+            raise BadCursor(f"invalid cursor {cursor[:80]!r}: it is another distribution's")
+        start = last + 1
+    targets, states = record.target_gateways, record.gateways
+    page: list[str] = []
+    size = 0
+    for gw in targets[start : start + (limit or GATEWAY_STATES_DEFAULT_LIMIT)]:
+        # The id in target_gateways, gateways and one of successful/failed, and its state.
+        size += 3 * (len(gw) + 3) + len(_json.encode(states[gw])) + 1
+        if page and size > max_bytes:
+            break
+        page.append(gw)
+    end = start + len(page)
+    in_page = set(page)
+    fields = msgspec.structs.asdict(record)
+    fields.update(
+        target_gateways=page,
+        gateways={gw: states[gw] for gw in page},
+        successful_gateways=[gw for gw in record.successful_gateways if gw in in_page],
+        failed_gateways=[gw for gw in record.failed_gateways if gw in in_page],
+        target_count=len(targets),
+        successful_count=len(record.successful_gateways),
+        failed_count=len(record.failed_gateways),
+        state_counts=dict(Counter(d.state for d in states.values())),
+        next_cursor=(
+            encode_cursor(GATEWAY_STATE_CURSOR, record.id, end - 1) if end < len(targets) else None
+        ),
+    )
+    return DistributionPage(**fields)

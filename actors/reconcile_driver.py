@@ -34,6 +34,7 @@ import pykka
 from actors.base import safe_tell
 from actors.messages import ReconcileDue
 from actors.reconciliation import Desired, Outcome, Reconciler, Resync
+from bus.jetstream import KvError
 from bus.runtime import Bus
 from schemas.api import Distribution, GatewaySnapshot, ReconcileReply
 from schemas.events import Event, Reconciliation, utc_now
@@ -50,7 +51,8 @@ class Desk(Protocol):
 
     def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
         """Pushes `resync`: joins `joining` (a reconciliation waiting for that version) or
-        creates one; its id, or None when that version's content is lost."""
+        creates one; its id, or None when that version's content is lost. Raises KvError
+        when the store cannot take it (nothing is pushed then)."""
         ...
 
 
@@ -84,6 +86,9 @@ class ReconcileDriver:
 
     def set_desired(self, config_type: str, gateway_id: str | None, desired: Desired) -> None:
         self.reconciler.set_desired(config_type, gateway_id, desired)
+
+    def desired_versions(self) -> set[tuple[str, int]]:
+        return self.reconciler.desired_versions()
 
     def on_gateway(self, snapshot: GatewaySnapshot) -> None:
         self.reconciler.on_gateway(snapshot)
@@ -144,7 +149,11 @@ class ReconcileDriver:
                 decision = reconciler.check(gw, config_type, busy=busy, now=now)
                 if isinstance(decision, Resync):
                     if decision.push:
-                        self._push(decision)
+                        try:
+                            self._push(decision)
+                        except KvError as exc:
+                            # Checked again at the gateway's next change.
+                            log.warning("cannot reconcile %s %s now: %s", gw, config_type, exc)
                     else:
                         log.warning("gateway %s: %s of %s", gw, decision.reason, config_type)
                         self._report(decision, None)
@@ -166,12 +175,15 @@ class ReconcileDriver:
         for name in config_types:
             busy = self._busy(gw, name, forced=True)
             decision = self.reconciler.check(gw, name, busy=busy, now=now, force=True)
-            dist_id = None
+            dist_id, why = None, decision.reason
             if isinstance(decision, Resync) and decision.push:
                 reason = f"operator request: {decision.reason}"
-                dist_id = self._push(dataclasses.replace(decision, reason=reason))
+                try:
+                    dist_id = self._push(dataclasses.replace(decision, reason=reason))
+                except KvError as exc:
+                    why = f"cannot store it: {exc}"
             if dist_id is None:
-                skipped[name] = decision.reason
+                skipped[name] = why
             else:
                 created.append(dist_id)
         return ReconcileReply(distributions=created, skipped=skipped)

@@ -101,7 +101,8 @@ class Reconciler:
         self._fleet: dict[str, Desired] = {}
         self._own: dict[str, dict[str, Desired]] = {}  # gateway -> type -> desired
         self._nacked: dict[tuple[str, str], int] = {}  # (gateway, type) -> version
-        self._reported: set[tuple[str, str, int]] = set()  # out of sync, already reported
+        # (gateway, type) -> the rejected version it was last reported out of sync for.
+        self._reported: dict[tuple[str, str], int] = {}
 
     # What it learns ---------------------------------------------------------------------
 
@@ -175,6 +176,16 @@ class Reconciler:
             return fleet or own
         return own if own.version > fleet.version else fleet
 
+    def desired_versions(self) -> set[tuple[str, int]]:
+        """Every (type, version) some gateway should run (its content is needed)."""
+        found = {(config_type, d.version) for config_type, d in self._fleet.items()}
+        for own in self._own.values():
+            for config_type, d in own.items():
+                fleet = self._fleet.get(config_type)
+                if fleet is None or d.version > fleet.version:
+                    found.add((config_type, d.version))
+        return found
+
     def config_types(self, gateway_id: str) -> list[str]:
         """The types with a desired version for this gateway."""
         return sorted(self._fleet.keys() | self._own.get(gateway_id, {}).keys())
@@ -210,10 +221,10 @@ class Reconciler:
             return Skip(busy)
         if not force and self._nacked.get((gateway_id, config_type)) == desired.version:
             reason = f"out of sync: rejected version {desired.version}"
-            key = (gateway_id, config_type, desired.version)
-            if key in self._reported:
+            key = (gateway_id, config_type)
+            if self._reported.get(key) == desired.version:
                 return Skip(reason)
-            self._reported.add(key)
+            self._reported[key] = desired.version
             return Resync(gateway_id, config_type, desired, running, reason, push=False)
         if not force and now < gw.cooling_until:
             return Skip(f"cooling down after {gw.timeouts} timed-out pushes")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -28,10 +29,13 @@ from schemas.events import Event, decode_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=msgspec.Struct)
+R = TypeVar("R")
 
 DEFAULT_PREFIX = "gatefleet"
 BUCKETS = ("settings", "distributions", "desired")
 DUPLICATE_WINDOW_S = 120.0
+# Reading a whole bucket at start: a large store takes longer than one call.
+ENTRIES_TIMEOUT_S = 300.0
 
 
 def stream_name(prefix: str) -> str:
@@ -55,15 +59,58 @@ def event_stream_config(subjects: Subjects, max_age_s: float, max_bytes: int) ->
     )
 
 
-class KvStore:
-    """A typed, blocking view of one bucket for actor threads (never the loop thread)."""
+class KvError(Exception):
+    """A key-value call that failed after its retries. `str()` is a short reason, fit for a
+    reply or a distribution's `reason` (never an exception's text)."""
 
-    def __init__(self, bus: Bus, kv: KeyValue) -> None:
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a call to JetStream failed, in a few words."""
+    if isinstance(exc, nats.js.errors.APIError):
+        return f"JetStream refused it ({exc.description or exc.code})"
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return "no JetStream stream answers for the bucket"
+    if isinstance(exc, TimeoutError):
+        return "JetStream did not answer in time"
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return "the value is over the server's max payload"
+    if isinstance(exc, BusError | nats.errors.ConnectionClosedError):
+        return "not connected to NATS"
+    return f"NATS error ({type(exc).__name__})"
+
+
+class KvStore:
+    """A typed, blocking view of one bucket for actor threads (never the loop thread).
+
+    A call that fails is tried again `retries` times, after `backoff_s`, then twice that,
+    and so on (the calling thread sleeps meanwhile), then raises KvError. A value over the
+    server's max payload is not tried again: it would never fit.
+    """
+
+    def __init__(
+        self, bus: Bus, kv: KeyValue, bucket: str, *, retries: int = 0, backoff_s: float = 0.0
+    ) -> None:
         self._bus = bus
         self._kv = kv
+        # The bucket's stream and subjects, as NATS names them (to purge keys).
+        self._stream = f"KV_{bucket}"
+        self._subject_prefix = f"$KV.{bucket}."
+        self._retries = retries
+        self._backoff_s = backoff_s
 
     def put(self, key: str, value: msgspec.Struct) -> None:
-        self._bus.run(self._kv.put(key, encode(value)))
+        data = encode(value)
+        self._call(f"put {key}", lambda: self._kv.put(key, data))
+
+    def put_many(self, values: Mapping[str, msgspec.Struct]) -> None:
+        """Puts every value, all at once (not one round trip each); retried as a whole."""
+        encoded = {key: encode(value) for key, value in values.items()}
+
+        async def put_all() -> None:
+            await asyncio.gather(*(self._kv.put(key, data) for key, data in encoded.items()))
+
+        if encoded:
+            self._call(f"put {', '.join(list(encoded)[:3])}...", put_all)
 
     def get(self, key: str, kind: type[T]) -> T | None:
         async def fetch() -> bytes | None:
@@ -73,11 +120,42 @@ class KvStore:
                 return None
             return entry.value
 
-        data = self._bus.run(fetch())
+        data = self._call(f"get {key}", fetch)
         return None if data is None else decode(data, kind)
 
     def delete(self, key: str) -> None:
-        self._bus.run(self._kv.delete(key))
+        self._call(f"delete {key}", lambda: self._kv.delete(key))
+
+    def purge(self, keys: Iterable[str]) -> None:
+        """Removes these keys (one ending in `.>`: every key under it) leaving no delete
+        marker behind, unlike `delete`, so that a bucket does not grow by one marker per
+        key ever deleted."""
+        keys = list(keys)
+
+        async def purge_all() -> None:
+            js, stream, prefix = self._bus.js, self._stream, self._subject_prefix
+            await asyncio.gather(*(js.purge_stream(stream, subject=prefix + key) for key in keys))
+
+        if keys:
+            self._call(f"purge {', '.join(keys[:3])}...", purge_all)
+
+    def entries(self) -> dict[str, bytes]:
+        """Every live key and its value, read in one pass (a watch of the whole bucket),
+        not one round trip per key."""
+
+        async def fetch() -> dict[str, bytes]:
+            watcher = await self._kv.watchall(ignore_deletes=True)
+            found: dict[str, bytes] = {}
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the values there were at the start: all read
+                        break
+                    found[entry.key] = entry.value or b""
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            return found
+
+        return self._call("read every entry", fetch, timeout=ENTRIES_TIMEOUT_S)
 
     def keys(self) -> list[str]:
         async def fetch() -> list[str]:
@@ -86,20 +164,30 @@ class KvStore:
             except nats.js.errors.NoKeysError:
                 return []
 
-        return self._bus.run(fetch())
+        return self._call("keys", fetch)
 
-    def items(self, kind: type[T]) -> dict[str, T]:
-        """Every live entry decoded as `kind`; an entry that does not decode is logged and skipped."""
-        result: dict[str, T] = {}
-        for key in self.keys():
+    def _call(
+        self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = 10.0
+    ) -> R:
+        delay, retries = self._backoff_s, 0
+        while True:
             try:
-                value = self.get(key, kind)
-            except msgspec.DecodeError as exc:
-                log.warning("skipping undecodable entry %r: %s", key, exc)
-                continue
-            if value is not None:
-                result[key] = value
-        return result
+                return self._bus.run(call(), timeout)
+            except (nats.errors.Error, BusError, TimeoutError) as exc:
+                reason = failure_reason(exc)
+                if retries == self._retries or isinstance(exc, nats.errors.MaxPayloadError):
+                    raise KvError(reason) from exc
+                retries += 1
+                log.warning(
+                    "%s failed (%s): retry %d of %d in %.0f ms",
+                    what,
+                    reason,
+                    retries,
+                    self._retries,
+                    delay * 1000,
+                )
+                time.sleep(delay)
+                delay *= 2
 
 
 class JetStream:
@@ -110,14 +198,23 @@ class JetStream:
         self._subjects = subjects
         self.buckets: dict[str, KvStore] = {}
 
-    def setup(self, *, max_age_s: float, max_bytes: int) -> None:
-        """Creates or updates the stream and buckets; safe to run on every start."""
+    def setup(
+        self, *, max_age_s: float, max_bytes: int, kv_retries: int = 0, kv_backoff_s: float = 0.0
+    ) -> None:
+        """Creates or updates the stream and buckets; safe to run on every start. The
+        buckets' calls are retried as KvStore says."""
         self._bus.run(
             self._ensure_stream(event_stream_config(self._subjects, max_age_s, max_bytes))
         )
         for name in BUCKETS:
             kv = self._bus.run(self._ensure_bucket(bucket_name(self._subjects.prefix, name)))
-            self.buckets[name] = KvStore(self._bus, kv)
+            self.buckets[name] = KvStore(
+                self._bus,
+                kv,
+                bucket_name(self._subjects.prefix, name),
+                retries=kv_retries,
+                backoff_s=kv_backoff_s,
+            )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         js = self._bus.js

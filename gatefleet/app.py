@@ -96,7 +96,12 @@ class Orchestrator:
         self.bus.start()
         jetstream = JetStream(self.bus, self.subjects)
         audit = self.settings.audit
-        jetstream.setup(max_age_s=audit.max_age_hours * 3600, max_bytes=audit.max_bytes)
+        jetstream.setup(
+            max_age_s=audit.max_age_hours * 3600,
+            max_bytes=audit.max_bytes,
+            kv_retries=self.settings.orchestrator.kv_write_retries,
+            kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
+        )
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
         events.start()
         self.events = events  # from here on, a stop flushes it

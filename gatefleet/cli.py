@@ -430,8 +430,11 @@ def distribute(
         if not wait:
             output.show_created(created, as_json=ctx.as_json)
             return
+        dist_id = created.distribution_id
         record = output.follow_distribution(
-            lambda: client.get_distribution(created.distribution_id), as_json=ctx.as_json
+            lambda: client.get_distribution(dist_id),
+            lambda: client.whole_distribution(dist_id),
+            as_json=ctx.as_json,
         )
     if record.status != "completed":
         sys.exit(EXIT_FAILURE)
@@ -461,7 +464,8 @@ def distributions(
     """List distributions, oldest first (in progress, or --all), or show one by id."""
     with connected(config, nats, as_json) as (client, ctx):
         if distribution_id:
-            output.show_distribution(client.get_distribution(distribution_id), as_json=ctx.as_json)
+            whole = client.whole_distribution(distribution_id)  # every page of its gateways
+            output.show_distribution(whole, as_json=ctx.as_json)
         else:
             pages = client.distribution_pages(
                 include_completed or status is not None,

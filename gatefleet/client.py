@@ -28,13 +28,14 @@ from bus.subjects import Subjects
 from schemas import endpoints as api
 from schemas.api import (
     DISTRIBUTIONS_MAX_LIMIT,
+    GATEWAY_STATES_MAX_LIMIT,
     GATEWAYS_MAX_LIMIT,
     DistributeReply,
     DistributeRequest,
-    Distribution,
     DistributionGetRequest,
     DistributionListReply,
     DistributionListRequest,
+    DistributionPage,
     Empty,
     GatewaysReply,
     GatewaysRequest,
@@ -52,7 +53,7 @@ from schemas.endpoints import Endpoint
 from schemas.types import DistributionStatus, GatewayStatus, StrategyName
 
 T = TypeVar("T", bound=msgspec.Struct)
-P = TypeVar("P", GatewaysReply, DistributionListReply)
+P = TypeVar("P", GatewaysReply, DistributionListReply, DistributionPage)
 
 
 class GatefleetError(Exception):
@@ -183,10 +184,28 @@ class GatefleetClient:
         )
         return self.call(api.DISTRIBUTE, request)
 
-    def get_distribution(self, distribution_id: str) -> Distribution:
-        return self.call(
-            api.DISTRIBUTIONS_GET, DistributionGetRequest(distribution_id=distribution_id)
+    def get_distribution(
+        self, distribution_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> DistributionPage:
+        """A distribution with one page of its per-gateway states (the first, without a
+        cursor); its counts are of every target."""
+        request = DistributionGetRequest(
+            distribution_id=distribution_id, limit=limit, cursor=cursor
         )
+        return self.call(api.DISTRIBUTIONS_GET, request)
+
+    def distribution_gateway_pages(self, distribution_id: str) -> Iterator[DistributionPage]:
+        """Every page of a distribution's per-gateway states, in target order."""
+
+        def fetch(limit: int, cursor: str | None) -> DistributionPage:
+            return self.get_distribution(distribution_id, limit=limit, cursor=cursor)
+
+        return _pages(fetch, lambda page: len(page.target_gateways), GATEWAY_STATES_MAX_LIMIT, None)
+
+    def whole_distribution(self, distribution_id: str) -> DistributionPage:
+        """A distribution with every gateway's state, read page by page (so not one
+        snapshot while it runs); its other fields as of the last page."""
+        return merge_pages(list(self.distribution_gateway_pages(distribution_id)))
 
     def list_distributions(
         self,
@@ -229,6 +248,19 @@ class GatefleetClient:
         return _pages(
             fetch, lambda page: len(page.distributions), DISTRIBUTIONS_MAX_LIMIT, max_rows
         )
+
+
+def merge_pages(pages: list[DistributionPage]) -> DistributionPage:
+    """One DistributionPage holding the per-gateway states of all these pages."""
+    gateways = {gw: d for page in pages for gw, d in page.gateways.items()}
+    return msgspec.structs.replace(
+        pages[-1],
+        target_gateways=[gw for page in pages for gw in page.target_gateways],
+        gateways=gateways,
+        successful_gateways=[gw for page in pages for gw in page.successful_gateways],
+        failed_gateways=[gw for page in pages for gw in page.failed_gateways],
+        next_cursor=None,
+    )
 
 
 def _pages(

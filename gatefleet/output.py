@@ -16,8 +16,8 @@ from rich.table import Table
 
 from schemas.api import (
     DistributeReply,
-    Distribution,
     DistributionListReply,
+    DistributionPage,
     GatewaysReply,
     LoadBalancingConfig,
     MaintenanceReply,
@@ -256,11 +256,12 @@ def show_created(reply: DistributeReply, *, as_json: bool) -> None:
     )
 
 
-def distribution_table(record: Distribution) -> Table:
-    done = len(record.successful_gateways) + len(record.failed_gateways)
+def distribution_table(record: DistributionPage) -> Table:
+    """The distribution and the per-gateway states it holds (one page, or all of them)."""
+    done = record.successful_count + record.failed_count
     title = (
         f"{record.id}  {record.config_type} v{record.version}  {record.status}  "
-        f"batch {record.batch}  {done}/{len(record.target_gateways)} done"
+        f"batch {record.batch}  {done}/{record.target_count} done"
     )
     table = Table(title=title, title_justify="left")
     for column in ("gateway", "state", "attempts", "error"):
@@ -281,7 +282,7 @@ def distribution_table(record: Distribution) -> Table:
     return table
 
 
-def show_distribution(record: Distribution, *, as_json: bool) -> None:
+def show_distribution(record: DistributionPage, *, as_json: bool) -> None:
     if as_json:
         print_json(record)
         return
@@ -318,14 +319,21 @@ FINISHED = ("completed", "partially_failed", "failed")
 POLL_S = 0.2
 
 
-def follow_distribution(fetch: Callable[[], Distribution], *, as_json: bool) -> Distribution:
-    """Re-reads the record until it ends, showing progress: a live table on a terminal,
-    a line per change otherwise; --json prints only the final record."""
+def follow_distribution(
+    fetch: Callable[[], DistributionPage],
+    fetch_all: Callable[[], DistributionPage],
+    *,
+    as_json: bool,
+) -> DistributionPage:
+    """Re-reads the record (`fetch`: its first page) until it ends, showing progress: a
+    live table on a terminal, a line per change otherwise; then shows it whole
+    (`fetch_all`: every page). --json prints only the final record, whole."""
     record = fetch()
     if as_json:
         while record.status not in FINISHED:
             time.sleep(POLL_S)
             record = fetch()
+        record = fetch_all()
         print_json(record)
         return record
     with Live(
@@ -345,14 +353,12 @@ def follow_distribution(fetch: Callable[[], Distribution], *, as_json: bool) -> 
                 break
             time.sleep(POLL_S)
             record = fetch()
+    record = fetch_all()
     if not console.is_terminal:
         console.print(distribution_table(record))
     return record
 
 
-def _progress_line(record: Distribution) -> str:
-    states: dict[str, int] = {}
-    for delivery in record.gateways.values():
-        states[delivery.state] = states.get(delivery.state, 0) + 1
-    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+def _progress_line(record: DistributionPage) -> str:
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(record.state_counts.items()))
     return f"{record.id} {record.status} batch {record.batch}: {counts}"

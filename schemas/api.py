@@ -44,6 +44,10 @@ GATEWAYS_DEFAULT_LIMIT: Final = 500
 GATEWAYS_MAX_LIMIT: Final = 1000
 DISTRIBUTIONS_DEFAULT_LIMIT: Final = 100
 DISTRIBUTIONS_MAX_LIMIT: Final = 1000
+# Per-gateway states of one distribution in a reply (`distributions.get`; the first page
+# in each row of `distributions.list`). A state is about 200 bytes with a 64-char id.
+GATEWAY_STATES_DEFAULT_LIMIT: Final = 500
+GATEWAY_STATES_MAX_LIMIT: Final = 1000
 # Whatever the limit, a page's rows take at most this many bytes of JSON (a page always
 # holds at least one row): the reply stays under the 1 MiB default payload limit even
 # when rows are large (labels, a distribution to thousands of gateways).
@@ -52,6 +56,7 @@ PAGE_MAX_BYTES: Final = 900 * 1024
 Cursor = Annotated[str, Meta(max_length=1024)]
 GatewaysLimit = Annotated[int, Meta(ge=1, le=GATEWAYS_MAX_LIMIT)]
 DistributionsLimit = Annotated[int, Meta(ge=1, le=DISTRIBUTIONS_MAX_LIMIT)]
+GatewayStatesLimit = Annotated[int, Meta(ge=1, le=GATEWAY_STATES_MAX_LIMIT)]
 
 
 class _Body(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,7 +181,13 @@ class DistributeReply(_Body, frozen=True):
 
 
 class DistributionGetRequest(_Body, frozen=True):
+    """`P.api.distributions.get`: the distribution with one page of its per-gateway
+    states, in target order; `{"distribution_id": ...}` is the first page."""
+
     distribution_id: DistributionId
+    # Additions: paging of the per-gateway states (optional).
+    limit: GatewayStatesLimit | None = None  # null: GATEWAY_STATES_DEFAULT_LIMIT
+    cursor: Cursor | None = None  # a reply's next_cursor; null or "": the first page
 
 
 class DistributionListRequest(_Body, frozen=True):
@@ -222,8 +233,24 @@ class Distribution(_Body, frozen=True):
     request_id: str | None = None
 
 
+class DistributionPage(Distribution, frozen=True):
+    """A Distribution as the API answers it: every field as in the record, except that
+    `target_gateways`, `gateways`, `successful_gateways` and `failed_gateways` hold only
+    the gateways of one page of targets (all of them when they fit in one page); the
+    counts are of every target."""
+
+    target_count: Count = 0
+    successful_count: Count = 0
+    failed_count: Count = 0
+    # Targets per delivery state (pending, sent, acked, ...).
+    state_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    # Pass it as `cursor` to distributions.get for the next page; null on the last page.
+    next_cursor: str | None = None
+
+
 class DistributionListReply(_Body, frozen=True):
-    distributions: list[Distribution]
+    # Each with the first page of its per-gateway states (see DistributionPage).
+    distributions: list[DistributionPage]
     # Addition: pass it as `cursor` for the next page; null on the last page.
     next_cursor: str | None = None
 

@@ -16,10 +16,10 @@ import msgspec
 from schemas.api import (
     DistributeReply,
     DistributeRequest,
-    Distribution,
     DistributionGetRequest,
     DistributionListReply,
     DistributionListRequest,
+    DistributionPage,
     Empty,
     FailbackReply,
     FailbackRequest,
@@ -109,7 +109,7 @@ DISTRIBUTE: Final = Endpoint(
 DISTRIBUTIONS_GET: Final = Endpoint(
     "distributions.get",
     DistributionGetRequest,
-    Distribution,
+    DistributionPage,
     "distributor",
     writes=False,
     http=("GET", "/distributions/{distribution_id}"),

@@ -164,11 +164,18 @@ class _Step(msgspec.Struct, frozen=True, kw_only=True):
         return str(self.__struct_config__.tag)
 
 
+# The most gateway ids a list of a distribution step holds, so that an event of a
+# distribution to the largest fleet stays far under NATS's 1 MiB payload limit.
+EVENT_MAX_IDS = 1000
+
+
 class CreatedStep(_Step, frozen=True, tag="created"):
     config_type: str
     version: int
+    # The first EVENT_MAX_IDS of each (target_count says how many targets in all).
     target_gateways: list[str]
     unknown_gateways: list[str]
+    target_count: int | None = None  # addition
 
 
 class QueuedStep(_Step, frozen=True, tag="queued"):
@@ -208,9 +215,12 @@ class ResumedStep(_Step, frozen=True, tag="resumed"):
 
 class FinishedStep(_Step, frozen=True, tag="finished"):
     status: DistributionStatus
+    # The first EVENT_MAX_IDS of each (the counts say how many in all).
     successful: list[str]
     failed: list[str]
     reason: str | None
+    successful_count: int | None = None  # addition
+    failed_count: int | None = None  # addition
 
 
 Step = (

@@ -38,6 +38,16 @@ class OrchestratorSettings(_Section, frozen=True):
     load_balancing_strategy: StrategyName = "RoundRobin"
     health_threshold_percent: Percent = 70.0
     ha_enabled: bool = True
+    # A failed key-value write (or read) is tried again this many times, the first after
+    # kv_write_backoff_ms and each next one after twice the wait before it; then the step
+    # that needed it fails (a distribution ends failed, a request gets `unavailable`).
+    kv_write_retries: Annotated[int, Meta(ge=0, le=20)] = 3
+    kv_write_backoff_ms: Milliseconds = 100
+    # Retention: finished distributions kept (the oldest beyond are deleted, per-gateway
+    # states and all), and the versions of each config type whose content is kept
+    # whatever became of their distributions (besides those some gateway should run).
+    distribution_history: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    config_history: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
 
 
 class BusSettings(_Section, frozen=True):

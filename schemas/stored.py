@@ -1,25 +1,42 @@
 """Configuration distribution's durable state, as stored in JetStream key-value.
 
 `actors/distribution_store.py` owns this layout: nothing else names a key. Each key has
-one writer.
+one writer. No value grows with the fleet: a distribution's per-gateway states are kept
+in chunks of at most CHUNK_GATEWAYS gateways, so that every value stays well under
+NATS's 1 MiB payload limit however many gateways a distribution targets.
 
 Bucket `distributions`:
 
 - `layout`: `Layout`, the version of this layout (absent: 1, the first release's).
   Written once at start, after any migration.
 - `versions.<config_type>`: `VersionCounter`, the last version given to that type.
-  Writer: the distributor, before the spec that uses it, so versions only ever grow,
-  across restarts too.
-- `dist-<uuid>.spec`: `DistributionSpec`, what was asked and whom it resolved to.
-  Writer: the distributor, before it answers `distribute`; rewritten only while the
-  distribution waits in its queue (a reconciliation taking in more gateways) and to
-  abandon it (`abandoned`: its actor died too often).
-- `dist-<uuid>`: the `schemas.api.Distribution` record as it progresses. Writer: the
-  distribution's own DistributionActor, before every send, retry and finish. A
-  distribution that never started has no record: it is rebuilt from its spec.
+  Writer: the distributor, after the spec that uses it (the spec is what makes a
+  distribution exist). At start a type's last version is the higher of its counter and
+  its stored distributions' versions, so versions only ever grow, across restarts too.
+- `content.<config_type>.<version>`: `ConfigContent`, the `config_data` of that version.
+  Writer: the distributor, before the spec of the distribution that creates the version.
+  Kept for the last `orchestrator.config_history` versions of each type, for any version
+  a gateway should run (desired state) and for unfinished distributions.
+- `dist-<uuid>.gw.<n>`: `GatewayChunk`, the states of the distribution's targets
+  n * CHUNK_GATEWAYS to (n + 1) * CHUNK_GATEWAYS - 1, in target order. Writer: the
+  distributor when it creates the distribution (every target pending, unknown ids
+  failed) and while it waits in its queue (a reconciliation taking in one more gateway);
+  then its DistributionActor, with its progress.
+- `dist-<uuid>.spec`: `DistributionSpec`, what was asked. Writer: the distributor, after
+  the content and the chunks: the spec is what makes a distribution exist (chunks or
+  progress without a spec are leftovers, deleted at start). Rewritten only to abandon it
+  (`abandoned`: its actor died too often). Deleted first when the distribution is.
+- `dist-<uuid>`: `DistributionProgress`, its status as it progresses. Writer: the
+  distribution's own DistributionActor, with the chunks changed since its last write,
+  before every send, retry and finish. A distribution that never started has none: it
+  is pending.
 
-Bucket `desired` (`DesiredConfig`, the content being the spec of its `distribution_id`).
-Writer: the distributor, when a distribution starts, before its first push.
+Retention (actors/retention.py) deletes finished distributions and contents no longer
+needed: the distributor purges their keys (no delete marker is left), once their writers
+are done with them.
+
+Bucket `desired` (`DesiredConfig`; the content is that of its version). Writer: the
+distributor, when a distribution starts, before its first push.
 
 - `<config_type>`: what every gateway should run, set by a distribution to every active
   gateway (`target_gateways` null); also what a gateway that joins later should get.
@@ -30,25 +47,35 @@ A gateway's desired version of a type is the higher of the two. Desired state is
 operator's intent, whatever the distribution's outcome: a gateway that failed or
 rejected it differs from it until a later distribution (or reconciliation) brings it in
 line. A reconciliation (`Distribution.origin` "reconcile") pushes a gateway's desired
-version again: its spec is a copy of the spec that set that version, naming the gateways
-it pushes, with no new version and no change to desired state.
+version again, with that version's content: no new version, no change to desired state.
 
-Layout 1 (gatefleet 0.1.0) had the same keys, but the distributor also wrote each record
-at creation and on a reconciliation's change, and specs held only what was asked; its
-records are read as they are.
+Older layouts, migrated at start: layout 1 (gatefleet 0.1.0) kept each distribution as
+one record `dist-<uuid>` (`schemas.api.Distribution`, every gateway's state in it) and a
+spec `dist-<uuid>.spec` holding the content and the requested targets (`SpecV2`); layout
+2 had the same keys, its specs also naming the resolved targets, and a distribution that
+never started had no record.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
+from msgspec import Meta
 
-from schemas.types import ConfigType, GatewayId
+from schemas.api import GatewayDelivery
+from schemas.types import ConfigType, DistributionStatus, GatewayId
 from schemas.wire import DistributionId, Version
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION: Final = 3
+# Gateways per chunk. A state is at most about 6.2 KB of JSON (a 64-character id and an
+# error of STORED_ERROR_CHARS characters, each at most 6 bytes escaped), so a chunk stays
+# under 640 KB; a typical one (no error) is about 10 KB.
+CHUNK_GATEWAYS: Final = 100
+STORED_ERROR_CHARS: Final = 1000
+# Stored times carry their time zone (a naive one could not be compared with the others).
+Time = Annotated[datetime, Meta(tz=True)]
 
 
 class _Stored(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,31 +86,62 @@ class Layout(_Stored, frozen=True):
     version: int
 
 
-class DistributionSpec(_Stored, frozen=True):
+class VersionCounter(_Stored, frozen=True):
+    config_type: ConfigType
+    last_version: Version
+
+
+class ConfigContent(_Stored, frozen=True):
     config_type: ConfigType
     version: Version
     config_data: dict[str, Any]
-    # As requested: None means every active gateway (and sets the fleet's desired version).
-    target_gateways: list[GatewayId] | None
-    # Layout 2: whom it resolved to when it was created (known ids, then unknown ones, in
-    # the record's order), so that its record can be rebuilt before its actor writes one.
-    targets: list[str] | None = None
-    unknown: list[str] = msgspec.field(default_factory=list)
+
+
+class DistributionSpec(_Stored, frozen=True):
+    config_type: ConfigType
+    version: Version
+    # Asked for every active gateway (`target_gateways` null): it sets the fleet's
+    # desired version. Else it named its targets, each of which it sets.
+    fleet_wide: bool
+    created_at: Time
     origin: Literal["distribute", "reconcile"] = "distribute"
-    created_at: datetime | None = None
     # Given up by the distributor (its actor died again and again): it ends failed, so.
     abandoned: str | None = None
     # The distribute request's request_id (idempotent retries).
     request_id: str | None = None
 
 
-class VersionCounter(_Stored, frozen=True):
-    config_type: ConfigType
-    last_version: Version
+class GatewayChunk(_Stored, frozen=True):
+    # Gateway id -> its state, in target order.
+    gateways: dict[str, GatewayDelivery]
+
+
+class DistributionProgress(_Stored, frozen=True):
+    status: DistributionStatus
+    batch: int = 0
+    completed_at: Time | None = None
+    reason: str | None = None
 
 
 class DesiredConfig(_Stored, frozen=True):
     config_type: ConfigType
     version: Version
     distribution_id: DistributionId
-    set_at: datetime
+    set_at: Time
+
+
+class SpecV2(_Stored, frozen=True):
+    """A spec of layouts 1 and 2, read only to migrate it."""
+
+    config_type: ConfigType
+    version: Version
+    config_data: dict[str, Any]
+    # As requested: None means every active gateway.
+    target_gateways: list[GatewayId] | None
+    # Layout 2: whom it resolved to (known ids, then unknown ones, in the record's order).
+    targets: list[str] | None = None
+    unknown: list[str] = msgspec.field(default_factory=list)
+    origin: Literal["distribute", "reconcile"] = "distribute"
+    created_at: Time | None = None
+    abandoned: str | None = None
+    request_id: str | None = None

@@ -29,6 +29,7 @@ from gatefleet.audit.state import (
 )
 from schemas.api import Distribution
 from schemas.events import (
+    EVENT_MAX_IDS,
     Alarm,
     DistributionEvent,
     Event,
@@ -289,6 +290,17 @@ def test_distribution_fold_matches_the_machine(
     assert folded.status == status
     assert all(folded.gateways[gw].state == "failed" for gw in unknown)
     assert folded.completed_at is not None
+
+
+def test_distribution_fold_matches_the_machine_past_the_ids_an_event_lists() -> None:
+    """The created and finished steps list EVENT_MAX_IDS gateways of each list at most;
+    the batches and the answers give the rest."""
+    targets = [f"gw-{n:05d}" for n in range(EVENT_MAX_IDS * 5 // 2)]
+    answers = {gw: ["nack" if n % 7 == 0 else "ack"] for n, gw in enumerate(targets)}
+    driver = Driver(machine_for(targets), answers)
+    driver.run(driver.machine.start(T0))
+    folded = driver.check()
+    assert (folded.status, len(folded.target_gateways)) == ("partially_failed", len(targets))
 
 
 def test_distribution_fold_midway_and_after_a_resume() -> None:

@@ -121,7 +121,7 @@ def desired(bus: Bus, prefix: str) -> Callable[[str], DesiredConfig | None]:
 
     def get(key: str) -> DesiredConfig | None:
         kv = bus.run(bus.js.key_value(bucket_name(prefix, "desired")))
-        return KvStore(bus, kv).get(key, DesiredConfig)
+        return KvStore(bus, kv, bucket_name(prefix, "desired")).get(key, DesiredConfig)
 
     return get
 
@@ -563,7 +563,8 @@ def test_a_queued_distribution_survives_a_restart_from_its_spec_alone(
     orchestrator = run(distribution_ack_timeout_ms=60_000)
     first = client.distribute("Route", ROUTE, ["gw-silent"]).distribution_id
     queued = client.distribute("Route", ROUTE, ["gw-other"]).distribution_id
-    kv = KvStore(bus, bus.run(bus.js.key_value(bucket_name(prefix, "distributions"))))
+    name = bucket_name(prefix, "distributions")
+    kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
     keys = set(kv.keys())
     assert {f"{first}.spec", f"{queued}.spec"} <= keys
     assert queued not in keys  # not started: its record is its actor's to write

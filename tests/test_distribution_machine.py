@@ -22,7 +22,14 @@ from actors.distribution_machine import (
     resolve_targets,
 )
 from schemas.api import Distribution
-from schemas.events import CreatedStep, GatewayAckedStep, GatewayRetriedStep
+from schemas.codec import encode
+from schemas.events import (
+    EVENT_MAX_IDS,
+    CreatedStep,
+    FinishedStep,
+    GatewayAckedStep,
+    GatewayRetriedStep,
+)
 
 T0 = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 T1 = datetime(2026, 11, 28, 7, 5, tzinfo=UTC)
@@ -176,6 +183,8 @@ def test_all_ack_in_batches() -> None:
             "successful": ids,
             "failed": [],
             "reason": None,
+            "successful_count": len(ids),
+            "failed_count": 0,
         }
     ]
     assert fleet.finished == [Finished("completed")]
@@ -259,6 +268,7 @@ def test_unknown_target_fails_with_reason_and_is_never_sent() -> None:
             version=8,
             target_gateways=["a", "zz"],
             unknown_gateways=["zz"],
+            target_count=2,
         )
     )
     fleet.run(m, cmds)
@@ -430,3 +440,29 @@ def test_two_hundred_gateways() -> None:
         expected = 1 if i % 10 == 0 else 3 if i % 13 == 0 else 2 if i % 7 == 0 else 1
         assert sends[gw] == expected, gw
         assert rec.gateways[gw].attempts == expected
+
+
+def test_the_events_of_a_distribution_to_a_large_fleet_list_a_bounded_number_of_ids() -> None:
+    """Its created and finished steps list the first EVENT_MAX_IDS gateways of each list,
+    with the counts of all: the event stays far under NATS's 1 MiB payload limit."""
+    ids = [f"gw-{n:06d}-".ljust(64, "x") for n in range(3 * EVENT_MAX_IDS)]
+    rec = new_distribution("d", "Route", 1, targets=ids, unknown=["ghost"], created_at=T0)
+    m = DistributionMachine(rec, batch_size=len(ids), retry_count=0, retry_delay_s=0.0)
+    [created, *_] = m.start(T0)
+    assert isinstance(created, Emit)
+    assert isinstance(created.detail, CreatedStep)
+    assert created.detail.target_gateways == ids[:EVENT_MAX_IDS]
+    assert (created.detail.unknown_gateways, created.detail.target_count) == (
+        ["ghost"],
+        len(ids) + 1,
+    )
+    done: list[Command] = []
+    for gw in ids:
+        done = m.on_ack(gw, now_wall=T1)
+    _, finished, _ = done  # acked, finished, Finished
+    assert isinstance(finished, Emit)
+    assert isinstance(finished.detail, FinishedStep)
+    assert finished.detail.successful == ids[:EVENT_MAX_IDS]
+    assert (finished.detail.successful_count, finished.detail.failed_count) == (len(ids), 1)
+    assert len(encode(created.detail)) < 100 * 1024
+    assert len(encode(finished.detail)) < 100 * 1024

@@ -216,6 +216,8 @@ class FleetFold:
             case BatchSentStep(batch=batch, gateways=sent):
                 dist.batch = batch
                 for target in sent:
+                    if target not in dist.gateways:  # past the ids `created` lists
+                        dist.target_gateways.append(target)
                     dist.gateways[target] = GatewayDelivery(state="sent", attempts=1)
             case GatewayAckedStep(attempts=attempts) if gw is not None:
                 _deliver(dist, gw, "acked", attempts, None)
@@ -238,8 +240,11 @@ class FleetFold:
                 dist.status = status
                 dist.reason = event.detail.reason
                 dist.completed_at = event.ts
-                dist.successful_gateways = list(successful)
-                dist.failed_gateways = list(failed)
+                # A list cut short (a large distribution): the acks and failures seen stand.
+                if event.detail.successful_count in (None, len(successful)):
+                    dist.successful_gateways = list(successful)
+                if event.detail.failed_count in (None, len(failed)):
+                    dist.failed_gateways = list(failed)
             case _:
                 pass  # QueuedStep (the record above is all it says) and steps not known here
 
