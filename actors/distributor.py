@@ -61,6 +61,7 @@ from actors.distribution_machine import (
     resolve_targets,
 )
 from actors.distribution_store import DistributionStore
+from actors.histogram import DISTRIBUTION_BOUNDS_S, HistogramRecorder
 from actors.messages import (
     ChildDied,
     DistributionChanged,
@@ -129,6 +130,7 @@ class DistributorActor(SafeActor):
         self.running: dict[str, pykka.ActorRef[Any]] = {}
         self.restarts: Counter[str] = Counter()  # per distribution id
         self.statuses: Counter[DistributionStatus] = Counter()
+        self.durations = HistogramRecorder(DISTRIBUTION_BOUNDS_S)  # of those ended since start
         self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
         self._subscriptions: list[SubscriptionHandle] = []
 
@@ -378,6 +380,10 @@ class DistributorActor(SafeActor):
         """It has ended: the next of its type starts, and the gateways it targeted are checked."""
         self.running.pop(record.id, None)
         self.restarts.pop(record.id, None)
+        if record.completed_at is not None:
+            self.durations.observe((record.completed_at - record.created_at).total_seconds())
+            if self.supervisor is not None:
+                self.supervisor.tell(self._counts())
         queue = self.queues.get(record.config_type)
         if queue and queue[0] == record.id:
             queue.popleft()
@@ -479,6 +485,7 @@ class DistributorActor(SafeActor):
             active=s["pending"] + s["in_progress"],
             completed=s["completed"],
             failed=s["failed"] + s["partially_failed"],
+            durations=self.durations.snapshot(),
             by_state={state: n for state, n in s.items() if n},
         )
 

@@ -11,7 +11,7 @@ import msgspec
 import pykka
 
 from actors.coalescer import Coalescer
-from schemas.api import Distribution, GatewaySnapshot, LoadBalancingConfig
+from schemas.api import Distribution, GatewaySnapshot, Histogram, LoadBalancingConfig
 from schemas.endpoints import Endpoint
 from schemas.types import GatewayStatus
 from schemas.wire import Heartbeat
@@ -133,6 +133,7 @@ class DistributionCounts(_Message, frozen=True):
     completed: int
     failed: int
     by_state: dict[str, int] = msgspec.field(default_factory=dict)
+    durations: Histogram | None = None
 
 
 class DistributionChanged(_Message, frozen=True):

@@ -17,11 +17,16 @@ from datetime import datetime
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from schemas.api import GatewaySnapshot, StatusReply
+from schemas.api import GatewaySnapshot, Histogram, StatusReply
 from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -155,6 +160,12 @@ class _Scrape(Collector):
             "part",
             {part: int(state == "ok") for part, state in status.health.items()},
         )
+        if status.distribution_durations_s is not None:
+            yield _histogram(
+                "gatefleet_distribution_duration_seconds",
+                "How long distributions took, created to ended (those that ended since start).",
+                status.distribution_durations_s,
+            )
         if self.gateways is not None and self.now is not None:
             yield _heartbeat_ages(self.gateways, self.now)
 
@@ -170,6 +181,13 @@ def _heartbeat_ages(gateways: Iterable[GatewaySnapshot], now: datetime) -> Metri
         if g.last_seen is not None:
             ages.add_metric([g.gateway_id, g.region], max(0.0, (now - g.last_seen).total_seconds()))
     return ages
+
+
+def _histogram(name: str, help_text: str, h: Histogram) -> Metric:
+    buckets = [(str(bound), n) for bound, n in zip(h.bounds, h.counts, strict=True)]
+    return HistogramMetricFamily(
+        name, help_text, buckets=[*buckets, ("+Inf", h.count)], sum_value=h.sum
+    )
 
 
 def _gauge(name: str, help_text: str, value: float) -> Metric:

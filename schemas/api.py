@@ -97,6 +97,16 @@ class Features(_Body, frozen=True):
     health_monitoring: str = "enabled"
 
 
+class Histogram(_Body, frozen=True):
+    """Observations in seconds, Prometheus style: `counts[i]` of them were <= `bounds[i]`
+    (cumulative), `count` in all, adding up to `sum`."""
+
+    bounds: list[float]
+    counts: list[int]
+    count: Count = 0
+    sum: NonNegativeFloat = 0.0
+
+
 class StatusReply(_Body, frozen=True):
     status: str = "ok"
     features: Features = msgspec.field(default_factory=Features)
@@ -115,6 +125,8 @@ class StatusReply(_Body, frozen=True):
     gateways_by_status: dict[str, int] = msgspec.field(default_factory=dict)
     gateways_flapping: Count = 0
     gateways_in_maintenance: Count = 0
+    # How long distributions took, created to ended (those that ended since start).
+    distribution_durations_s: Histogram | None = None
     distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
     # Local health awareness: how late gatefleet's own loop runs (now, and the worst of
     # the last seconds), whether missed heartbeats are not counted right now (it is

@@ -324,6 +324,10 @@ def test_healthz_and_metrics(http: Http, fleet: Fleet, gatefleet: Orchestrator) 
     assert {name: samples.get(name) for name in expected} == expected
     assert samples["gatefleet_orchestrator_lag_ms"] >= 0
     assert samples["gatefleet_detection_suspended_seconds_total"] >= 0
+    # The distribution's duration, in the histogram.
+    assert samples["gatefleet_distribution_duration_seconds_count"] == 1
+    assert samples['gatefleet_distribution_duration_seconds_bucket{le="+Inf"}'] == 1
+    assert 0 < samples["gatefleet_distribution_duration_seconds_sum"] < 60
     # A small fleet: each gateway's heartbeat age, recent.
     ages = {k: v for k, v in samples.items() if k.startswith("gatefleet_gateway_heartbeat_age")}
     assert len(ages) == 2
