@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bus.micro import MicroService
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
 from schemas.api import HTTP_STATUS, ErrorCode, ErrorDetail, ErrorReply
@@ -129,15 +130,20 @@ def serve(
     endpoints: Iterable[Endpoint[msgspec.Struct, msgspec.Struct]],
     on_request: Callable[[Endpoint[msgspec.Struct, msgspec.Struct], msgspec.Struct, str], object],
     drops: Drops,
+    service: MicroService,
 ) -> list[SubscriptionHandle]:
     """Subscribes to each endpoint's `P.api.<name>` in the API queue group; a request that
-    decodes is handed to `on_request(endpoint, request, reply_subject)` (on the loop)."""
+    decodes is handed to `on_request(endpoint, request, reply_subject)` (on the loop).
+    `service` times each request from its arrival here to its reply (`bus` must be the
+    bus it was started on)."""
     handles = []
     for endpoint in endpoints:
 
         def on_body(request: msgspec.Struct, reply: str, endpoint: Any = endpoint) -> None:
             on_request(endpoint, request, reply)
 
-        handler = request_handler(bus, endpoint.request, on_body, drops)
+        handler = service.timed(
+            endpoint.name, request_handler(bus, endpoint.request, on_body, drops)
+        )
         handles.append(bus.subscribe(subjects.api(endpoint.name), handler, queue=API_QUEUE))
     return handles
