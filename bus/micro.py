@@ -13,7 +13,8 @@ coroutine, which here would only hand the request to an actor: so `$SRV` is answ
 
 Everything runs on the API lane's loop: the arrivals (`timed` handlers), the reply hook
 (`Bus.on_published`) and the `$SRV` answers, so the counters need no lock. A request
-never answered within UNANSWERED_AFTER_NS counts as an error, and stops being tracked.
+never answered within UNANSWERED_AFTER_NS counts as an error, and stops being tracked
+(looked for on STATS, and whenever more than SWEEP_ABOVE requests wait).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 # A request with no reply after this long counts as an error (a client gave up long ago).
 UNANSWERED_AFTER_NS = 60 * 1_000_000_000
-# Arrivals between two looks for requests never answered.
-SWEEP_EVERY = 4096
+# Requests waiting for their reply above which those never answered are looked for (the
+# mark then doubles with the requests still waiting, so a look stays rare under load).
+SWEEP_ABOVE = 4096
 
 
 @dataclass(slots=True)
@@ -109,7 +111,7 @@ class MicroService:
         # Requests waiting for their reply: reply subject -> (endpoint, arrival). A client
         # reusing one reply subject for requests in flight together is counted once.
         self._pending: dict[str, tuple[_Counts, int]] = {}
-        self._arrivals = 0
+        self._sweep_above = SWEEP_ABOVE
 
     # The stats ----------------------------------------------------------------------------
 
@@ -118,10 +120,10 @@ class MicroService:
         counts, pending, clock = self._counts[endpoint], self._pending, self._clock
 
         def handle(msg: Inbound) -> None:
-            if msg.reply:
-                pending[msg.reply] = (counts, clock())
-                self._arrivals += 1
-                if self._arrivals % SWEEP_EVERY == 0:
+            reply = msg.reply
+            if reply:
+                pending[reply] = (counts, clock())
+                if len(pending) > self._sweep_above:
                     self._sweep()
             handler(msg)
 
@@ -149,6 +151,7 @@ class MicroService:
         for reply in unanswered:
             counts, arrived = self._pending.pop(reply)
             counts.done(now - arrived, f"500:no reply within {UNANSWERED_AFTER_NS // 10**9} s")
+        self._sweep_above = max(SWEEP_ABOVE, 2 * len(self._pending))
 
     # The answers --------------------------------------------------------------------------
 

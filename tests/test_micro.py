@@ -11,7 +11,7 @@ from typing import Any
 import nats
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
-from bus.micro import SWEEP_EVERY, UNANSWERED_AFTER_NS, MicroService
+from bus.micro import SWEEP_ABOVE, UNANSWERED_AFTER_NS, MicroService
 from bus.runtime import Inbound
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
@@ -124,15 +124,14 @@ def test_a_request_never_answered_counts_as_an_error_and_is_forgotten() -> None:
     handle = micro.timed("status", lambda msg: None)
     handle(request("_INBOX.lost"))
     handle(Inbound("t.api.status", b"{}", "", None))  # no reply subject: nothing to time
-    for n in range(SWEEP_EVERY - 2):  # answered at once
-        handle(request(f"_INBOX.{n}"))
-        micro.published(f"_INBOX.{n}", None)
     clock.ns = UNANSWERED_AFTER_NS + 1
-    handle(request("_INBOX.last"))  # arrival number SWEEP_EVERY: a sweep
+    for n in range(SWEEP_ABOVE):  # in flight together: the last one starts a sweep
+        handle(request(f"_INBOX.{n}"))
     micro.published("_INBOX.lost", None)  # too late: already counted as unanswered
-    micro.published("_INBOX.last", None)
+    for n in range(SWEEP_ABOVE):
+        micro.published(f"_INBOX.{n}", None)
     stats = endpoint(micro, "status")
-    assert (stats.num_requests, stats.num_errors) == (SWEEP_EVERY, 1)
+    assert (stats.num_requests, stats.num_errors) == (SWEEP_ABOVE + 1, 1)
     assert stats.last_error == "500:no reply within 60 s"
     handle(request("_INBOX.late"))
     clock.ns += UNANSWERED_AFTER_NS + 1
