@@ -77,7 +77,11 @@ async def test_srv_lists_the_endpoints_with_true_counts(
         select = by_name["select-gateway"]
         assert select["processing_time"] > 0
         assert select["average_processing_time"] == select["processing_time"] // 4
-        assert (await ask(nc, "$SRV.STATS.gatefleet"))["id"] == ping["id"]
+        for verb in ("PING", "INFO", "STATS"):  # every form of each subject is answered
+            for subject in (f"$SRV.{verb}", f"$SRV.{verb}.gatefleet", f"$SRV.{verb}.{service}"):
+                answer = await ask(nc, subject)
+                assert answer["type"] == f"io.nats.micro.v1.{verb.lower()}_response"
+                assert answer["id"] == ping["id"]
     finally:
         await nc.close()
 
