@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.micro import MicroService
+from bus.micro import ERROR_CODE_HEADER, ERROR_HEADER, MicroService
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
 from schemas.api import HTTP_STATUS, ErrorCode, ErrorDetail, ErrorReply
@@ -93,10 +93,7 @@ def error_body(code: ErrorCode, message: str) -> bytes:
 
 def reply_error(bus: Bus, reply: str, code: ErrorCode, message: str) -> None:
     """Sends an error reply; also adds the NATS micro error headers for micro-aware clients."""
-    headers = {
-        "Nats-Service-Error-Code": str(HTTP_STATUS[code]),
-        "Nats-Service-Error": message[:200],
-    }
+    headers = {ERROR_CODE_HEADER: str(HTTP_STATUS[code]), ERROR_HEADER: message[:200]}
     bus.publish(reply, error_body(code, message), headers=headers)
 
 
