@@ -134,7 +134,14 @@ class SafeActor(PooledActor):
                 return
             told[0] += 1
 
-        return serve(bus, context.subjects, served_by(server), on_request, context.drops)
+        return serve(
+            bus,
+            context.subjects,
+            served_by(server),
+            on_request,
+            context.drops,
+            context.runtime.service,
+        )
 
     def handle(self, message: Any) -> Any:
         log.warning("%s: unexpected message %r", type(self).__name__, message)

@@ -11,6 +11,8 @@
   heartbeats just now (connected, loop not lagging), and from when misses count again.
 - `api_bus`: a second NATS connection, on a loop of its own, that the request
   endpoints are served on: the API lane.
+- `service`: the API lane as a NATS micro service (bus/micro.py): answers `$SRV` and
+  counts each endpoint's requests, errors and processing time.
 - `jetstream`: whether JetStream answers, asked every 5 s (for `status` and /healthz).
 - `prober`: latency probes of every gateway over one reply inbox (bus/probes.py); None
   when `health.probe_interval_ms` is 0.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from actors.dispatch import Dispatcher, OwnThread, Pool
 from bus.awareness import LocalAwareness, watch
 from bus.jetstream import JetStreamWatch
+from bus.micro import MicroService
 from bus.probes import Prober
 from bus.runtime import Bus
 from bus.subjects import Subjects
@@ -45,6 +48,7 @@ class Runtime:
     # The API lane: `P.api.*` requests arrive on a connection (and loop) of their own, so
     # they are never read behind a backlog of heartbeats on the main connection.
     api_bus: Bus
+    service: MicroService
     gateways: Pool
     workers: Pool
     timers: TimerWheel
@@ -80,9 +84,11 @@ class Runtime:
         workers.start()
         api_bus = Bus(bus.url, name=f"{bus.name}-api")
         api_bus.start()
+        service = MicroService(subjects)
+        service.start(api_bus)
         jetstream = JetStreamWatch(bus)
         jetstream.start(timers.schedule)
-        return cls(bus, api_bus, gateways, workers, timers, awareness, prober, jetstream)
+        return cls(bus, api_bus, service, gateways, workers, timers, awareness, prober, jetstream)
 
     def dispatcher(self, dispatch: str, name: str) -> Dispatcher:
         """The dispatcher for an actor's `dispatch` kind; "own" is a thread per `name`."""

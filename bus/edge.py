@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bus.micro import ERROR_CODE_HEADER, ERROR_HEADER, MicroService
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
 from schemas.api import HTTP_STATUS, ErrorCode, ErrorDetail, ErrorReply
@@ -92,10 +93,7 @@ def error_body(code: ErrorCode, message: str) -> bytes:
 
 def reply_error(bus: Bus, reply: str, code: ErrorCode, message: str) -> None:
     """Sends an error reply; also adds the NATS micro error headers for micro-aware clients."""
-    headers = {
-        "Nats-Service-Error-Code": str(HTTP_STATUS[code]),
-        "Nats-Service-Error": message[:200],
-    }
+    headers = {ERROR_CODE_HEADER: str(HTTP_STATUS[code]), ERROR_HEADER: message[:200]}
     bus.publish(reply, error_body(code, message), headers=headers)
 
 
@@ -129,15 +127,20 @@ def serve(
     endpoints: Iterable[Endpoint[msgspec.Struct, msgspec.Struct]],
     on_request: Callable[[Endpoint[msgspec.Struct, msgspec.Struct], msgspec.Struct, str], object],
     drops: Drops,
+    service: MicroService,
 ) -> list[SubscriptionHandle]:
     """Subscribes to each endpoint's `P.api.<name>` in the API queue group; a request that
-    decodes is handed to `on_request(endpoint, request, reply_subject)` (on the loop)."""
+    decodes is handed to `on_request(endpoint, request, reply_subject)` (on the loop).
+    `service` times each request from its arrival here to its reply (`bus` must be the
+    bus it was started on)."""
     handles = []
     for endpoint in endpoints:
 
         def on_body(request: msgspec.Struct, reply: str, endpoint: Any = endpoint) -> None:
             on_request(endpoint, request, reply)
 
-        handler = request_handler(bus, endpoint.request, on_body, drops)
+        handler = service.timed(
+            endpoint.name, request_handler(bus, endpoint.request, on_body, drops)
+        )
         handles.append(bus.subscribe(subjects.api(endpoint.name), handler, queue=API_QUEUE))
     return handles

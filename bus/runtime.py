@@ -106,6 +106,9 @@ class Bus:
         self._outbound_armed = False  # a drain is scheduled and has not started taking
         self._draining = False  # the task publishing the outbound queue is running
         self._closing = False
+        # Called on the loop with (subject, headers) of each message once published: the
+        # API lane's request stats (bus/micro.py) learn there that a request was answered.
+        self.on_published: Callable[[str, dict[str, str] | None], None] | None = None
         # (on_disconnected, on_reconnected) pairs, called on the loop: add_connection_listener.
         self._connection_listeners: list[tuple[Callable[[], None], Callable[[], None]]] = []
 
@@ -250,7 +253,7 @@ class Bus:
 
     async def _publish_outbound(self) -> None:
         """The one task publishing the outbound queue, in order, until it is empty."""
-        outbound = self._outbound
+        outbound, published = self._outbound, self.on_published
         try:
             while outbound:
                 subject, data, headers = outbound.popleft()
@@ -259,6 +262,9 @@ class Bus:
                 except (nats.errors.Error, BusError) as exc:
                     self.publish_errors += 1
                     log.warning("publish to %s failed: %s", subject, exc)
+                else:
+                    if published is not None:
+                        published(subject, headers)
         finally:
             self._draining = False  # no await since the queue was seen empty
 

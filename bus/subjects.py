@@ -59,6 +59,12 @@ class Subjects:
         """`P.api.<name>`, e.g. api("select-gateway")."""
         return f"{self.prefix}.api.{name}"
 
+    @staticmethod
+    def service_discovery(verb: str, name: str, service_id: str) -> list[str]:
+        """The NATS micro `$SRV.<verb>` subjects a service answers: for every service, for
+        every one of that name, and for this one (`verb` is PING, INFO or STATS)."""
+        return [f"$SRV.{verb}", f"$SRV.{verb}.{name}", f"$SRV.{verb}.{name}.{service_id}"]
+
     # Events and audit (section 3).
     def event(self, event_type: str) -> str:
         return f"{self.prefix}.events.{event_type}"

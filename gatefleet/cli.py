@@ -36,6 +36,7 @@ from gatefleet.cli_common import (
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
 from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
+from gatefleet.schema_cli import schema
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.codec import decode
 from schemas.settings import Settings
@@ -477,3 +478,4 @@ def distributions(
 
 
 main.add_command(audit)
+main.add_command(schema)

@@ -6,7 +6,6 @@ always one of these Structs or an `ErrorReply`.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -23,6 +22,7 @@ from schemas.types import (
     Region,
     Role,
     StrategyName,
+    Timestamp,
 )
 from schemas.wire import DistributionId
 
@@ -233,8 +233,8 @@ class Distribution(_Body, frozen=True):
     successful_gateways: list[str]
     failed_gateways: list[str]
     gateways: dict[str, GatewayDelivery]
-    created_at: datetime
-    completed_at: datetime | None = None
+    created_at: Timestamp
+    completed_at: Timestamp | None = None
     # Additions: why it ended as it did (e.g. "no targets"), and the batch in flight.
     reason: str | None = None
     batch: Count = 0
@@ -286,7 +286,7 @@ class GatewaySnapshot(_Body, frozen=True, gc=False):
     probe_latency_ms: NonNegativeFloat | None = None
     consecutive_failures: Count = 0
     last_seq: int | None = None
-    last_seen: datetime | None = None
+    last_seen: Timestamp | None = None
     # Heartbeats accepted since gatefleet started tracking this gateway.
     heartbeats: Count = 0
     config_versions: dict[str, int] = msgspec.field(default_factory=dict)

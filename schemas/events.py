@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from schemas.codec import decode
-from schemas.types import DistributionStatus, GatewayStatus, Role, StrategyName
+from schemas.types import DistributionStatus, GatewayStatus, Role, StrategyName, Timestamp
 
 # Event ids: 80 random bits drawn once per process, then a counter: unique like a uuid4
 # (the stream deduplicates on them), without a system call for randomness per event.
@@ -33,7 +33,7 @@ def utc_now() -> datetime:
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=False):
     id: str = msgspec.field(default_factory=new_event_id)
-    ts: datetime = msgspec.field(default_factory=utc_now)
+    ts: Timestamp = msgspec.field(default_factory=utc_now)
 
     @property
     def type(self) -> str:

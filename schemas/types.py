@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Final, Literal
 
 from msgspec import Meta
@@ -19,6 +20,9 @@ MAX_COUNT: Final = 2**53
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 ConfigType = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")]
 Region = Annotated[str, Meta(min_length=1, max_length=64)]
+# An RFC 3339 timestamp. The JSON Schema says so (`format: date-time`); decoding is as lenient
+# as a plain datetime (an offset is not required), so that no gateway sending one is refused.
+Timestamp = Annotated[datetime, Meta(extra_json_schema={"format": "date-time"})]
 
 StrategyName = Literal[
     "RoundRobin", "LeastConnections", "WeightedRandom", "LatencyBased", "RegionAware"

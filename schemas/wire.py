@@ -6,7 +6,6 @@ wrong types and out-of-range values fail decoding with a path such as `$.cpu_per
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -21,6 +20,7 @@ from schemas.types import (
     Percent,
     Region,
     Role,
+    Timestamp,
 )
 
 Label = Annotated[str, Meta(max_length=256)]
@@ -36,7 +36,7 @@ class Heartbeat(_Wire, frozen=True, gc=False):
     gateway_id: GatewayId
     region: Region
     seq: Count
-    ts: datetime
+    ts: Timestamp
     cpu_percent: Percent
     memory_percent: Percent
     active_connections: Count
