@@ -23,11 +23,12 @@ from schemas.api import (
     DistributionListRequest,
     Empty,
     LoadBalancingUpdate,
+    MaintenanceRequest,
     ReconcileRequest,
     SelectRequest,
 )
 from schemas.endpoints import ENDPOINTS
-from schemas.events import Failback, Failover, GatewayLeft
+from schemas.events import Failback, Failover, GatewayLeft, GatewayMaintenance
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.distribution_events import finished
@@ -184,6 +185,9 @@ def test_a_running_fleets_messages_match_the_schemas(
     event_log.wait_for(lambda e: isinstance(e, Failover))
     fleet.agents["primary"].resume_heartbeats()
     event_log.wait_for(lambda e: isinstance(e, Failback))
+    drain = MaintenanceRequest(gateway_id="backup", enabled=True, reason="schema capture")
+    fleet.bus.ask(f"{prefix}.api.maintenance", drain, 5.0)
+    event_log.wait_for(lambda e: isinstance(e, GatewayMaintenance))
     fleet.stop("other")
     event_log.wait_for(lambda e: isinstance(e, GatewayLeft))
     # The events are stored: the last one is on the wire once the test's log has it.
@@ -215,6 +219,7 @@ def test_a_running_fleets_messages_match_the_schemas(
                 "distribution.step",
                 "ha.failover",
                 "ha.failback",
+                "gateway.maintenance",
             )
         ),
         *(f"step.{s}" for s in ("created", "batch_sent", "gateway_acked", "finished")),
