@@ -89,9 +89,24 @@ def messages() -> list[Message]:
     return [*_wire(), *_api(), *_events()]
 
 
+def _portable_patterns(node: object) -> None:
+    """`\\Z` (end of string in Python's re, see schemas.types.whole) becomes `$`, which
+    means the same in ECMA-262 and Go's RE2, where `\\Z` does not exist."""
+    if isinstance(node, dict):
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and pattern.endswith("\\Z"):
+            node["pattern"] = pattern[:-2] + "$"
+        for value in node.values():
+            _portable_patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            _portable_patterns(value)
+
+
 def schema_of(message: Message) -> Schema:
     """The message's JSON Schema: its Struct's own at the root, nested ones in `$defs`."""
     generated = msgspec.json.schema(message.body)
+    _portable_patterns(generated)
     defs: dict[str, Schema] = generated["$defs"]
     root_name = generated["$ref"].rsplit("/", 1)[1]
     for component in defs.values():

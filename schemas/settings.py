@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.types import GatewayId, Percent, StrategyName
+from schemas.types import GatewayId, Percent, StrategyName, whole
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
@@ -20,7 +20,7 @@ Port = Annotated[int, Meta(ge=0, le=65535)]
 Weight = Annotated[float, Meta(ge=0.0, le=1000.0)]
 RegionName = Annotated[str, Meta(min_length=1, max_length=64)]
 # Dot-separated NATS tokens, no wildcards.
-SubjectPrefix = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length=128)]
+SubjectPrefix = Annotated[str, whole(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", max_length=128)]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

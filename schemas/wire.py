@@ -21,10 +21,11 @@ from schemas.types import (
     Region,
     Role,
     Timestamp,
+    whole,
 )
 
 Label = Annotated[str, Meta(max_length=256)]
-DistributionId = Annotated[str, Meta(pattern=r"^dist-[A-Za-z0-9-]{1,64}$")]
+DistributionId = Annotated[str, whole(r"dist-[A-Za-z0-9-]{1,64}")]
 Version = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 
 

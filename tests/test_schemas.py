@@ -181,3 +181,16 @@ def test_events_round_trip_through_the_union() -> None:
     assert msgspec.json.decode(data)["type"] == "gateway.status_changed"
     assert decode_event(data) == event
     assert event.id.startswith("evt-")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"config_type": "Route\\n", "config_data": {}}',
+        b'{"config_type": "Route", "config_data": {}, "target_gateways": ["edge-1\\n"]}',
+    ],
+)
+def test_a_trailing_newline_does_not_pass_a_pattern(body: bytes) -> None:
+    """Python's `$` matches before a final newline: patterns end in `\\Z` instead."""
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(body, type=DistributeRequest)
