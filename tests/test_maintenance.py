@@ -11,18 +11,17 @@ import pytest
 from actors.failover import FailoverPlanner, FindReplacement, MassFailureGuard, Redirect
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
-from schemas.api import MaintenanceReply, MaintenanceRequest, SelectReply, SelectRequest
+from schemas.api import MaintenanceReply, MaintenanceRequest
 from schemas.events import (
     Alarm,
     Failback,
     Failover,
     GatewayMaintenance,
-    GatewayStatusChanged,
 )
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
-from tests.test_ha import Redirects
+from tests.test_ha import Redirects, healthy, select
 
 
 def test_a_drained_gateway_moves_without_the_guard_and_is_not_failed_back_to() -> None:
@@ -72,20 +71,6 @@ def maintenance(
     return fleet.call("maintenance", request, MaintenanceReply)
 
 
-def select(fleet: Fleet) -> str | None:
-    return fleet.call("select-gateway", SelectRequest(region="us-west"), SelectReply).gateway_id
-
-
-def healthy(event_log: EventLog, gateway_id: str) -> None:
-    event_log.wait_for(
-        lambda e: (
-            isinstance(e, GatewayStatusChanged)
-            and e.gateway_id == gateway_id
-            and e.new_status == "healthy"
-        )
-    )
-
-
 def drained(event_log: EventLog, enabled: bool, since: int = 0) -> GatewayMaintenance:
     event = event_log.wait_for(
         lambda e: isinstance(e, GatewayMaintenance) and e.enabled is enabled, since=since
@@ -104,8 +89,7 @@ def pair(
     start_orchestrator(settings(make_settings))
     fleet.add("primary")
     fleet.add("backup")
-    healthy(event_log, "primary")
-    healthy(event_log, "backup")
+    healthy(event_log, "primary", "backup")
     return fleet
 
 
