@@ -78,7 +78,7 @@ class Runtime:
         workers = Pool("distribution-actors", workers=DISTRIBUTION_WORKERS)
         gateways.start()
         workers.start()
-        api_bus = Bus(bus.url, name=f"{bus.name}-api")
+        api_bus = Bus(bus.url, name=f"{bus.name}-api", auth=bus.auth)
         api_bus.start()
         jetstream = JetStreamWatch(bus)
         jetstream.start(timers.schedule)

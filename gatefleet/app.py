@@ -30,12 +30,15 @@ from actors.messages import ReportTo
 from actors.routes import GatewayRoutes
 from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
+from bus.connection import ClientAuth
 from bus.edge import Drops
 from bus.jetstream import JetStream
 from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
 from gatefleet.config import URL_FILE, resolve_data_dir
+from gatefleet.security.access import own_auth
+from gatefleet.security.authority import Authority
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,10 @@ class Orchestrator:
         self.runtime: Runtime | None = None
         self._actors: list[pykka.ActorRef[Any]] = []
         self.url = settings.bus.url
+        # The keys and credentials of the embedded server when it runs with auth.
+        self.authority: Authority | None = None
+        # What gatefleet's own connections (this bus, the HTTP API's) prove who they are with.
+        self.client_auth = ClientAuth()
 
     def start(self) -> str:
         """Starts everything; on any failure stops what did start and re-raises."""
@@ -81,8 +88,14 @@ class Orchestrator:
 
     def _start(self) -> None:
         if not self.url:
+            if self.settings.bus.auth:
+                self.authority = Authority(self.data_dir)
             self.server = EmbeddedServer(
-                self.data_dir, port=self.settings.bus.port, on_exit=self._server_died
+                self.data_dir,
+                port=self.settings.bus.port,
+                host=self.settings.bus.listen,
+                auth=self.authority.server_auth() if self.authority else None,
+                on_exit=self._server_died,
             )
             watchdog = threading.Thread(
                 target=self._watch_server, name="gatefleet-server-watchdog", daemon=True
@@ -90,7 +103,8 @@ class Orchestrator:
             watchdog.start()
             self.url = self.server.start()
             (self.data_dir / URL_FILE).write_text(self.url + "\n")
-        self.bus = Bus(self.url)
+        self.client_auth = own_auth(self.settings, self.data_dir)
+        self.bus = Bus(self.url, auth=self.client_auth)
         self.bus.start()
         jetstream = JetStream(self.bus, self.subjects)
         audit = self.settings.audit
