@@ -17,6 +17,7 @@ from nats.aio.client import Client
 log = logging.getLogger(__name__)
 
 CONNECT_ERRORS = (nats.errors.Error, OSError, TimeoutError)
+CLOSE_TIMEOUT_S = 1.0
 
 
 async def close_connection(client: Client) -> None:
@@ -106,7 +107,10 @@ async def open_connection(
         await asyncio.wait_for(client.connect(url, **settings), connect_timeout_s)
         connected = True
     except CONNECT_ERRORS as exc:
-        await client.close()
+        # Bounded: after a failed TLS handshake nats-py's close waits on a transport that
+        # never reports closed.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT_S)
         reason = str(exc) or f"no server answered within {connect_timeout_s:g}s"
         error = AccessRefused if _refusal(exc) else BusError
         raise error(f"cannot connect to NATS at {url}: {_refusal(exc) or reason}") from exc

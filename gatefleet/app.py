@@ -37,7 +37,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
 from gatefleet.config import URL_FILE, resolve_data_dir
-from gatefleet.security.access import own_auth
+from gatefleet.security.access import own_auth, server_tls
 from gatefleet.security.authority import Authority
 from schemas.settings import Settings
 
@@ -95,6 +95,7 @@ class Orchestrator:
                 port=self.settings.bus.port,
                 host=self.settings.bus.listen,
                 auth=self.authority.server_auth() if self.authority else None,
+                tls=server_tls(self.settings, self.data_dir),
                 on_exit=self._server_died,
             )
             watchdog = threading.Thread(

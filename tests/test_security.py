@@ -30,7 +30,8 @@ from bus.connection import AccessRefused, ClientAuth, close_connection, open_con
 from bus.jetstream import stream_name
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
-from gatefleet.client import GatefleetClient
+from gatefleet.client import GatefleetClient, Refused
+from gatefleet.config import ConfigError, load_settings
 from gatefleet.gateway import GatewayAgent
 from gatefleet.security.authority import Authority, AuthorityError
 from gatefleet.security.claims import push_account
@@ -539,3 +540,48 @@ def test_up_with_auth_off_warns_once_and_refuses_a_public_listen(tmp_path: Path)
     result = run_cli("up", "--config", str(config))
     assert result.returncode == 2
     assert "not loopback: that needs [http] token" in result.stderr
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+def test_a_public_listen_gets_tls_from_a_generated_ca_that_clients_check(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    # Beyond loopback is what gets TLS; the test still connects on loopback only.
+    public = "0.0.0.0"  # noqa: S104
+    settings = msgspec.convert(
+        {"bus": {"port": 0, "data_dir": str(data), "listen": public}}, Settings
+    )
+    orchestrator = Orchestrator(settings)
+    orchestrator.start()  # its own connections check the server with the generated CA
+    try:
+        ca = data / "auth" / "tls" / "ca.pem"
+        assert orchestrator.client_auth.tls_ca == str(ca)
+        assert stat.S_IMODE((data / "auth" / "tls" / "server-key.pem").stat().st_mode) == 0o600
+        admin = str(data / "auth" / "admin.creds")
+        with GatefleetClient(orchestrator.url, auth=ClientAuth(admin, str(ca))) as client:
+            assert client.status().status == "ok"
+        unchecked = GatefleetClient(orchestrator.url, auth=ClientAuth(admin))
+        with pytest.raises(Refused, match="TLS failed: CERTIFICATE_VERIFY_FAILED"):
+            unchecked.connect()
+        unchecked.close()
+        config = tmp_path / "gatefleet.toml"
+        config.write_text(f'[bus]\ndata_dir = "{data}"\nlisten = "0.0.0.0"\n')
+        found = run_cli("status", "--config", str(config), "--json")  # finds creds and CA
+        assert found.returncode == 0, found.stderr
+        wrong_ca = run_cli(
+            "status", "--nats", orchestrator.url, "--creds", admin, "--tls-ca", str(tmp_path)
+        )
+        assert wrong_ca.returncode == 2
+        assert f"TLS CA file {tmp_path}: cannot use it" in wrong_ca.stderr
+    finally:
+        orchestrator.stop()
+
+
+def test_a_tls_certificate_needs_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "gatefleet.toml"
+    config.write_text('[bus]\ntls_cert = "server.pem"\n')
+    with pytest.raises(ConfigError, match=r"bus\.tls_key: needed with \[bus\] tls_cert"):
+        load_settings(config)

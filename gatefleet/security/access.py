@@ -10,18 +10,35 @@ FILE`, else `[bus] tls_ca`, else the CA gatefleet generated under `data_dir`.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import ssl
 from pathlib import Path
 
 from bus.connection import ClientAuth
+from bus.server import ServerTls
 from gatefleet.config import split_host_port
 from gatefleet.security.authority import AUTH_DIR, Authority
 from gatefleet.security.jwt import CredsError, read_creds
+from gatefleet.security.tls import TLS_DIR, ensure_tls
 from schemas.settings import Settings
 
 CREDS_ENV = "GATEFLEET_CREDS"
 ADMIN_CREDS = "admin.creds"
-GENERATED_CA = "tls/ca.pem"  # under data_dir/auth: see gatefleet.security.tls
+GENERATED_CA = f"{TLS_DIR}/ca.pem"  # under data_dir/auth: see gatefleet.security.tls
+log = logging.getLogger(__name__)
+
+
+def server_tls(settings: Settings, data_dir: Path) -> ServerTls | None:
+    """The embedded server's TLS: `[bus] tls_cert`/`tls_key`; else, beyond loopback, a
+    certificate from a CA gatefleet makes (its path logged, for clients' --tls-ca)."""
+    bus = settings.bus
+    if bus.tls_cert:
+        return ServerTls(Path(bus.tls_cert), Path(bus.tls_key))
+    if is_loopback(bus.listen):
+        return None
+    cert, key, ca = ensure_tls(data_dir / AUTH_DIR, bus.listen)
+    log.info("TLS on: clients check the server with the CA %s (--tls-ca, [bus] tls_ca)", ca)
+    return ServerTls(cert, key)
 
 
 def own_auth(settings: Settings, data_dir: Path) -> ClientAuth:
