@@ -39,7 +39,7 @@ from gatefleet.client import GatefleetClient, GatefleetError, NotFound, Refused
 from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.security.access import exposure_problem
-from gatefleet.security.command import credentials
+from gatefleet.security.command import credentials, nats_config
 from gatefleet.security.jwt import CredsError
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.codec import decode
@@ -94,6 +94,11 @@ def main() -> None:
     help="Serve the HTTP API here (overrides [http] listen).",
 )
 @click.option(
+    "--http-token",
+    envvar="GATEFLEET_HTTP_TOKEN",
+    help="Bearer token of the HTTP API (overrides [http] token); or GATEFLEET_HTTP_TOKEN.",
+)
+@click.option(
     "--simulate",
     type=click.IntRange(min=0),
     default=0,
@@ -116,6 +121,7 @@ def up(
     config: str | None,
     nats: str | None,
     http_listen: str | None,
+    http_token: str | None,
     simulate: int,
     regions: str,
     log_level: str,
@@ -126,6 +132,10 @@ def up(
     )
     log = logging.getLogger("gatefleet")
     settings = settings_or_exit(config, nats)
+    if http_token:
+        settings = msgspec.structs.replace(
+            settings, http=msgspec.structs.replace(settings.http, token=http_token)
+        )
     if not settings.orchestrator.enabled:
         log.warning("orchestrator.enabled is false in the configuration: nothing to run")
         return
@@ -516,3 +526,4 @@ def distributions(
 
 main.add_command(audit)
 main.add_command(credentials)
+main.add_command(nats_config)

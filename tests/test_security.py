@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -22,19 +23,21 @@ import msgspec
 import nats
 import nats.errors
 import pytest
+from click.testing import CliRunner
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
+from bus.claims import push_account
 from bus.connection import AccessRefused, ClientAuth, close_connection, open_connection
 from bus.jetstream import stream_name
-from bus.server import EmbeddedServer
+from bus.server import EmbeddedServer, find_nats_server
 from gatefleet.app import Orchestrator
+from gatefleet.cli import main
 from gatefleet.client import GatefleetClient, Refused
 from gatefleet.config import ConfigError, load_settings
 from gatefleet.gateway import GatewayAgent
 from gatefleet.security.authority import Authority, AuthorityError
-from gatefleet.security.claims import push_account
 from gatefleet.security.jwt import CredsError, KeyPair, creds_text, encode_jwt, read_creds
 from gatefleet.security.permissions import Kind, read_only_endpoints
 from gatefleet.simulate import run_simulation
@@ -585,3 +588,79 @@ def test_a_tls_certificate_needs_its_key(tmp_path: Path) -> None:
     config.write_text('[bus]\ntls_cert = "server.pem"\n')
     with pytest.raises(ConfigError, match=r"bus\.tls_key: needed with \[bus\] tls_cert"):
         load_settings(config)
+
+
+# --- an external server set up with `gatefleet nats-config` -------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def external(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A nats-server configured as the README says: (its URL, the gatefleet config)."""
+    out, state = tmp_path / "nats", tmp_path / "state"
+    config = tmp_path / "gatefleet.toml"
+    config.write_text(f'[bus]\ndata_dir = "{state}"\n')
+    written = CliRunner().invoke(main, ["nats-config", "--config", str(config), "--out", str(out)])
+    assert written.exit_code == 0, written.output
+    port = free_port()
+    (out / "server.conf").write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f'jetstream {{\n  store_dir: "{tmp_path / "js"}"\n  sync_interval: always\n}}\n'
+        "include gatefleet-auth.conf\n"
+    )
+    process = subprocess.Popen(
+        [find_nats_server(), "-c", str(out / "server.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"nats://127.0.0.1:{port}"
+    config.write_text(
+        f'[bus]\nurl = "{url}"\ncreds = "{out / "gatefleet.creds"}"\ndata_dir = "{state}"\n'
+        'subject_prefix = "ext"\n[health]\nprobe_interval_ms = 0\n'
+    )
+    try:
+        yield url, config
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    def accepts() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(accepts, timeout, f"a server on port {port}")
+
+
+async def test_an_external_server_from_nats_config_takes_the_same_credentials_and_revocations(
+    external: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, config = external
+    await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]))
+    orchestrator = Orchestrator(load_settings(config))
+    await asyncio.to_thread(orchestrator.start)  # [bus] creds: the admin of nats-config
+    try:
+        creds = Authority(tmp_path / "state").issue("gateway", "edge-1", "ext")
+        agent = await GatewayAgent.connect(url, "edge-1", "r1", prefix="ext", creds=str(creds))
+        with GatefleetClient(url, prefix="ext", auth=orchestrator.client_auth) as client:
+            await asyncio.to_thread(
+                wait_until, lambda: client.status().gateways_managed == 1, 5, "edge-1 known"
+            )
+        revoke = ["credentials", "revoke", "edge-1", "--config", str(config)]
+        revoked = await asyncio.to_thread(CliRunner().invoke, main, revoke)
+        assert revoked.exit_code == 0, revoked.output
+        assert "closed their connections" in revoked.output
+        connection = agent.connection
+        assert connection is not None
+        await asyncio.to_thread(
+            wait_until, lambda: not connection.is_connected, 5, "the revoked gateway cut off"
+        )
+        await agent.crash()
+    finally:
+        await asyncio.to_thread(orchestrator.stop)

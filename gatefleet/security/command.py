@@ -14,13 +14,14 @@ from typing import Any, TypeVar
 
 import click
 
+from bus.claims import ClaimsRefused, push_account_blocking
 from bus.connection import AccessRefused, BusError
+from bus.server import ServerAuth
 from gatefleet.cli_common import EXIT_CONFIG, EXIT_USAGE, fail, settings_or_exit
 from gatefleet.config import discover_url, resolve_data_dir
 from gatefleet.security.access import system_auth
 from gatefleet.security.authority import Authority, AuthorityError
-from gatefleet.security.claims import ClaimsRefused, push_account_blocking
-from gatefleet.security.jwt import CredsError
+from gatefleet.security.jwt import CredsError, write_private
 from gatefleet.security.permissions import Kind
 from schemas.settings import Settings
 from schemas.types import GATEWAY_ID_RE
@@ -122,3 +123,58 @@ def revoke(name_or_id: str, nats: str | None, config: str | None) -> None:
         click.echo(f"no server answers at {url}: it refuses them when it starts")
         return
     click.echo(f"the server at {url} closed their connections and refuses them from now on")
+
+
+AUTH_CONF = "gatefleet-auth.conf"
+EXAMPLE_CONF = "nats-server.conf"
+
+
+@click.command("nats-config")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write into (made if missing).",
+)
+@_config_option
+def nats_config(out: Path, config: str | None) -> None:
+    """Write what an external nats-server needs to trust gatefleet's credentials.
+
+    OUT gets gatefleet-auth.conf (operator, system account, fleet account and a full
+    resolver in OUT/jwt: `include` it in the server's config), gatefleet.creds (for
+    [bus] creds), system.creds (pushes revocations) and nats-server.conf, a complete
+    example with JetStream that includes it. Keys stay under [bus] data_dir.
+    """
+    _, authority = _authority(config)
+    out = out.resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        resolver = out / "jwt"
+        resolver.mkdir(exist_ok=True)
+        for account, token in authority.account_jwts().items():
+            (resolver / f"{account}.jwt").write_text(token)
+        (out / "operator.jwt").write_text(authority.operator_jwt + "\n")
+        auth = ServerAuth(
+            operator_jwt=out / "operator.jwt",
+            system_account=authority.system_account,
+            resolver_dir=resolver,
+            jetstream_account=authority.fleet_account,
+            accounts=authority.account_jwts(),
+        )
+        (out / AUTH_CONF).write_text(auth.config())
+        (out / EXAMPLE_CONF).write_text(
+            "# An example nats-server configuration for gatefleet (adapt port and store).\n"
+            "port: 4222\n"
+            'jetstream {\n  store_dir: "/data"\n  sync_interval: always\n}\n'
+            f"include {AUTH_CONF}\n"
+        )
+        write_private(out / "gatefleet.creds", authority.admin_creds.read_text())
+        write_private(out / "system.creds", authority.system_creds.read_text())
+    except OSError as exc:
+        fail(f"cannot write into {out}: {exc.strerror or exc}", EXIT_CONFIG)
+    click.echo(str(out / AUTH_CONF))
+    click.echo(
+        f"include {AUTH_CONF} in the server's config (a path relative to that file), and "
+        f'give gatefleet [bus] creds = "{out / "gatefleet.creds"}"',
+        err=True,
+    )
