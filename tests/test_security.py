@@ -523,7 +523,8 @@ def test_up_with_auth_off_warns_once_and_refuses_a_public_listen(tmp_path: Path)
     try:
         wait_until((tmp_path / "nats.url").exists, timeout=20, what="gatefleet up")
         url = (tmp_path / "nats.url").read_text().strip()
-        assert run_cli("status", "--nats", url).returncode == 0  # open: no creds needed
+        # Open: no creds needed (the URL is written before the actors answer).
+        wait_until(lambda: run_cli("status", "--nats", url).returncode == 0, 20, "status")
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=15)
