@@ -489,4 +489,6 @@ def status_reply(
         shed=shed,
         probes=probes,
         health=health,
+        permission_violations=ctx.violations.counts(),
+        test_credentials=ctx.test_credentials(),
     )

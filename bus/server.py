@@ -25,18 +25,48 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Literal, NamedTuple
 
 log = logging.getLogger(__name__)
 
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 _NAME_RE = re.compile(rb"\[INF\]\s+Name:\s+(\S+)")
 _READY = b"Server is ready"
+# `"<account>/<account name>/jwt:<user>" - Publish Violation - Subject "<subject>"`
+_VIOLATION_RE = re.compile(
+    rb'"(?P<account>A[A-Z2-7]{55})/[^"]*?jwt:(?P<user>U[A-Z2-7]{55})" - '
+    rb'(?P<operation>Publish|Subscription) Violation - Subject "(?P<subject>[^"]*)"'
+)
 # The account of an open server: JetStream keeps each account's streams in its own folder.
 OPEN_ACCOUNT = "$G"
 
 
 class ServerError(RuntimeError):
     """The embedded server could not be found or did not become ready."""
+
+
+class Violation(NamedTuple):
+    """A permission violation the server logged: NATS tells no one else of it."""
+
+    account: str
+    user: str  # the user's public key
+    operation: Literal["publish", "subscribe"]
+    subject: str
+
+
+def parse_violation(line: bytes) -> Violation | None:
+    match = _VIOLATION_RE.search(line)
+    if match is None:
+        return None
+    operation: Literal["publish", "subscribe"] = (
+        "publish" if match["operation"] == b"Publish" else "subscribe"
+    )
+    return Violation(
+        match["account"].decode(),
+        match["user"].decode(),
+        operation,
+        match["subject"].decode(errors="replace"),
+    )
 
 
 @dataclass(frozen=True)
@@ -117,6 +147,9 @@ class EmbeddedServer:
         self.host = host
         self.auth = auth
         self.tls = tls
+        # Called (from the log reader's thread) with each permission violation logged;
+        # without it they are logged as warnings like any other error of the server.
+        self.on_violation: Callable[[Violation], object] | None = None
         self.url = ""
         self.server_name = ""
         # Called (from the log reader's thread) with the exit status when the server ends
@@ -180,7 +213,11 @@ class EmbeddedServer:
                 if _READY in line:
                     ready.set()
             elif b"[ERR]" in line or b"[FTL]" in line:
-                log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
+                violation = parse_violation(line) if self.on_violation else None
+                if violation is not None and self.on_violation is not None:
+                    self.on_violation(violation)
+                else:
+                    log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
         was_ready = ready.is_set()
         ready.set()  # the process ended: unblock start(), which sees no url
         if was_ready and self._process is process and self.on_exit is not None:

@@ -31,7 +31,7 @@ from actors.routes import GatewayRoutes
 from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
 from bus.connection import ClientAuth
-from bus.edge import Drops
+from bus.edge import Drops, Tally
 from bus.jetstream import JetStream
 from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
@@ -39,6 +39,7 @@ from bus.subjects import Subjects
 from gatefleet.config import URL_FILE, resolve_data_dir
 from gatefleet.security.access import own_auth, server_tls
 from gatefleet.security.authority import Authority
+from gatefleet.security.violations import ViolationWatch
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Orchestrator:
         self.data_dir = resolve_data_dir(settings, os.environ if env is None else env)
         self.subjects = Subjects(settings.bus.subject_prefix)
         self.drops = Drops()
+        self.violations = Tally()
         self.server: EmbeddedServer | None = None
         self.bus: Bus | None = None
         self.runtime: Runtime | None = None
@@ -119,7 +121,13 @@ class Orchestrator:
             emit=jetstream.emit,
             drops=self.drops,
             buckets=jetstream.buckets,
+            violations=self.violations,
+            test_credentials=self.authority.test_credentials if self.authority else list,
         )
+        if self.server is not None and self.authority is not None:
+            self.server.on_violation = ViolationWatch(
+                self.authority, jetstream.emit, self.violations
+            )
         # Each actor has finished on_start (loaded its state, subscribed) once it answers a
         # ping: started one after the other, so the order below is the order of their work.
         load_balancer = self._started(LoadBalancerActor.start(context))

@@ -295,6 +295,12 @@ def render_metrics(status: StatusReply) -> str:
             _by_label("cause", status.malformed_messages),
         ),
         _family(
+            "gatefleet_permission_violations_total",
+            "counter",
+            "Permission violations since start, by user (from the embedded server's log).",
+            _by_label("user", status.permission_violations),
+        ),
+        _family(
             "gatefleet_actor_restarts_total",
             "counter",
             "Actors restarted after a crash since start.",

@@ -126,6 +126,10 @@ class StatusReply(_Body, frozen=True):
     # Each part gatefleet needs -> "ok" or what is wrong: nats, jetstream, load_balancer,
     # distributor, supervisor (/healthz answers 503 naming those not ok).
     health: dict[str, str] = msgspec.field(default_factory=dict)
+    # Permission violations since start per user (`kind:name`), from the embedded
+    # server's log; and the test credentials (simulator) that may connect.
+    permission_violations: dict[str, int] = msgspec.field(default_factory=dict)
+    test_credentials: list[str] = msgspec.field(default_factory=list)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -320,6 +320,21 @@ class OrchestratorStarted(_Event, frozen=True, tag="orchestrator.started"):
     ha_enabled: bool
 
 
+# Security ---------------------------------------------------------------------------------
+
+
+class SecurityViolation(_Event, frozen=True, tag="security.violation"):
+    """A credential tried what its permissions refuse (read from the embedded server's
+    log). At most one event per user every few seconds: `count` is the violations by
+    this user since its previous event, this one included."""
+
+    user: str  # `kind:name` of a credential gatefleet issued, else the user's public key
+    operation: Literal["publish", "subscribe"]
+    subject: str
+    count: int = 1
+    gateway_id: str | None = None  # the gateway of a gateway credential
+
+
 Event = (
     OrchestratorStarted
     | GatewayRegistered
@@ -337,6 +352,7 @@ Event = (
     | Failback
     | Alarm
     | Reconciliation
+    | SecurityViolation
 )
 
 

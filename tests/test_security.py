@@ -37,12 +37,14 @@ from gatefleet.cli import main
 from gatefleet.client import GatefleetClient, Refused
 from gatefleet.config import ConfigError, load_settings
 from gatefleet.gateway import GatewayAgent
+from gatefleet.http import HttpApi
 from gatefleet.security.authority import Authority, AuthorityError
 from gatefleet.security.jwt import CredsError, KeyPair, creds_text, encode_jwt, read_creds
 from gatefleet.security.permissions import Kind, read_only_endpoints
 from gatefleet.simulate import run_simulation
 from schemas.settings import Settings
 from tests.conftest import wait_until
+from tests.test_http import Http
 
 PREFIX = "sec"
 WAIT = 5.0
@@ -665,3 +667,56 @@ async def test_an_external_server_from_nats_config_takes_the_same_credentials_an
         await agent.crash()
     finally:
         await asyncio.to_thread(orchestrator.stop)
+
+
+# --- violations made visible ----------------------------------------------------------------
+
+
+async def test_violations_are_counted_per_user_and_reported_once_in_a_while(
+    secured: Orchestrator,
+) -> None:
+    assert secured.authority is not None
+    events: asyncio.Queue[Msg] = asyncio.Queue()
+    admin = await Conn().connect(secured.url, secured.authority.admin_creds)
+    gw = await Conn().connect(secured.url, secured.authority.issue("gateway", "edge-1", PREFIX))
+    try:
+        await admin.nc.subscribe(f"{PREFIX}.events.security.violation", cb=events.put)
+        await admin.nc.flush()
+        for _ in range(3):
+            await gw.nc.publish(f"{PREFIX}.gw.edge-2.heartbeat", b"{}")
+            await gw.violation(f"{PREFIX}.gw.edge-2.heartbeat")
+        event = json.loads((await asyncio.wait_for(events.get(), WAIT)).data)
+        assert (event["user"], event["gateway_id"], event["count"]) == (
+            "gateway:edge-1",
+            "edge-1",
+            1,
+        )
+        assert (event["operation"], event["subject"]) == (
+            "publish",
+            f"{PREFIX}.gw.edge-2.heartbeat",
+        )
+        secured.authority.issue("simulator", "lab", PREFIX)
+        with GatefleetClient(secured.url, prefix=PREFIX, auth=secured.client_auth) as client:
+
+            def counted() -> dict[str, int]:
+                return client.status().permission_violations
+
+            await asyncio.to_thread(
+                wait_until, lambda: counted() == {"gateway:edge-1": 3}, 5, "3 counted", counted
+            )
+            assert client.status().test_credentials == ["simulator:lab"]
+        api = HttpApi(access_log=False)
+        address = await asyncio.to_thread(
+            api.start, secured.url, PREFIX, "127.0.0.1", 0, "", auth=secured.client_auth
+        )
+        try:
+            metrics = await asyncio.to_thread(Http(address).get, "/metrics")
+        finally:
+            await asyncio.to_thread(api.stop)
+        line = 'gatefleet_permission_violations_total{user="gateway:edge-1"} 3'
+        assert line in metrics.body.decode()
+        await asyncio.sleep(0.2)
+        assert events.empty()  # rate-limited: one event for the three
+    finally:
+        await close_connection(gw.nc)
+        await close_connection(admin.nc)

@@ -37,6 +37,7 @@ from schemas.events import (
     QueuedStep,
     Reconciliation,
     ResumedStep,
+    SecurityViolation,
 )
 
 EPOCH = datetime.fromtimestamp(0, UTC)
@@ -88,6 +89,11 @@ def summary(event: Event) -> tuple[str, str]:
             versions = f"reports v{event.reported_version}, desired v{event.desired_version}"
             dist = event.distribution_id or "no distribution"
             return gw, f"{event.config_type} {versions} -> {dist}: {event.reason}"
+        case SecurityViolation():
+            times = f" ({event.count} since the last report)" if event.count > 1 else ""
+            return event.gateway_id or "", (
+                f"{event.user} may not {event.operation} {event.subject}{times}"
+            )
     return "", ""  # pragma: no cover - the match is exhaustive
 
 

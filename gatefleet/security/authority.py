@@ -172,6 +172,11 @@ class Authority:
     def users(self) -> list[IssuedUser]:
         return self._read_users()
 
+    def test_credentials(self) -> list[str]:
+        """`simulator:NAME` of each simulator credential issued and not revoked."""
+        live = {u.name for u in self._read_users() if u.kind == "simulator" and not u.revoked_at}
+        return [f"simulator:{name}" for name in sorted(live)]
+
     def user_named(self, public_key: str) -> str:
         """`kind:name` of an issued user, `gatefleet` for the admin, else the key itself."""
         if public_key == self._admin_key():
