@@ -32,4 +32,8 @@ class Context:
     # Work shed under overload, per kind: "requests" answered unavailable at once,
     # "heartbeats" coalesced away (newest wins).
     shed: Tally = field(default_factory=Tally)
+    # Permission violations per user, read from the embedded server's log (issue 14).
+    violations: Tally = field(default_factory=Tally)
+    # The test credentials (simulator) issued and not revoked, for `status`.
+    test_credentials: Callable[[], list[str]] = field(default=list)
     clock: Callable[[], float] = field(default=time.monotonic)

@@ -82,7 +82,7 @@ class Runtime:
         workers = Pool("distribution-actors", workers=DISTRIBUTION_WORKERS)
         gateways.start()
         workers.start()
-        api_bus = Bus(bus.url, name=f"{bus.name}-api")
+        api_bus = Bus(bus.url, name=f"{bus.name}-api", auth=bus.auth)
         api_bus.start()
         service = MicroService(subjects)
         service.start(api_bus)

@@ -491,4 +491,6 @@ def status_reply(
         probes=probes,
         events_lost=ctx.events_lost(),
         health=health,
+        permission_violations=ctx.violations.counts(),
+        test_credentials=ctx.test_credentials(),
     )

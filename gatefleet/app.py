@@ -30,13 +30,17 @@ from actors.messages import ReportTo
 from actors.routes import GatewayRoutes
 from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
-from bus.edge import Drops
+from bus.connection import ClientAuth
+from bus.edge import Drops, Tally
 from bus.jetstream import JetStream
 from bus.outbox import EventOutbox, unclean_stop_gap
 from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
 from gatefleet.config import URL_FILE, resolve_data_dir
+from gatefleet.security.access import own_auth, server_tls
+from gatefleet.security.authority import Authority
+from gatefleet.security.violations import ViolationWatch
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,12 +69,17 @@ class Orchestrator:
         self.data_dir = resolve_data_dir(settings, os.environ if env is None else env)
         self.subjects = Subjects(settings.bus.subject_prefix)
         self.drops = Drops()
+        self.violations = Tally()
         self.server: EmbeddedServer | None = None
         self.bus: Bus | None = None
         self.runtime: Runtime | None = None
         self.events: EventOutbox | None = None
         self._actors: list[pykka.ActorRef[Any]] = []
         self.url = settings.bus.url
+        # The keys and credentials of the embedded server when it runs with auth.
+        self.authority: Authority | None = None
+        # What gatefleet's own connections (this bus, the HTTP API's) prove who they are with.
+        self.client_auth = ClientAuth()
 
     def start(self) -> str:
         """Starts everything; on any failure stops what did start and re-raises."""
@@ -83,8 +92,15 @@ class Orchestrator:
 
     def _start(self) -> None:
         if not self.url:
+            if self.settings.bus.auth:
+                self.authority = Authority(self.data_dir)
             self.server = EmbeddedServer(
-                self.data_dir, port=self.settings.bus.port, on_exit=self._server_died
+                self.data_dir,
+                port=self.settings.bus.port,
+                host=self.settings.bus.listen,
+                auth=self.authority.server_auth() if self.authority else None,
+                tls=server_tls(self.settings, self.data_dir),
+                on_exit=self._server_died,
             )
             watchdog = threading.Thread(
                 target=self._watch_server, name="gatefleet-server-watchdog", daemon=True
@@ -92,7 +108,8 @@ class Orchestrator:
             watchdog.start()
             self.url = self.server.start()
             (self.data_dir / URL_FILE).write_text(self.url + "\n")
-        self.bus = Bus(self.url)
+        self.client_auth = own_auth(self.settings, self.data_dir)
+        self.bus = Bus(self.url, auth=self.client_auth)
         self.bus.start()
         jetstream = JetStream(self.bus, self.subjects)
         audit = self.settings.audit
@@ -116,7 +133,11 @@ class Orchestrator:
             events_lost=lambda: events.lost,
             drops=self.drops,
             buckets=jetstream.buckets,
+            violations=self.violations,
+            test_credentials=self.authority.test_credentials if self.authority else list,
         )
+        if self.server is not None and self.authority is not None:
+            self.server.on_violation = ViolationWatch(self.authority, events.emit, self.violations)
         # Each actor has finished on_start (loaded its state, subscribed) once it answers a
         # ping: started one after the other, so the order below is the order of their work.
         load_balancer = self._started(LoadBalancerActor.start(context))

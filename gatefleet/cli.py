@@ -21,22 +21,27 @@ from typing import IO, Any, TypeVar, get_args
 import click
 import msgspec
 
-from bus.connection import BusError
+from bus.connection import AccessRefused, BusError, ClientAuth
 from bus.server import ServerError
 from gatefleet import output
 from gatefleet.app import Orchestrator
 from gatefleet.audit import audit
 from gatefleet.cli_common import (
+    EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_USAGE,
+    client_auth,
     client_options,
     fail,
     settings_or_exit,
 )
-from gatefleet.client import GatefleetClient, GatefleetError, NotFound
+from gatefleet.client import GatefleetClient, GatefleetError, NotFound, Refused
 from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.schema_cli import schema
+from gatefleet.security.access import exposure_problem
+from gatefleet.security.command import credentials, nats_config
+from gatefleet.security.jwt import CredsError
 from gatefleet.simulate import Faults, run_simulation_blocking
 from schemas.codec import decode
 from schemas.settings import Settings
@@ -60,12 +65,15 @@ def connected(
     logging.basicConfig(level=logging.ERROR)
     settings = settings_or_exit(config, nats)
     url = discover_url(settings, os.environ)
-    client = GatefleetClient(url, prefix=settings.bus.subject_prefix)
+    auth = client_auth(settings)
+    client = GatefleetClient(url, prefix=settings.bus.subject_prefix, auth=auth)
     try:
         client.connect()
         yield client, ClientContext(settings, url, as_json)
     except NotFound as exc:
         fail(f"not found: {exc}")
+    except Refused as exc:
+        fail(str(exc), EXIT_CONFIG)
     except GatefleetError as exc:
         fail(f"{exc.code}: {exc}")
     finally:
@@ -85,6 +93,11 @@ def main() -> None:
     "http_listen",
     metavar="HOST:PORT",
     help="Serve the HTTP API here (overrides [http] listen).",
+)
+@click.option(
+    "--http-token",
+    envvar="GATEFLEET_HTTP_TOKEN",
+    help="Bearer token of the HTTP API (overrides [http] token); or GATEFLEET_HTTP_TOKEN.",
 )
 @click.option(
     "--simulate",
@@ -109,6 +122,7 @@ def up(
     config: str | None,
     nats: str | None,
     http_listen: str | None,
+    http_token: str | None,
     simulate: int,
     regions: str,
     log_level: str,
@@ -119,6 +133,10 @@ def up(
     )
     log = logging.getLogger("gatefleet")
     settings = settings_or_exit(config, nats)
+    if http_token:
+        settings = msgspec.structs.replace(
+            settings, http=msgspec.structs.replace(settings.http, token=http_token)
+        )
     if not settings.orchestrator.enabled:
         log.warning("orchestrator.enabled is false in the configuration: nothing to run")
         return
@@ -131,10 +149,16 @@ def up(
         fatal.append(why)
         stop.set()
 
+    if problem := exposure_problem(settings, http_listen):
+        fail(problem, EXIT_CONFIG)
+    if not settings.bus.url and not settings.bus.auth:
+        log.warning("[bus] auth = false: anyone who can reach the NATS port can do anything")
     orchestrator = Orchestrator(settings, on_fatal=give_up)
     started = time.monotonic()
     try:
         url = orchestrator.start()
+    except (CredsError, AccessRefused) as exc:
+        fail(str(exc), EXIT_CONFIG)
     except (BusError, ServerError, OSError) as exc:
         fail(f"cannot start: {exc}")
     embedded = "embedded nats-server" if orchestrator.server else "external NATS"
@@ -146,7 +170,11 @@ def up(
         settings.bus.subject_prefix,
     )
     http_api = _start_http(http_listen or settings.http.listen, url, settings, orchestrator)
-    simulation = _start_simulation(url, simulate, regions, settings, stop) if simulate else None
+    simulation = (
+        _start_simulation(url, simulate, regions, settings, orchestrator, stop)
+        if simulate
+        else None
+    )
     try:
         stop.wait()
     finally:
@@ -173,7 +201,15 @@ def _start_http(
         fail(f"--http: {exc}", EXIT_USAGE)
     http_api = HttpApi(per_gateway_metrics_max=settings.http.per_gateway_metrics_max)
     try:
-        http_api.start(url, settings.bus.subject_prefix, host, port, settings.http.token)
+        http_api.start(
+            url,
+            settings.bus.subject_prefix,
+            host,
+            port,
+            settings.http.token,
+            read_only_token=settings.http.read_only_token,
+            auth=orchestrator.client_auth,
+        )
     except (BusError, OSError) as exc:
         orchestrator.stop()
         fail(f"cannot serve HTTP on {listen}: {exc}")
@@ -181,9 +217,20 @@ def _start_http(
 
 
 def _start_simulation(
-    url: str, count: int, regions: str, settings: Settings, stop: threading.Event
+    url: str,
+    count: int,
+    regions: str,
+    settings: Settings,
+    orchestrator: Orchestrator,
+    stop: threading.Event,
 ) -> threading.Thread:
-    """Simulated gateways on their own thread and loop; they say goodbye when `stop` is set."""
+    """Simulated gateways on their own thread and loop; they say goodbye when `stop` is set.
+    On the embedded server with auth, they connect with a simulator credential."""
+    auth = orchestrator.client_auth
+    if orchestrator.authority is not None:
+        prefix = settings.bus.subject_prefix
+        creds = orchestrator.authority.local_creds("simulator", f"simulate-{prefix}", prefix)
+        auth = ClientAuth(creds=str(creds), tls_ca=auth.tls_ca)
 
     def run() -> None:
         try:
@@ -194,6 +241,7 @@ def _start_simulation(
                 stop=stop,
                 prefix=settings.bus.subject_prefix,
                 interval_s=settings.health.heartbeat_interval_ms / 1000,
+                auth=auth,
             )
         except BusError as exc:
             logging.getLogger("gatefleet").error("simulation stopped: %s", exc)  # noqa: TRY400 - expected, no traceback
@@ -374,6 +422,7 @@ def simulate(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = settings_or_exit(config, nats)
     url = discover_url(settings, os.environ)
+    auth = client_auth(settings, simulator=True)
     faults = Faults(
         stop_beating=stop_rate,
         crash=crash_rate,
@@ -396,7 +445,10 @@ def simulate(
             faults=faults,
             duration_s=duration,
             backup_every=backup_every,
+            auth=auth,
         )
+    except AccessRefused as exc:
+        fail(str(exc), EXIT_CONFIG)
     except BusError as exc:
         fail(str(exc))
     output.show_simulation(summary, as_json=as_json)
@@ -479,3 +531,5 @@ def distributions(
 
 main.add_command(audit)
 main.add_command(schema)
+main.add_command(credentials)
+main.add_command(nats_config)

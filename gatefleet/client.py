@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.connection import BusError
+from bus.connection import AccessRefused, BusError, ClientAuth
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas import endpoints as api
@@ -74,6 +74,10 @@ class Unavailable(GatefleetError):
     code = "unavailable"
 
 
+class Refused(Unavailable):
+    """The server refused this client's credentials, or TLS failed."""
+
+
 class InternalError(GatefleetError):
     code = "internal"
 
@@ -84,14 +88,24 @@ _BY_CODE: dict[str, type[GatefleetError]] = {
 
 
 class GatefleetClient:
-    def __init__(self, url: str, *, prefix: str = "gatefleet", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "gatefleet",
+        timeout: float = 5.0,
+        auth: ClientAuth | None = None,
+    ) -> None:
+        """`auth`: the .creds file and TLS CA to connect with (none: an open bus)."""
         self.subjects = Subjects(prefix)
         self.timeout = timeout
-        self._bus = Bus(url, name="gatefleet-client", use_uvloop=False)
+        self._bus = Bus(url, name="gatefleet-client", use_uvloop=False, auth=auth)
 
     def connect(self) -> None:
         try:
             self._bus.start(connect_timeout=self.timeout)
+        except AccessRefused as exc:
+            raise Refused(str(exc)) from exc
         except BusError as exc:
             raise Unavailable(str(exc)) from exc
 

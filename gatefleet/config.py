@@ -224,7 +224,8 @@ def _reason(message: str, value: Any, tp: Any) -> str:
 
 def _check_semantics(settings: Settings) -> None:
     """What the types cannot say: unique gateway ids, no self-backup, a HOST:PORT listen,
-    and a RegionAware whose inner strategy is not RegionAware again.
+    a RegionAware whose inner strategy is not RegionAware again, and a TLS certificate
+    with its key.
 
     A `backup_for` naming a gateway not in the file is fine: the primary may only ever
     register by heartbeat."""
@@ -244,6 +245,10 @@ def _check_semantics(settings: Settings) -> None:
             ["load_balancing", "region_inner_strategy"],
             "RegionAware cannot be its own inner strategy; choose one of the other four",
         )
+    if bool(settings.bus.tls_cert) != bool(settings.bus.tls_key):
+        given = "tls_cert" if settings.bus.tls_cert else "tls_key"
+        missing = "tls_key" if settings.bus.tls_cert else "tls_cert"
+        raise _KeyPathError(["bus", missing], f"needed with [bus] {given}")
     if settings.http.listen:
         try:
             split_host_port(settings.http.listen)

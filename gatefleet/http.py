@@ -40,6 +40,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from bus.connection import ClientAuth
 from bus.edge import MAX_REQUEST_BYTES, error_body
 from bus.runtime import Bus
 from bus.subjects import Subjects
@@ -83,14 +84,25 @@ class HttpApi:
         self._bus: Bus | None = None
         self._runner: web.AppRunner | None = None
 
-    def start(self, url: str, prefix: str, host: str, port: int, token: str) -> tuple[str, int]:
-        """Connects to NATS at `url` and serves on `host:port` (0: a free port).
+    def start(
+        self,
+        url: str,
+        prefix: str,
+        host: str,
+        port: int,
+        token: str,
+        *,
+        read_only_token: str = "",
+        auth: ClientAuth | None = None,
+    ) -> tuple[str, int]:
+        """Connects to NATS at `url` (with `auth`'s credentials) and serves on `host:port`
+        (0: a free port).
 
         Returns the bound (host, port). Raises BusError if NATS is unreachable, OSError
         if the address cannot be bound; either way nothing is left running."""
         if self._bus is not None:
             raise RuntimeError("the HTTP API is already running")
-        bus = Bus(url, name="gatefleet-http")
+        bus = Bus(url, name="gatefleet-http", auth=auth)
         bus.start()
         try:
             app = make_app(
@@ -99,6 +111,7 @@ class HttpApi:
                 token=token,
                 timeout=self.timeout,
                 per_gateway_metrics_max=self.per_gateway_metrics_max,
+                read_only_token=read_only_token,
             )
             self._runner = bus.run(self._serve(app, host, port), timeout=30)
         except BaseException:
@@ -143,11 +156,13 @@ def make_app(
     token: str,
     timeout: float,
     per_gateway_metrics_max: int = DEFAULT_PER_GATEWAY_METRICS_MAX,
+    read_only_token: str = "",
 ) -> web.Application:
     """The aiohttp application; its handlers must run on `bus`'s loop."""
     api = _Api(bus, subjects, timeout, per_gateway_metrics_max)
     app = web.Application(
-        middlewares=[_error_bodies, _bearer_auth(token)], client_max_size=MAX_REQUEST_BYTES
+        middlewares=[_error_bodies, _bearer_auth(token, read_only_token)],
+        client_max_size=MAX_REQUEST_BYTES,
     )
     for endpoint in ENDPOINTS:
         if endpoint.http is not None:
@@ -286,20 +301,31 @@ def _error(
     return response
 
 
-def _bearer_auth(token: str) -> Middleware:
-    """A middleware refusing calls without `Authorization: Bearer <token>` (none if no token)."""
-    expected = token.encode()
+# What a read-only token may call besides GET: the POST routes that change nothing.
+_READ_ONLY_POSTS = frozenset(
+    HTTP_PREFIX + e.http[1] for e in ENDPOINTS if e.http and e.http[0] == "POST" and not e.writes
+)
+
+
+def _bearer_auth(token: str, read_only_token: str = "") -> Middleware:
+    """A middleware refusing calls without `Authorization: Bearer <token>` (none if neither
+    token is set); `read_only_token` may call GET routes and select-gateway only."""
+    tokens = [(token.encode(), False)] if token else []
+    tokens += [(read_only_token.encode(), True)] if read_only_token else []
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path != HEALTH_PATH:
+        if tokens and request.path != HEALTH_PATH:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                given.strip().encode(), expected
-            )
-            if not ok:
+            given_bytes = given.strip().encode()
+            # Every token compared, in constant time: which one matched is not timed.
+            matches = [ro for t, ro in tokens if hmac.compare_digest(given_bytes, t)]
+            if scheme.lower() != "bearer" or not matches:
                 challenge = {"WWW-Authenticate": 'Bearer realm="gatefleet"'}
                 return _error(401, "bad_request", "missing or wrong bearer token", challenge)
+            reads = request.method in ("GET", "HEAD") or request.path in _READ_ONLY_POSTS
+            if all(matches) and not reads:
+                return _error(403, "bad_request", "this token may only read and select")
         return await handler(request)
 
     return check

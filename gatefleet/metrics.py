@@ -100,6 +100,13 @@ class _Scrape(Collector):
             "cause",
             status.malformed_messages,
         )
+        yield _labelled(
+            CounterMetricFamily,
+            "gatefleet_permission_violations",
+            "Permission violations since start, by user (from the embedded server's log).",
+            "user",
+            status.permission_violations,
+        )
         yield _counter(
             "gatefleet_actor_restarts",
             "Actors restarted after a crash since start.",

@@ -76,6 +76,8 @@ def show_status(reply: StatusReply, *, as_json: bool) -> None:
     ]
     rows += [(f"shed: {kind}", n) for kind, n in sorted(reply.shed.items()) if n]
     rows += [(f"dropped: {cause}", n) for cause, n in sorted(reply.malformed_messages.items())]
+    rows += [(f"violations: {user}", n) for user, n in sorted(reply.permission_violations.items())]
+    rows += [(f"test credential: {name}", "may connect") for name in reply.test_credentials]
     console.print(key_value_table("gatefleet", rows))
 
 

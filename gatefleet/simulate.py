@@ -60,7 +60,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.connection import CONNECT_ERRORS, close_connection
+from bus.connection import CONNECT_ERRORS, ClientAuth, close_connection
 from bus.subjects import check_gateway_id
 from gatefleet.gateway import Metrics, connect
 from schemas.codec import DecodeError, decoder
@@ -562,8 +562,11 @@ async def run_simulation(
     stop_event: asyncio.Event | None = None,
     backup_every: int = 5,
     ready: asyncio.Event | None = None,
+    auth: ClientAuth | None = None,
 ) -> SimulationSummary:
     """Runs the fleet until `stop_event` is set or `duration_s` passes, then says goodbye.
+
+    `auth`: the credentials (a simulator credential: every gateway's permissions) and CA.
 
     `ready` is set once the fleet answers pings and config pushes, just before the first beat.
 
@@ -578,7 +581,8 @@ async def run_simulation(
     cpu_started = time.thread_time()
     started = time.monotonic()
     # Subjects are built from checked ids only, so nats-py need not re-check each publish.
-    nc = await connect(url, name="gatefleet-simulator", skip_subject_validation=True)
+    options = (auth or ClientAuth()).options()
+    nc = await connect(url, name="gatefleet-simulator", skip_subject_validation=True, **options)
     try:
         fleet = _Fleet(
             nc,
@@ -661,6 +665,7 @@ def run_simulation_blocking(
     duration_s: float | None = None,
     backup_every: int = 5,
     use_uvloop: bool = True,
+    auth: ClientAuth | None = None,
 ) -> SimulationSummary:
     """`run_simulation` on a fresh event loop in this thread, until `stop` is set.
 
@@ -687,6 +692,7 @@ def run_simulation_blocking(
                 duration_s=duration_s,
                 stop_event=stop_event,
                 backup_every=backup_every,
+                auth=auth,
             )
         finally:
             watcher.cancel()

@@ -146,6 +146,10 @@ class StatusReply(_Body, frozen=True):
     # Events the audit stream could not store since start (each reported in the stream
     # by an `audit.gap` event).
     events_lost: Count = 0
+    # Permission violations since start per user (`kind:name`), from the embedded
+    # server's log; and the test credentials (simulator) that may connect.
+    permission_violations: dict[str, int] = msgspec.field(default_factory=dict)
+    test_credentials: list[str] = msgspec.field(default_factory=list)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):

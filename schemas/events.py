@@ -354,6 +354,21 @@ class AuditGap(_Event, frozen=True, tag="audit.gap"):
     reason: str
 
 
+# Security ---------------------------------------------------------------------------------
+
+
+class SecurityViolation(_Event, frozen=True, tag="security.violation"):
+    """A credential tried what its permissions refuse (read from the embedded server's
+    log). At most one event per user every few seconds: `count` is the violations by
+    this user since its previous event, this one included."""
+
+    user: str  # `kind:name` of a credential gatefleet issued, else the user's public key
+    operation: Literal["publish", "subscribe"]
+    subject: str
+    count: int = 1
+    gateway_id: str | None = None  # the gateway of a gateway credential
+
+
 Event = (
     OrchestratorStarted
     | OrchestratorStopped
@@ -373,6 +388,7 @@ Event = (
     | Failback
     | Alarm
     | Reconciliation
+    | SecurityViolation
 )
 
 

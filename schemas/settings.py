@@ -58,6 +58,16 @@ class BusSettings(_Section, frozen=True):
     subject_prefix: SubjectPrefix = "gatefleet"
     # JetStream store of the embedded server. Empty: $XDG_STATE_HOME/gatefleet.
     data_dir: str = ""
+    # The embedded server runs with NATS decentralized auth (operator, accounts, users).
+    auth: bool = True
+    # Host of the embedded server; anything but loopback needs auth (and gets TLS).
+    listen: str = "127.0.0.1"
+    # A .creds file for gatefleet's own connection to an external server (`url`).
+    creds: str = ""
+    # TLS of the embedded server (certificate and key, PEM); the CA clients check it with.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 class HealthWeights(_Section, frozen=True):
@@ -139,6 +149,8 @@ class HttpSettings(_Section, frozen=True):
     token: str = ""
     # /metrics shows each gateway's heartbeat age only for fleets up to this size.
     per_gateway_metrics_max: Annotated[int, Meta(ge=0, le=100_000)] = 1000
+    # When set, this token may call the GET endpoints and select-gateway only.
+    read_only_token: str = ""
 
 
 class GatewayEntry(_Section, frozen=True):

@@ -579,7 +579,7 @@ def test_events_survive_an_orchestrator_restart_on_the_embedded_server(
     )
     settings = load_settings(config)
     first = start_orchestrator(settings)
-    with GatefleetClient(first.url) as client:
+    with GatefleetClient(first.url, auth=first.client_auth) as client:
         client.update_load_balancing_config("LatencyBased", 80.0)
 
     def replay() -> list[Event]:

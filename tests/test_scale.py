@@ -21,6 +21,7 @@ import pytest
 
 import actors.base
 import actors.strategies
+from bus.connection import ClientAuth
 from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
@@ -217,7 +218,8 @@ def test_sigint_with_thousands_of_gateways_stops_cleanly_within_10s(tmp_path: Pa
     try:
         url_file = tmp_path / "data" / "nats.url"
         wait_until(url_file.exists, timeout=20, what="gatefleet up")
-        with GatefleetClient(url_file.read_text().strip(), timeout=5) as client:
+        admin = ClientAuth(creds=str(tmp_path / "data" / "auth" / "admin.creds"))
+        with GatefleetClient(url_file.read_text().strip(), timeout=5, auth=admin) as client:
 
             def managed() -> int:
                 try:

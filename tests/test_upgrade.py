@@ -51,7 +51,7 @@ def start_on(fixture: Path, tmp_path: Path) -> Iterator[tuple[Orchestrator, Bus]
     )
     orchestrator = Orchestrator(settings)
     orchestrator.start()
-    bus = Bus(orchestrator.url)
+    bus = Bus(orchestrator.url, auth=orchestrator.client_auth)
     bus.start()
     try:
         yield orchestrator, bus
@@ -84,7 +84,7 @@ def test_a_store_written_by_0_1_0_starts_resumes_and_keeps_counting(
     agents = [GatewayAgent(bus.nc, gw, "r1", interval_s=0.1) for gw in ("gw-a", "gw-b")]
     for agent in agents:
         bus.run(agent.start())
-    with GatefleetClient(orchestrator.url) as client:
+    with GatefleetClient(orchestrator.url, auth=orchestrator.client_auth) as client:
         # The settings stored by 0.1.0 are in force.
         in_force = client.get_load_balancing_config()
         assert (in_force.strategy, in_force.health_threshold) == ("LeastConnections", 60.0)
@@ -139,7 +139,7 @@ def test_a_store_of_layout_2_is_split_into_chunks_and_everything_goes_on(
     for agent in agents:
         bus.run(agent.start())
     a, b = agents
-    with GatefleetClient(orchestrator.url) as client:
+    with GatefleetClient(orchestrator.url, auth=orchestrator.client_auth) as client:
         in_force = client.get_load_balancing_config()
         assert (in_force.strategy, in_force.health_threshold) == ("LatencyBased", 55.0)
         listed = client.list_distributions().distributions

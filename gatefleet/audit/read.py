@@ -15,11 +15,11 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bus.connection import BusError
+from bus.connection import AccessRefused, BusError
 from bus.jetstream import stream_name
 from bus.runtime import Bus
 from gatefleet.audit.stream import Replay, StoredEvent
-from gatefleet.cli_common import fail
+from gatefleet.cli_common import EXIT_CONFIG, client_auth, fail
 from gatefleet.config import discover_url
 from schemas.codec import DecodeError
 from schemas.events import Event, decode_event
@@ -29,9 +29,12 @@ from schemas.settings import Settings
 @contextmanager
 def connected_bus(settings: Settings) -> Iterator[Bus]:
     logging.basicConfig(level=logging.ERROR)  # reconnect chatter is not for a client
-    bus = Bus(discover_url(settings, os.environ), name="gatefleet-audit")
+    auth = client_auth(settings)
+    bus = Bus(discover_url(settings, os.environ), name="gatefleet-audit", auth=auth)
     try:
         bus.start(connect_timeout=5)
+    except AccessRefused as exc:
+        fail(str(exc), EXIT_CONFIG)
     except BusError as exc:
         fail(str(exc))
     try:

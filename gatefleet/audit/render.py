@@ -39,6 +39,7 @@ from schemas.events import (
     QueuedStep,
     Reconciliation,
     ResumedStep,
+    SecurityViolation,
 )
 
 EPOCH = datetime.fromtimestamp(0, UTC)
@@ -103,6 +104,11 @@ def summary(event: Event) -> tuple[str, str]:
         case OrchestratorStopped():
             lost = f", {event.events_lost} events lost in this run" if event.events_lost else ""
             return "", f"stopped cleanly{lost}"
+        case SecurityViolation():
+            times = f" ({event.count} since the last report)" if event.count > 1 else ""
+            return event.gateway_id or "", (
+                f"{event.user} may not {event.operation} {event.subject}{times}"
+            )
     return "", ""  # pragma: no cover - the match is exhaustive
 
 

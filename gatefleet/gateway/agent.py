@@ -10,7 +10,8 @@ can share one nats-py connection (the simulator runs thousands that way):
     ...
     await agent.stop()            # goodbye; the shared connection stays open
 
-or let the agent own its connection: `agent = await GatewayAgent.connect(url, ...)`.
+or let the agent own its connection: `agent = await GatewayAgent.connect(url, ...)`,
+with `creds="gw.creds"` on a bus with auth (see `gatefleet credentials gateway`).
 
 Config pushes are idempotent on (distribution_id, version): the result of the first
 application is remembered and sent again for a repeat, without calling `on_config`.
@@ -37,7 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.connection import CONNECT_ERRORS, close_connection, open_connection
+from bus.connection import CONNECT_ERRORS, ClientAuth, close_connection, open_connection
 from bus.subjects import Subjects, check_gateway_id
 from schemas.codec import DecodeError, decode, encode
 from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
@@ -109,8 +110,13 @@ class GatewayAgent:
         on_config: ConfigHandler | None = None,
         config_versions: Mapping[str, int] | None = None,
         received_limit: int = 1000,
+        creds: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
-        """`nc` is a shared connection (left open by stop) or a URL (owned, closed by stop)."""
+        """`nc` is a shared connection (left open by stop) or a URL (owned, closed by stop).
+
+        An owned connection proves who it is with `creds`, the gateway's NATS `.creds`
+        file (`gatefleet credentials gateway ID`), and checks the server with `tls_ca`."""
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
         if not 1 <= len(region) <= 64:
@@ -134,6 +140,7 @@ class GatewayAgent:
         self.silent_config = False
 
         self._url = nc if isinstance(nc, str) else None
+        self._auth = ClientAuth(creds=creds or "", tls_ca=tls_ca or "")
         self._nc = None if isinstance(nc, str) else nc
         self._subjects = Subjects(prefix)
         self._seq = 0
@@ -184,7 +191,9 @@ class GatewayAgent:
             return
         if self._nc is None:
             assert self._url is not None
-            self._nc = await connect(self._url, name=f"gatefleet-agent-{self.gateway_id}")
+            self._nc = await connect(
+                self._url, name=f"gatefleet-agent-{self.gateway_id}", **self._auth.options()
+            )
         nc = self._nc
         self._subs = [
             await nc.subscribe(self._subjects.ping(self.gateway_id), cb=self._on_ping),
