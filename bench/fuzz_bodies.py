@@ -180,6 +180,13 @@ json_values = st.recursive(
 wrong_types = st.one_of(
     st.none(), st.booleans(), texts, st.lists(scalars, max_size=3), st.just(Obj(()))
 )
+# Wrong types for a string field and for a boolean one.
+non_strings = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.lists(scalars, max_size=3), st.just(Obj(()))
+)
+non_booleans = st.one_of(
+    st.none(), texts, st.integers(), st.lists(scalars, max_size=3), st.just(Obj(()))
+)
 token_chars = st.characters(
     blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), blacklist_characters=".*> \t\r\n"
 )
@@ -280,7 +287,7 @@ def text_field(low: int, high: int) -> Values:
 def id_field() -> Values:
     return values(
         [(3, _ok(st.sampled_from(POOL))), (1, _ok(valid_ids))],
-        [(2, _bad(invalid_ids)), (1, _bad(wrong_types | invalid_utf8))],
+        [(2, _bad(invalid_ids)), (1, _bad(non_strings | invalid_utf8))],
     )
 
 
@@ -290,7 +297,7 @@ def literal_field(choices: Sequence[str]) -> Values:
         [
             (1, _bad(st.sampled_from([v.upper() for v in choices] + [v + " " for v in choices]))),
             (1, _bad(texts.filter(lambda s: s not in choices))),
-            (1, _bad(wrong_types)),
+            (1, _bad(non_strings)),
         ],
     )
 
@@ -469,7 +476,7 @@ ACK_FIELDS: Final = (
         required=True,
     ),
     _id_answer("gateway_id"),
-    Field("ok", only(_ok(st.booleans()), _bad(wrong_types | st.integers(0, 1))), required=True),
+    Field("ok", only(_ok(st.booleans()), _bad(non_booleans)), required=True),
     Field(
         "version",
         only(
@@ -512,7 +519,7 @@ config_types = values(
     [(2, _ok(st.sampled_from(["FzRoute", "FzAcl", "Fz_Tls"]))), (1, _ok(config_type_names))],
     [
         (1, _bad(st.sampled_from(["", "a.b", "a-b", "ü", "x" * 65, "Route "]))),
-        (1, _bad(wrong_types)),
+        (1, _bad(non_strings)),
     ],
 )
 config_data = values(
@@ -583,13 +590,13 @@ REQUEST_FIELDS: Final[dict[str, tuple[Field, ...]]] = {
             "distribution_id",
             only(
                 _ok(st.from_regex(r"dist-[A-Za-z0-9-]{1,64}", fullmatch=True)),
-                _bad(st.sampled_from(["", "dist-", "dist-a.b", "x" * 70]) | wrong_types),
+                _bad(st.sampled_from(["", "dist-", "dist-a.b", "x" * 70]) | non_strings),
             ),
             required=True,
         ),
     ),
     "distributions.list": (
-        Field("include_completed", only(_ok(st.booleans()), _bad(wrong_types | st.integers()))),
+        Field("include_completed", only(_ok(st.booleans()), _bad(non_booleans))),
         Field("limit", limits["distributions"]),
         Field("cursor", cursors),
         Field(
