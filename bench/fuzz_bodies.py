@@ -33,6 +33,7 @@ import hypothesis
 import msgspec
 from hypothesis import strategies as st
 
+from schemas.api import MAX_TARGETS
 from schemas.endpoints import ENDPOINTS
 from schemas.types import MAX_COUNT, STRATEGIES
 
@@ -550,9 +551,12 @@ target_lists = nullable(
         [
             (4, _ok(st.lists(st.sampled_from(POOL), min_size=1, max_size=4))),
             (1, _ok(st.lists(valid_ids, max_size=3))),
+            # A long list of gateways nobody knows.
+            (1, _ok(st.just([f"fz-unknown-{n}" for n in range(1000)]))),
         ],
         [
             (1, _bad(st.lists(st.sampled_from(["", "a.b", "x" * 65]), min_size=1, max_size=2))),
+            (1, _bad(st.just([f"g{n}" for n in range(MAX_TARGETS + 1)]))),
             (1, _bad(st.booleans() | texts | st.just(Obj(())))),
         ],
     )
