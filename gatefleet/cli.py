@@ -7,6 +7,7 @@ a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ from gatefleet.cli_common import (
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound
 from gatefleet.config import discover_url, split_host_port
 from gatefleet.http import HttpApi
-from gatefleet.simulate import Faults, run_simulation_blocking
+from gatefleet.simulate import Faults, PushRecord, Recorder, run_simulation_blocking
 from schemas.codec import decode
 from schemas.settings import Settings
 from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
@@ -330,6 +331,11 @@ def strategy(
     type=click.FloatRange(min=0),
     help="Stopped and crashed gateways come back this many seconds later.",
 )
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False),
+    help="Append every config push answered to this file, one JSON object a line.",
+)
 @client_options
 def simulate(
     count: int,
@@ -346,6 +352,7 @@ def simulate(
     silent_rate: float,
     fault_after: float,
     recover_after: float | None,
+    record: str | None,
     config: str | None,
     nats: str | None,
     as_json: bool,
@@ -364,22 +371,35 @@ def simulate(
         after_s=fault_after,
         recover_after_s=recover_after,
     )
-    try:
-        summary = run_simulation_blocking(
-            url,
-            count,
-            _regions(regions),
-            stop=threading.Event(),
-            prefix=settings.bus.subject_prefix,
-            interval_s=interval,
-            seed=seed,
-            faults=faults,
-            duration_s=duration,
-            backup_every=backup_every,
-        )
-    except BusError as exc:
-        fail(str(exc))
+    with contextlib.ExitStack() as stack:
+        recorder = _recorder(stack.enter_context(open(record, "ab"))) if record else None
+        try:
+            summary = run_simulation_blocking(
+                url,
+                count,
+                _regions(regions),
+                stop=threading.Event(),
+                prefix=settings.bus.subject_prefix,
+                interval_s=interval,
+                seed=seed,
+                faults=faults,
+                duration_s=duration,
+                backup_every=backup_every,
+                record=recorder,
+            )
+        except BusError as exc:
+            fail(str(exc))
     output.show_simulation(summary, as_json=as_json)
+
+
+def _recorder(out: IO[bytes]) -> Recorder:
+    """Writes each record as a line of JSON, flushed (a killed run keeps what it wrote)."""
+
+    def record(push: PushRecord) -> None:
+        out.write(msgspec.json.encode(push) + b"\n")
+        out.flush()
+
+    return record
 
 
 @main.command()
