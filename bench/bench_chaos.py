@@ -111,6 +111,7 @@ class ChaosReport:
     false_downs: int
     pushes_answered: int
     events_read: int
+    records_read: int
     elapsed_s: float
     notes: list[str] = field(default_factory=list)
 
@@ -444,6 +445,7 @@ class Chaos:
             missing_by_distribution=dict(Counter(dist_id for dist_id, _ in missing)),
             false_downs=false_downs,
             pushes_answered=len(pushes),
+            records_read=len(records),
             events_read=len(events),
             elapsed_s=time.monotonic() - started,
             notes=self.notes,
@@ -518,6 +520,9 @@ def print_report(report: ChaosReport, out: Callable[[str], object] = print) -> N
         f"distributions completed: {report.completed} of {len(report.distributions)} "
         f"({dict(statuses)})"
     )
+    if report.stuck_at_end:
+        at_end = dict(Counter(report.stuck_at_end.values()))
+        out(f"  stuck ones, at the end of the run (a restart resumes them): {at_end}")
     out(
         f"gateways applying a version twice: {report.applied_twice} "
         f"({report.applied_twice_unacked} without an ack before); "
@@ -525,7 +530,8 @@ def print_report(report: ChaosReport, out: Callable[[str], object] = print) -> N
     )
     out(
         f"acked events missing from the stream: {report.missing_count} "
-        f"(of {report.events_read} events read): {report.missing_after('server')} of the "
+        f"(of {report.events_read} events and {report.records_read} final records read): "
+        f"{report.missing_after('server')} of the "
         f"distributions the server was killed during, {report.missing_after('orchestrator')} "
         f"of the one the orchestrator was killed during"
     )
