@@ -170,8 +170,6 @@ class GatewayActor(SafeActor):
         previous_versions = tracker.config_versions
         outcome = tracker.on_heartbeats(batch, self.ctx.clock(), datetime.now(UTC))
         for rejection in outcome.rejected:
-            if rejection.duplicate:
-                continue  # the same message seen twice around registration: not a replay
             subject = self.ctx.subjects.heartbeat(self.gateway_id)
             self.ctx.drops.drop(rejection.reason, subject, f"seq {rejection.seq}")
         if not outcome.accepted:

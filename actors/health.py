@@ -139,9 +139,6 @@ class Rejection:
 
     reason: HeartbeatReason
     seq: int
-    # The same seq as the last accepted one: the same message delivered twice (around a
-    # gateway's registration it can come both through discovery and its own subscription).
-    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +300,7 @@ class HealthTracker:
                 second_of_run = self._ignored_seq is not None and hb.seq > self._ignored_seq
                 if not (silent or second_of_run):
                     self._ignored_seq = hb.seq
-                    rejected.append(Rejection("replay", hb.seq, duplicate=hb.seq == last_seq))
+                    rejected.append(Rejection("replay", hb.seq))
                     continue
                 restarts += 1
             self._ignored_seq = None

@@ -54,7 +54,7 @@ from bus.connection import BusError
 from bus.runtime import SUBSCRIPTION_PENDING_BYTES, SUBSCRIPTION_PENDING_MSGS, Bus
 from bus.subjects import Subjects
 from bus.timers import TimerHandle, TimerWheel
-from schemas.codec import DecodeError, decoder
+from schemas.codec import DecodeError, decode
 from schemas.wire import Pong
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...: the most evenly spreading phase ste
 # Commands applied per step, in order: enrolling 10,000 gateways at once takes a few steps
 # instead of one long one that would show as loop lag.
 COMMANDS_PER_STEP = 500
-
-_pong_decoder = decoder(Pong)
 
 
 class ProbeStats(NamedTuple):
@@ -374,7 +372,7 @@ class Prober:
                 self._deliver(probe, None, f"status {status}")
             return
         try:
-            pong = _pong_decoder.decode(msg.data)
+            pong = decode(msg.data, Pong)  # every bad body is a DecodeError, however deep
         except DecodeError as exc:
             self.bad_answers += 1
             self._deliver(probe, None, f"bad pong: {exc}")

@@ -7,6 +7,7 @@ a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -42,7 +43,7 @@ from gatefleet.schema_cli import schema
 from gatefleet.security.access import exposure_problem
 from gatefleet.security.command import credentials, nats_config
 from gatefleet.security.jwt import CredsError
-from gatefleet.simulate import Faults, run_simulation_blocking
+from gatefleet.simulate import Faults, PushRecord, Recorder, run_simulation_blocking
 from schemas.codec import decode
 from schemas.settings import Settings
 from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
@@ -398,6 +399,11 @@ def maintenance(
     type=click.FloatRange(min=0),
     help="Stopped and crashed gateways come back this many seconds later.",
 )
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False),
+    help="Append every config push answered to this file, one JSON object a line.",
+)
 @client_options
 def simulate(
     count: int,
@@ -414,6 +420,7 @@ def simulate(
     silent_rate: float,
     fault_after: float,
     recover_after: float | None,
+    record: str | None,
     config: str | None,
     nats: str | None,
     as_json: bool,
@@ -433,25 +440,38 @@ def simulate(
         after_s=fault_after,
         recover_after_s=recover_after,
     )
-    try:
-        summary = run_simulation_blocking(
-            url,
-            count,
-            _regions(regions),
-            stop=threading.Event(),
-            prefix=settings.bus.subject_prefix,
-            interval_s=interval,
-            seed=seed,
-            faults=faults,
-            duration_s=duration,
-            backup_every=backup_every,
-            auth=auth,
-        )
-    except AccessRefused as exc:
-        fail(str(exc), EXIT_CONFIG)
-    except BusError as exc:
-        fail(str(exc))
+    with contextlib.ExitStack() as stack:
+        recorder = _recorder(stack.enter_context(open(record, "ab"))) if record else None
+        try:
+            summary = run_simulation_blocking(
+                url,
+                count,
+                _regions(regions),
+                stop=threading.Event(),
+                prefix=settings.bus.subject_prefix,
+                interval_s=interval,
+                seed=seed,
+                faults=faults,
+                duration_s=duration,
+                backup_every=backup_every,
+                auth=auth,
+                record=recorder,
+            )
+        except AccessRefused as exc:
+            fail(str(exc), EXIT_CONFIG)
+        except BusError as exc:
+            fail(str(exc))
     output.show_simulation(summary, as_json=as_json)
+
+
+def _recorder(out: IO[bytes]) -> Recorder:
+    """Writes each record as a line of JSON, flushed (a killed run keeps what it wrote)."""
+
+    def record(push: PushRecord) -> None:
+        out.write(msgspec.json.encode(push) + b"\n")
+        out.flush()
+
+    return record
 
 
 @main.command()

@@ -24,7 +24,9 @@ for every simulated gateway; it does not use `gatefleet.gateway.agent.GatewayAge
 
 Config pushes are acked per protocol and are idempotent on (distribution_id, version):
 a repeat is acked again without being applied again. Applied versions show in the
-gateway's next heartbeats.
+gateway's next heartbeats. With `record`, every push answered is reported as a
+`PushRecord` (applied or not, acked or nacked, the answer sent or not), e.g. to a file
+(`gatefleet simulate --record FILE`) for a chaos run to check what each gateway applied.
 
 Faults (`Faults`) pick an exact, seeded share of the gateways for each kind:
 `stop_beating` (heartbeats stop after `after_s`, still connected and answering),
@@ -122,6 +124,22 @@ class GatewayPlan:
     role: Role
     backup_for: str | None
     max_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class PushRecord:
+    """A config push a simulated gateway answered."""
+
+    gateway_id: str
+    distribution_id: str
+    config_type: str
+    version: int
+    applied: bool  # the first push of its (distribution_id, version) to this gateway
+    ok: bool  # acked (False: nacked)
+    sent: bool  # the answer went out (False: the connection was down, or it crashed)
+
+
+Recorder = Callable[[PushRecord], None]
 
 
 @dataclass
@@ -320,8 +338,10 @@ class _Fleet:
         seed: int,
         faults: Faults,
         chosen: dict[str, list[str]],
+        record: Recorder | None = None,
     ) -> None:
         self.nc = nc
+        self.record = record
         self.prefix = prefix
         self.interval_s = interval_s
         self.faults = faults
@@ -438,20 +458,45 @@ class _Fleet:
         self.config_pushes += 1
         if gw.silent or not msg.reply:
             return
-        ack = _ack_body(gw, push)
+        ack, applied = _ack_body(gw, push)
         if gw.slow and self.faults.slow_ack_s > 0:
             task = asyncio.get_running_loop().create_task(
-                self._ack_later(gw, gw.generation, msg.reply, ack)
+                self._ack_later(gw, gw.generation, msg.reply, ack, (push, applied))
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         else:
-            await self._publish(msg.reply, ack)
+            self._recorded(gw, push, applied, await self._publish(msg.reply, ack))
 
-    async def _ack_later(self, gw: _Gateway, generation: int, reply: str, ack: bytes) -> None:
-        await asyncio.sleep(self.faults.slow_ack_s)
-        if not gw.crashed and gw.generation == generation:
-            await self._publish(reply, ack)
+    async def _ack_later(
+        self,
+        gw: _Gateway,
+        generation: int,
+        reply: str,
+        ack: bytes,
+        pushed: tuple[ConfigPush, bool],
+    ) -> None:
+        sent = False
+        try:
+            await asyncio.sleep(self.faults.slow_ack_s)
+            if not gw.crashed and gw.generation == generation:
+                sent = await self._publish(reply, ack)
+        finally:
+            self._recorded(gw, *pushed, sent)
+
+    def _recorded(self, gw: _Gateway, push: ConfigPush, applied: bool, sent: bool) -> None:
+        if self.record is not None:
+            self.record(
+                PushRecord(
+                    gateway_id=gw.gateway_id,
+                    distribution_id=push.distribution_id,
+                    config_type=push.config_type,
+                    version=push.version,
+                    applied=applied,
+                    ok=not gw.fail_acks,
+                    sent=sent,
+                )
+            )
 
     # Faults -------------------------------------------------------------------------------
 
@@ -524,8 +569,10 @@ class _Fleet:
                 await self._publish(f"{prefix}.gw.{gid}.goodbye", gw.id_body)
 
 
-def _ack_body(gw: _Gateway, push: ConfigPush) -> bytes:
-    """Applies `push` (once per distribution and version) and returns the ConfigAck."""
+def _ack_body(gw: _Gateway, push: ConfigPush) -> tuple[bytes, bool]:
+    """Applies `push` (once per distribution and version): the ConfigAck, and whether
+    this push applied it."""
+    applied = False
     if gw.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
         ok, error = False, _FAIL_ERROR
     else:
@@ -534,11 +581,11 @@ def _ack_body(gw: _Gateway, push: ConfigPush) -> bytes:
         if gw.results is None:
             gw.results = {}
         if key not in gw.results:
-            gw.results[key] = True
+            gw.results[key] = applied = True
             if push.version > gw.config_versions.get(push.config_type, 0):
                 gw.config_versions[push.config_type] = push.version
                 gw.versions_json = msgspec.json.encode(gw.config_versions)
-    return msgspec.json.encode(
+    ack = msgspec.json.encode(
         ConfigAck(
             distribution_id=push.distribution_id,
             gateway_id=gw.gateway_id,
@@ -547,6 +594,7 @@ def _ack_body(gw: _Gateway, push: ConfigPush) -> bytes:
             error=error,
         )
     )
+    return ack, applied
 
 
 async def run_simulation(
@@ -563,6 +611,7 @@ async def run_simulation(
     backup_every: int = 5,
     ready: asyncio.Event | None = None,
     auth: ClientAuth | None = None,
+    record: Recorder | None = None,
 ) -> SimulationSummary:
     """Runs the fleet until `stop_event` is set or `duration_s` passes, then says goodbye.
 
@@ -592,6 +641,7 @@ async def run_simulation(
             seed=seed,
             faults=faults,
             chosen=chosen,
+            record=record,
         )
         await nc.subscribe(f"{prefix}.gw.*.ping", cb=fleet.on_ping)
         await nc.subscribe(f"{prefix}.gw.*.config", cb=fleet.on_config)
@@ -666,6 +716,7 @@ def run_simulation_blocking(
     backup_every: int = 5,
     use_uvloop: bool = True,
     auth: ClientAuth | None = None,
+    record: Recorder | None = None,
 ) -> SimulationSummary:
     """`run_simulation` on a fresh event loop in this thread, until `stop` is set.
 
@@ -693,6 +744,7 @@ def run_simulation_blocking(
                 stop_event=stop_event,
                 backup_every=backup_every,
                 auth=auth,
+                record=record,
             )
         finally:
             watcher.cancel()

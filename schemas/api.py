@@ -180,12 +180,16 @@ class SelectReply(_Body, frozen=True, gc=False):
 
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+# Gateways a distribute may name: a whole fleet at the scale gatefleet is built for. An
+# unbounded list (60,000 ids fit in one request) made a spec too large to store.
+MAX_TARGETS: Final = 20_000
+Targets = Annotated[list[GatewayId], Meta(max_length=MAX_TARGETS)]
 
 
 class DistributeRequest(_Body, frozen=True):
     config_type: ConfigType
     config_data: dict[str, Any]
-    target_gateways: list[GatewayId] | None = None
+    target_gateways: Targets | None = None
     # Addition: the same request_id within 24 h answers the same distribution and starts
     # nothing new, so a client may retry a distribute whose answer it did not get.
     request_id: RequestId | None = None

@@ -217,6 +217,22 @@ def test_spoofed_and_replayed_heartbeats_are_rejected(
     assert fleet.gateways()["edge-1"].last_seq != 10_000
 
 
+def test_a_heartbeat_sent_twice_is_counted_as_a_replay(
+    gatefleet: Orchestrator, fleet: Fleet, prefix: str
+) -> None:
+    """Found by the fuzz: the second of two heartbeats with the same seq was dropped
+    without being counted anywhere."""
+    body = heartbeat_body("edge-1", 5)
+    fleet.publish_raw(f"{prefix}.gw.edge-1.heartbeat", body)
+    fleet.publish_raw(f"{prefix}.gw.edge-1.heartbeat", body)
+    wait_until(
+        lambda: fleet.status().malformed_messages == {"replay": 1},
+        what="one replay counted",
+        show=lambda: fleet.status().malformed_messages,
+    )
+    assert fleet.gateways()["edge-1"].heartbeats == 1
+
+
 def test_restarted_gateway_is_recognised(
     gatefleet: Orchestrator, fleet: Fleet, event_log: EventLog
 ) -> None:

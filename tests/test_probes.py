@@ -64,7 +64,8 @@ class Results:
 class Responder:
     """Gateways on another connection: one wildcard subscription answering pings.
 
-    `silent-*` never answers, `bad-json` answers garbage, `liar` names someone else."""
+    `silent-*` never answers, `bad-json` answers garbage, `too-deep` JSON nested past any
+    decoder, `not-utf8` bytes that are not UTF-8, `liar` names someone else."""
 
     def __init__(self, server: EmbeddedServer, prefix: str) -> None:
         self.bus = Bus(server.url, name="responder")
@@ -81,6 +82,10 @@ class Responder:
             return
         if gateway_id == "bad-json":
             self.bus.publish(msg.reply, b"not json")
+        elif gateway_id == "too-deep":
+            self.bus.publish(msg.reply, b'{"x":' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+        elif gateway_id == "not-utf8":
+            self.bus.publish(msg.reply, b'{"gateway_id": "\xff"}')
         elif gateway_id == "liar":
             self.bus.publish(msg.reply, Pong(gateway_id="someone-else"))
         else:
@@ -188,6 +193,25 @@ def test_bad_pongs_are_failures_with_a_reason(
     assert reason.startswith("bad pong: ")
     assert results.wait_for("liar", 1)[0] == (None, "pong from someone-else")
     assert prober.stats().bad_answers >= 2
+
+
+def test_pongs_too_deep_or_not_utf8_are_bad_answers_and_probing_goes_on(
+    make_prober: ProberFactory, responder: Responder
+) -> None:
+    """Found by the fuzz: such a pong raised out of the reply callback, uncounted, and the
+    gateway's probe stayed in flight forever (every later round skipped)."""
+    prober = make_prober(interval_s=0.1, timeout_s=0.1)
+    results = Results()
+    for gateway_id in ("too-deep", "not-utf8"):
+        prober.enroll(gateway_id, results.callback(gateway_id))
+    for gateway_id in ("too-deep", "not-utf8"):
+        outcomes = results.wait_for(gateway_id, 3)
+        assert all(
+            rtt is None and (reason or "").startswith("bad pong: ") for rtt, reason in outcomes
+        )
+    stats = prober.stats()
+    assert stats.bad_answers >= 6
+    assert stats.skipped == 0
 
 
 @pytest.mark.slow

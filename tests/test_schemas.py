@@ -7,7 +7,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from schemas.api import DistributeRequest, LoadBalancingUpdate, SelectRequest, StatusReply
+from schemas.api import (
+    MAX_TARGETS,
+    DistributeRequest,
+    LoadBalancingUpdate,
+    SelectRequest,
+    StatusReply,
+)
 from schemas.codec import decode, encode
 from schemas.events import GatewayStatusChanged, decode_event
 from schemas.wire import ConfigAck, ConfigPush, Heartbeat, Pong, Redirect
@@ -116,6 +122,18 @@ def test_config_type_must_be_a_name(config_type: str) -> None:
         decode(
             msgspec.json.encode({"config_type": config_type, "config_data": {}}), DistributeRequest
         )
+
+
+def test_target_gateways_are_at_most_20000() -> None:
+    def request(count: int) -> bytes:
+        targets = [f"gw-{n}" for n in range(count)]
+        return msgspec.json.encode(
+            {"config_type": "R", "config_data": {}, "target_gateways": targets}
+        )
+
+    assert len(decode(request(MAX_TARGETS), DistributeRequest).target_gateways or []) == 20_000
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.target_gateways"):
+        decode(request(MAX_TARGETS + 1), DistributeRequest)
 
 
 def test_config_data_must_be_an_object() -> None:

@@ -26,6 +26,7 @@ from gatefleet.simulate import (
     Faults,
     GatewayPlan,
     MetricsWalk,
+    PushRecord,
     SimulationSummary,
     assign_faults,
     plan_gateways,
@@ -202,7 +203,7 @@ def test_spliced_heartbeat_bytes_are_a_valid_heartbeat() -> None:
         labels={"simulated": "true"},
     )
     push_body = ConfigPush(distribution_id="dist-a", config_type="Route", version=3, config_data={})
-    simulate._ack_body(gw, push_body)
+    assert simulate._ack_body(gw, push_body)[1]  # applied
     ts = simulate._rfc3339(time.time())
     second = decode(gw.heartbeat(ts), Heartbeat)
     assert (second.seq, second.config_versions) == (2, {"Route": 3})
@@ -288,7 +289,10 @@ async def test_config_push_acked_applied_once_and_reported_in_heartbeats(
     nats_server: EmbeddedServer, nc: Client, subjects: Subjects
 ) -> None:
     beats = await watch(nc, subjects.all_heartbeats)
-    async with Running(nats_server.url, 2, ["r1"], prefix=subjects.prefix) as sim:
+    records: list[PushRecord] = []
+    async with Running(
+        nats_server.url, 2, ["r1"], prefix=subjects.prefix, record=records.append
+    ) as sim:
         ack = await push(nc, subjects, "sim-r1-1", 7, distribution_id="dist-a")
         assert ack == ConfigAck(distribution_id="dist-a", gateway_id="sim-r1-1", ok=True, version=7)
         # A repeat (even with another body) is acked again and not applied again.
@@ -302,6 +306,12 @@ async def test_config_push_acked_applied_once_and_reported_in_heartbeats(
         assert (await beats.next_beat("sim-r1-2")).config_versions == {}
         summary = await sim.finish()
     assert summary.config_pushes == 3
+    # Each push answered is recorded: applied only the first time per distribution.
+    assert [(r.distribution_id, r.version, r.applied, r.ok, r.sent) for r in records] == [
+        ("dist-a", 7, True, True, True),
+        ("dist-a", 7, False, True, True),
+        ("dist-b", 3, True, True, True),
+    ]
 
 
 async def test_fail_silent_and_slow_acks(
