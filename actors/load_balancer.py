@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-from actors.base import SafeActor
+from actors.base import SafeActor, safe_tell
 from actors.context import Context
 from actors.failover import choose_replacement
 from actors.messages import (
@@ -45,7 +47,6 @@ from actors.pool import Pool
 from actors.slow_start import SlowStart
 from actors.strategies import Selection, SelectorState, select, shortlist
 from bus.edge import reply_error
-from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
     GatewaysRequest,
@@ -114,6 +115,11 @@ def selection_event(
 
 
 class LoadBalancerActor(SafeActor):
+    # On the API lane's loop: requests arrive there and replies leave from there, so a
+    # selection costs no thread hop. It must never block: its blocking start-up runs in
+    # __init__ (the starting thread), its settings are stored without waiting.
+    dispatch = "api"
+
     def __init__(self, context: Context) -> None:
         super().__init__(context.runtime.dispatcher(self.dispatch, "load-balancer"))
         self.ctx = context
@@ -132,9 +138,22 @@ class LoadBalancerActor(SafeActor):
         self.slow_start = SlowStart(context.settings.load_balancing.slow_start_s)
         self.sticky: OrderedDict[str, str] = OrderedDict()
         self.supervisor: pykka.ActorRef[Any] | None = None
-        self._subscriptions: list[SubscriptionHandle] = []
+        # The settings asked for last (in force, or being stored), and how many are.
+        self._requested = self.config
+        self._storing = 0
+        self._load_settings()
+        # First of this run's events (the load balancer starts first): what is in force now.
+        self.ctx.emit(
+            OrchestratorStarted(
+                strategy=self.config.strategy,
+                threshold=self.config.health_threshold,
+                ha_enabled=self.ctx.settings.orchestrator.ha_enabled,
+            )
+        )
+        # Requests wait in the inbox until the actor has started.
+        self._subscriptions = self.serve("load_balancer", self.ctx)
 
-    def on_start(self) -> None:
+    def _load_settings(self) -> None:
         try:
             stored = self.ctx.buckets["settings"].get(SETTINGS_KEY, LoadBalancingConfig)
         except DecodeError as exc:
@@ -146,22 +165,13 @@ class LoadBalancerActor(SafeActor):
             self.ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
             stored = None
         if stored is not None:
-            self.config = stored
+            self.config = self._requested = stored
             self.pool.set_threshold(stored.health_threshold)
             log.info(
                 "load balancing from store: %s, threshold %.1f",
                 stored.strategy,
                 stored.health_threshold,
             )
-        # First of this run's events (the load balancer starts first): what is in force now.
-        self.ctx.emit(
-            OrchestratorStarted(
-                strategy=self.config.strategy,
-                threshold=self.config.health_threshold,
-                ha_enabled=self.ctx.settings.orchestrator.ha_enabled,
-            )
-        )
-        self._subscriptions = self.serve("load_balancer", self.ctx)
 
     def on_stop(self) -> None:
         for subscription in self._subscriptions:
@@ -185,6 +195,8 @@ class LoadBalancerActor(SafeActor):
                 endpoint=api.LOAD_BALANCING_SET, body=LoadBalancingUpdate() as update, reply=reply
             ):
                 self._set(update, reply)
+            case _SettingsStored():
+                self._stored(message)
             case Request(endpoint=api.GATEWAYS, body=GatewaysRequest() as request, reply=reply):
                 try:
                     page = gateways_page(self.pool.gateways.values(), request)
@@ -275,15 +287,39 @@ class LoadBalancerActor(SafeActor):
             self.sticky.popitem(last=False)  # forget the least recently seen client
 
     def _set(self, update: LoadBalancingUpdate, reply: str) -> None:
-        old = self.config
+        """Stores the new settings without waiting; they are in force (and the reply
+        sent) once stored (`_stored`). Settings asked for meanwhile build on these."""
+        old = self._requested
         new = LoadBalancingConfig(
             strategy=update.strategy or old.strategy,
             health_threshold=(
                 old.health_threshold if update.health_threshold is None else update.health_threshold
             ),
         )
+        if new == old and not self._storing:
+            self.replies.publish(reply, new)
+            return
+        self._requested = new
+        self._storing += 1
+        ref = self.actor_ref
+        written = self.ctx.buckets["settings"].put_soon(SETTINGS_KEY, new)
+        written.add_done_callback(
+            lambda done: safe_tell(ref, _SettingsStored(new, reply, done.exception()))
+        )
+
+    def _stored(self, stored: _SettingsStored) -> None:
+        self._storing -= 1
+        if stored.error is not None:
+            error_id = f"err-{uuid.uuid4().hex[:12]}"
+            log.error(
+                "load-balancing settings not stored (error id %s): %r", error_id, stored.error
+            )
+            if not self._storing:
+                self._requested = self.config
+            reply_error(self.replies, stored.reply, "internal", f"internal error, id {error_id}")
+            return
+        old, new = self.config, stored.config
         if new != old:
-            self.ctx.buckets["settings"].put(SETTINGS_KEY, new)
             self.config = new
             self.pool.set_threshold(new.health_threshold)
             self.ctx.emit(
@@ -296,4 +332,13 @@ class LoadBalancerActor(SafeActor):
             )
             if self.supervisor is not None:
                 self.supervisor.tell(LoadBalancingInForce(config=new))
-        self.replies.publish(reply, new)
+        self.replies.publish(stored.reply, new)
+
+
+@dataclass(frozen=True, slots=True)
+class _SettingsStored:
+    """A settings write ended (told by the write's own callback): `error` None if stored."""
+
+    config: LoadBalancingConfig
+    reply: str
+    error: BaseException | None
