@@ -19,6 +19,7 @@ from schemas.events import Alarm, GatewayStatusChanged, LoadBalancingChanged
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet, MutableMetrics
+from tests.selections import recorded
 
 
 def load(cpu: float, connections: int, latency: float) -> MutableMetrics:
@@ -289,5 +290,6 @@ def test_selection_reply_links_to_its_audit_event(
 ) -> None:
     reply = fleet.call("select-gateway", SelectRequest(region="us-west"), SelectReply)
     assert reply.selection_id is not None
-    event = event_log.wait_for(lambda e: e.id == reply.selection_id)
-    assert event.type == "lb.selected"
+    batch, record = recorded(event_log, reply.selection_id)
+    assert batch.type == "lb.selections"
+    assert (record.region, record.gateway_id) == ("us-west", reply.gateway_id)
