@@ -346,15 +346,19 @@ class OwnThread(Pool):
 
 
 class OnLoop(Dispatcher):
-    """Runs actors on an asyncio loop. Scheduled from the loop thread: `call_soon`; from
-    other threads: one `call_soon_threadsafe` per burst (the drain's own token). Actors on
-    it must never block: they stall the loop and everything on it."""
+    """Runs actors on an asyncio loop. Scheduled from the loop thread: at once, in the
+    caller's callback (a request handler's tell is handled before the handler returns,
+    so its reply leaves in the same pass of the loop), or with `call_soon` from inside
+    a drain (no nesting); from other threads: one `call_soon_threadsafe` per burst (the
+    drain's own token). Actors on it must never block: they stall the loop and
+    everything on it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str = "loop", throughput: int = 32):
         super().__init__(name, throughput)
         self.loop = loop
         self._drain_token: list[None] = [_TOKEN]
         self._loop_thread = 0  # learnt on the first drain
+        self._draining = False
 
     def _wake(self) -> None:
         try:
@@ -363,7 +367,10 @@ class OnLoop(Dispatcher):
             return  # a drain is already due: it will take this entry
         self.wakeups += 1
         if threading.get_ident() == self._loop_thread:
-            self.loop.call_soon(self._drain)
+            if self._draining:
+                self.loop.call_soon(self._drain)
+            else:
+                self._drain()
             return
         try:
             self.loop.call_soon_threadsafe(self._drain)
@@ -378,20 +385,24 @@ class OnLoop(Dispatcher):
             self._abandon_ready()
             return
         ready, budget = self._ready, self.throughput
-        for _ in range(len(ready)):  # the loop gets its turn between drains
-            try:
-                inbox, _ = ready.popleft()
-            except IndexError:
-                break
-            try:
-                again = inbox.run(budget)
-            except Exception:
-                log.exception("%s: a turn of %s failed", self.name, inbox.actor)
-                again = False
-            if again:
-                ready.append((inbox, time.monotonic()))
-        if ready:
-            self._wake()
+        self._draining = True
+        try:
+            for _ in range(len(ready)):  # the loop gets its turn between drains
+                try:
+                    inbox, _ = ready.popleft()
+                except IndexError:
+                    break
+                try:
+                    again = inbox.run(budget)
+                except Exception:
+                    log.exception("%s: a turn of %s failed", self.name, inbox.actor)
+                    again = False
+                if again:
+                    ready.append((inbox, time.monotonic()))
+            if ready:
+                self._wake()
+        finally:
+            self._draining = False
 
     def stop(self, timeout: float = 5.0) -> None:
         """From any thread (the loop is not ours: nothing to join; `timeout` unused). A

@@ -223,17 +223,18 @@ class Members:
         capacity = g.max_connections if g.max_connections else self.reference
         return load + picks / capacity
 
-    def picked(self, gateway_id: str, times: int = 1) -> None:
+    def picked(self, gateway_id: str, times: int = 1) -> bool:
         """A selection chose it: one more connection until its next heartbeat says (or
-        `times` more: picks given back, see Pool.without)."""
+        `times` more: picks given back, see Pool.without). False if it is not a member."""
         i = self.find(gateway_id)
         if i is None:
-            return
+            return False
         self.picks[gateway_id] = self.picks.get(gateway_id, 0) + times
         old, new = self.loads[i], self._load(self.gateways[i])
         self.loads[i] = new
         if self._by_load is not None:
             self._by_load.move(old, new, gateway_id)
+        return True
 
     def put(self, g: GatewaySnapshot) -> None:
         """Adds `g`, or replaces the row of its id."""

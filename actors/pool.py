@@ -82,8 +82,7 @@ class Pool:
     def picked(self, gateway_id: str, times: int = 1) -> None:
         """A selection chose it: its load counts one more connection (actors/members.py)."""
         g = self.gateways.get(gateway_id)
-        if g is not None and self.everyone.find(gateway_id) is not None:
-            self.everyone.picked(gateway_id, times)
+        if g is not None and self.everyone.picked(gateway_id, times):
             self.regions[g.region].picked(gateway_id, times)
 
     @property

@@ -272,6 +272,8 @@ class SelectionLog:
 
     def _seal(self) -> None:
         """The open generation as PoolChange steps, if anything in it changed."""
+        if not (self._dirty or self._held_changed or self._settings_changed):
+            return
         sealed, table = self._sealed, self._table
         removed = sorted(i for i in self._removed if i in sealed)
         rows = []

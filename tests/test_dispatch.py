@@ -336,3 +336,49 @@ def test_ask_from_outside_to_an_actor_on_the_loop() -> None:
         thread.join(WAIT)
         loop.close()
     assert not ref2.is_alive()
+
+
+class Relay(PooledActor):
+    """Tells `to` what it receives, and records whether `to` had handled it already."""
+
+    def __init__(self, dispatcher: OnLoop, to: pykka.ActorRef[Any]) -> None:
+        super().__init__(dispatcher=dispatcher)
+        self.to = to
+        self.handled_at_once: list[bool] = []
+
+    def on_receive(self, message: Any) -> Any:
+        self.to.tell(message)
+        self.handled_at_once.append(message in actor_of(self.to).seen)
+
+
+def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
+    """On the loop thread, outside a drain, a tell runs the actor's turn before it returns
+    (a request handler's reply leaves in the same pass); inside a drain it waits for
+    the next one, so one actor's turn never runs inside another's."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bus-loop")
+    thread.start()
+    on_loop = OnLoop(loop)
+    on_loop.start()
+    try:
+        target = Recorder.start(on_loop)
+        relay = Relay.start(on_loop, target)
+        assert target.ask("ready", timeout=WAIT) == "ready"
+        assert relay.ask("ready", timeout=WAIT) is None
+
+        async def tell_from_the_loop() -> tuple[bool, bool]:
+            target.tell("direct")
+            direct = "direct" in actor_of(target).seen
+            relay.tell("relayed")
+            return direct, "relayed" in actor_of(target).seen
+
+        direct, relayed = asyncio.run_coroutine_threadsafe(tell_from_the_loop(), loop).result(WAIT)
+        assert direct  # handled inside the tell
+        assert not relayed  # the relay's turn ran inside its tell; the target's in a later pass
+        assert target.ask("seen", timeout=WAIT) == ["ready", "ready", "direct", "relayed"]
+        assert actor_of(relay).handled_at_once == [False, False]
+    finally:
+        on_loop.stop(timeout=WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
