@@ -363,8 +363,8 @@ def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
     try:
         target = Recorder.start(on_loop)
         relay = Relay.start(on_loop, target)
-        assert target.ask("ready", timeout=WAIT) == "ready"
-        assert relay.ask("ready", timeout=WAIT) is None
+        assert target.ask("target ready", timeout=WAIT) == "target ready"
+        assert relay.ask("relay ready", timeout=WAIT) is None
 
         async def tell_from_the_loop() -> tuple[bool, bool]:
             target.tell("direct")
@@ -375,7 +375,8 @@ def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
         direct, relayed = asyncio.run_coroutine_threadsafe(tell_from_the_loop(), loop).result(WAIT)
         assert direct  # handled inside the tell
         assert not relayed  # the relay's turn ran inside its tell; the target's in a later pass
-        assert target.ask("seen", timeout=WAIT) == ["ready", "ready", "direct", "relayed"]
+        expected = ["target ready", "relay ready", "direct", "relayed"]
+        assert target.ask("seen", timeout=WAIT) == expected
         assert actor_of(relay).handled_at_once == [False, False]
     finally:
         on_loop.stop(timeout=WAIT)
