@@ -134,7 +134,8 @@ def _batch_summary(event: SelectionBatch) -> str:
     top = ", ".join(f"{gw} x{n}" for gw, n in picks.most_common(3))
     more = f", +{len(picks) - 3} more" if len(picks) > 3 else ""
     ids = f"sel-{event.run}-{event.first}" + (f" .. {event.last}" if count > 1 else "")
-    return f"{count} selections: {top}{more}; {rows} gateways changed [explain {ids}]"
+    plural = "s" if count != 1 else ""
+    return f"{count} selection{plural}: {top}{more}; {rows} gateways changed [explain {ids}]"
 
 
 def _step_details(event: DistributionEvent) -> str:
