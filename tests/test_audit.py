@@ -389,7 +389,7 @@ def test_scenario_is_in_the_stream_in_order_and_well_formed(
     assert table[0].split() == ["TIME", "(UTC)", "TYPE", "GATEWAY", "DETAILS"]
     assert len(table) == 1 + len(replayed)
     [batch] = [e for e in replayed if holds(e, scenario.second_selection)]
-    assert "selections:" in table[1 + replayed.index(batch)]
+    assert "1 selection: " in table[1 + replayed.index(batch)]
     assert scenario.second_selection in table[1 + replayed.index(batch)]
 
 
