@@ -383,3 +383,36 @@ def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(WAIT)
         loop.close()
+
+
+def test_a_burst_in_the_latest_lane_is_taken_a_turn_at_a_time() -> None:
+    """Thousands of keys at once: at most `throughput` are handled before what the FIFO
+    held then, every key's newest message is handled once, oldest key first."""
+    pool = OwnThread("burst", throughput=8)
+    pool.start()
+    try:
+        gate = threading.Event()
+
+        class Gated(Recorder):
+            def on_receive(self, message: Any) -> Any:
+                if message == "gate":
+                    gate.wait(WAIT)
+                    return None
+                return super().on_receive(message)
+
+        ref = Gated.start(pool, expect=1 + 100)
+        inbox = cast(PooledInbox, ref.actor_inbox)
+        ref.tell("gate")
+        for key in range(100):
+            inbox.put_latest(key, f"{key}-old")
+        ref.tell("told after the burst")
+        for key in range(100):
+            inbox.put_latest(key, key)  # replaces each, keeping its place
+        gate.set()
+        assert actor_of(ref).done.wait(WAIT)
+        seen: list[Any] = ref.ask("seen", block=True, timeout=WAIT)
+        assert seen.index("told after the burst") == 8  # one turn's worth of the lane first
+        assert [m for m in seen if m != "told after the burst"] == list(range(100))
+        ref.stop(timeout=WAIT)
+    finally:
+        pool.stop(timeout=WAIT)
