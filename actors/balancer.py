@@ -17,7 +17,8 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from actors.failover import Replacement, choose_replacement
 from actors.pool import Pool
@@ -42,8 +43,7 @@ def selection_rules(settings: Settings) -> SelectionRules:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(msgspec.Struct, frozen=True, gc=False):
     request: SelectRequest
     selection: Selection
     selection_id: str | None  # None: selections are not recorded
