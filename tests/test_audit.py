@@ -823,3 +823,26 @@ def test_a_capped_selection_says_how_many_it_leaves_out(
     # Events recorded before the counts existed list everything: the lengths are the counts.
     old = msgspec.structs.replace(event, candidate_count=None, excluded_count=None)
     assert "2 candidates, 1 excluded" in summary(old)[1]
+
+
+def test_explain_reads_a_selection_recorded_one_event_each(
+    gatefleet: Orchestrator, bus: Bus, prefix: str, config_file: str
+) -> None:
+    """Before batches, each selection was an lb.selected event (its id the reply's
+    selection_id): a stream that holds them is still explained."""
+    event = GatewaySelected(
+        region="eu",
+        client_id="c-1",
+        strategy="RoundRobin",
+        threshold=70.0,
+        gateway_id="edge-1",
+        reason="RoundRobin over 1 eligible gateway",
+        candidates=[CandidateView(gateway_id="edge-1", region="eu", score=90.0)],
+        excluded={},
+    )
+    subject = Subjects(prefix).event(event.type)
+    bus.run(bus.js.publish(subject, encode(event), headers={"Nats-Msg-Id": event.id}))
+    assert explained(config_file, event.id) == event
+    assert (
+        "RoundRobin over 1 eligible gateway" in run_audit(config_file, "explain", event.id).stdout
+    )
