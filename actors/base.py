@@ -21,7 +21,8 @@ backlog so stays bounded by the fleet's size. The requests of `P.api.*` (`serve`
 bounded too: while MAX_PENDING_REQUESTS wait for an actor, more are answered
 `unavailable` at once (shed, and counted), never left to wait or get no answer. The
 actors that serve requests each have a thread of their own (the Runtime's "own"
-dispatchers), so gateway work on the gateways' pool never delays an answer.
+dispatchers), or run on the API lane's loop (the load balancer), so gateway work on the
+gateways' pool never delays an answer.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from actors.histogram import SELECTION_BOUNDS_S, PerStrategy
 from actors.runtime import Runtime
 from bus.edge import Drops, Tally
 from bus.jetstream import KvStore
@@ -25,8 +26,10 @@ class Context:
     events_lost: Callable[[], int]  # events the stream could not store, since start
     drops: Drops
     buckets: dict[str, KvStore]
-    # Selections made, per strategy (LoadBalancer writes, Supervisor reports).
+    # Selections made, per strategy (LoadBalancer writes, Supervisor reports), and how long
+    # each took from the request's arrival to its reply.
     selections: Tally = field(default_factory=Tally)
+    selection_latency: PerStrategy = field(default_factory=lambda: PerStrategy(SELECTION_BOUNDS_S))
     # Actors restarted after dying, per kind (parents write, Supervisor reports).
     restarts: Tally = field(default_factory=Tally)
     # Work shed under overload, per kind: "requests" answered unavailable at once,

@@ -25,7 +25,9 @@ Threading rules.
   the event loop itself and must never block at all (no blocking I/O, no `ask().get()`).
 - The latest lane (`put_latest`): a newer message replaces an unread one of the same key;
   the lane is handled where its wake-up stands in the FIFO, its messages delivered to
-  `on_receive` as tells, oldest key first.
+  `on_receive` as tells, oldest key first, at most `throughput` at a time (the rest
+  after what the FIFO holds then: a burst of thousands of keys does not hold the
+  dispatcher, the loop for OnLoop, for its whole length).
 - Failures: an exception in `on_start` or in a tell is logged (`_handle_failure`),
   `on_failure` is called and the actor stops; in an ask it goes to the caller. Messages
   left after stop: asks get ActorDeadError (a pending stop gets its reply).
@@ -45,7 +47,7 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -74,7 +76,8 @@ class PooledInbox:
 
     def __init__(self) -> None:
         self._fifo: deque[Any] = deque()
-        self._latest: dict[Hashable, Any] = {}
+        # Oldest key first; a replaced message keeps its key's place (popitem is atomic).
+        self._latest: OrderedDict[Hashable, Any] = OrderedDict()
         self._armed = False
         self._token: list[None] = []  # held until the actor is started
         self.actor: PooledActor
@@ -96,16 +99,21 @@ class PooledInbox:
             self._armed = True
             self.put(_LATEST_WAKE)
 
-    def take_latest(self) -> list[Any]:
-        """The lane's messages, oldest key first (clears the flag *before* emptying)."""
+    def take_latest(self, limit: int) -> list[Any]:
+        """Up to `limit` of the lane's messages, oldest key first (clears the flag *before*
+        taking). If more remain, the lane's wake-up goes to the back of the FIFO again
+        (by the token holder: no scheduling needed)."""
         self._armed = False
         latest, taken = self._latest, []
-        while True:
+        for _ in range(limit):
             try:
-                taken.append(latest.popitem()[1])
+                taken.append(latest.popitem(last=False)[1])
             except KeyError:
-                taken.reverse()  # popitem is last-in first-out
                 return taken
+        if latest and not self._armed:
+            self._armed = True
+            self._fifo.append(_LATEST_WAKE)
+        return taken
 
     def get(self) -> Any:
         return self._fifo.popleft()
@@ -346,15 +354,19 @@ class OwnThread(Pool):
 
 
 class OnLoop(Dispatcher):
-    """Runs actors on an asyncio loop. Scheduled from the loop thread: `call_soon`; from
-    other threads: one `call_soon_threadsafe` per burst (the drain's own token). Actors on
-    it must never block: they stall the loop and everything on it."""
+    """Runs actors on an asyncio loop. Scheduled from the loop thread: at once, in the
+    caller's callback (a request handler's tell is handled before the handler returns,
+    so its reply leaves in the same pass of the loop), or with `call_soon` from inside
+    a drain (no nesting); from other threads: one `call_soon_threadsafe` per burst (the
+    drain's own token). Actors on it must never block: they stall the loop and
+    everything on it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str = "loop", throughput: int = 32):
         super().__init__(name, throughput)
         self.loop = loop
         self._drain_token: list[None] = [_TOKEN]
         self._loop_thread = 0  # learnt on the first drain
+        self._draining = False
 
     def _wake(self) -> None:
         try:
@@ -363,7 +375,10 @@ class OnLoop(Dispatcher):
             return  # a drain is already due: it will take this entry
         self.wakeups += 1
         if threading.get_ident() == self._loop_thread:
-            self.loop.call_soon(self._drain)
+            if self._draining:
+                self.loop.call_soon(self._drain)
+            else:
+                self._drain()
             return
         try:
             self.loop.call_soon_threadsafe(self._drain)
@@ -378,20 +393,24 @@ class OnLoop(Dispatcher):
             self._abandon_ready()
             return
         ready, budget = self._ready, self.throughput
-        for _ in range(len(ready)):  # the loop gets its turn between drains
-            try:
-                inbox, _ = ready.popleft()
-            except IndexError:
-                break
-            try:
-                again = inbox.run(budget)
-            except Exception:
-                log.exception("%s: a turn of %s failed", self.name, inbox.actor)
-                again = False
-            if again:
-                ready.append((inbox, time.monotonic()))
-        if ready:
-            self._wake()
+        self._draining = True
+        try:
+            for _ in range(len(ready)):  # the loop gets its turn between drains
+                try:
+                    inbox, _ = ready.popleft()
+                except IndexError:
+                    break
+                try:
+                    again = inbox.run(budget)
+                except Exception:
+                    log.exception("%s: a turn of %s failed", self.name, inbox.actor)
+                    again = False
+                if again:
+                    ready.append((inbox, time.monotonic()))
+            if ready:
+                self._wake()
+        finally:
+            self._draining = False
 
     def stop(self, timeout: float = 5.0) -> None:
         """From any thread (the loop is not ours: nothing to join; `timeout` unused). A
@@ -440,7 +459,7 @@ class PooledActor(pykka.Actor):
             self._pooled_receive(envelope.message, envelope.reply_to)
             return 1
         handled = 0
-        for message in self._pooled_inbox.take_latest():
+        for message in self._pooled_inbox.take_latest(self.dispatcher.throughput):
             if self.actor_stopped.is_set():
                 break
             self._pooled_receive(message, None)

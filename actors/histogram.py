@@ -38,3 +38,20 @@ class HistogramRecorder:
         return Histogram(
             bounds=list(self._bounds), counts=cumulative, count=running + counts[-1], sum=total
         )
+
+
+class PerStrategy:
+    """One histogram per strategy, made on first use (LoadBalancer writes, status reads)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self._by_strategy: dict[str, HistogramRecorder] = {}
+
+    def observe(self, strategy: str, seconds: float) -> None:
+        recorder = self._by_strategy.get(strategy)
+        if recorder is None:
+            recorder = self._by_strategy.setdefault(strategy, HistogramRecorder(self._bounds))
+        recorder.observe(seconds)
+
+    def snapshot(self) -> dict[str, Histogram]:
+        return {name: r.snapshot() for name, r in list(self._by_strategy.items())}

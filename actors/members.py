@@ -8,7 +8,9 @@ makes a strategy cheaper than a scan of every gateway per request:
 - `Ranking`: ids sorted by one figure (lowest first, ties by id), for "the least loaded"
   and "the lowest latency" in O(log n);
 - `Weights`: running sums of the scores in id order (a Fenwick tree), for a draw with
-  probability proportional to the score in O(log n).
+  probability proportional to the score in O(log n). The sums are of whole numbers (the
+  score in thousandths, `weight_of`), so they are exact: a draw picks the same gateway
+  whatever order the pool was built in, which replaying a selection relies on.
 
 An update that changes a figure costs O(log n) per index built (plus a list shift on a
 join or leave); indexes no strategy has asked for cost nothing.
@@ -24,6 +26,12 @@ from collections.abc import Iterable
 from schemas.api import GatewaySnapshot
 
 DEFAULT_CONNECTION_REFERENCE = 1000
+WEIGHT_SCALE = 1000  # a score's weight for WeightedRandom: thousandths of a point
+
+
+def weight_of(score: float) -> int:
+    """A score (0-100) as a whole weight (exact sums, whatever their order)."""
+    return round(score * WEIGHT_SCALE)
 
 
 def connection_load(g: GatewaySnapshot, reference: int = DEFAULT_CONNECTION_REFERENCE) -> float:
@@ -83,49 +91,42 @@ class Ranking:
 
 
 class Weights:
-    """Running sums of values (a Fenwick tree): `find(point)` is the first index whose
-    cumulative sum exceeds `point`, `set` changes one value; both O(log n)."""
+    """Running sums of whole numbers (a Fenwick tree): `find(point)` is the first index
+    whose cumulative sum exceeds `point`, `set` changes one value; both O(log n)."""
 
-    __slots__ = ("_changes", "_top", "_tree", "total", "values")
+    __slots__ = ("_top", "_tree", "total", "values")
 
-    def __init__(self, values: Iterable[float]) -> None:
+    def __init__(self, values: Iterable[int]) -> None:
         self.values = list(values)
         n = len(self.values)
-        tree = [0.0, *self.values]
+        tree = [0, *self.values]
         for i in range(1, n + 1):
             parent = i + (i & -i)
             if parent <= n:
                 tree[parent] += tree[i]
         self._tree = tree
         self._top = 1 << (n.bit_length() - 1) if n else 0
-        self._changes = 0
-        self.total = math.fsum(self.values)
+        self.total = sum(self.values)
 
-    @property
-    def stale(self) -> bool:
-        """After as many changes as values, rebuild: float sums drift by a rounding each."""
-        return self._changes > len(self.values)
-
-    def set(self, index: int, value: float) -> None:
+    def set(self, index: int, value: int) -> None:
         delta = value - self.values[index]
         if delta == 0:
             return
         self.values[index] = value
         self.total += delta
-        self._changes += 1
         i, tree, n = index + 1, self._tree, len(self.values)
         while i <= n:
             tree[i] += delta
             i += i & -i
 
-    def find(self, point: float) -> int:
+    def find(self, point: int) -> int:
         pos, rest, step, tree, n = 0, point, self._top, self._tree, len(self.values)
         while step:
             nxt = pos + step
             if nxt <= n and tree[nxt] <= rest:
                 pos, rest = nxt, rest - tree[nxt]
             step >>= 1
-        return min(pos, n - 1)  # the min: float rounding at the very top
+        return min(pos, n - 1)  # the min: a point past the total
 
 
 class Members:
@@ -208,8 +209,8 @@ class Members:
 
     @property
     def weights(self) -> Weights:
-        if self._weights is None or self._weights.stale:
-            self._weights = Weights(self.scores)
+        if self._weights is None:
+            self._weights = Weights(map(weight_of, self.scores))
         return self._weights
 
     # Changes -----------------------------------------------------------------------------
@@ -222,16 +223,18 @@ class Members:
         capacity = g.max_connections if g.max_connections else self.reference
         return load + picks / capacity
 
-    def picked(self, gateway_id: str) -> None:
-        """A selection chose it: one more connection until its next heartbeat says."""
+    def picked(self, gateway_id: str, times: int = 1) -> bool:
+        """A selection chose it: one more connection until its next heartbeat says (or
+        `times` more: picks given back, see Pool.without). False if it is not a member."""
         i = self.find(gateway_id)
         if i is None:
-            return
-        self.picks[gateway_id] = self.picks.get(gateway_id, 0) + 1
+            return False
+        self.picks[gateway_id] = self.picks.get(gateway_id, 0) + times
         old, new = self.loads[i], self._load(self.gateways[i])
         self.loads[i] = new
         if self._by_load is not None:
             self._by_load.move(old, new, gateway_id)
+        return True
 
     def put(self, g: GatewaySnapshot) -> None:
         """Adds `g`, or replaces the row of its id."""
@@ -252,7 +255,7 @@ class Members:
             if self._by_score is not None:
                 self._by_score.move(-old_score, -score, gw_id)
             if self._weights is not None:
-                self._weights.set(i, score)
+                self._weights.set(i, weight_of(score))
             return
         self.ids.insert(i, gw_id)
         self.gateways.insert(i, g)

@@ -79,12 +79,16 @@ class Pool:
         self._link(snapshot)
         self._refresh(seeds)
 
-    def picked(self, gateway_id: str) -> None:
+    def picked(self, gateway_id: str, times: int = 1) -> None:
         """A selection chose it: its load counts one more connection (actors/members.py)."""
         g = self.gateways.get(gateway_id)
-        if g is not None and self.everyone.find(gateway_id) is not None:
-            self.everyone.picked(gateway_id)
-            self.regions[g.region].picked(gateway_id)
+        if g is not None and self.everyone.picked(gateway_id, times):
+            self.regions[g.region].picked(gateway_id, times)
+
+    @property
+    def picks(self) -> dict[str, int]:
+        """Selections of each eligible gateway since its last heartbeat (not a copy)."""
+        return self.everyone.picks
 
     def remove(self, gateway_id: str) -> None:
         old = self.gateways.pop(gateway_id, None)
@@ -109,16 +113,20 @@ class Pool:
 
     @contextmanager
     def without(self, gateway_id: str) -> Iterator[Pool]:
-        """The pool as if `gateway_id` were unknown, for the duration of the block."""
+        """The pool as if `gateway_id` were unknown, for the duration of the block; then
+        as it was, its picks since its last heartbeat included (selections replay so)."""
         g = self.gateways.get(gateway_id)
         if g is None:
             yield self
             return
+        picks = self.picks.get(gateway_id, 0)
         self.remove(gateway_id)
         try:
             yield self
         finally:
             self.update(g)
+            if picks:
+                self.picked(gateway_id, picks)
 
     # Questions -------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from actors.dispatch import Dispatcher, OwnThread, Pool
+from actors.dispatch import Dispatcher, OnLoop, OwnThread, Pool
 from bus.awareness import LocalAwareness, watch
 from bus.jetstream import JetStreamWatch
 from bus.micro import MicroService
@@ -51,6 +51,7 @@ class Runtime:
     service: MicroService
     gateways: Pool
     workers: Pool
+    api: OnLoop
     timers: TimerWheel
     awareness: LocalAwareness
     prober: Prober | None
@@ -86,9 +87,13 @@ class Runtime:
         api_bus.start()
         service = MicroService(subjects)
         service.start(api_bus)
+        api = OnLoop(api_bus.loop, "api-loop")
+        api.start()
         jetstream = JetStreamWatch(bus)
         jetstream.start(timers.schedule)
-        return cls(bus, api_bus, service, gateways, workers, timers, awareness, prober, jetstream)
+        return cls(
+            bus, api_bus, service, gateways, workers, api, timers, awareness, prober, jetstream
+        )
 
     def dispatcher(self, dispatch: str, name: str) -> Dispatcher:
         """The dispatcher for an actor's `dispatch` kind; "own" is a thread per `name`."""
@@ -96,6 +101,8 @@ class Runtime:
             return self.gateways
         if dispatch == "workers":
             return self.workers
+        if dispatch == "api":
+            return self.api
         with self._lock:
             own = self._own.get(name)
             if own is None or not own.running:
@@ -106,7 +113,7 @@ class Runtime:
     def stop(self) -> None:
         if self.prober is not None:
             self.prober.stop()
-        for dispatcher in (self.gateways, self.workers, *self._own.values()):
+        for dispatcher in (self.gateways, self.workers, self.api, *self._own.values()):
             dispatcher.stop()
         self.timers.stop()
         self.api_bus.stop()

@@ -1,8 +1,10 @@
 """Gateway selection: the five load-balancing strategies, and `select`, the entry point.
 
 Pure logic: no threads, no NATS, no actors. The load-balancer actor owns one `Pool`
-(actors/pool.py), one `SelectorState` and one `random.Random`, and calls `select` once per
-request; given those, every outcome here is deterministic.
+(actors/pool.py), one `SelectorState` and a seeded source of random numbers (`Draws`),
+and calls `select` once per request. Given the pool, the rotation cursor the selection
+read (`Selection.cursor`) and the numbers it drew, its outcome is determined: that is
+what `gatefleet audit replay` re-runs.
 
 Each strategy chooses among `Members` (actors/members.py): eligible gateways sorted by id,
 with their figures and, built on first use, rankings by load, latency and score and
@@ -16,16 +18,25 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from actors.members import Members
+import msgspec
+
+from actors.members import Members, weight_of
 from actors.pool import Pool
 from actors.slow_start import SLOW_START_PASSES
 from schemas.api import GatewaySnapshot
 from schemas.settings import LoadBalancingSettings
 from schemas.types import STRATEGIES
+
+
+class Draws(Protocol):
+    """Where selection gets random numbers: `random.Random`, or numbers recorded before."""
+
+    def random(self) -> float: ...
+
 
 # --- The strategies: each takes non-empty members and returns an id ----------------------
 
@@ -45,7 +56,10 @@ class SelectorState:
     cursors: dict[str, RoundRobinState] = field(default_factory=dict)
 
     def cursor(self, scope: str) -> RoundRobinState:
-        return self.cursors.setdefault(scope, RoundRobinState())
+        found = self.cursors.get(scope)
+        if found is None:
+            found = self.cursors[scope] = RoundRobinState()
+        return found
 
 
 def round_robin(members: Members, state: RoundRobinState) -> str:
@@ -70,13 +84,13 @@ def least_connections(
     return chosen
 
 
-def weighted_random(members: Members, rng: random.Random) -> str:
+def weighted_random(members: Members, rng: Draws) -> str:
     """Optimises for health while spreading load: picks with probability proportional to
     the health score (uniformly when every score is 0). One rng draw per call."""
-    weights = members.weights
+    weights, n = members.weights, len(members)
     if weights.total <= 0:
-        return members.ids[rng.randrange(len(members))]
-    return members.ids[weights.find(rng.random() * weights.total)]
+        return members.ids[min(int(rng.random() * n), n - 1)]
+    return members.ids[weights.find(int(rng.random() * weights.total))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,22 +178,24 @@ def region_aware(
 # --- The entry point ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Selection:
+class Selection(msgspec.Struct, frozen=True, gc=False):
     """One selection: who was chosen (None when nobody can be), from what, and why.
 
     `members` are the eligible gateways the strategy chose among (for RegionAware, those
     of the chosen region): a view of the pool, to be read before the pool next changes.
-    `rule` is the strategy that chose: RegionAware's inner one, or the strategy itself."""
+    `rule` is the strategy that chose: RegionAware's inner one, or the strategy itself.
+    (A Struct, not a dataclass: one is made per request, and it builds faster.)"""
 
     gateway_id: str | None
     strategy: str
     reason: str
-    members: Members = field(default_factory=Members)
+    members: Members = msgspec.field(default_factory=Members)
     region: str | None = None  # the region RegionAware chose from; None: any, or not RegionAware
     rule: str = ""
     # Gateways in slow start that this selection passed over or chose -> their ramp factor.
-    slow_start: dict[str, float] = field(default_factory=dict)
+    slow_start: dict[str, float] = msgspec.field(default_factory=dict)
+    # The rotation cursor of its scope before it chose (None: none yet, or not read).
+    cursor: str | None = None
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -212,7 +228,7 @@ def _apply(
     members: Members,
     *,
     cursor: RoundRobinState,
-    rng: random.Random,
+    rng: Draws,
     settings: LoadBalancingSettings,
     passed: frozenset[str] = frozenset(),
 ) -> tuple[str, str]:
@@ -245,7 +261,7 @@ def select(
     *,
     region: str | None,
     state: SelectorState,
-    rng: random.Random,
+    rng: Draws,
     settings: LoadBalancingSettings,
     regions: dict[str, list[str]],
     sticky_gateway: str | None = None,
@@ -265,10 +281,12 @@ def select(
     if strategy == "RegionAware":
         chosen_region, members, note = region_pool(pool, region, regions)
     ramps: dict[str, float] = {}
+    before = None
     if sticky_gateway is not None and members.find(sticky_gateway) is not None:
         gateway_id, why = sticky_gateway, "sticky client"
     else:
         cursor = state.cursor(_scope(strategy, chosen_region, rule))
+        before = cursor.last
         gateway_id, why = _apply(rule, members, cursor=cursor, rng=rng, settings=settings)
         if ramp is not None:
 
@@ -287,6 +305,7 @@ def select(
         region=chosen_region,
         rule=rule,
         slow_start=ramps,
+        cursor=before,
     )
 
 
@@ -295,7 +314,7 @@ def _slow_start(
     why: str,
     members: Members,
     ramp: Callable[[str], float],
-    rng: random.Random,
+    rng: Draws,
     again: Callable[[frozenset[str]], tuple[str, str]],
 ) -> tuple[str, str, dict[str, float]]:
     """The strategy's pick, or another if slow start passes it over (actors/slow_start.py);
@@ -322,7 +341,7 @@ def choose(
     members: Members,
     *,
     state: SelectorState,
-    rng: random.Random,
+    rng: Draws,
     settings: LoadBalancingSettings,
 ) -> str:
     """What `strategy` picks among non-empty `members`, all of one region (failover's
@@ -339,9 +358,9 @@ def _finite(figure: float) -> float | None:
     return None if math.isinf(figure) else figure
 
 
-def _chance(total: float, n: int) -> Callable[[float], float | None]:
+def _chance(total: int, n: int) -> Callable[[float], float | None]:
     """From a by_score key (-score) to the chance WeightedRandom gave it."""
-    return (lambda neg: -neg / total) if total > 0 else (lambda _neg: 1 / n)
+    return (lambda neg: weight_of(-neg) / total) if total > 0 else (lambda _neg: 1 / n)
 
 
 def shortlist(selection: Selection, limit: int) -> list[tuple[GatewaySnapshot, float | None]]:

@@ -8,6 +8,7 @@ share one NATS account. Buckets are `<prefix>_<name>` likewise.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
 import time
@@ -111,6 +112,11 @@ class KvStore:
 
         if encoded:
             self._call(f"put {', '.join(list(encoded)[:3])}...", put_all)
+
+    def put_soon(self, key: str, value: msgspec.Struct) -> concurrent.futures.Future[int]:
+        """Starts the write and returns at once (for an actor on a loop, which must never
+        wait): the future ends with the new revision, or the write's error."""
+        return self._bus.submit(self._kv.put(key, encode(value)))
 
     def get(self, key: str, kind: type[T]) -> T | None:
         async def fetch() -> bytes | None:

@@ -129,6 +129,12 @@ class MicroService:
 
         return handle
 
+    def waited_ns(self, reply: str) -> int | None:
+        """How long the request answered on `reply` has waited since it arrived (None: not
+        a request in flight). On the API lane's loop, as the stats are."""
+        entry = self._pending.get(reply)
+        return None if entry is None else self._clock() - entry[1]
+
     def published(self, subject: str, headers: dict[str, str] | None) -> None:
         """The API lane published a message (`Bus.on_published`): if it answers a request,
         that request is done."""

@@ -251,7 +251,10 @@ class Bus:
         self._outbound.append((subject, data, headers))
         if not self._outbound_armed:
             self._outbound_armed = True
-            loop.call_soon_threadsafe(self._drain_outbound)
+            if self.on_loop_thread:  # no wake-up needed (a subscription handler, an actor on it)
+                loop.call_soon(self._drain_outbound)
+            else:
+                loop.call_soon_threadsafe(self._drain_outbound)
 
     def _drain_outbound(self) -> None:
         """On the loop: starts the task that empties the outbound queue, unless it runs."""
@@ -282,11 +285,19 @@ class Bus:
     ) -> SubscriptionHandle:
         """Subscribes and waits until the server has the interest (blocks the caller)."""
 
+        outbound = self._outbound
+
         async def callback(msg: Msg) -> None:
+            queued = len(outbound)
             try:
                 handler(Inbound(msg.subject, msg.data, msg.reply, msg.headers))
             except Exception:  # a handler bug must not kill the subscription
                 log.exception("handler for %s failed", msg.subject)
+            if len(outbound) > queued and not self._draining:
+                # It published (a reply, from an actor on this loop): send it from here,
+                # as a bare responder would, rather than from a task a pass later.
+                self._draining = True
+                await self._publish_outbound()
 
         async def do_subscribe() -> Any:
             sub = await self.nc.subscribe(

@@ -167,6 +167,15 @@ class _Scrape(Collector):
             "part",
             {part: int(state == "ok") for part, state in status.health.items()},
         )
+        if status.selection_latency_s:
+            latency = HistogramMetricFamily(
+                "gatefleet_selection_latency_seconds",
+                "How long selections took, from the request's arrival to the reply, by strategy.",
+                labels=["strategy"],
+            )
+            for name, h in sorted(status.selection_latency_s.items()):
+                latency.add_metric([name], _buckets(h), h.sum)
+            yield latency
         if status.distribution_durations_s is not None:
             yield _histogram(
                 "gatefleet_distribution_duration_seconds",
@@ -191,10 +200,12 @@ def _heartbeat_ages(gateways: Iterable[GatewaySnapshot], now: datetime) -> Metri
 
 
 def _histogram(name: str, help_text: str, h: Histogram) -> Metric:
-    buckets = [(str(bound), n) for bound, n in zip(h.bounds, h.counts, strict=True)]
-    return HistogramMetricFamily(
-        name, help_text, buckets=[*buckets, ("+Inf", h.count)], sum_value=h.sum
-    )
+    return HistogramMetricFamily(name, help_text, buckets=_buckets(h), sum_value=h.sum)
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    bounded = [(str(bound), float(n)) for bound, n in zip(h.bounds, h.counts, strict=True)]
+    return [*bounded, ("+Inf", float(h.count))]
 
 
 def _gauge(name: str, help_text: str, value: float) -> Metric:

@@ -127,6 +127,8 @@ class StatusReply(_Body, frozen=True):
     gateways_in_maintenance: Count = 0
     # How long distributions took, created to ended (those that ended since start).
     distribution_durations_s: Histogram | None = None
+    # How long selections took, from the request's arrival to the reply, per strategy.
+    selection_latency_s: dict[str, Histogram] = msgspec.field(default_factory=dict)
     distributions_by_state: dict[str, int] = msgspec.field(default_factory=dict)
     # Local health awareness: how late gatefleet's own loop runs (now, and the worst of
     # the last seconds), whether missed heartbeats are not counted right now (it is

@@ -153,6 +153,111 @@ class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
     slow_start: dict[str, float] = msgspec.field(default_factory=dict)
 
 
+class PoolRow(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A gateway as the load balancer judged it: what eligibility, the strategies and
+    `audit explain` read of its snapshot (a JSON array, in this order, to stay small).
+    `seq` is its last heartbeat's: a new one makes LeastConnections forget the picks it
+    counted since the previous heartbeat."""
+
+    gateway_id: str
+    region: str
+    role: Role
+    backup_for: str | None
+    status: GatewayStatus
+    score: float
+    active_connections: int | None
+    max_connections: int | None
+    latency_ms: float | None
+    cpu_percent: float | None
+    memory_percent: float | None
+    seq: int | None
+    flapping: bool = False
+    maintenance: bool = False
+    maintenance_reason: str | None = None
+
+
+class PoolChange(msgspec.Struct, frozen=True, array_like=True, tag="g", gc=False):
+    """A step of an `lb.selections` batch: the pool's next generation, what changed since
+    the one before (applied in this order: removed, rows, held, settings). Several steps
+    may carry one generation's rows (a large change is split across batches)."""
+
+    generation: int
+    removed: list[str] = msgspec.field(default_factory=list)
+    rows: list[PoolRow] = msgspec.field(default_factory=list)
+    held: list[str] | None = None  # the whole held set, when it changed
+    strategy: StrategyName | None = None  # when it changed
+    threshold: float | None = None  # when it changed
+
+
+class SelectionRecord(msgspec.Struct, frozen=True, array_like=True, tag="s", gc=False):
+    """A step of an `lb.selections` batch: one selection, made against the latest
+    generation before it. Its id is `sel-<run>-<n>` (the reply's selection_id). With the
+    pool, its inputs as recorded decide the pick: the client's remembered gateway
+    (`sticky`), the rotation cursor of its scope (`cursor`: the id chosen last), the
+    random numbers it drew (`draws`) and the ramp of gateways in slow start it met."""
+
+    n: int
+    at_ms: int  # after the batch's `ts`
+    region: str | None
+    client_id: str | None
+    sticky: str | None
+    cursor: str | None
+    draws: list[float]
+    slow_start: dict[str, float]
+    gateway_id: str | None
+
+
+SelectionStep = PoolChange | SelectionRecord
+
+
+class SelectionBatch(_Event, frozen=True, tag="lb.selections"):
+    """The load balancer's selections and the pool changes between them, in the order it
+    made and applied them, for at most 100 ms (docs/PROTOCOL.md section 5).
+
+    `run` names one load balancer's life (its selection ids are `sel-<run>-<n>`); `seq`
+    numbers its batches and snapshot parts together, from 0, so a missing number is a
+    message lost. `snapshot_ts` is the `ts` of the `lb.snapshot` these steps build on
+    (a replay reads from there). `first`/`last`: the `n` of its first and last selection
+    (`last` < `first` when it holds none)."""
+
+    run: str
+    seq: int
+    snapshot_ts: datetime
+    first: int
+    last: int
+    steps: list[SelectionStep]
+
+
+class SelectionRules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The settings a run's selections read that only a restart changes."""
+
+    region_inner_strategy: StrategyName
+    latency_margin_percent: float
+    latency_margin_ms: float
+    connection_reference: int
+    regions: dict[str, list[str]]
+
+
+class PoolSnapshot(_Event, frozen=True, tag="lb.snapshot"):
+    """The whole pool at one generation, in `parts` events (`part` 0..parts-1, each with
+    at most 2,000 rows): every known gateway, the held ones, the settings in force, and
+    the picks LeastConnections counts since each gateway's last heartbeat. Recorded at a
+    run's first selection and then at most once a minute (and after events were lost),
+    so that a replay starts at the last one before the selections it reads."""
+
+    run: str
+    seq: int
+    generation: int
+    part: int
+    parts: int
+    strategy: StrategyName
+    threshold: float
+    rules: SelectionRules
+    held: list[str]
+    picks: dict[str, int]
+    rows: list[PoolRow]
+
+
 # Distribution -----------------------------------------------------------------------------
 
 
@@ -383,6 +488,8 @@ Event = (
     | GatewayForgotten
     | LoadBalancingChanged
     | GatewaySelected
+    | SelectionBatch
+    | PoolSnapshot
     | DistributionEvent
     | Failover
     | Failback

@@ -32,6 +32,7 @@ from gatefleet.audit import audit
 from gatefleet.audit.filter import EVENT_TYPES, EventFilter, gateways_named, parse_when
 from gatefleet.audit.read import ReadProgress
 from gatefleet.audit.render import show_selection, strategy_input, summary
+from gatefleet.audit.rerun import selection_ts
 from gatefleet.audit.state import FleetState
 from gatefleet.audit.stream import Replay
 from gatefleet.client import GatefleetClient
@@ -60,11 +61,13 @@ from schemas.events import (
     LoadBalancingChanged,
     OrchestratorStarted,
     OrchestratorStopped,
+    SelectionBatch,
     decode_event,
 )
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
+from tests.selections import holds, recorded
 
 INTERVAL_S = 0.2
 # No score penalty for a late heartbeat: a busy test machine cannot flap a gateway to
@@ -109,6 +112,12 @@ def run_audit(config_file: str, *args: str) -> Result:
     result = CliRunner().invoke(audit, ["--config", config_file, *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output + result.stderr
     return result
+
+
+def explained(config_file: str, selection_id: str) -> GatewaySelected:
+    """`gatefleet audit explain --json ID`: the selection rebuilt from the stream."""
+    result = run_audit(config_file, "explain", "--json", selection_id)
+    return msgspec.json.decode(result.stdout_bytes, type=GatewaySelected)
 
 
 def json_events(config_file: str, *args: str) -> list[Event]:
@@ -164,6 +173,7 @@ def reject(_push: Any) -> ConfigResult:
 class Scenario:
     first_selection: str
     second_selection: str
+    second_reply: SelectReply
     distribution_id: str
     # Times between the phases, taken once the stream held everything before them.
     joined_at: datetime
@@ -237,7 +247,7 @@ def run_scenario(fleet: Fleet, bus: Bus, prefix: str, event_log: EventLog) -> Sc
         healthy(event_log, gateway_id)
     first = fleet.call("select-gateway", SelectRequest(region="us-west"), SelectReply)
     assert first.selection_id is not None
-    event_log.wait_for(lambda e: e.id == first.selection_id)
+    recorded(event_log, first.selection_id)
     joined_at, snapshots["joined"] = snapshot_at(fleet, bus, prefix, event_log)
 
     fleet.agents["edge-2"].pause_heartbeats()
@@ -252,15 +262,23 @@ def run_scenario(fleet: Fleet, bus: Bus, prefix: str, event_log: EventLog) -> Sc
     request = DistributeRequest(config_type="Route", config_data={"routes": ["/api"]})
     dist_id = fleet.call("distribute", request, DistributeReply).distribution_id
     assert finished(event_log, dist_id).details["status"] == "partially_failed"
-    event_log.wait_for(lambda e: e.id == second.selection_id)
+    recorded(event_log, second.selection_id)
     end, snapshots["end"] = snapshot_at(fleet, bus, prefix, event_log)
     return Scenario(
-        first.selection_id, second.selection_id, dist_id, joined_at, failed_at, end, snapshots
+        first.selection_id,
+        second.selection_id,
+        second,
+        dist_id,
+        joined_at,
+        failed_at,
+        end,
+        snapshots,
     )
 
 
 def milestones(events: list[Event], scenario: Scenario) -> list[str]:
-    """The scenario's landmarks, in the order they appear in `events`."""
+    """The scenario's landmarks, one per event of `events` ("" for the others): a batch
+    holding a selection of the scenario is named after it, at the selection's time."""
     names: list[str] = []
     for e in events:
         match e:
@@ -272,11 +290,14 @@ def milestones(events: list[Event], scenario: Scenario) -> list[str]:
                 names.append(f"down {gw}")
             case LoadBalancingChanged(new_strategy=strategy, new_threshold=threshold):
                 names.append(f"lb {strategy} {threshold:g}")
-            case GatewaySelected(id=selection_id):
-                first = selection_id == scenario.first_selection
-                names.append("first selection" if first else "second selection")
             case DistributionEvent(step=step, gateway_id=gw):
                 names.append(f"distribution {step}{' ' + gw if gw else ''}")
+            case SelectionBatch() if holds(e, scenario.first_selection):
+                names.append("first selection")
+            case SelectionBatch() if holds(e, scenario.second_selection):
+                names.append("second selection")
+            case _:
+                names.append("")
     return names
 
 
@@ -312,26 +333,40 @@ def test_scenario_is_in_the_stream_in_order_and_well_formed(
 
     names = milestones(replayed, scenario)
     for gw in GATEWAYS:
-        in_order(names, f"registered {gw}", f"{gw} healthy", "first selection")
-        in_order(names, f"{gw} healthy", "first selection")
+        in_order(names, f"registered {gw}", f"{gw} healthy", "edge-2 down")
     in_order(
         names,
-        "first selection",
         "edge-2 down",
         "down edge-2",
         "lb LeastConnections 75",
-        "second selection",
         "distribution created",
         "distribution batch_sent",
         "distribution gateway_acked edge-1",
         "distribution finished",
     )
+    # Selections are stored in batches, up to 100 ms after they were made: their own
+    # times place them among the other events.
+    times = {name: e.ts for name, e in zip(names, replayed, strict=True)}
+    for selection_id, name in (
+        (scenario.first_selection, "first selection"),
+        (scenario.second_selection, "second selection"),
+    ):
+        batch, record = next((e, r) for e in replayed if (r := holds(e, selection_id)))
+        assert isinstance(batch, SelectionBatch)
+        times[name] = selection_ts(batch, record)
+    assert max(times[f"{gw} healthy"] for gw in GATEWAYS) <= times["first selection"]
+    assert times["first selection"] <= times["edge-2 down"]
+    assert times["lb LeastConnections 75"] <= times["second selection"]
+    assert times["second selection"] <= times["distribution created"]
     in_order(names, "distribution batch_sent", "distribution gateway_nacked edge-3")
     in_order(names, "distribution gateway_nacked edge-3", "distribution finished")
     assert names.count("distribution finished") == 1
 
-    # Each decision carries what explains it.
-    [first, second] = [e for e in replayed if isinstance(e, GatewaySelected)]
+    # Each decision can be explained from the stream alone.
+    first, second = (
+        explained(config_file, scenario.first_selection),
+        explained(config_file, scenario.second_selection),
+    )
     assert (first.strategy, first.threshold, first.region) == ("RoundRobin", 70.0, "us-west")
     assert sorted(c.gateway_id for c in first.candidates) == list(GATEWAYS)
     assert first.excluded == {}
@@ -353,8 +388,9 @@ def test_scenario_is_in_the_stream_in_order_and_well_formed(
     table = run_audit(config_file).stdout.splitlines()
     assert table[0].split() == ["TIME", "(UTC)", "TYPE", "GATEWAY", "DETAILS"]
     assert len(table) == 1 + len(replayed)
-    assert "picked" in table[1 + replayed.index(second)]
-    assert scenario.second_selection in table[1 + replayed.index(second)]
+    [batch] = [e for e in replayed if holds(e, scenario.second_selection)]
+    assert "1 selection: " in table[1 + replayed.index(batch)]
+    assert scenario.second_selection in table[1 + replayed.index(batch)]
 
 
 def test_filters(
@@ -390,10 +426,9 @@ def test_filters(
 
     edge_3 = json_events(config_file, "--gateway", "edge-3")
     assert ids(edge_3) == ids([e for e in everything if "edge-3" in gateways_named(e)])
-    kinds = {"gateway.registered", "gateway.status_changed", "lb.selected", "distribution.step"}
+    kinds = {"gateway.registered", "gateway.status_changed", "lb.snapshot", "distribution.step"}
     assert kinds <= {e.type for e in edge_3}
-    # Both selections name edge-3 (a candidate each time); the failure of edge-2 does not.
-    assert len([e for e in edge_3 if isinstance(e, GatewaySelected)]) == 2
+    # The pool's snapshot names edge-3 (a gateway of it); the failure of edge-2 does not.
     assert not any(isinstance(e, GatewayDown) for e in edge_3)
     both = json_events(config_file, "--gateway", "edge-3", "--type", "distribution")
     assert ids(both) == ids([e for e in edge_3 if e.type == "distribution.step"])
@@ -454,11 +489,11 @@ def test_explain_a_selection(
     config_file: str,
 ) -> None:
     scenario = run_scenario(fleet, bus, prefix, event_log)
-    [logged] = [e for e in event_log.events if e.id == scenario.second_selection]
-    assert isinstance(logged, GatewaySelected)
-
-    [as_json] = json_events(config_file, "explain", scenario.second_selection)
-    assert as_json == logged
+    reply = scenario.second_reply
+    # Rebuilt from the stream: the pool at that moment, and the selection re-run.
+    as_json = explained(config_file, scenario.second_selection)
+    assert (as_json.id, as_json.gateway_id) == (scenario.second_selection, reply.gateway_id)
+    assert as_json.reason == reply.reason
 
     # The group's --config is inherited (`audit --config X explain ID`).
     text = run_audit(config_file, "explain", scenario.second_selection).stdout
@@ -472,13 +507,14 @@ def test_explain_a_selection(
         "edge-3",
         "Excluded",
         "status down",
-        logged.reason,
+        reply.reason,
     ):
         assert expected in text, expected
 
-    missing = CliRunner().invoke(audit, ["explain", "evt-nope", "--config", config_file])
-    assert missing.exit_code == 1
-    assert missing.stderr.startswith("gatefleet: no selection evt-nope")
+    for nope in ("evt-nope", f"sel-{scenario.second_selection.split('-')[1]}-999999"):
+        missing = CliRunner().invoke(audit, ["explain", nope, "--config", config_file])
+        assert missing.exit_code == 1
+        assert missing.stderr.startswith(f"gatefleet: no selection {nope}")
 
 
 # State at a moment ------------------------------------------------------------------------
@@ -787,3 +823,26 @@ def test_a_capped_selection_says_how_many_it_leaves_out(
     # Events recorded before the counts existed list everything: the lengths are the counts.
     old = msgspec.structs.replace(event, candidate_count=None, excluded_count=None)
     assert "2 candidates, 1 excluded" in summary(old)[1]
+
+
+def test_explain_reads_a_selection_recorded_one_event_each(
+    gatefleet: Orchestrator, bus: Bus, prefix: str, config_file: str
+) -> None:
+    """Before batches, each selection was an lb.selected event (its id the reply's
+    selection_id): a stream that holds them is still explained."""
+    event = GatewaySelected(
+        region="eu",
+        client_id="c-1",
+        strategy="RoundRobin",
+        threshold=70.0,
+        gateway_id="edge-1",
+        reason="RoundRobin over 1 eligible gateway",
+        candidates=[CandidateView(gateway_id="edge-1", region="eu", score=90.0)],
+        excluded={},
+    )
+    subject = Subjects(prefix).event(event.type)
+    bus.run(bus.js.publish(subject, encode(event), headers={"Nats-Msg-Id": event.id}))
+    assert explained(config_file, event.id) == event
+    assert (
+        "RoundRobin over 1 eligible gateway" in run_audit(config_file, "explain", event.id).stdout
+    )

@@ -336,3 +336,83 @@ def test_ask_from_outside_to_an_actor_on_the_loop() -> None:
         thread.join(WAIT)
         loop.close()
     assert not ref2.is_alive()
+
+
+class Relay(PooledActor):
+    """Tells `to` what it receives, and records whether `to` had handled it already."""
+
+    def __init__(self, dispatcher: OnLoop, to: pykka.ActorRef[Any]) -> None:
+        super().__init__(dispatcher=dispatcher)
+        self.to = to
+        self.handled_at_once: list[bool] = []
+
+    def on_receive(self, message: Any) -> Any:
+        self.to.tell(message)
+        self.handled_at_once.append(message in actor_of(self.to).seen)
+
+
+def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
+    """On the loop thread, outside a drain, a tell runs the actor's turn before it returns
+    (a request handler's reply leaves in the same pass); inside a drain it waits for
+    the next one, so one actor's turn never runs inside another's."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bus-loop")
+    thread.start()
+    on_loop = OnLoop(loop)
+    on_loop.start()
+    try:
+        target = Recorder.start(on_loop)
+        relay = Relay.start(on_loop, target)
+        assert target.ask("target ready", timeout=WAIT) == "target ready"
+        assert relay.ask("relay ready", timeout=WAIT) is None
+
+        async def tell_from_the_loop() -> tuple[bool, bool]:
+            target.tell("direct")
+            direct = "direct" in actor_of(target).seen
+            relay.tell("relayed")
+            return direct, "relayed" in actor_of(target).seen
+
+        direct, relayed = asyncio.run_coroutine_threadsafe(tell_from_the_loop(), loop).result(WAIT)
+        assert direct  # handled inside the tell
+        assert not relayed  # the relay's turn ran inside its tell; the target's in a later pass
+        expected = ["target ready", "relay ready", "direct", "relayed"]
+        assert target.ask("seen", timeout=WAIT) == expected
+        assert actor_of(relay).handled_at_once == [False, False]
+    finally:
+        on_loop.stop(timeout=WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+
+
+def test_a_burst_in_the_latest_lane_is_taken_a_turn_at_a_time() -> None:
+    """Thousands of keys at once: at most `throughput` are handled before what the FIFO
+    held then, every key's newest message is handled once, oldest key first."""
+    pool = OwnThread("burst", throughput=8)
+    pool.start()
+    try:
+        gate = threading.Event()
+
+        class Gated(Recorder):
+            def on_receive(self, message: Any) -> Any:
+                if message == "gate":
+                    gate.wait(WAIT)
+                    return None
+                return super().on_receive(message)
+
+        ref = Gated.start(pool, expect=1 + 100)
+        inbox = cast(PooledInbox, ref.actor_inbox)
+        ref.tell("gate")
+        for key in range(100):
+            inbox.put_latest(key, f"{key}-old")
+        ref.tell("told after the burst")
+        for key in range(100):
+            inbox.put_latest(key, key)  # replaces each, keeping its place
+        gate.set()
+        assert actor_of(ref).done.wait(WAIT)
+        seen: list[Any] = ref.ask("seen", block=True, timeout=WAIT)
+        assert seen.index("told after the burst") == 8  # one turn's worth of the lane first
+        assert [m for m in seen if m != "told after the burst"] == list(range(100))
+        ref.stop(timeout=WAIT)
+    finally:
+        pool.stop(timeout=WAIT)

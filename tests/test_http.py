@@ -324,6 +324,9 @@ def test_healthz_and_metrics(http: Http, fleet: Fleet, gatefleet: Orchestrator) 
     assert {name: samples.get(name) for name in expected} == expected
     assert samples["gatefleet_orchestrator_lag_ms"] >= 0
     assert samples["gatefleet_detection_suspended_seconds_total"] >= 0
+    # The selections' latency, per strategy.
+    assert samples['gatefleet_selection_latency_seconds_count{strategy="RoundRobin"}'] == 3
+    assert 0 < samples['gatefleet_selection_latency_seconds_sum{strategy="RoundRobin"}'] < 5
     # The distribution's duration, in the histogram.
     assert samples["gatefleet_distribution_duration_seconds_count"] == 1
     assert samples['gatefleet_distribution_duration_seconds_bucket{le="+Inf"}'] == 1

@@ -6,18 +6,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from bus.jetstream import bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
-from gatefleet.client import BadRequest, GatefleetClient, Unavailable
+from gatefleet.client import BadRequest, GatefleetClient, InternalError, Unavailable
 from gatefleet.gateway import Metrics
 from schemas.api import SelectReply, SelectRequest
 from schemas.events import Alarm, GatewayStatusChanged, LoadBalancingChanged
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet, MutableMetrics
+from tests.selections import recorded
 
 
 def load(cpu: float, connections: int, latency: float) -> MutableMetrics:
@@ -226,6 +228,37 @@ def test_settings_survive_a_restart(
     assert (status.load_balancing_strategy, status.health_check_threshold) == ("LatencyBased", 80.0)
 
 
+def test_settings_that_cannot_be_stored_are_an_internal_error_and_change_nothing(
+    gatefleet: Orchestrator, client: GatefleetClient, bus: Bus, prefix: str
+) -> None:
+    """The load balancer stores its settings without waiting (it runs on the API lane's
+    loop): a write that fails is answered `internal`, and the old settings stay in force."""
+    bus.run(bus.js.delete_key_value(bucket_name(prefix, "settings")))
+    with pytest.raises(InternalError, match="internal error, id err-"):
+        client.update_load_balancing_config("LatencyBased", 80.0)
+    config = client.get_load_balancing_config()
+    assert (config.strategy, config.health_threshold) == ("RoundRobin", 70.0)
+    assert client.select_optimal_gateway().strategy == "RoundRobin"
+
+
+def test_settings_asked_in_a_row_build_on_each_other(
+    gatefleet: Orchestrator, fleet: Fleet, bus: Bus, prefix: str
+) -> None:
+    """Two updates sent back to back (the first not stored yet when the second comes):
+    the second keeps what the first set."""
+    subject = f"{prefix}.api.load-balancing.set"
+    first = bus.submit(bus.nc.request(subject, b'{"strategy": "LatencyBased"}', timeout=5))
+    second = bus.submit(bus.nc.request(subject, b'{"health_threshold": 80}', timeout=5))
+    assert msgspec.json.decode(first.result(5).data) == {
+        "strategy": "LatencyBased",
+        "health_threshold": 70.0,
+    }
+    assert msgspec.json.decode(second.result(5).data) == {
+        "strategy": "LatencyBased",
+        "health_threshold": 80.0,
+    }
+
+
 def test_an_unreadable_stored_setting_is_alarmed_and_the_configured_one_used(
     settings: Settings,
     start_orchestrator: Callable[[Settings], Orchestrator],
@@ -257,5 +290,6 @@ def test_selection_reply_links_to_its_audit_event(
 ) -> None:
     reply = fleet.call("select-gateway", SelectRequest(region="us-west"), SelectReply)
     assert reply.selection_id is not None
-    event = event_log.wait_for(lambda e: e.id == reply.selection_id)
-    assert event.type == "lb.selected"
+    batch, record = recorded(event_log, reply.selection_id)
+    assert batch.type == "lb.selections"
+    assert (record.region, record.gateway_id) == ("us-west", reply.gateway_id)

@@ -20,6 +20,7 @@ import msgspec
 import pytest
 
 import actors.base
+import actors.paging
 import actors.strategies
 from bus.connection import ClientAuth
 from bus.runtime import Bus, Inbound
@@ -27,7 +28,7 @@ from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient, Unavailable
 from gatefleet.gateway import GatewayAgent
-from schemas.api import ErrorReply, SelectReply
+from schemas.api import DistributionListReply, ErrorReply
 from schemas.codec import decode
 from schemas.events import GatewayDown, decode_event
 from schemas.settings import Settings
@@ -156,16 +157,19 @@ def test_requests_past_a_full_lane_get_unavailable_at_once(
     monkeypatch: pytest.MonkeyPatch,
     prefix: str,
 ) -> None:
+    """An actor with a thread of its own (the distributor) stuck on one request: the
+    next 5 wait, the rest are shed at once. (The load balancer runs on the API lane's
+    loop, where a stuck handler would stall the lane itself: it must never block.)"""
     monkeypatch.setattr(actors.base, "MAX_PENDING_REQUESTS", 5)
     held, release = threading.Event(), threading.Event()
-    real_select = actors.strategies.select
+    real_page = actors.paging.distributions_page
 
-    def slow_select(*args: Any, **kwargs: Any) -> Any:  # a strategy stuck for a while
+    def slow_page(*args: Any, **kwargs: Any) -> Any:  # a handler stuck for a while
         held.set()
         release.wait(10)
-        return real_select(*args, **kwargs)
+        return real_page(*args, **kwargs)
 
-    monkeypatch.setattr("actors.load_balancer.select", slow_select)
+    monkeypatch.setattr("actors.distributor.distributions_page", slow_page)
     start_orchestrator(make_settings())
     bus = fleet.bus
     replies: list[tuple[float, bytes]] = []
@@ -177,7 +181,7 @@ def test_requests_past_a_full_lane_get_unavailable_at_once(
 
     inbox = f"{prefix}-replies"
     bus.subscribe(f"{inbox}.*", on_reply)
-    subject = f"{prefix}.api.select-gateway"
+    subject = f"{prefix}.api.distributions.list"
     sent = time.monotonic()
     bus.call_soon(bus.spawn, bus.nc.publish(subject, b"{}", f"{inbox}.0"))
     assert held.wait(5)
@@ -195,7 +199,7 @@ def test_requests_past_a_full_lane_get_unavailable_at_once(
     with lock:
         answered = [msgspec.json.decode(data) for _, data in replies[15:]]
     assert all("error" not in a for a in answered)
-    assert decode(replies[-1][1], SelectReply).strategy == "RoundRobin"
+    assert decode(replies[-1][1], DistributionListReply).distributions == []
     assert fleet.status().shed == {"requests": 15}
 
 

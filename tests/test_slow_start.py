@@ -14,11 +14,12 @@ from actors.slow_start import SlowStart
 from actors.strategies import SelectorState, select
 from gatefleet.app import Orchestrator
 from schemas.api import GatewaySnapshot, SelectReply, SelectRequest
-from schemas.events import GatewaySelected, GatewayStatusChanged
+from schemas.events import GatewayStatusChanged
 from schemas.settings import LoadBalancingSettings, Settings
 from schemas.types import STRATEGIES, GatewayStatus
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
+from tests.selections import recorded
 
 
 def row(gateway_id: str, status: GatewayStatus = "healthy", active: int = 10) -> GatewaySnapshot:
@@ -145,12 +146,10 @@ def test_a_new_gateway_ramps_up_and_selections_record_it(
     # Both just registered: each ramps. The selections say so, and the audit records it.
     reply = fleet.call("select-gateway", SelectRequest(), SelectReply)
     assert "slow start" in reply.reason
-    event = event_log.wait_for(
-        lambda e: isinstance(e, GatewaySelected) and e.id == reply.selection_id
-    )
-    assert isinstance(event, GatewaySelected)
-    assert event.slow_start
-    assert all(0.0 <= f < 1.0 for f in event.slow_start.values())
+    assert reply.selection_id is not None
+    _, record = recorded(event_log, reply.selection_id)
+    assert record.slow_start
+    assert all(0.0 <= f < 1.0 for f in record.slow_start.values())
 
     # After the window, no more ramp: plain round robin, half each.
     def ramped() -> bool:

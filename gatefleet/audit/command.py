@@ -4,6 +4,8 @@
                     [--distribution dist-...] [--follow] [--json]
     gatefleet audit explain <selection id>
     gatefleet audit state --at <time>
+    gatefleet audit replay [--since T] [--until T] [--json]
+    gatefleet audit whatif --strategy S [--threshold X] [--since T] [--until T] [--json]
 
 Reading is done by `bus.replay.Replay` (an ordered consumer, filtered by subject on the
 server: `--type` and `--distribution` narrow the subjects); `--gateway` and
@@ -27,18 +29,31 @@ from typing import IO
 import click
 import msgspec
 
+from actors.selection_log import selection_event
+from actors.strategies import Selection
+from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet import output
 from gatefleet.audit.filter import EVENT_TYPES, WHEN, EventFilter
 from gatefleet.audit.read import Decoder, connected_bus, read
-from gatefleet.audit.render import event_line, show_selection, show_state, summary, when
+from gatefleet.audit.render import (
+    event_line,
+    show_replay,
+    show_selection,
+    show_state,
+    show_whatif,
+    summary,
+    when,
+)
+from gatefleet.audit.rerun import Lane, Rerun, Tally, WhatIf, request_of, selection_ts
+from gatefleet.audit.selections import feed, find_batch, parse_selection_id, until_stored
 from gatefleet.audit.state import FOLDED_TYPES, FleetFold, FleetState, LoadBalancingState
 from gatefleet.audit.stream import StoredEvent
 from gatefleet.cli_common import client_options, fail, settings_or_exit
-from schemas.codec import DecodeError
-from schemas.events import Event, GatewaySelected
+from schemas.codec import DecodeError, encode
+from schemas.events import Event, GatewaySelected, SelectionBatch, SelectionRecord
 from schemas.settings import Settings
-from schemas.types import GATEWAY_ID_RE
+from schemas.types import GATEWAY_ID_RE, STRATEGIES, StrategyName
 
 # Events are stored a few ms after their `ts`: `state --at T` reads this far past T.
 STORE_GRACE = timedelta(seconds=10)
@@ -228,39 +243,183 @@ def explain(
 ) -> None:
     """Why one selection went the way it did.
 
-    SELECTION_ID is the `selection_id` of a select-gateway reply (or the `id` of an
-    lb.selected event): shows the request, strategy and threshold, the candidates (the
-    pick and the best 50 others by the strategy's measure) with the metrics and score they
-    were judged on, the excluded gateways (the first 50) and why, and the pick.
+    SELECTION_ID is the `selection_id` of a select-gateway reply: shows the request,
+    strategy and threshold, the candidates (the pick and the best 50 others by the
+    strategy's measure) with the metrics and score they were judged on, the excluded
+    gateways (the first 50) and why, and the pick. The pool is rebuilt from the stream
+    (the snapshot before the selection and the changes since), and the selection re-run.
     """
     options = ClientOptions.of(config, nats, as_json)
     settings = settings_or_exit(options.config, options.nats)
-    needle = selection_id.encode()
+    with connected_bus(settings) as bus:
+        found = _explained(bus, settings, selection_id, since)
+    if found is None:
+        fail(
+            f"no selection {selection_id} in the audit log (not a selection id, older than "
+            "its retention, or recorded while [audit] record_selections was false)"
+        )
+    event, recorded = found
+    if options.as_json:
+        sys.stdout.buffer.write(_one_line(encode(event)) + b"\n")
+        return
+    show_selection(event)
+    if recorded != event.gateway_id:
+        click.echo(
+            f"gatefleet: replayed, this selection picks {event.gateway_id or 'nobody'}, but "
+            f"{recorded or 'nobody'} was recorded: `gatefleet audit replay` shows the inputs",
+            err=True,
+        )
+
+
+def _explained(
+    bus: Bus, settings: Settings, selection_id: str, since: datetime | None
+) -> tuple[GatewaySelected, str | None] | None:
+    """The selection explained, and the pick recorded; None if it is not in the stream."""
+    parsed = parse_selection_id(selection_id)
+    if parsed is None:
+        return _recorded_event(bus, settings, selection_id, since)
+    run, n = parsed
+    located = find_batch(bus, settings, run, n, since)
+    if located is None:
+        return None
+    head, stored_ns = located
+    explained: list[tuple[GatewaySelected, str | None]] = []
+
+    def found(
+        lane: Lane, record: SelectionRecord, batch: SelectionBatch, chosen: Selection
+    ) -> None:
+        event = selection_event(selection_id, request_of(record), chosen, lane.pool, lane.recorded)
+        event = msgspec.structs.replace(event, ts=selection_ts(batch, record))
+        explained.append((event, record.gateway_id))
+
+    rerun = Rerun(find=(run, n), found=found)
+    feed(bus, settings, rerun, since=head.snapshot_ts, until=until_stored(stored_ns))
+    if not explained:
+        fail(f"the pool selection {selection_id} was made from is no longer in the audit log")
+    return explained[0]
+
+
+def _recorded_event(
+    bus: Bus, settings: Settings, event_id: str, since: datetime | None
+) -> tuple[GatewaySelected, str | None] | None:
+    """An `lb.selected` event (recorded one per selection before batches)."""
+    needle = event_id.encode()
     decoder = Decoder()
-    found: list[tuple[GatewaySelected, bytes]] = []
+    found: list[GatewaySelected] = []
 
     def sink(batch: list[StoredEvent]) -> bool:
         for _, _, data in batch:
             if needle in data:
                 event = decoder(data)
-                if isinstance(event, GatewaySelected) and event.id == selection_id:
-                    found.append((event, data))
+                if isinstance(event, GatewaySelected) and event.id == event_id:
+                    found.append(event)
                     return True
         return False
 
     subjects = [Subjects(settings.bus.subject_prefix).event("lb.selected")]
-    with connected_bus(settings) as bus:
-        read(bus, settings, subjects, sink, since=since)
-    if not found:
-        fail(
-            f"no selection {selection_id} in the audit log (not a selection id, older than "
-            "its retention, or recorded while [audit] record_selections was false)"
-        )
-    event, data = found[0]
+    read(bus, settings, subjects, sink, since=since)
+    return (found[0], found[0].gateway_id) if found else None
+
+
+# `gatefleet audit replay` and `gatefleet audit whatif` ------------------------------------
+
+
+@audit.command()
+@client_options
+@click.option("--since", type=WHEN, help="Selections stored since TIME (or DURATION ago).")
+@click.option("--until", type=WHEN, help="Selections stored until TIME (or DURATION ago).")
+def replay(
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+    since: datetime | None,
+    until: datetime | None,
+) -> None:
+    """Re-run every recorded selection against the pool recorded at that moment.
+
+    Each selection is re-run with its strategy, threshold, rotation cursor, random draws,
+    sticky gateway and slow start ramps as recorded; it must pick what it picked then.
+    Differences (a bug) are shown with both picks and the inputs, and the exit status is
+    then 1. Selections the stream cannot vouch for (in an audit gap, or after a lost
+    batch until the next pool snapshot) are counted apart. --json prints
+    {"selections": N, "reproduced": N, "differed": [...], "in_gap": N}.
+    """
+    options = ClientOptions.of(config, nats, as_json)
+    tally = _rerun(options, None, since, until)
+    reproduced = tally.selections - len(tally.differed)
     if options.as_json:
-        sys.stdout.buffer.write(_one_line(data) + b"\n")
+        output.print_json(
+            {
+                "selections": tally.selections,
+                "reproduced": reproduced,
+                "differed": tally.differed,
+                "in_gap": tally.in_gap,
+            }
+        )
     else:
-        show_selection(event)
+        show_replay(tally)
+    if tally.differed:
+        sys.exit(1)
+
+
+@audit.command()
+@client_options
+@click.option(
+    "--strategy", type=click.Choice(STRATEGIES), required=True, help="The strategy to try."
+)
+@click.option(
+    "--threshold", type=click.FloatRange(0, 100), help="The health threshold to try (0-100)."
+)
+@click.option("--since", type=WHEN, help="Selections stored since TIME (or DURATION ago).")
+@click.option("--until", type=WHEN, help="Selections stored until TIME (or DURATION ago).")
+def whatif(
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+    strategy: StrategyName,
+    threshold: float | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> None:
+    """Re-run the recorded requests under another strategy or threshold.
+
+    Shows, per gateway, the picks recorded and the picks it would have had, how many
+    selections changed, the busiest gateway's share, and the selections that would have
+    found no gateway. --threshold left out keeps the recorded one. With the recorded
+    strategy and threshold nothing changes. --json prints {"selections": N, "changed": N,
+    "no_gateway": N, "per_gateway": {id: {"recorded": n, "whatif": n}}}.
+    """
+    options = ClientOptions.of(config, nats, as_json)
+    tally = _rerun(options, WhatIf(strategy=strategy, threshold=threshold), since, until)
+    if options.as_json:
+        output.print_json(
+            {
+                "selections": tally.selections,
+                "changed": tally.changed,
+                "no_gateway": tally.no_gateway,
+                "per_gateway": {
+                    gw: {"recorded": recorded, "whatif": whatif}
+                    for gw, (recorded, whatif) in sorted(tally.per_gateway.items())
+                },
+                "in_gap": tally.in_gap,
+            }
+        )
+    else:
+        show_whatif(tally, strategy, threshold)
+
+
+def _rerun(
+    options: ClientOptions, what_if: WhatIf | None, since: datetime | None, until: datetime | None
+) -> Tally:
+    settings = settings_or_exit(options.config, options.nats)
+
+    def ns(moment: datetime | None) -> int | None:
+        return None if moment is None else int(moment.timestamp() * 1e9)
+
+    rerun = Rerun(what_if, since_ns=ns(since), until_ns=ns(until))
+    with connected_bus(settings) as bus:
+        feed(bus, settings, rerun, since=since, until=until)
+    return rerun.finish()
 
 
 # `gatefleet audit state` ------------------------------------------------------------------

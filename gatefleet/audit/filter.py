@@ -28,8 +28,11 @@ from schemas.events import (
     GatewayRegistered,
     GatewaySelected,
     GatewayStatusChanged,
+    PoolChange,
+    PoolSnapshot,
     Reconciliation,
     ResumedStep,
+    SelectionBatch,
     Step,
 )
 from schemas.types import GATEWAY_ID_RE
@@ -172,6 +175,16 @@ def gateways_named(event: Event) -> set[str]:
         case GatewaySelected():
             named = {c.gateway_id for c in event.candidates} | set(event.excluded)
             return named | ({event.gateway_id} if event.gateway_id else set())
+        case SelectionBatch(steps=steps):
+            named = set()
+            for step in steps:
+                if isinstance(step, PoolChange):
+                    named.update(step.removed, (row.gateway_id for row in step.rows))
+                elif step.gateway_id is not None:
+                    named.add(step.gateway_id)
+            return named
+        case PoolSnapshot(rows=rows):
+            return {row.gateway_id for row in rows}
         case Failover(from_gateway=a, to_gateway=b) | Failback(from_gateway=a, to_gateway=b):
             return {a} | ({b} if b else set())
         case DistributionEvent(gateway_id=gw):

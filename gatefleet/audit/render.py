@@ -3,6 +3,7 @@ fleet at a moment. Presentation only: it reads no bus."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Final
@@ -12,6 +13,7 @@ import msgspec
 from rich.table import Table
 
 from gatefleet import output
+from gatefleet.audit.rerun import Tally, busiest_share
 from gatefleet.audit.state import DistributionState, FleetState
 from schemas.events import (
     Alarm,
@@ -36,11 +38,15 @@ from schemas.events import (
     GatewayTimedOutStep,
     LoadBalancingChanged,
     OrchestratorStopped,
+    PoolSnapshot,
     QueuedStep,
     Reconciliation,
     ResumedStep,
     SecurityViolation,
+    SelectionBatch,
+    SelectionRecord,
 )
+from schemas.types import StrategyName
 
 EPOCH = datetime.fromtimestamp(0, UTC)
 
@@ -76,6 +82,14 @@ def summary(event: Event) -> tuple[str, str]:
                 f"picked {picked} ({event.strategy}, {counts}{'; ' + request if request else ''})"
                 f": {event.reason} [explain {event.id}]"
             )
+        case SelectionBatch():
+            return "", _batch_summary(event)
+        case PoolSnapshot():
+            part = f" (part {event.part + 1} of {event.parts})" if event.parts > 1 else ""
+            return "", (
+                f"pool of run {event.run} at generation {event.generation}{part}: "
+                f"{len(event.rows)} gateways; {event.strategy}, threshold {event.threshold:g}"
+            )
         case DistributionEvent():
             head = f"{event.step} {event.distribution_id} {event.config_type} v{event.version}"
             more = _step_details(event)
@@ -110,6 +124,24 @@ def summary(event: Event) -> tuple[str, str]:
                 f"{event.user} may not {event.operation} {event.subject}{times}"
             )
     return "", ""  # pragma: no cover - the match is exhaustive
+
+
+def _batch_summary(event: SelectionBatch) -> str:
+    picks: Counter[str] = Counter()
+    rows = 0
+    for step in event.steps:
+        if isinstance(step, SelectionRecord):
+            picks[step.gateway_id or "nobody"] += 1
+        else:
+            rows += len(step.rows) + len(step.removed)
+    count = event.last - event.first + 1
+    if count <= 0:
+        return f"pool changes: {rows} gateways"
+    top = ", ".join(f"{gw} x{n}" for gw, n in picks.most_common(3))
+    more = f", +{len(picks) - 3} more" if len(picks) > 3 else ""
+    ids = f"sel-{event.run}-{event.first}" + (f" .. {event.last}" if count > 1 else "")
+    plural = "s" if count != 1 else ""
+    return f"{count} selection{plural}: {top}{more}; {rows} gateways changed [explain {ids}]"
 
 
 def _step_details(event: DistributionEvent) -> str:
@@ -311,3 +343,59 @@ def distributions_table(distributions: Iterable[DistributionState]) -> Table:
             when(d.completed_at),
         )
     return table
+
+
+def show_replay(tally: Tally) -> None:
+    console = output.console
+    reproduced = tally.selections - len(tally.differed)
+    gaps = f", {tally.in_gap:,} not vouched for (audit gaps)" if tally.in_gap else ""
+    console.print(
+        f"Replayed {tally.selections:,} selections: {reproduced:,} reproduced exactly, "
+        f"{len(tally.differed):,} differed{gaps}."
+    )
+    for d in tally.differed[:20]:
+        console.print(
+            output.key_value_table(
+                f"Differs: {d.selection_id}",
+                [
+                    ("at", f"{when(d.ts)} UTC"),
+                    ("recorded pick", d.recorded or "nobody"),
+                    ("replayed pick", d.replayed or "nobody"),
+                    ("why (replayed)", d.why),
+                    ("strategy, threshold", f"{d.strategy}, {d.threshold:g}"),
+                    ("generation", d.generation),
+                    ("request", f"region {d.region or '-'}, client {d.client_id or '-'}"),
+                    ("sticky, cursor", f"{d.sticky or '-'}, {d.cursor or '-'}"),
+                    ("draws", ", ".join(f"{x:.6f}" for x in d.draws) or "-"),
+                    (
+                        "slow start",
+                        ", ".join(f"{g} {f:.0%}" for g, f in d.slow_start.items()) or "-",
+                    ),
+                    ("candidates", d.candidates),
+                ],
+            )
+        )
+    if len(tally.differed) > 20:
+        console.print(f"... and {len(tally.differed) - 20} more (--json lists them all)")
+
+
+def show_whatif(tally: Tally, strategy: StrategyName, threshold: float | None) -> None:
+    console = output.console
+    under = strategy + ("" if threshold is None else f", threshold {threshold:g}")
+    gaps = f" ({tally.in_gap:,} not vouched for: skipped)" if tally.in_gap else ""
+    share = tally.changed / tally.selections if tally.selections else 0.0
+    console.print(
+        f"{tally.selections:,} selections re-run under {under}{gaps}: {tally.changed:,} "
+        f"changed ({share:.1%}), {tally.no_gateway:,} would have found no gateway."
+    )
+    for column, label in ((0, "recorded"), (1, "what-if")):
+        gateway_id, part = busiest_share(tally.per_gateway, column)
+        console.print(f"Busiest gateway, {label}: {gateway_id or '-'} ({part:.1%})")
+    table = Table(title="Picks per gateway", title_justify="left")
+    table.add_column("gateway")
+    for heading in ("recorded", "what-if", "change"):
+        table.add_column(heading, justify="right")
+    rows = sorted(tally.per_gateway.items(), key=lambda item: (-item[1][0], item[0]))
+    for gateway_id, (recorded, whatif) in rows:
+        table.add_row(gateway_id, f"{recorded:,}", f"{whatif:,}", f"{whatif - recorded:+,}")
+    console.print(table)
