@@ -64,7 +64,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.api import GatewayDelivery
+from schemas.api import GatewayDelivery, Origin, Rollout
 from schemas.types import ConfigType, DistributionStatus, GatewayId
 from schemas.wire import DistributionId, Version
 
@@ -104,11 +104,16 @@ class DistributionSpec(_Stored, frozen=True):
     # desired version. Else it named its targets, each of which it sets.
     fleet_wide: bool
     created_at: Time
-    origin: Literal["distribute", "reconcile"] = "distribute"
+    origin: Origin = "distribute"
     # Given up by the distributor (its actor died again and again): it ends failed, so.
     abandoned: str | None = None
     # The distribute request's request_id (idempotent retries).
     request_id: str | None = None
+    # Progressive delivery: the request's rollout. With `auto_rollback` the version after
+    # its own is kept for its rollback (versions of a type are applied in order).
+    rollout: Rollout | None = None
+    # An automatic rollback: the distribution it rolls back.
+    rollback_of: DistributionId | None = None
 
 
 class GatewayChunk(_Stored, frozen=True):
@@ -121,6 +126,11 @@ class DistributionProgress(_Stored, frozen=True):
     batch: int = 0
     completed_at: Time | None = None
     reason: str | None = None
+    # Progressive delivery (schemas.api.Distribution has their meaning).
+    batch_count: int = 0
+    batch_start: int = 0
+    gate_until: Time | None = None
+    gated_batch: int = 0
 
 
 class DesiredConfig(_Stored, frozen=True):
