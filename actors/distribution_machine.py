@@ -701,6 +701,16 @@ def abandoned(record: Distribution, reason: str, now_wall: datetime) -> Distribu
     )
 
 
+def unstarted_aborted(record: Distribution, now_wall: datetime) -> Distribution:
+    """A pending distribution aborted before it started: every target it would have
+    pushed is skipped."""
+    skipped = GatewayDelivery(state="skipped", error=f"{ABORTED} before it started")
+    gateways = {gw: skipped if d.state == "pending" else d for gw, d in record.gateways.items()}
+    return replace(
+        record, status="aborted", gateways=gateways, completed_at=now_wall, reason=ABORTED
+    )
+
+
 def finished_step(record: Distribution) -> FinishedStep:
     """The `finished` step of a record that has ended."""
     return FinishedStep(

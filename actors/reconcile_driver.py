@@ -103,27 +103,30 @@ class ReconcileDriver:
             for gw in record.target_gateways:
                 self.in_flight.setdefault(gw, set()).add(record.id)
 
-    def learn(self, old: Distribution | None, record: Distribution) -> None:
-        """Tells the reconciler each gateway's final state in `record` not yet in `old`."""
+    def learn(self, record: Distribution, gateways: Iterable[str]) -> None:
+        """Tells the reconciler the final state in `record` of each of these gateways (an
+        acked one runs its version, also if its health gate failed it afterwards)."""
         reconciler, now, at = self.reconciler, self.clock(), utc_now()
-        acked = record.successful_gateways[len(old.successful_gateways) if old else 0 :]
-        failed = record.failed_gateways[len(old.failed_gateways) if old else 0 :]
-        for gw in acked:
-            reconciler.on_outcome(gw, record.config_type, record.version, "acked", at=at, now=now)
-        for gw in failed:
+        for gw in gateways:
             delivery = record.gateways[gw]
             outcome: Outcome
-            if delivery.state == "nacked":
+            if delivery.state == "acked":
+                outcome = "acked"
+            elif delivery.state == "nacked":
                 outcome = "nacked"
-            elif delivery.attempts:
+            elif delivery.state == "failed" and delivery.attempts:
                 outcome = "timed_out"
             else:
-                continue  # an unknown id: never sent to
+                continue  # not final, unhealthy (learnt as acked), skipped, an unknown id
             delay = reconciler.on_outcome(
                 gw, record.config_type, record.version, outcome, at=at, now=now
             )
             if delay is not None and self.auto:
                 self.bus.call_later(delay, safe_tell, self.me, ReconcileDue(gateway_id=gw))
+
+    def status(self, gateway_id: str) -> str | None:
+        """A gateway's status as last reported (None: not known)."""
+        return self.reconciler.status(gateway_id)
 
     def finished(self, record: Distribution) -> None:
         """A distribution ended: its gateways are checked again."""
