@@ -58,7 +58,7 @@ import logging
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pykka
@@ -188,12 +188,14 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         self._load()
-        self._prune()
-        self._subscriptions = self.serve("distributor", self.ctx)
+        # What a stop cut short: a rolled back distribution not ended yet, a completed
+        # rollout whose desired state is not stored.
         for record in list(self.records.values()):
             if record.status == "rolling_back" and record.rollbacks:
                 self._rollback_ended(self.records[record.rollbacks[-1]])
         self._desire_completed_rollouts()
+        self._prune()
+        self._subscriptions = self.serve("distributor", self.ctx)
         for config_type in list(self.queues):
             self._start_head(config_type)
 
@@ -278,7 +280,7 @@ class DistributorActor(SafeActor):
             case DistributionChanged(record=record, gateways=gateways):
                 self._changed(record, gateways)
             case GatewayUpdated(snapshot=snapshot, old_status=old_status):
-                if (old_status == "healthy") != (snapshot.status == "healthy"):
+                if old_status != snapshot.status:
                     self._tell_health(snapshot)
                 self.reconcile.on_gateway(snapshot)
             case StartHead(config_type=config_type):
@@ -444,14 +446,11 @@ class DistributorActor(SafeActor):
     def _enqueue(self, record: Distribution) -> None:
         queue = self.queues.setdefault(record.config_type, deque())
         queue.append(record.id)
-        if len(queue) == 1:
-            self._start_head(record.config_type)
-            return
-        self.ctx.emit(
-            DistributionEvent.of(
-                record.id, record.config_type, record.version, QueuedStep(after=queue[-2])
-            )
-        )
+        self._start_head(record.config_type)
+        if record.id in queue and record.id not in self.running:
+            before = queue[queue.index(record.id) - 1]
+            step = QueuedStep(after=before)
+            self.ctx.emit(DistributionEvent.of(record.id, record.config_type, record.version, step))
 
     def _start_head(self, config_type: str) -> None:
         """Starts the first distribution queued for `config_type`, if any. One that cannot
@@ -462,6 +461,7 @@ class DistributorActor(SafeActor):
         while queue:
             record = self.records[queue[0]]
             if record.id in self.running:
+                failed += self._start_alongside(queue)
                 break
             if record.status == "rolling_back":
                 if not self._roll_back(record):
@@ -477,6 +477,21 @@ class DistributorActor(SafeActor):
         for record in failed:
             self.reconcile.finished(record)
             self._rollback_ended(record)
+
+    def _start_alongside(self, queue: deque[str]) -> list[Distribution]:
+        """While the head holds its queue (scheduled, paused), the reconciliations right
+        behind it run (they push no gateway it targets: see ReconcileDriver); those that
+        cannot start end failed (returned)."""
+        failed = []
+        if self.records[queue[0]].status in HOLDING:
+            for dist_id in list(queue)[1:]:
+                record = self.records[dist_id]
+                if record.origin != "reconcile":
+                    break
+                if dist_id not in self.running and (reason := self._start(record)):
+                    queue.remove(dist_id)
+                    failed.append(self._fail(record, reason))
+        return failed
 
     def _start(self, record: Distribution) -> str | None:
         """Starts its DistributionActor (writing desired state first if it sets it);
@@ -536,6 +551,8 @@ class DistributorActor(SafeActor):
         self.reconcile.learn(record, gateways)
         if old is not None and old.status in HANDED_OVER:
             return
+        if record.status in HOLDING and (old is None or old.status not in HOLDING):
+            self._start_head(record.config_type)  # reconciliations may run alongside
         if record.status == "rolling_back":
             self._handed_over(record)
             self._start_head(record.config_type)
@@ -606,6 +623,10 @@ class DistributorActor(SafeActor):
         store refused it: tried again after ROLLBACK_RETRY_S."""
         config_type = original.config_type
         gateways = rollback_targets(original)
+        if not gateways:
+            self.queues[config_type].popleft()
+            self._end(original, "halted", "nothing to roll back: no gateway took it", utc_now())
+            return True
         previous: dict[str, int | None] = {}
         for gw in gateways:
             desired = self.reconcile.reconciler.desired(gw, config_type)
@@ -659,8 +680,7 @@ class DistributorActor(SafeActor):
 
     def _rollback_ended(self, rollback: Distribution) -> None:
         """A rollback has ended: the distribution it rolled back ends `rolled_back` if it
-        completed, else `failed` with the reason. Its progress is written here (its actor
-        has stopped); if that fails, this is done again at the next start."""
+        completed, else `failed` with the reason."""
         original = self.records.get(rollback.rollback_of or "")
         if original is None or original.status != "rolling_back":
             return
@@ -675,10 +695,17 @@ class DistributorActor(SafeActor):
         else:
             status = "failed"
             outcome = f"its rollback {rollback.id} ended {rollback.status}: {rollback.reason}"
+        self._end(original, status, outcome, rollback.completed_at or utc_now())
+
+    def _end(
+        self, original: Distribution, status: DistributionStatus, outcome: str, at: datetime
+    ) -> None:
+        """Ends a distribution that was rolling back (its actor has stopped: its progress
+        is written here; if that fails, this is done again at the next start)."""
         ended = replace(
             original,
             status=status,
-            completed_at=rollback.completed_at or utc_now(),
+            completed_at=at,
             reason=f"{original.reason}; {outcome}" if original.reason else outcome,
         )
         try:
@@ -786,7 +813,8 @@ class DistributorActor(SafeActor):
     # Health, for rollouts' gates ------------------------------------------------------------
 
     def _tell_health(self, snapshot: GatewaySnapshot) -> None:
-        """A gateway became healthy or not: the running rollouts targeting it hear it."""
+        """A gateway's status changed: the running rollouts targeting it hear whether it
+        is healthy now."""
         gw, healthy = snapshot.gateway_id, snapshot.status == "healthy"
         message = GatewayHealth(
             gateway_id=gw, healthy=healthy, reason=f"{snapshot.status} (score {snapshot.score:.1f})"
@@ -911,9 +939,13 @@ class DistributorActor(SafeActor):
     def queued(self, config_type: str) -> Sequence[Distribution]:
         return [self.records[dist_id] for dist_id in self.queues.get(config_type, ())]
 
+    def record(self, dist_id: str) -> Distribution | None:
+        return self.records.get(dist_id)
+
     def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
         gw = resync.gateway_id
-        if joining is not None:  # waiting in its queue: it takes in one more gateway
+        if joining is not None and joining.id not in self.running:
+            # Waiting in its queue: it takes in one more gateway.
             joined = replace(
                 joining,
                 target_gateways=[*joining.target_gateways, gw],

@@ -15,7 +15,11 @@ races one; and none is created for a gateway that a distribution of that type ta
 (running or queued), while a distribution of that type waits to start (its start changes
 desired state and brings a recheck), or while another reconciliation for that gateway is
 in flight (one per gateway). A reconciliation still waiting in its queue takes in the next
-gateways needing the same version, so a mass rejoin makes few distributions.
+gateways needing the same version, so a mass rejoin makes few distributions. While the
+head of a type's queue holds it (a rollout scheduled or paused), the reconciliations
+right behind it run alongside it, so gateways it does not target keep getting their
+desired version. Nor is a gateway pushed a desired version whose distribution was
+aborted (unless an operator asks: `P.api.reconcile`).
 
 `[orchestrator] ha_enabled = false` turns automatic reconciliation off; `P.api.reconcile`
 (an operator's request, which also re-pushes a version the gateway rejected and skips the
@@ -49,9 +53,13 @@ class Desk(Protocol):
         """The distributions of a type in queue order; the first one may be running."""
         ...
 
+    def record(self, dist_id: str) -> Distribution | None:
+        """A distribution's record (None: not kept, or no such one)."""
+        ...
+
     def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
-        """Pushes `resync`: joins `joining` (a reconciliation waiting for that version) or
-        creates one; its id, or None when that version's content is lost. Raises KvError
+        """Pushes `resync`: joins `joining` (a reconciliation waiting for that version, if
+        it has not started) or creates one; its id, or None when that version's content is lost. Raises KvError
         when the store cannot take it (nothing is pushed then)."""
         ...
 
@@ -196,6 +204,10 @@ class ReconcileDriver:
         flying = self.in_flight.get(gw)
         if flying and not forced:
             return f"reconciliation {min(flying)} in flight"
+        desired = self.reconciler.desired(gw, config_type)
+        setter = self.desk.record(desired.distribution_id) if desired else None
+        if setter is not None and setter.status == "aborted" and not forced:
+            return f"the distribution of its desired version, {setter.id}, was aborted"
         for position, record in enumerate(self.desk.queued(config_type)):
             if gw in record.gateways:
                 return f"distribution {record.id} targets it"

@@ -26,7 +26,7 @@ from gatefleet.gateway import GatewayAgent
 from gatefleet.http import HttpApi
 from schemas import endpoints as api
 from schemas.api import DRY_RUN_ID, ReconcileRequest, Rollout
-from schemas.events import DistributionEvent, utc_now
+from schemas.events import DistributionEvent, Reconciliation, utc_now
 from schemas.stored import DesiredConfig
 from tests import test_distribution
 from tests.conftest import EventLog, wait_until
@@ -111,9 +111,12 @@ def test_a_canary_that_nacks_halts_with_no_other_gateway_pushed(
     finished(event_log, client.distribute("Route", {"v": 1}).distribution_id)
     fleet.reject.add("gw-1")
 
-    rollout = Rollout(canary=1, max_failures=0)
+    rollout = Rollout(canary=1, max_failures=0, auto_rollback=True)
     dist_id = client.distribute("Route", {"v": 2}, rollout=rollout).distribution_id
-    assert finished(event_log, dist_id).details["status"] == "halted"
+    end = finished(event_log, dist_id)
+    # The canary rejected it, so kept its last good config: nothing to roll back.
+    assert end.details["status"] == "halted"
+    assert end.details["reason"].endswith("; nothing to roll back: no gateway took it")
 
     [canary] = steps(event_log, dist_id, "batch_sent")
     assert (canary.details["gateways"], canary.details["canary"]) == (["gw-1"], True)
@@ -124,7 +127,9 @@ def test_a_canary_that_nacks_halts_with_no_other_gateway_pushed(
     assert {gw: record.gateways[gw].state for gw in ("gw-2", "gw-3", "gw-4")} == dict.fromkeys(
         ("gw-2", "gw-3", "gw-4"), "skipped"
     )
-    assert record.reason == "1 failed, more than max_failures 0 (last: gw-1 rejected it)"
+    assert record.reason is not None
+    assert record.reason.startswith("1 failed, more than max_failures 0 (last: gw-1 rejected it)")
+    assert record.rollbacks == []
     assert [gw for gw in fleet.applied if (2, {"v": 2}) in pushed(fleet, gw)] == ["gw-1"]
     # Its version never becomes desired: reconciliation finds every gateway in sync.
     fleet_wide = desired("Route")
@@ -231,6 +236,28 @@ def test_pause_resume_and_abort_from_the_cli_and_the_api(
     assert all((3, {"v": 3}) not in pushed(fleet, gw) for gw in fleet.applied)
     bad = cli("distributions", "pause")
     assert (bad.exit_code, "usage:" in bad.output) == (2, True)
+
+
+def test_a_held_queue_still_reconciles_gateways_the_holder_does_not_target(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+) -> None:
+    fleet.add_many("gw-1", "gw-2")
+    run()
+    finished(event_log, client.distribute("Route", {"v": 1}).distribution_id)
+    window = Rollout(not_before=utc_now() + timedelta(hours=1))
+    holder = client.distribute("Route", {"v": 2}, ["gw-1"], rollout=window).distribution_id
+    step(event_log, holder, "scheduled")
+
+    fleet.add_many("gw-3")  # joins while Route is held: it gets the desired version, 1
+    joined = event_log.wait_for(lambda e: isinstance(e, Reconciliation) and e.gateway_id == "gw-3")
+    assert isinstance(joined, Reconciliation)
+    assert finished(event_log, joined.distribution_id).details["status"] == "completed"
+    assert pushed(fleet, "gw-3") == [(1, {"v": 1})]
+    assert client.get_distribution(holder).status == "scheduled"
+    assert steps(event_log, joined.distribution_id or "", "queued") == []
 
 
 def test_abort_a_queued_distribution_over_http(
