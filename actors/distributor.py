@@ -680,15 +680,18 @@ class DistributorActor(SafeActor):
 
     def _rollback_ended(self, rollback: Distribution) -> None:
         """A rollback has ended: the distribution it rolled back ends `rolled_back` if it
-        completed, else `failed` with the reason."""
+        completed (`halted` if it had nothing to restore), else `failed` with the reason."""
         original = self.records.get(rollback.rollback_of or "")
         if original is None or original.status != "rolling_back":
             return
         if rollback.status not in TERMINAL_STATUSES:
             return
         not_pushed = sum(d.state == "skipped" for d in rollback.gateways.values())
-        if rollback.status == "completed":
-            status: DistributionStatus = "rolled_back"
+        status: DistributionStatus = "rolled_back"
+        if rollback.status == "completed" and not_pushed == len(rollback.target_gateways):
+            status = "halted"  # nothing was there to restore
+            outcome = f"not rolled back: no gateway had a version to restore ({rollback.id})"
+        elif rollback.status == "completed":
             outcome = f"rolled back by {rollback.id}"
             if not_pushed:
                 outcome += f" ({not_pushed} gateways listed, not rolled back)"

@@ -182,6 +182,32 @@ def test_a_canary_unhealthy_inside_its_gate_is_rolled_back_to_the_previous_conte
     assert fleet_wide.version == 1
 
 
+def test_a_gateway_with_no_previous_version_is_listed_not_pushed(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+) -> None:
+    canary, _ = fleet.add_many("gw-1", "gw-2")
+    run()
+    rollout = Rollout(canary=1, health_gate_s=5.0, auto_rollback=True)
+    dist_id = client.distribute("Route", ROUTE, rollout=rollout).distribution_id  # Route's first
+    step(event_log, dist_id, "gate_started")
+    unhealthy(canary)
+    end = finished(event_log, dist_id, timeout=10)
+
+    assert end.details["status"] == "halted"
+    [rolling] = steps(event_log, dist_id, "rolling_back")
+    assert (rolling.details["restores"], rolling.details["not_pushed"]) == (None, ["gw-1"])
+    rollback = client.get_distribution(rolling.details["rollback_id"])
+    assert rollback.status == "completed"
+    assert rollback.gateways["gw-1"].state == "skipped"
+    assert rollback.gateways["gw-1"].error == "no previous version: not rolled back"
+    assert end.details["reason"].endswith(f"no gateway had a version to restore ({rollback.id})")
+    assert pushed(fleet, "gw-1") == [(1, ROUTE)]
+    assert pushed(fleet, "gw-2") == []
+
+
 # Pause, resume, abort, windows ----------------------------------------------------------------
 
 
