@@ -10,11 +10,16 @@ sent. Acks and nacks in between are not stored one by one (each store is an fsyn
 after a crash those gateways are sent the same push again, which they acknowledge
 without applying it twice (pushes are idempotent on distribution id and version). Every
 step is told to the parent, which answers status queries from memory.
-Receives: PushAnswered (from the bus loop), RetryDue (its own timers).
-Emits: `distribution.step` events (created, batch_sent, gateway_acked, gateway_nacked,
-gateway_timed_out, gateway_retried, resumed, finished); sends ConfigPush requests on
-`P.gw.<id>.config`; tells the parent DistributionChanged after every stored step, and
-stops itself once the distribution has ended.
+Receives: PushAnswered (from the bus loop), RetryDue, GateDue, WakeDue (its own timers,
+on the runtime's TimerWheel for gates and windows), GatewayHealth (the distributor's
+view of its targets' health, for a rollout's health gates) and Control (pause, resume,
+abort: it answers the request with its record, stored first).
+Emits: `distribution.step` events (every step of the machine's); sends ConfigPush
+requests on `P.gw.<id>.config`; tells the parent DistributionChanged after every step,
+and stops itself once its part is over (the distribution has ended, or is rolling
+back: the distributor carries its rollback). A step that changes its status or health
+gate is stored before anything else happens, so a rollout's pause, gate or window
+survives a crash.
 
 A step whose record cannot be stored (after the store's retries) is not carried out:
 the distribution ends failed ("cannot store its progress: <why>") as it was told last,
@@ -30,6 +35,7 @@ retried.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import pykka
@@ -41,14 +47,27 @@ from actors.distribution_machine import (
     DistributionMachine,
     Emit,
     Finished,
+    NotAllowed,
+    ScheduleGate,
     ScheduleRetry,
+    ScheduleWake,
     Send,
     abandoned,
     finished_step,
 )
 from actors.distribution_store import DistributionStore
-from actors.messages import DistributionChanged, PushAnswered, RetryDue
-from bus.edge import Drops
+from actors.messages import (
+    Control,
+    DistributionChanged,
+    GateDue,
+    GatewayHealth,
+    PushAnswered,
+    RetryDue,
+    WakeDue,
+)
+from actors.paging import distribution_page
+from actors.rollout import phase
+from bus.edge import Drops, reply_error
 from bus.jetstream import KvError
 from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
@@ -109,8 +128,11 @@ class DistributionActor(SafeActor):
         *,
         parent: pykka.ActorRef[Any],
         store: DistributionStore,
+        unhealthy: Mapping[str, str] | None = None,
     ) -> None:
+        """`unhealthy`: its targets not healthy now (GatewayHealth keeps it current)."""
         super().__init__(context.runtime.dispatcher(self.dispatch, "distribution"))
+        self._replies = context.runtime.api_bus  # answers to Control
         self.ctx = context
         self.bus = context.bus
         self.config_data = config_data
@@ -124,6 +146,7 @@ class DistributionActor(SafeActor):
             batch_size=settings.distribution_batch_size,
             retry_count=settings.distribution_retry_count,
             retry_delay_s=settings.distribution_retry_delay_ms / 1000,
+            unhealthy=unhealthy,
         )
         self.ack_timeout_s = settings.distribution_ack_timeout_ms / 1000
         # Each target's position, which says in which chunk its state is stored.
@@ -147,25 +170,54 @@ class DistributionActor(SafeActor):
                 )
             case RetryDue(gateway_id=gw):
                 self._step(machine.on_retry_due(gw))
+            case GatewayHealth(gateway_id=gw, healthy=healthy, reason=reason):
+                self._step(machine.on_health(gw, healthy, reason, now_wall=now))
+            case GateDue(batch=batch):
+                self._step(machine.on_gate_due(batch, now_wall=now))
+            case WakeDue():
+                self._step(machine.on_wake(now))
+            case Control(action=action, reply=reply):
+                self._control(action, reply)
             case _:
                 return super().handle(message)
         return None
 
-    def _step(self, commands: list[Command]) -> None:
+    def _control(self, action: str, reply: str) -> None:
+        """Pause, resume or abort; the answer is the record as stored after it."""
+        machine, now = self.machine, utc_now()
+        try:
+            if action == "pause":
+                commands = machine.pause()
+            elif action == "resume":
+                commands = machine.resume_paused(now)
+            else:
+                commands = machine.abort(now)
+        except NotAllowed as exc:
+            reply_error(self.replies, reply, "bad_request", str(exc))
+            return
+        if not self._step(commands):
+            reply_error(self.replies, reply, "unavailable", self._told.reason or "not stored")
+            return
+        record = self.machine.record
+        self.replies.publish(reply, distribution_page(record, phase=phase(record, now)))
+
+    def _step(self, commands: list[Command]) -> bool:
         """Store a new record before anything goes out, tell the parent of it, then act.
         A record that cannot be stored ends the distribution failed, as it was told last:
-        nothing of the step that needed the write is done."""
+        nothing of the step that needed the write is done (False)."""
         record = self.machine.record
         if record is not self._told:
-            if any(isinstance(c, Send | ScheduleRetry | Finished) for c in commands):
+            if _must_store(self._told, record, commands):
                 try:
                     self._store(record)
                 except KvError as exc:
                     self._give_up(f"cannot store its progress: {exc}")
-                    return
+                    return False
             self._told = record
-            safe_tell(self.distributor, DistributionChanged(record=record))
+            changed = DistributionChanged(record=record, gateways=self.machine.told())
+            safe_tell(self.distributor, changed)
         self._act(record, commands)
+        return True
 
     def _store(self, record: Distribution) -> None:
         """Its progress and the states changed since the last store (the machine's)."""
@@ -199,11 +251,18 @@ class DistributionActor(SafeActor):
                     self._send(gw, attempt)
                 case ScheduleRetry(gateway_id=gw, delay_s=delay_s):
                     self.bus.call_later(delay_s, safe_tell, self.actor_ref, RetryDue(gateway_id=gw))
+                case ScheduleGate(batch=batch, delay_s=delay_s):
+                    self._timer(delay_s, GateDue(batch=batch))
+                case ScheduleWake(delay_s=delay_s):
+                    self._timer(delay_s, WakeDue())
                 case Emit():
                     self.ctx.emit(step_event(record, command))
                 case Finished(status=status):
                     log.info("distribution %s finished: %s", record.id, status)
                     self.stop()
+
+    def _timer(self, delay_s: float, message: GateDue | WakeDue) -> None:
+        self.ctx.runtime.timers.schedule(delay_s, safe_tell, self.actor_ref, message)
 
     def _send(self, gateway_id: str, attempt: int) -> None:
         push, body = self._push(attempt)
@@ -229,3 +288,21 @@ class DistributionActor(SafeActor):
             )
             found = self._pushes[attempt] = (push, encode(push))
         return found
+
+
+def _must_store(told: Distribution, record: Distribution, commands: list[Command]) -> bool:
+    """Whether a step's record is stored before it is carried out: it sends, waits (a
+    retry, a gate, a window), ends, or changes the status, the gate or a gateway's
+    health verdict (acks and nacks alone are not: a resend after a crash recovers them)."""
+    if any(
+        isinstance(c, Send | ScheduleRetry | ScheduleGate | ScheduleWake | Finished)
+        for c in commands
+    ):
+        return True
+    if (told.status, told.gate_until, told.gated_batch) != (
+        record.status,
+        record.gate_until,
+        record.gated_batch,
+    ):
+        return True
+    return any(isinstance(c, Emit) and c.step == "gateway_unhealthy" for c in commands)

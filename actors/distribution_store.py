@@ -21,7 +21,12 @@ from typing import Any
 
 from msgspec.structs import replace
 
-from actors.distribution_machine import TERMINAL_STATUSES, UNKNOWN_GATEWAY, abandoned
+from actors.distribution_machine import (
+    FAILED_STATES,
+    TERMINAL_STATUSES,
+    UNKNOWN_GATEWAY,
+    abandoned,
+)
 from bus.jetstream import KvError, KvStore
 from schemas.api import Distribution, GatewayDelivery
 from schemas.codec import DecodeError, decode
@@ -132,14 +137,14 @@ class DistributionStore:
                 leftovers += _key_names(dist_id, keys)
                 continue
             try:
-                record = _record(dist_id, keys, loaded)
+                record, spec = _record(dist_id, keys, loaded)
             except DecodeError as exc:
                 loaded.cannot_read(f"distribution {dist_id}", exc, "it is skipped")
                 continue
             loaded.records[dist_id] = record
             # A spec is stored before its version counter, which may have failed after it.
             last = loaded.versions.get(record.config_type, 0)
-            loaded.versions[record.config_type] = max(last, record.version)
+            loaded.versions[record.config_type] = max(last, last_version(spec))
         self._delete_leftovers(leftovers)
         for key, data in self._desired.entries().items():
             try:
@@ -296,7 +301,18 @@ def progress_of(record: Distribution) -> DistributionProgress:
         batch=record.batch,
         completed_at=record.completed_at,
         reason=record.reason,
+        batch_count=record.batch_count,
+        batch_start=record.batch_start,
+        gate_until=record.gate_until,
+        gated_batch=record.gated_batch,
     )
+
+
+def last_version(spec: DistributionSpec) -> int:
+    """The last version a spec takes: its own, and the next one for its rollback when it
+    has asked for one (versions of a type are applied in order)."""
+    rollout = spec.rollout
+    return spec.version + 1 if rollout is not None and rollout.auto_rollback else spec.version
 
 
 def _chunks(record: Distribution, positions: Iterable[int]) -> dict[str, GatewayChunk]:
@@ -309,9 +325,10 @@ def _chunks(record: Distribution, positions: Iterable[int]) -> dict[str, Gateway
     return chunks
 
 
-def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> Distribution:
-    """A distribution from its stored values (layout 3). Raises DecodeError if its spec or
-    a chunk does not decode; progress that does not decode is taken as not stored."""
+def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> tuple[Distribution, DistributionSpec]:
+    """A distribution from its stored values (layout 3), and its spec. Raises DecodeError
+    if its spec or a chunk does not decode; progress that does not decode is taken as
+    not stored."""
     assert keys.spec is not None
     spec = decode(keys.spec, DistributionSpec)
     gateways: dict[str, GatewayDelivery] = {}
@@ -325,7 +342,7 @@ def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> Distribution:
         version=spec.version,
         target_gateways=list(gateways),
         successful_gateways=[gw for gw, d in gateways.items() if d.state == "acked"],
-        failed_gateways=[gw for gw, d in gateways.items() if d.state in ("nacked", "failed")],
+        failed_gateways=[gw for gw, d in gateways.items() if d.state in FAILED_STATES],
         gateways=gateways,
         created_at=spec.created_at,
         completed_at=progress.completed_at,
@@ -333,10 +350,16 @@ def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> Distribution:
         batch=progress.batch,
         origin=spec.origin,
         request_id=spec.request_id,
+        rollout=spec.rollout,
+        batch_count=progress.batch_count,
+        batch_start=progress.batch_start,
+        gate_until=progress.gate_until,
+        gated_batch=progress.gated_batch,
+        rollback_of=spec.rollback_of,
     )
     if spec.abandoned and record.status not in TERMINAL_STATUSES:
-        return abandoned(record, spec.abandoned, utc_now())
-    return record
+        return abandoned(record, spec.abandoned, utc_now()), spec
+    return record, spec
 
 
 def _progress(

@@ -134,12 +134,16 @@ class DistributionCounts(_Message, frozen=True):
     failed: int
     by_state: dict[str, int] = msgspec.field(default_factory=dict)
     durations: Histogram | None = None
+    # Config type -> the scheduled or paused distribution holding its queue.
+    blockers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class DistributionChanged(_Message, frozen=True):
-    """DistributionActor -> Distributor: its record as just stored (final once it has ended)."""
+    """DistributionActor -> Distributor: its record after a step (final once it has ended),
+    and the gateways whose state the steps since the last one changed."""
 
     record: Distribution
+    gateways: frozenset[str] = frozenset()
 
 
 class PushAnswered(_Message, frozen=True):
@@ -155,6 +159,40 @@ class RetryDue(_Message, frozen=True):
     """Timer -> DistributionActor: a gateway's retry delay is over."""
 
     gateway_id: str
+
+
+class StartHead(_Message, frozen=True):
+    """Timer -> Distributor: start the head of a type's queue again (a rollback the store
+    refused is tried again)."""
+
+    config_type: str
+
+
+class GateDue(_Message, frozen=True):
+    """Timer -> DistributionActor: the health gate of `batch` should be over."""
+
+    batch: int
+
+
+class WakeDue(_Message, frozen=True):
+    """Timer -> DistributionActor: a scheduled rollout's `not_before` should have come."""
+
+
+class GatewayHealth(_Message, frozen=True):
+    """Distributor -> DistributionActor (of a rollout targeting it): a gateway became
+    healthy, or not (`reason` says how)."""
+
+    gateway_id: str
+    healthy: bool
+    reason: str
+
+
+class Control(_Message, frozen=True):
+    """Distributor -> DistributionActor: P.api.distributions.pause|resume|abort; the
+    actor answers on `reply` with its record as it is after it."""
+
+    action: Literal["pause", "resume", "abort"]
+    reply: str
 
 
 class ChildDied(_Message, frozen=True):

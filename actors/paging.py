@@ -154,14 +154,20 @@ def _distribution_key(row: Distribution) -> tuple[datetime, str]:
     return row.created_at, row.id
 
 
+# A row's phase and blocker (DistributionPage.phase, .blocked_by), from its record.
+Annotate = Callable[[Distribution], tuple[str, str | None]]
+
+
 def distributions_page(
     records: Iterable[Distribution],
     request: DistributionListRequest,
     *,
     max_bytes: int = PAGE_MAX_BYTES,
+    annotate: Annotate | None = None,
 ) -> DistributionListReply:
     """One page of `P.api.distributions.list`, oldest first (created_at, then id), each
-    row with the first page of its per-gateway states. Raises BadCursor."""
+    row with the first page of its per-gateway states (and, given `annotate`, its phase
+    and blocker). Raises BadCursor."""
     after = None
     if request.cursor:
         _, created_at, dist_id = _decode_cursor(request.cursor, _distribution_cursor)
@@ -176,12 +182,22 @@ def distributions_page(
     )
     limit = request.limit or DISTRIBUTIONS_DEFAULT_LIMIT
     head = _head(rows, _distribution_key, after=after, limit=limit)
-    page = _fit([distribution_page(row, max_bytes=max_bytes) for row in head[:limit]], max_bytes)
+    pages = [
+        distribution_page(row, max_bytes=max_bytes, **_notes(annotate, row)) for row in head[:limit]
+    ]
+    page = _fit(pages, max_bytes)
     next_cursor = None
     if len(page) < len(head):
         last = page[-1]
         next_cursor = encode_cursor(DISTRIBUTION_CURSOR, last.created_at, last.id)
     return DistributionListReply(distributions=page, next_cursor=next_cursor)
+
+
+def _notes(annotate: Annotate | None, record: Distribution) -> dict[str, Any]:
+    if annotate is None:
+        return {}
+    phase, blocked_by = annotate(record)
+    return {"phase": phase, "blocked_by": blocked_by}
 
 
 def distribution_page(
@@ -190,6 +206,8 @@ def distribution_page(
     limit: int | None = None,
     cursor: str | None = None,
     max_bytes: int = PAGE_MAX_BYTES,
+    phase: str = "",
+    blocked_by: str | None = None,
 ) -> DistributionPage:
     """`P.api.distributions.get`: the record with one page of its targets' states, in
     target order, cut short before their JSON takes `max_bytes`. The cursor is the last
@@ -225,5 +243,7 @@ def distribution_page(
         next_cursor=(
             encode_cursor(GATEWAY_STATE_CURSOR, record.id, end - 1) if end < len(targets) else None
         ),
+        phase=phase,
+        blocked_by=blocked_by,
     )
     return DistributionPage(**fields)

@@ -15,7 +15,11 @@ races one; and none is created for a gateway that a distribution of that type ta
 (running or queued), while a distribution of that type waits to start (its start changes
 desired state and brings a recheck), or while another reconciliation for that gateway is
 in flight (one per gateway). A reconciliation still waiting in its queue takes in the next
-gateways needing the same version, so a mass rejoin makes few distributions.
+gateways needing the same version, so a mass rejoin makes few distributions. While the
+head of a type's queue holds it (a rollout scheduled or paused), the reconciliations
+right behind it run alongside it, so gateways it does not target keep getting their
+desired version. Nor is a gateway pushed a desired version whose distribution was
+aborted (unless an operator asks: `P.api.reconcile`).
 
 `[orchestrator] ha_enabled = false` turns automatic reconciliation off; `P.api.reconcile`
 (an operator's request, which also re-pushes a version the gateway rejected and skips the
@@ -49,9 +53,13 @@ class Desk(Protocol):
         """The distributions of a type in queue order; the first one may be running."""
         ...
 
+    def record(self, dist_id: str) -> Distribution | None:
+        """A distribution's record (None: not kept, or no such one)."""
+        ...
+
     def reconcile_with(self, resync: Resync, joining: Distribution | None) -> str | None:
-        """Pushes `resync`: joins `joining` (a reconciliation waiting for that version) or
-        creates one; its id, or None when that version's content is lost. Raises KvError
+        """Pushes `resync`: joins `joining` (a reconciliation waiting for that version, if
+        it has not started) or creates one; its id, or None when that version's content is lost. Raises KvError
         when the store cannot take it (nothing is pushed then)."""
         ...
 
@@ -103,27 +111,30 @@ class ReconcileDriver:
             for gw in record.target_gateways:
                 self.in_flight.setdefault(gw, set()).add(record.id)
 
-    def learn(self, old: Distribution | None, record: Distribution) -> None:
-        """Tells the reconciler each gateway's final state in `record` not yet in `old`."""
+    def learn(self, record: Distribution, gateways: Iterable[str]) -> None:
+        """Tells the reconciler the final state in `record` of each of these gateways (an
+        acked one runs its version, also if its health gate failed it afterwards)."""
         reconciler, now, at = self.reconciler, self.clock(), utc_now()
-        acked = record.successful_gateways[len(old.successful_gateways) if old else 0 :]
-        failed = record.failed_gateways[len(old.failed_gateways) if old else 0 :]
-        for gw in acked:
-            reconciler.on_outcome(gw, record.config_type, record.version, "acked", at=at, now=now)
-        for gw in failed:
+        for gw in gateways:
             delivery = record.gateways[gw]
             outcome: Outcome
-            if delivery.state == "nacked":
+            if delivery.state == "acked":
+                outcome = "acked"
+            elif delivery.state == "nacked":
                 outcome = "nacked"
-            elif delivery.attempts:
+            elif delivery.state == "failed" and delivery.attempts:
                 outcome = "timed_out"
             else:
-                continue  # an unknown id: never sent to
+                continue  # not final, unhealthy (learnt as acked), skipped, an unknown id
             delay = reconciler.on_outcome(
                 gw, record.config_type, record.version, outcome, at=at, now=now
             )
             if delay is not None and self.auto:
                 self.bus.call_later(delay, safe_tell, self.me, ReconcileDue(gateway_id=gw))
+
+    def status(self, gateway_id: str) -> str | None:
+        """A gateway's status as last reported (None: not known)."""
+        return self.reconciler.status(gateway_id)
 
     def finished(self, record: Distribution) -> None:
         """A distribution ended: its gateways are checked again."""
@@ -193,6 +204,10 @@ class ReconcileDriver:
         flying = self.in_flight.get(gw)
         if flying and not forced:
             return f"reconciliation {min(flying)} in flight"
+        desired = self.reconciler.desired(gw, config_type)
+        setter = self.desk.record(desired.distribution_id) if desired else None
+        if setter is not None and setter.status == "aborted" and not forced:
+            return f"the distribution of its desired version, {setter.id}, was aborted"
         for position, record in enumerate(self.desk.queued(config_type)):
             if gw in record.gateways:
                 return f"distribution {record.id} targets it"

@@ -169,6 +169,10 @@ class Reconciler:
     def gateways(self) -> Iterable[str]:
         return self._gateways.keys()
 
+    def fleet_desired(self, config_type: str) -> Desired | None:
+        """The fleet's desired version of a type (`<type>` in the desired bucket)."""
+        return self._fleet.get(config_type)
+
     def desired(self, gateway_id: str, config_type: str) -> Desired | None:
         fleet = self._fleet.get(config_type)
         own = self._own.get(gateway_id, {}).get(config_type)
@@ -189,6 +193,10 @@ class Reconciler:
     def config_types(self, gateway_id: str) -> list[str]:
         """The types with a desired version for this gateway."""
         return sorted(self._fleet.keys() | self._own.get(gateway_id, {}).keys())
+
+    def status(self, gateway_id: str) -> str | None:
+        gw = self._gateways.get(gateway_id)
+        return None if gw is None else gw.status
 
     def running(self, gateway_id: str, config_type: str) -> int | None:
         gw = self._gateways.get(gateway_id)

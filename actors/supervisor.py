@@ -482,6 +482,7 @@ def status_reply(
         gateways_flapping=view.flapping,
         gateways_in_maintenance=view.in_maintenance,
         distributions_by_state=dict(counts.by_state),
+        distribution_blockers=dict(counts.blockers),
         distribution_durations_s=counts.durations,
         selection_latency_s=ctx.selection_latency.snapshot(),
         orchestrator_lag_ms=round(awareness.orchestrator_lag_ms, 3),

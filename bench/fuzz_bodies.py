@@ -566,6 +566,11 @@ limits = {
     for name, most in (("gateways", 1000), ("distributions", 1000))
 }
 
+distribution_ids = only(
+    _ok(st.from_regex(r"dist-[A-Za-z0-9-]{1,64}", fullmatch=True)),
+    _bad(st.sampled_from(["", "dist-", "dist-a.b", "x" * 70]) | non_strings),
+)
+
 REQUEST_FIELDS: Final[dict[str, tuple[Field, ...]]] = {
     "status": (),
     "load-balancing.get": (),
@@ -590,14 +595,7 @@ REQUEST_FIELDS: Final[dict[str, tuple[Field, ...]]] = {
         Field("request_id", nullable(text_field(1, 128))),
     ),
     "distributions.get": (
-        Field(
-            "distribution_id",
-            only(
-                _ok(st.from_regex(r"dist-[A-Za-z0-9-]{1,64}", fullmatch=True)),
-                _bad(st.sampled_from(["", "dist-", "dist-a.b", "x" * 70]) | non_strings),
-            ),
-            required=True,
-        ),
+        Field("distribution_id", distribution_ids, required=True),
         Field("limit", limits["distributions"]),
         Field("cursor", cursors),
     ),
@@ -618,6 +616,15 @@ REQUEST_FIELDS: Final[dict[str, tuple[Field, ...]]] = {
         Field("config_type", nullable(config_types)),
     ),
     "failback": (Field("gateway_id", id_field(), required=True),),
+    **{
+        f"distributions.{action}": (Field("distribution_id", distribution_ids, required=True),)
+        for action in ("pause", "resume", "abort")
+    },
+    "rollback": (
+        Field("config_type", config_types, required=True),
+        Field("to_version", nullable(count_field(minimum=1))),
+        Field("target_gateways", target_lists),
+    ),
     "maintenance": (
         Field("gateway_id", id_field(), required=True),
         Field("enabled", only(_ok(st.booleans()), _bad(non_booleans)), required=True),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any, TypeVar, get_args
 
 import click
@@ -44,6 +45,7 @@ from gatefleet.security.access import exposure_problem
 from gatefleet.security.command import credentials, nats_config
 from gatefleet.security.jwt import CredsError
 from gatefleet.simulate import Faults, PushRecord, Recorder, run_simulation_blocking
+from schemas.api import Rollout
 from schemas.codec import decode
 from schemas.settings import Settings
 from schemas.types import STRATEGIES, DistributionStatus, GatewayStatus
@@ -474,17 +476,101 @@ def _recorder(out: IO[bytes]) -> Recorder:
     return record
 
 
+def _target_list(targets: str | None) -> list[str] | None:
+    return [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+
+
+def _wait_option(f: F) -> F:
+    return click.option(
+        "--wait", is_flag=True, help="Show progress until it ends; exit 0 only if all acked."
+    )(f)
+
+
+def _follow(client: GatefleetClient, dist_id: str, ctx: ClientContext) -> None:
+    """`--wait`: the live table until it ends; exit status 1 unless it completed."""
+    record = output.follow_distribution(
+        lambda: client.get_distribution(dist_id),
+        lambda: client.whole_distribution(dist_id),
+        as_json=ctx.as_json,
+    )
+    if record.status != "completed":
+        sys.exit(EXIT_FAILURE)
+
+
+def _rollout(
+    canary: str | None,
+    health_gate: float | None,
+    max_failures: int | None,
+    auto_rollback: bool,
+    pause_after_canary: bool,
+    not_before: str | None,
+) -> Rollout | None:
+    """The rollout the distribute options ask for (None: none of them given)."""
+    fields: dict[str, Any] = {
+        "canary": int(canary) if canary is not None and canary.isdigit() else canary,
+        "health_gate_s": health_gate,
+        "max_failures": max_failures,
+        "auto_rollback": auto_rollback or None,
+        "pause_after_canary": pause_after_canary or None,
+    }
+    if not_before is not None:
+        try:
+            when = datetime.fromisoformat(not_before)
+        except ValueError:
+            fail(f"--not-before: not an ISO 8601 time: {not_before!r}", EXIT_USAGE)
+        fields["not_before"] = when if when.tzinfo else when.astimezone()  # local time
+    given = {key: value for key, value in fields.items() if value is not None}
+    if not given:
+        return None
+    try:
+        return msgspec.convert(given, Rollout)
+    except msgspec.ValidationError as exc:
+        fail(f"bad rollout option: {exc}", EXIT_USAGE)
+
+
 @main.command()
 @click.argument("config_type")
 @click.argument("source", required=False, type=click.File("rb"), default="-")
 @click.option("--targets", help="Comma-separated gateway ids (default: every active gateway).")
-@click.option("--wait", is_flag=True, help="Show progress until it ends; exit 0 only if all acked.")
+@_wait_option
+@click.option("--canary", metavar="N", help="Push N gateways (or a share, e.g. 10%) first, alone.")
+@click.option(
+    "--health-gate",
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="After each batch its gateways must stay healthy this long, or they count as failed.",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(0),
+    metavar="N",
+    help="Failures tolerated before it halts (with any rollout option: default 0).",
+)
+@click.option(
+    "--auto-rollback",
+    is_flag=True,
+    help="On a halt, push the previous version's content back to the gateways that got it.",
+)
+@click.option("--pause-after-canary", is_flag=True, help="Wait for `distributions resume` then.")
+@click.option(
+    "--not-before",
+    metavar="TIME",
+    help="Push nothing before this ISO 8601 time (local time unless it has an offset).",
+)
+@click.option("--dry-run", is_flag=True, help="Only show what it would do: batches, versions now.")
 @client_options
 def distribute(
     config_type: str,
     source: IO[bytes],
     targets: str | None,
     wait: bool,
+    canary: str | None,
+    health_gate: float | None,
+    max_failures: int | None,
+    auto_rollback: bool,
+    pause_after_canary: bool,
+    not_before: str | None,
+    dry_run: bool,
     config: str | None,
     nats: str | None,
     as_json: bool,
@@ -497,24 +583,54 @@ def distribute(
         fail(f"{name}: not valid JSON: {exc}", EXIT_USAGE)
     if not isinstance(config_data, dict):
         fail(f"{name}: the configuration must be a JSON object", EXIT_USAGE)
-    target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    rollout = _rollout(
+        canary, health_gate, max_failures, auto_rollback, pause_after_canary, not_before
+    )
     with connected(config, nats, as_json) as (client, ctx):
-        created = client.distribute(config_type, config_data, target_list)
-        if not wait:
-            output.show_created(created, as_json=ctx.as_json)
-            return
-        dist_id = created.distribution_id
-        record = output.follow_distribution(
-            lambda: client.get_distribution(dist_id),
-            lambda: client.whole_distribution(dist_id),
-            as_json=ctx.as_json,
+        created = client.distribute(
+            config_type, config_data, _target_list(targets), rollout=rollout, dry_run=dry_run
         )
-    if record.status != "completed":
-        sys.exit(EXIT_FAILURE)
+        if wait and not dry_run:
+            _follow(client, created.distribution_id, ctx)
+        else:
+            output.show_created(created, as_json=ctx.as_json)
 
 
 @main.command()
-@click.argument("distribution_id", required=False)
+@click.argument("config_type")
+@click.option(
+    "--to",
+    "to_version",
+    type=click.IntRange(1),
+    metavar="VERSION",
+    help=("The version whose content to push again (default: the one before the desired version)."),
+)
+@click.option("--targets", help="Comma-separated gateway ids (default: every active gateway).")
+@_wait_option
+@client_options
+def rollback(
+    config_type: str,
+    to_version: int | None,
+    targets: str | None,
+    wait: bool,
+    config: str | None,
+    nats: str | None,
+    as_json: bool,
+) -> None:
+    """Push an earlier version of CONFIG_TYPE again, as a new version (origin rollback)."""
+    with connected(config, nats, as_json) as (client, ctx):
+        created = client.rollback(config_type, to_version, _target_list(targets))
+        if wait:
+            _follow(client, created.distribution_id, ctx)
+        else:
+            output.show_created(created, as_json=ctx.as_json)
+
+
+ACTIONS = ("pause", "resume", "abort")
+
+
+@main.command()
+@click.argument("words", nargs=-1, metavar="[ID | pause ID | resume ID | abort ID]")
 @click.option("--all", "include_completed", is_flag=True, help="Include finished ones.")
 @click.option(
     "--status",
@@ -525,7 +641,7 @@ def distribute(
 @_limit_option("distributions")
 @client_options
 def distributions(
-    distribution_id: str | None,
+    words: tuple[str, ...],
     include_completed: bool,
     status: DistributionStatus | None,
     config_type: str | None,
@@ -534,9 +650,21 @@ def distributions(
     nats: str | None,
     as_json: bool,
 ) -> None:
-    """List distributions, oldest first (in progress, or --all), or show one by id."""
+    """List distributions, oldest first (unfinished ones, or --all), show one by id, or
+    pause, resume or abort a running one (`distributions pause ID`)."""
+    action = words[0] if words and words[0] in ACTIONS else None
+    if len(words) > 2 or (len(words) == 2) != (action is not None):
+        fail("usage: gatefleet distributions [ID | pause ID | resume ID | abort ID]", EXIT_USAGE)
+    distribution_id = words[-1] if words else None
     with connected(config, nats, as_json) as (client, ctx):
-        if distribution_id:
+        if action is not None and distribution_id is not None:
+            changed = {
+                "pause": client.pause_distribution,
+                "resume": client.resume_distribution,
+                "abort": client.abort_distribution,
+            }[action](distribution_id)
+            output.show_distribution(changed, as_json=ctx.as_json)
+        elif distribution_id:
             whole = client.whole_distribution(distribution_id)  # every page of its gateways
             output.show_distribution(whole, as_json=ctx.as_json)
         else:

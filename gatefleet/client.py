@@ -32,6 +32,7 @@ from schemas.api import (
     GATEWAYS_MAX_LIMIT,
     DistributeReply,
     DistributeRequest,
+    DistributionActionRequest,
     DistributionGetRequest,
     DistributionListReply,
     DistributionListRequest,
@@ -44,6 +45,8 @@ from schemas.api import (
     MaintenanceReply,
     MaintenanceRequest,
     MaybeError,
+    RollbackRequest,
+    Rollout,
     SelectReply,
     SelectRequest,
     StatusReply,
@@ -192,11 +195,50 @@ class GatefleetClient:
         config_type: str,
         config_data: dict[str, Any],
         target_gateways: list[str] | None = None,
+        *,
+        rollout: Rollout | None = None,
+        dry_run: bool = False,
     ) -> DistributeReply:
+        """A new distribution (with `rollout`: progressive delivery); with `dry_run`, only
+        its `plan`, nothing stored or pushed."""
         request = DistributeRequest(
-            config_type=config_type, config_data=config_data, target_gateways=target_gateways
+            config_type=config_type,
+            config_data=config_data,
+            target_gateways=target_gateways,
+            rollout=rollout,
+            dry_run=dry_run,
         )
         return self.call(api.DISTRIBUTE, request)
+
+    def pause_distribution(self, distribution_id: str) -> DistributionPage:
+        """No new batch until resumed (a running distribution); answers it as it is now."""
+        return self.call(
+            api.DISTRIBUTIONS_PAUSE, DistributionActionRequest(distribution_id=distribution_id)
+        )
+
+    def resume_distribution(self, distribution_id: str) -> DistributionPage:
+        return self.call(
+            api.DISTRIBUTIONS_RESUME, DistributionActionRequest(distribution_id=distribution_id)
+        )
+
+    def abort_distribution(self, distribution_id: str) -> DistributionPage:
+        """Ends it `aborted`: nothing more is pushed, nothing is rolled back."""
+        return self.call(
+            api.DISTRIBUTIONS_ABORT, DistributionActionRequest(distribution_id=distribution_id)
+        )
+
+    def rollback(
+        self,
+        config_type: str,
+        to_version: int | None = None,
+        target_gateways: list[str] | None = None,
+    ) -> DistributeReply:
+        """Pushes an earlier version's content (None: the one before the desired version)
+        again, as a new version."""
+        request = RollbackRequest(
+            config_type=config_type, to_version=to_version, target_gateways=target_gateways
+        )
+        return self.call(api.ROLLBACK, request)
 
     def get_distribution(
         self, distribution_id: str, *, limit: int | None = None, cursor: str | None = None

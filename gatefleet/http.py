@@ -15,11 +15,14 @@ unavailable 503, internal 500), and no answer at all is 503 `unavailable`.
 | POST /api/v1/orchestration/distribute | `P.api.distribute` (the body) |
 | GET  /api/v1/orchestration/distributions/{id} | `P.api.distributions.get` |
 | GET  /api/v1/orchestration/distributions?include_completed=true | `P.api.distributions.list` |
+| POST /api/v1/orchestration/distributions/{id}/pause, /resume, /abort | `P.api.distributions.pause`, `.resume`, `.abort` (the id from the path) |
+| POST /api/v1/orchestration/rollback | `P.api.rollback` (the body) |
 | GET  /healthz | `P.api.status`: 200 `{"status": "ok"}` or 503 |
 | GET  /metrics | the counts of P.api.status (and, for small fleets, P.api.gateways' heartbeat ages), as Prometheus text |
 
-POST bodies are forwarded untouched (an empty one as `{}`): the actors validate them, so
-a bad body gets the same `bad_request` over HTTP as over NATS. Bodies over 8 MiB are
+POST bodies are forwarded untouched (an empty one as `{}`; a route with `{field}` in its
+path sets that field in it): the actors validate them, so a bad body gets the same
+`bad_request` over HTTP as over NATS. Bodies over 8 MiB are
 refused with 413. When a token is configured, every path but `/healthz` needs
 `Authorization: Bearer <token>` (401 otherwise): `/healthz` is for load balancers and
 orchestrators' probes, which say nothing beyond "up or not".
@@ -35,6 +38,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -208,8 +212,16 @@ class _Api:
         return handle
 
     def forward_post(self, endpoint: AnyEndpoint) -> Handler:
+        """The JSON body, with the path's fields (`{field}`) set in it."""
+
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
+            if request.match_info:
+                try:
+                    fields = decode(body, dict[str, Any]) if body.strip() else {}
+                except msgspec.DecodeError as exc:
+                    return _error(400, "bad_request", f"invalid JSON body: {exc}")
+                body = encode({**fields, **request.match_info})
             return _json(*await self.ask(endpoint, body if body.strip() else b"{}"))
 
         return handle

@@ -18,6 +18,7 @@ from schemas.api import (
     DistributeReply,
     DistributionListReply,
     DistributionPage,
+    DistributionPlan,
     GatewaysReply,
     LoadBalancingConfig,
     MaintenanceReply,
@@ -73,6 +74,10 @@ def show_status(reply: StatusReply, *, as_json: bool) -> None:
             if reply.detection_suspended
             else f"on ({reply.detection_suspended_s:.1f}s suspended since start)",
         ),
+    ]
+    rows += [
+        (f"{config_type} held by", dist_id)
+        for config_type, dist_id in sorted(reply.distribution_blockers.items())
     ]
     rows += [(f"shed: {kind}", n) for kind, n in sorted(reply.shed.items()) if n]
     rows += [(f"dropped: {cause}", n) for cause, n in sorted(reply.malformed_messages.items())]
@@ -241,6 +246,8 @@ STATE_STYLE = {
     "acked": "green",
     "nacked": "red",
     "failed": "red",
+    "unhealthy": "red",
+    "skipped": "dim",
     "timed_out": "yellow",
     "retrying": "yellow",
     "sent": "cyan",
@@ -252,10 +259,34 @@ def show_created(reply: DistributeReply, *, as_json: bool) -> None:
     if as_json:
         print_json(reply)
         return
+    if reply.plan is not None:
+        console.print(plan_table(reply.plan))
+        return
     console.print(
         f"{reply.distribution_id} {reply.status}  "
         f"[dim](gatefleet distributions {reply.distribution_id})[/]"
     )
+
+
+def plan_table(plan: DistributionPlan) -> Table:
+    """A dry run: the targets in batch order, and the version each holds now."""
+    title = f"dry run: {plan.config_type} v{plan.version}, {len(plan.batches)} batches"
+    if plan.waits_behind:
+        title += f", after {plan.waits_behind}"
+    if plan.not_before:
+        title += f", not before {plan.not_before.isoformat()}"
+    table = Table(title=title, title_justify="left")
+    for column in ("batch", "gateway", "holds now"):
+        table.add_column(column, no_wrap=True)
+    canary = set(plan.canary)
+    for n, batch in enumerate(plan.batches, 1):
+        for gateway_id in batch:
+            version = plan.versions_now.get(gateway_id)
+            label = f"{n} (canary)" if gateway_id in canary else str(n)
+            table.add_row(label, gateway_id, "-" if version is None else f"v{version}")
+    if plan.unknown_gateways:
+        table.caption = f"unknown, not pushed: {', '.join(plan.unknown_gateways)}"
+    return table
 
 
 def distribution_table(record: DistributionPage) -> Table:
@@ -263,7 +294,7 @@ def distribution_table(record: DistributionPage) -> Table:
     done = record.successful_count + record.failed_count
     title = (
         f"{record.id}  {record.config_type} v{record.version}  {record.status}  "
-        f"batch {record.batch}  {done}/{record.target_count} done"
+        f"{record.phase or f'batch {record.batch}'}  {done}/{record.target_count} done"
     )
     table = Table(title=title, title_justify="left")
     for column in ("gateway", "state", "attempts", "error"):
@@ -298,17 +329,17 @@ def show_distributions(reply: DistributionListReply, *, as_json: bool) -> None:
     table = Table(title=f"{len(reply.distributions)} distributions", title_justify="left")
     if reply.next_cursor is not None:
         table.caption = _MORE
-    for column in ("id", "type", "version", "status", "acked", "failed", "targets", "created"):
-        table.add_column(column, no_wrap=True)
+    columns = ("id", "type", "version", "status", "phase", "acked", "failed", "targets", "created")
+    for column in columns:
+        table.add_column(column, no_wrap=column != "phase")
     for d in reply.distributions:
-        style = {"completed": "green", "failed": "red", "partially_failed": "yellow"}.get(
-            d.status, ""
-        )
+        style = STATUS_STYLES.get(d.status, "")
         table.add_row(
             d.id,
             d.config_type,
             str(d.version),
             f"[{style}]{d.status}[/]",
+            d.phase,
             str(len(d.successful_gateways)),
             str(len(d.failed_gateways)),
             str(len(d.target_gateways)),
@@ -317,7 +348,18 @@ def show_distributions(reply: DistributionListReply, *, as_json: bool) -> None:
     console.print(table)
 
 
-FINISHED = ("completed", "partially_failed", "failed")
+STATUS_STYLES = {
+    "completed": "green",
+    "failed": "red",
+    "halted": "red",
+    "partially_failed": "yellow",
+    "rolled_back": "yellow",
+    "rolling_back": "yellow",
+    "paused": "cyan",
+    "scheduled": "cyan",
+    "aborted": "dim",
+}
+FINISHED = ("completed", "partially_failed", "failed", "halted", "aborted", "rolled_back")
 POLL_S = 0.2
 
 
@@ -363,4 +405,4 @@ def follow_distribution(
 
 def _progress_line(record: DistributionPage) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(record.state_counts.items()))
-    return f"{record.id} {record.status} batch {record.batch}: {counts}"
+    return f"{record.id} {record.status} {record.phase or f'batch {record.batch}'}: {counts}"

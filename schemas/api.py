@@ -6,6 +6,7 @@ always one of these Structs or an `ErrorReply`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -23,8 +24,9 @@ from schemas.types import (
     Role,
     StrategyName,
     Timestamp,
+    whole,
 )
-from schemas.wire import DistributionId
+from schemas.wire import DistributionId, Version
 
 ErrorCode = Literal["bad_request", "not_found", "unavailable", "internal"]
 # The HTTP status of each error code: the HTTP API's status, and the NATS micro error
@@ -152,6 +154,9 @@ class StatusReply(_Body, frozen=True):
     # server's log; and the test credentials (simulator) that may connect.
     permission_violations: dict[str, int] = msgspec.field(default_factory=dict)
     test_credentials: list[str] = msgspec.field(default_factory=list)
+    # Config type -> the scheduled or paused distribution that holds its queue (later
+    # distributions of that type wait behind it).
+    distribution_blockers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):
@@ -186,6 +191,31 @@ RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
 # unbounded list (60,000 ids fit in one request) made a spec too large to store.
 MAX_TARGETS: Final = 20_000
 Targets = Annotated[list[GatewayId], Meta(max_length=MAX_TARGETS)]
+# A canary as a share of the targets: "10%", "2.5%" (rounded up to whole gateways).
+CanaryPercent = Annotated[str, whole(r"(100(\.0+)?|[1-9]?[0-9](\.[0-9]+)?)%")]
+MAX_HEALTH_GATE_S: Final = 86_400.0
+# An RFC 3339 time with its offset (a time without one would mean different instants).
+ZonedTimestamp = Annotated[datetime, Meta(tz=True, extra_json_schema={"format": "date-time"})]
+
+
+class Rollout(_Body, frozen=True):
+    """Progressive delivery (docs/PROTOCOL.md section 5): a canary pushed first, alone;
+    after each batch a health gate; a halt (and, asked for, a rollback) once more than
+    `max_failures` gateways failed; a pause after the canary; a time before which
+    nothing is pushed."""
+
+    canary: Count | CanaryPercent = 0  # gateways (or a share of them) pushed first, alone
+    # After each batch, its gateways must stay healthy (at or above the health threshold,
+    # not down) this long, or they count as failed although they acked. 0: no gate.
+    health_gate_s: Annotated[float, Meta(ge=0.0, le=MAX_HEALTH_GATE_S)] = 0.0
+    # Failures tolerated (nacks, timeouts after retries, failed health gates) before it
+    # halts: no further push, and its version never becomes desired state.
+    max_failures: Count = 0
+    # On a halt, the gateways that got the new version are pushed the previous one's
+    # content as a new, higher version (a distribution of origin "rollback").
+    auto_rollback: bool = False
+    pause_after_canary: bool = False  # wait for P.api.distributions.resume after it
+    not_before: ZonedTimestamp | None = None  # nothing is pushed before (a window)
 
 
 class DistributeRequest(_Body, frozen=True):
@@ -195,11 +225,54 @@ class DistributeRequest(_Body, frozen=True):
     # Addition: the same request_id within 24 h answers the same distribution and starts
     # nothing new, so a client may retry a distribute whose answer it did not get.
     request_id: RequestId | None = None
+    # Additions: progressive delivery (null: every batch at once, as before), and a dry
+    # run (nothing stored or pushed: the reply's `plan` says what would happen).
+    rollout: Rollout | None = None
+    dry_run: bool = False
+
+
+class DistributionPlan(_Body, frozen=True):
+    """What a distribute would do (`dry_run`): nothing of it is stored or pushed."""
+
+    config_type: ConfigType
+    version: Count  # the version it would get
+    # Its targets in batch order; the first batch is the canary when it has one.
+    batches: list[list[str]]
+    canary: list[str]
+    # Each target -> the version of `config_type` it holds now (null: none known).
+    versions_now: dict[str, int | None]
+    unknown_gateways: list[str]  # listed ids gatefleet does not know: never pushed
+    # The distribution of that type it would wait behind (null: it would start at once).
+    waits_behind: DistributionId | None
+    not_before: Timestamp | None
+
+
+# The distribution_id of a dry run's reply: no distribution has it.
+DRY_RUN_ID: Final = "dist-dry-run"
 
 
 class DistributeReply(_Body, frozen=True):
+    distribution_id: DistributionId  # DRY_RUN_ID for a dry run
+    status: str = "pending"  # "dry_run" for a dry run
+    plan: DistributionPlan | None = None  # addition: a dry run's answer
+
+
+class DistributionActionRequest(_Body, frozen=True):
+    """`P.api.distributions.pause`, `.resume`, `.abort`: answered with the Distribution as
+    it is after the action."""
+
     distribution_id: DistributionId
-    status: str = "pending"
+
+
+class RollbackRequest(_Body, frozen=True):
+    """`P.api.rollback`: push an earlier version's content again, as a new version (origin
+    "rollback"), answered like distribute."""
+
+    config_type: ConfigType
+    # Null: the newest version older than the one now desired that a distribution made
+    # desired (and whose content is kept).
+    to_version: Version | None = None
+    target_gateways: Targets | None = None  # null: every active gateway
 
 
 class DistributionGetRequest(_Body, frozen=True):
@@ -224,8 +297,22 @@ class DistributionListRequest(_Body, frozen=True):
 
 
 GatewayDeliveryState = Literal[
-    "pending", "sent", "acked", "nacked", "timed_out", "retrying", "failed"
+    "pending",
+    "sent",
+    "acked",
+    "nacked",
+    "timed_out",
+    "retrying",
+    "failed",
+    # Progressive delivery: acked, then not healthy within the health gate (a failure);
+    # not pushed (or no answer awaited) because the distribution halted or was aborted,
+    # or, in a rollback, a gateway with no previous version to restore.
+    "unhealthy",
+    "skipped",
 ]
+
+
+Origin = Literal["distribute", "reconcile", "rollback"]
 
 
 class GatewayDelivery(_Body, frozen=True):
@@ -249,10 +336,23 @@ class Distribution(_Body, frozen=True):
     reason: str | None = None
     batch: Count = 0
     # Addition: "reconcile" for a push of a gateway's desired version (P.api.reconcile or
-    # automatic), "distribute" for P.api.distribute.
-    origin: Literal["distribute", "reconcile"] = "distribute"
+    # automatic), "distribute" for P.api.distribute, "rollback" for an earlier version's
+    # content pushed again (P.api.rollback, or a rollout's automatic rollback).
+    origin: Origin = "distribute"
     # Addition: the distribute request's `request_id`, if it had one.
     request_id: str | None = None
+    # Additions, progressive delivery: the request's rollout (null: none); the batches
+    # planned; the position in `target_gateways` where the current batch starts; when
+    # the current batch's health gate ends (null: none running); the last batch whose
+    # gate is over (or started); the distribution this one rolls back (origin
+    # "rollback", automatic) and the rollbacks of this one.
+    rollout: Rollout | None = None
+    batch_count: Count = 0
+    batch_start: Count = 0
+    gate_until: Timestamp | None = None
+    gated_batch: Count = 0
+    rollback_of: DistributionId | None = None
+    rollbacks: list[str] = msgspec.field(default_factory=list)
 
 
 class DistributionPage(Distribution, frozen=True):
@@ -268,6 +368,11 @@ class DistributionPage(Distribution, frozen=True):
     state_counts: dict[str, int] = msgspec.field(default_factory=dict)
     # Pass it as `cursor` to distributions.get for the next page; null on the last page.
     next_cursor: str | None = None
+    # Where it stands, for people: "canary", "batch 2 of 5", "health gate of batch 2: 3.5
+    # s left", "paused after the canary", "waits behind dist-… (paused)", ...
+    phase: str = ""
+    # A pending distribution waiting behind a scheduled or paused one of its type: that one.
+    blocked_by: str | None = None
 
 
 class DistributionListReply(_Body, frozen=True):

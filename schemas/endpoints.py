@@ -16,6 +16,7 @@ import msgspec
 from schemas.api import (
     DistributeReply,
     DistributeRequest,
+    DistributionActionRequest,
     DistributionGetRequest,
     DistributionListReply,
     DistributionListRequest,
@@ -31,6 +32,7 @@ from schemas.api import (
     MaintenanceRequest,
     ReconcileReply,
     ReconcileRequest,
+    RollbackRequest,
     SelectReply,
     SelectRequest,
     StatusReply,
@@ -56,7 +58,7 @@ class Endpoint(Generic[Req_co, Rep_co]):
     served_by: Server
     writes: bool  # changes state (a read-only caller may not call it)
     # The HTTP route under HTTP_PREFIX; GET routes take the request's fields from the path
-    # (`{field}`) and the query string, POST routes from the JSON body.
+    # (`{field}`) and the query string, POST routes from the JSON body and the path.
     http: tuple[Method, str] | None = None
 
     def __repr__(self) -> str:
@@ -122,6 +124,38 @@ DISTRIBUTIONS_LIST: Final = Endpoint(
     writes=False,
     http=("GET", "/distributions"),
 )
+DISTRIBUTIONS_PAUSE: Final = Endpoint(
+    "distributions.pause",
+    DistributionActionRequest,
+    DistributionPage,
+    "distributor",
+    writes=True,
+    http=("POST", "/distributions/{distribution_id}/pause"),
+)
+DISTRIBUTIONS_RESUME: Final = Endpoint(
+    "distributions.resume",
+    DistributionActionRequest,
+    DistributionPage,
+    "distributor",
+    writes=True,
+    http=("POST", "/distributions/{distribution_id}/resume"),
+)
+DISTRIBUTIONS_ABORT: Final = Endpoint(
+    "distributions.abort",
+    DistributionActionRequest,
+    DistributionPage,
+    "distributor",
+    writes=True,
+    http=("POST", "/distributions/{distribution_id}/abort"),
+)
+ROLLBACK: Final = Endpoint(
+    "rollback",
+    RollbackRequest,
+    DistributeReply,
+    "distributor",
+    writes=True,
+    http=("POST", "/rollback"),
+)
 RECONCILE: Final = Endpoint(
     "reconcile", ReconcileRequest, ReconcileReply, "distributor", writes=True
 )
@@ -144,6 +178,10 @@ ENDPOINTS: Final[tuple[Endpoint[msgspec.Struct, msgspec.Struct], ...]] = (
     DISTRIBUTE,
     DISTRIBUTIONS_GET,
     DISTRIBUTIONS_LIST,
+    DISTRIBUTIONS_PAUSE,
+    DISTRIBUTIONS_RESUME,
+    DISTRIBUTIONS_ABORT,
+    ROLLBACK,
     RECONCILE,
     FAILBACK,
     MAINTENANCE,

@@ -290,6 +290,7 @@ class QueuedStep(_Step, frozen=True, tag="queued"):
 class BatchSentStep(_Step, frozen=True, tag="batch_sent"):
     batch: int
     gateways: list[str]
+    canary: bool = False  # addition: the rollout's canary, pushed first, alone
 
 
 class GatewayAckedStep(_Step, frozen=True, tag="gateway_acked"):
@@ -328,6 +329,73 @@ class FinishedStep(_Step, frozen=True, tag="finished"):
     failed_count: int | None = None  # addition
 
 
+# Progressive delivery (a distribution with a `rollout`).
+
+
+class ScheduledStep(_Step, frozen=True, tag="scheduled"):
+    """It waits for its window: nothing is pushed before `not_before`."""
+
+    not_before: datetime
+
+
+class StartedStep(_Step, frozen=True, tag="started"):
+    """Its window opened (`not_before` has passed): it pushes from now on."""
+
+    not_before: datetime
+
+
+class PausedStep(_Step, frozen=True, tag="paused"):
+    batch: int
+    reason: str  # "requested", or "after the canary" (pause_after_canary)
+
+
+class UnpausedStep(_Step, frozen=True, tag="unpaused"):
+    batch: int
+
+
+class GateStartedStep(_Step, frozen=True, tag="gate_started"):
+    """The batch has answered: its gateways that acked must stay healthy until `until`."""
+
+    batch: int
+    gateways: list[str]  # the first EVENT_MAX_IDS of them
+    until: datetime
+    seconds: float
+
+
+class GatePassedStep(_Step, frozen=True, tag="gate_passed"):
+    batch: int
+
+
+class GatewayUnhealthyStep(_Step, frozen=True, tag="gateway_unhealthy"):
+    """A gateway that acked went below the health threshold or down within its gate: it
+    counts as failed."""
+
+    reason: str
+    failures: int  # failures so far
+
+
+class HaltedStep(_Step, frozen=True, tag="halted"):
+    """More than `max_failures` failed: nothing more is pushed, its version never
+    becomes desired state. `rolling_back` (auto_rollback) or `finished` follows."""
+
+    reason: str
+    failures: int
+    max_failures: int
+    skipped_count: int  # targets not pushed (or whose answer is not awaited)
+
+
+class RollingBackStep(_Step, frozen=True, tag="rolling_back"):
+    """Its rollback is created: `rollback_id` pushes version `restores`'s content as
+    version `version` to `gateway_count` gateways; `not_pushed` (the first
+    EVENT_MAX_IDS) had no previous version to restore and are listed there, not pushed."""
+
+    rollback_id: str
+    version: int
+    restores: int | None
+    gateway_count: int
+    not_pushed: list[str]
+
+
 Step = (
     CreatedStep
     | QueuedStep
@@ -338,6 +406,15 @@ Step = (
     | GatewayRetriedStep
     | ResumedStep
     | FinishedStep
+    | ScheduledStep
+    | StartedStep
+    | PausedStep
+    | UnpausedStep
+    | GateStartedStep
+    | GatePassedStep
+    | GatewayUnhealthyStep
+    | HaltedStep
+    | RollingBackStep
 )
 STEP_TYPES: dict[str, type[Step]] = {
     str(kind.__struct_config__.tag): kind
@@ -351,6 +428,15 @@ STEP_TYPES: dict[str, type[Step]] = {
         GatewayRetriedStep,
         ResumedStep,
         FinishedStep,
+        ScheduledStep,
+        StartedStep,
+        PausedStep,
+        UnpausedStep,
+        GateStartedStep,
+        GatePassedStep,
+        GatewayUnhealthyStep,
+        HaltedStep,
+        RollingBackStep,
     )
 }
 

@@ -28,15 +28,21 @@ Bucket `distributions`:
   (`abandoned`: its actor died too often). Deleted first when the distribution is.
 - `dist-<uuid>`: `DistributionProgress`, its status as it progresses. Writer: the
   distribution's own DistributionActor, with the chunks changed since its last write,
-  before every send, retry and finish. A distribution that never started has none: it
-  is pending.
+  before every send, retry, wait (a rollout's health gate, window) and status change,
+  and as it ends. A distribution that never started has none: it is pending. The
+  distributor writes it (and its chunks) only where no actor runs it: one aborted
+  while it waited in its queue, and one rolling back (its actor has stopped) as its
+  rollback ends it `rolled_back` or `failed`.
 
 Retention (actors/retention.py) deletes finished distributions and contents no longer
 needed: the distributor purges their keys (no delete marker is left), once their writers
 are done with them.
 
 Bucket `desired` (`DesiredConfig`; the content is that of its version). Writer: the
-distributor, when a distribution starts, before its first push.
+distributor, when a distribution starts, before its first push; for a distribution with
+a rollout, when it has completed (or partially failed within its `max_failures`): a
+halted or aborted rollout never sets it, nor does an automatic rollback (it restores
+what is desired already).
 
 - `<config_type>`: what every gateway should run, set by a distribution to every active
   gateway (`target_gateways` null); also what a gateway that joins later should get.
@@ -48,6 +54,10 @@ operator's intent, whatever the distribution's outcome: a gateway that failed or
 rejected it differs from it until a later distribution (or reconciliation) brings it in
 line. A reconciliation (`Distribution.origin` "reconcile") pushes a gateway's desired
 version again, with that version's content: no new version, no change to desired state.
+
+Progressive delivery added optional fields (a spec's `rollout` and `rollback_of`, the
+origin "rollback", a progress's gate and batch positions, the statuses and delivery
+states of a rollout) to layout 3: values written before read as they were (no rollout).
 
 Older layouts, migrated at start: layout 1 (gatefleet 0.1.0) kept each distribution as
 one record `dist-<uuid>` (`schemas.api.Distribution`, every gateway's state in it) and a
@@ -64,7 +74,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.api import GatewayDelivery
+from schemas.api import GatewayDelivery, Origin, Rollout
 from schemas.types import ConfigType, DistributionStatus, GatewayId
 from schemas.wire import DistributionId, Version
 
@@ -104,11 +114,16 @@ class DistributionSpec(_Stored, frozen=True):
     # desired version. Else it named its targets, each of which it sets.
     fleet_wide: bool
     created_at: Time
-    origin: Literal["distribute", "reconcile"] = "distribute"
+    origin: Origin = "distribute"
     # Given up by the distributor (its actor died again and again): it ends failed, so.
     abandoned: str | None = None
     # The distribute request's request_id (idempotent retries).
     request_id: str | None = None
+    # Progressive delivery: the request's rollout. With `auto_rollback` the version after
+    # its own is kept for its rollback (versions of a type are applied in order).
+    rollout: Rollout | None = None
+    # An automatic rollback: the distribution it rolls back.
+    rollback_of: DistributionId | None = None
 
 
 class GatewayChunk(_Stored, frozen=True):
@@ -121,6 +136,11 @@ class DistributionProgress(_Stored, frozen=True):
     batch: int = 0
     completed_at: Time | None = None
     reason: str | None = None
+    # Progressive delivery (schemas.api.Distribution has their meaning).
+    batch_count: int = 0
+    batch_start: int = 0
+    gate_until: Time | None = None
+    gated_batch: int = 0
 
 
 class DesiredConfig(_Stored, frozen=True):

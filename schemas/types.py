@@ -44,4 +44,17 @@ STRATEGIES: Final[tuple[str, ...]] = (
 )
 GatewayStatus = Literal["unknown", "healthy", "degraded", "down"]
 Role = Literal["primary", "backup"]
-DistributionStatus = Literal["pending", "in_progress", "completed", "partially_failed", "failed"]
+DistributionStatus = Literal[
+    "pending",
+    "in_progress",
+    "completed",
+    "partially_failed",
+    "failed",
+    # Progressive delivery (a distribution with a `rollout`).
+    "scheduled",
+    "paused",
+    "halted",
+    "aborted",
+    "rolling_back",
+    "rolled_back",
+]

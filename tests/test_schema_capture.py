@@ -8,7 +8,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -19,16 +19,19 @@ from gatefleet.app import Orchestrator
 from schemas.api import (
     DistributeReply,
     DistributeRequest,
+    DistributionActionRequest,
     DistributionGetRequest,
     DistributionListRequest,
     Empty,
     LoadBalancingUpdate,
     MaintenanceRequest,
     ReconcileRequest,
+    RollbackRequest,
+    Rollout,
     SelectRequest,
 )
 from schemas.endpoints import ENDPOINTS
-from schemas.events import Failback, Failover, GatewayLeft, GatewayMaintenance
+from schemas.events import Failback, Failover, GatewayLeft, GatewayMaintenance, utc_now
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.distribution_events import finished
@@ -170,7 +173,18 @@ def test_a_running_fleets_messages_match_the_schemas(
     distribute = DistributeRequest(config_type="Route", config_data={"path": "/a"})
     dist_id = fleet.call("distribute", distribute, DistributeReply).distribution_id
     finished(event_log, dist_id)
+    # A rollout waiting for its window: paused, resumed and aborted; a dry run; a rollback.
+    window = Rollout(canary="50%", not_before=utc_now() + timedelta(hours=1))
+    held = DistributeRequest(config_type="Acl", config_data={}, rollout=window)
+    held_id = fleet.call("distribute", held, DistributeReply).distribution_id
+    action = DistributionActionRequest(distribution_id=held_id)
+    dry_run = DistributeRequest(config_type="Route", config_data={}, dry_run=True)
     calls = [
+        ("distributions.pause", action),
+        ("distributions.resume", action),
+        ("distributions.abort", action),
+        ("distribute", dry_run),
+        ("rollback", RollbackRequest(config_type="Route", to_version=1)),
         ("distributions.get", DistributionGetRequest(distribution_id=dist_id)),
         ("distributions.list", DistributionListRequest()),
         ("reconcile", ReconcileRequest(gateway_id="primary")),
@@ -223,6 +237,9 @@ def test_a_running_fleets_messages_match_the_schemas(
                 "gateway.maintenance",
             )
         ),
-        *(f"step.{s}" for s in ("created", "batch_sent", "gateway_acked", "finished")),
+        *(
+            f"step.{s}"
+            for s in ("created", "batch_sent", "gateway_acked", "finished", "scheduled", "paused")
+        ),
     }
     assert expected <= set(checked), f"never seen: {sorted(expected - set(checked))}"

@@ -13,6 +13,11 @@ and "ghost" with request_id "deploy-7" (partially failed); Tls v1 to every gatew
 gw-b rejected ("gw-b has no key for this certificate"); Acl v1 to gw-b, which never
 answered (in progress when the orchestrator stopped), and Acl v2 to both, queued behind
 it (never started: a spec and no record).
+
+`tests/data/store-layout3.tar.gz` is the same for commit 0fedfe7 (layout 3, before
+progressive delivery added optional fields to its values): gateways gw-a and gw-b in
+region r1; Route v1 `{"routes": ["/v1"]}` to every gateway (completed); Acl v1 to gw-b,
+which never answered (in progress when the orchestrator stopped).
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
 from gatefleet.gateway import GatewayAgent
-from schemas.api import GatewayDelivery
+from schemas.api import GatewayDelivery, Rollout
 from schemas.codec import encode
 from schemas.settings import Settings
 from tests.conftest import wait_until
+from tests.fleet import BUSY, MutableMetrics
 
 DATA = Path(__file__).parent / "data"
 
@@ -63,6 +69,11 @@ def start_on(fixture: Path, tmp_path: Path) -> Iterator[tuple[Orchestrator, Bus]
 @pytest.fixture
 def upgraded(tmp_path: Path) -> Iterator[tuple[Orchestrator, Bus]]:
     yield from start_on(DATA / "store-0.1.0.tar.gz", tmp_path)
+
+
+@pytest.fixture
+def upgraded_from_layout3(tmp_path: Path) -> Iterator[tuple[Orchestrator, Bus]]:
+    yield from start_on(DATA / "store-layout3.tar.gz", tmp_path)
 
 
 @pytest.fixture
@@ -125,7 +136,9 @@ def test_a_store_of_layout_2_is_split_into_chunks_and_everything_goes_on(
     }
     assert len(records) == 4  # Acl v2 never started: it has no progress
     for value in records.values():  # progress only: the states are in chunks
-        assert set(msgspec.json.decode(value)) == {"status", "batch", "completed_at", "reason"}
+        progress = msgspec.json.decode(value)
+        assert {"status", "batch", "completed_at", "reason"} <= set(progress)
+        assert not {"gateways", "target_gateways"} & set(progress)
     assert sum(".gw." in key for key in entries) == 5
     assert {key for key in entries if key.startswith("content.")} == {
         "content.Route.1",
@@ -182,4 +195,42 @@ def test_a_store_of_layout_2_is_split_into_chunks_and_everything_goes_on(
         created = client.distribute("Route", {"v": 3})
         assert client.get_distribution(created.distribution_id).version == 3
     for agent in agents:
+        bus.run(agent.stop(goodbye=False))
+
+
+def test_a_layout_3_store_from_before_rollouts_resumes_and_is_rolled_back_to(
+    upgraded_from_layout3: tuple[Orchestrator, Bus],
+) -> None:
+    orchestrator, bus = upgraded_from_layout3
+    metrics = MutableMetrics()
+    a = GatewayAgent(bus.nc, "gw-a", "r1", interval_s=0.1, metrics=metrics)
+    b = GatewayAgent(bus.nc, "gw-b", "r1", interval_s=0.1)
+    for agent in (a, b):
+        bus.run(agent.start())
+    with GatefleetClient(orchestrator.url, auth=orchestrator.client_auth) as client:
+        distributions = client.list_distributions().distributions
+        listed = {r.config_type: r for r in distributions if r.origin == "distribute"}
+        assert (listed["Route"].status, listed["Route"].rollout) == ("completed", None)
+
+        def acl_done() -> bool:
+            return client.get_distribution(listed["Acl"].id).status == "completed"
+
+        wait_until(acl_done, timeout=10, what="Acl v1 resumed and completed")
+        wait_until(lambda: client.status().gateways_healthy == 2, what="both gateways healthy")
+
+        # A rollout rolls gw-a back to the content Route v1 has in the old store.
+        rollout = Rollout(canary=1, health_gate_s=5.0, auto_rollback=True)
+        dist_id = client.distribute("Route", {"routes": ["/v2"]}, rollout=rollout).distribution_id
+        wait_until(lambda: client.get_distribution(dist_id).gate_until is not None, what="its gate")
+        metrics.metrics = BUSY
+        wait_until(
+            lambda: client.get_distribution(dist_id).status == "rolled_back",
+            timeout=10,
+            what="rolled back",
+        )
+        routes = [(p.version, p.config_data) for _, p in a.received if p.config_type == "Route"]
+        assert routes[-2:] == [(2, {"routes": ["/v2"]}), (3, {"routes": ["/v1"]})]
+        assert (1, {"routes": ["/v1"]}) in routes  # reconciled from the old store at first
+    assert msgspec.json.decode(stored(bus)["layout"]) == {"version": 3}
+    for agent in (a, b):
         bus.run(agent.stop(goodbye=False))
