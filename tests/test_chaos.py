@@ -43,7 +43,9 @@ def test_a_short_seeded_chaos_run_loses_nothing(tmp_path: Path) -> None:
         report.distributions[after_server_kill] != "completed"
         or after_server_kill in report.missing_by_distribution
     ):
-        # Known, and being fixed elsewhere (issue 13): a KV write that fails while the
-        # server is down wedges the distribution's actor, and events published meanwhile
-        # are lost without a trace.
+        # Still seen on a loaded machine (1 run in about 5 of the whole suite; never alone
+        # or in the full bench since the event outbox and the KV write retries): a step's
+        # event missing after the server kill. Suspected: still waiting in the outbox for
+        # the restarted server when the orchestrator is killed next (its start then
+        # records an audit.gap for that window). Open in issue 13's note.
         pytest.xfail(f"a server kill still wedges a distribution or loses its events:\n{text}")
