@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,8 +13,10 @@ from bus.edge import Drops, Tally
 from bus.jetstream import KvStore
 from bus.runtime import Bus
 from bus.subjects import Subjects
-from schemas.events import Event
+from schemas.events import Alarm, Event
 from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,3 +43,10 @@ class Context:
     # The test credentials (simulator) issued and not revoked, for `status`.
     test_credentials: Callable[[], list[str]] = field(default=list)
     clock: Callable[[], float] = field(default=time.monotonic)
+
+    def unreadable(self, what: str, error: Exception, instead: str) -> None:
+        """No stored value stops start-up: one that does not read back is logged, alarmed
+        (`ha.alarm` kind `bad_stored_value`), and `instead` stands in for it."""
+        message = f"stored {what} unreadable ({error}); {instead}"
+        log.error("%s", message)
+        self.emit(Alarm(kind="bad_stored_value", message=message, active=True))

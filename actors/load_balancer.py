@@ -53,7 +53,6 @@ from schemas.api import (
 )
 from schemas.codec import DecodeError
 from schemas.events import (
-    Alarm,
     LoadBalancingChanged,
     OrchestratorStarted,
 )
@@ -123,12 +122,7 @@ class LoadBalancerActor(SafeActor):
         try:
             stored = self.ctx.buckets["settings"].get(SETTINGS_KEY, LoadBalancingConfig)
         except DecodeError as exc:
-            # No stored value may stop start-up: the configured settings stand instead.
-            message = (
-                f"stored load-balancing settings unreadable ({exc}); using the configured ones"
-            )
-            log.error("%s", message)  # noqa: TRY400 - one line, no traceback: expected input
-            self.ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
+            self.ctx.unreadable("load-balancing settings", exc, "using the configured ones")
             return None
         if stored is not None:
             log.info(

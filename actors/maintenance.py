@@ -8,15 +8,12 @@ value stops start-up.
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 
 import msgspec
 
 from actors.context import Context
-from schemas.events import Alarm
-
-log = logging.getLogger(__name__)
+from schemas.codec import DecodeError, decode
 
 KEY_PREFIX = "maintenance."
 
@@ -27,21 +24,17 @@ class MaintenanceRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def load(ctx: Context) -> dict[str, str | None]:
-    """gateway id -> the reason it is in maintenance."""
-    bucket = ctx.buckets["settings"]
+    """gateway id -> the reason it is in maintenance (the bucket read in one pass)."""
     found: dict[str, str | None] = {}
-    for key in bucket.keys():  # noqa: SIM118 - a KV bucket, not a dict
+    for key, value in ctx.buckets["settings"].entries().items():
         if not key.startswith(KEY_PREFIX):
             continue
         try:
-            record = bucket.get(key, MaintenanceRecord)
-        except msgspec.DecodeError as exc:
-            message = f"stored maintenance entry {key!r} unreadable ({exc}); skipped"
-            log.error("%s", message)  # noqa: TRY400 - one line, no traceback: expected input
-            ctx.emit(Alarm(kind="bad_stored_value", message=message, active=True))
+            record = decode(value, MaintenanceRecord)
+        except DecodeError as exc:
+            ctx.unreadable(f"maintenance entry {key!r}", exc, "skipped")
             continue
-        if record is not None:
-            found[key.removeprefix(KEY_PREFIX)] = record.reason
+        found[key.removeprefix(KEY_PREFIX)] = record.reason
     return found
 
 
