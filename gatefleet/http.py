@@ -59,6 +59,7 @@ from schemas.api import (
 )
 from schemas.codec import decode, encode
 from schemas.endpoints import ENDPOINTS, GATEWAYS, HTTP_PREFIX, STATUS, Endpoint
+from schemas.settings import HttpSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ DEFAULT_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
 SHUTDOWN_TIMEOUT_S = 5.0
 JSON = "application/json"
-DEFAULT_PER_GATEWAY_METRICS_MAX = 1000
+DEFAULT_PER_GATEWAY_METRICS_MAX = HttpSettings().per_gateway_metrics_max  # one default
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AnyEndpoint = Endpoint[msgspec.Struct, msgspec.Struct]
 
