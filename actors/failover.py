@@ -163,9 +163,8 @@ class FailoverPlanner:
         """A gateway's status changed; `fleet` gateways are known, `down` of them down
         (counting this change). A `flapping` gateway's failback waits for `on_steady`."""
         actions: list[Action] = []
-        if new == "down" and old != "down" and gateway_id in self.maintenance:
-            pass  # moved already (or on its way): nothing to do, nothing to count
-        elif new == "down" and old != "down":
+        # A drained gateway moved already (or is on its way): nothing to do, nothing to count.
+        if new == "down" and old != "down" and gateway_id not in self.maintenance:
             change = self.guard.on_down(gateway_id, now, fleet)
             if change is not None:
                 actions.append(change)
