@@ -11,12 +11,15 @@ from actors.histogram import SELECTION_BOUNDS_S, PerStrategy
 from actors.runtime import Runtime
 from bus.edge import Drops, Tally
 from bus.jetstream import KvStore
+from bus.log_throttle import LogThrottle
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.events import Alarm, Event
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PER_GATEWAY_LOG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Context:
     # The test credentials (simulator) issued and not revoked, for `status`.
     test_credentials: Callable[[], list[str]] = field(default=list)
     clock: Callable[[], float] = field(default=time.monotonic)
+    # Lines a gateway can cause (a gateway starts flapping, ...): at most one per kind in
+    # this many seconds, across the fleet (its events keep every one).
+    per_gateway_log: LogThrottle = field(default_factory=lambda: LogThrottle(PER_GATEWAY_LOG_S))
 
     def unreadable(self, what: str, error: Exception, instead: str) -> None:
         """No stored value stops start-up: one that does not read back is logged, alarmed

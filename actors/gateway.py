@@ -45,6 +45,7 @@ from actors.messages import (
     SetThreshold,
     Tick,
 )
+from bus.log_throttle import held_back
 from bus.timers import TimerHandle
 from schemas.events import (
     GatewayDown,
@@ -254,11 +255,10 @@ class GatewayActor(SafeActor):
 
     def _flapping_changed(self) -> None:
         flaps = self.tracker.flaps
-        log.warning(
-            "gateway %s %s",
-            self.gateway_id,
-            "is flapping" if flaps.flapping else "stopped flapping",
-        )
+        verb = "is flapping" if flaps.flapping else "stopped flapping"
+        held = self.ctx.per_gateway_log.admit(verb)
+        if held is not None:
+            log.warning("gateway %s %s%s", self.gateway_id, verb, held_back(held))
         self.ctx.emit(
             GatewayFlapping(
                 gateway_id=self.gateway_id,

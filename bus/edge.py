@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import msgspec
 
+from bus.log_throttle import LogThrottle
 from bus.micro import ERROR_CODE_HEADER, ERROR_HEADER, MicroService
 from bus.runtime import Bus, Inbound, SubscriptionHandle
 from bus.subjects import Subjects
@@ -53,15 +53,12 @@ class Drops(Tally):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last_logged: dict[str, float] = {}
+        self._throttle = LogThrottle(LOG_EVERY_S)
 
     def drop(self, cause: str, subject: str, detail: str) -> None:
         count = self.add(cause)
-        now = time.monotonic()
-        # A race between two threads can log one line too many; a lock is not worth it.
-        if now - self._last_logged.get(cause, -LOG_EVERY_S) < LOG_EVERY_S:
+        if self._throttle.admit(cause) is None:
             return
-        self._last_logged[cause] = now
         log.warning("dropped message on %s (%s, %d so far): %s", subject, cause, count, detail)
 
 
