@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, NamedTuple
 
+from bus.log_throttle import LogThrottle, held_back
+
 log = logging.getLogger(__name__)
 
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
@@ -37,6 +39,11 @@ _VIOLATION_RE = re.compile(
     rb'"(?P<account>A[A-Z2-7]{55})/[^"]*?jwt:(?P<user>U[A-Z2-7]{55})" - '
     rb'(?P<operation>Publish|Subscription) Violation - Subject "(?P<subject>[^"]*)"'
 )
+# What kind of complaint a server line is, without the client it is about: "authentication
+# error" from '[ERR] 127.0.0.1:57030 - cid:5 - authentication error - User "x"'.
+_COMPLAINT_RE = re.compile(rb'\[(?:ERR|FTL)\] (?:\S+ - [a-z]+:\d+ - (?:"[^"]*" - )?)?([^":-]*)')
+# A client retrying with bad credentials would otherwise write a line per attempt.
+COMPLAINT_LOG_EVERY_S = 10.0
 # The account of an open server: JetStream keeps each account's streams in its own folder.
 OPEN_ACCOUNT = "$G"
 
@@ -52,6 +59,11 @@ class Violation(NamedTuple):
     user: str  # the user's public key
     operation: Literal["publish", "subscribe"]
     subject: str
+
+
+def complaint_kind(line: bytes) -> str:
+    match = _COMPLAINT_RE.search(line)
+    return match[1].decode(errors="replace").strip() if match else ""
 
 
 def parse_violation(line: bytes) -> Violation | None:
@@ -158,6 +170,7 @@ class EmbeddedServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._log_tail: list[bytes] = []
+        self._complaints = LogThrottle(COMPLAINT_LOG_EVERY_S)
 
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -216,8 +229,9 @@ class EmbeddedServer:
                 violation = parse_violation(line) if self.on_violation else None
                 if violation is not None and self.on_violation is not None:
                     self.on_violation(violation)
-                else:
-                    log.warning("nats-server: %s", line.decode(errors="replace").rstrip())
+                elif (held := self._complaints.admit(complaint_kind(line))) is not None:
+                    text = line.decode(errors="replace").rstrip()
+                    log.warning("nats-server: %s%s", text, held_back(held))
         was_ready = ready.is_set()
         ready.set()  # the process ended: unblock start(), which sees no url
         if was_ready and self._process is process and self.on_exit is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bus.log_throttle import LogThrottle, held_back
+from bus.server import complaint_kind
 
 
 class FakeClock:
@@ -32,3 +33,14 @@ def test_one_line_per_kind_per_interval_then_the_count_held_back() -> None:
 def test_the_suffix_names_the_lines_held_back_only_when_there_were_some() -> None:
     assert held_back(0) == ""
     assert held_back(4) == " (4 more like it since the last one, not logged)"
+
+
+def test_a_server_complaint_is_throttled_by_its_kind_not_by_its_client() -> None:
+    lines = [
+        b'[6935] 2026/12/01 10:14:22.908376 [ERR] 127.0.0.1:57030 - cid:5 - authentication error - User "x"',
+        b'[6935] 2026/12/01 10:14:23.1 [ERR] 127.0.0.1:57031 - cid:6 - "v2.16.0:python:sim" - authentication error',
+    ]
+    assert {complaint_kind(line) for line in lines} == {"authentication error"}
+    assert complaint_kind(b"[1] 2026/12/01 10:00:00.0 [FTL] Error listening on port: 4222") == (
+        "Error listening on port"
+    )

@@ -8,11 +8,11 @@ gatefleet reads them from the server's log (bus.server.Violation). Counts are fo
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from bus.edge import Tally
+from bus.log_throttle import LogThrottle
 from bus.server import Violation
 from gatefleet.security.authority import Authority
 from schemas.events import Event, SecurityViolation
@@ -35,22 +35,16 @@ class ViolationWatch:
         self.authority = authority
         self.emit = emit
         self.counts = counts
-        self.clock = clock
-        self._lock = threading.Lock()
+        self._throttle = LogThrottle(EVENT_EVERY_S, clock)
         self._names: dict[str, str] = {}
-        self._last_event: dict[str, float] = {}
-        self._unreported: dict[str, int] = {}
 
     def __call__(self, violation: Violation) -> None:
         user = self._name(violation.user)
         self.counts.add(user)
-        now = self.clock()
-        with self._lock:
-            count = self._unreported[user] = self._unreported.get(user, 0) + 1
-            if now - self._last_event.get(user, -EVENT_EVERY_S) < EVENT_EVERY_S:
-                return
-            self._last_event[user] = now
-            self._unreported[user] = 0
+        held = self._throttle.admit(user)
+        if held is None:
+            return
+        count = held + 1  # this one and those not reported since the last report
         kind, _, name = user.partition(":")
         log.warning(
             "permission violation by %s: %s %s (%d since the last report)",
