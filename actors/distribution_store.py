@@ -178,6 +178,9 @@ class DistributionStore:
                 f"the distributions store has layout {version}, newer than this gatefleet's "
                 f"{LAYOUT_VERSION}: upgrade gatefleet"
             )
+        if stored is None and not self._kv.keys():
+            self._kv.put(LAYOUT_KEY, Layout(version=LAYOUT_VERSION))  # a new store
+            return
         if version < LAYOUT_VERSION:
             self._migrate_to_3(loaded)
             self._kv.put(LAYOUT_KEY, Layout(version=LAYOUT_VERSION))

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from actors.distribution_store import LAYOUT_KEY, LAYOUT_VERSION
 from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
@@ -38,7 +39,8 @@ from gatefleet.gateway import GatewayAgent
 from schemas.api import GatewayDelivery, Rollout
 from schemas.codec import encode
 from schemas.settings import Settings
-from tests.conftest import wait_until
+from schemas.stored import Layout
+from tests.conftest import SettingsFactory, wait_until
 from tests.fleet import BUSY, MutableMetrics
 
 DATA = Path(__file__).parent / "data"
@@ -234,3 +236,17 @@ def test_a_layout_3_store_from_before_rollouts_resumes_and_is_rolled_back_to(
     assert msgspec.json.decode(stored(bus)["layout"]) == {"version": 3}
     for agent in (a, b):
         bus.run(agent.stop(goodbye=False))
+
+
+def test_a_new_store_starts_at_the_current_layout_without_a_migration(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    bus: Bus,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    start_orchestrator(make_settings())
+    name = bucket_name(prefix, "distributions")
+    kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    assert kv.get(LAYOUT_KEY, Layout) == Layout(version=LAYOUT_VERSION)
+    assert not [r for r in caplog.records if "migrated" in r.getMessage()]
