@@ -30,7 +30,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors.distribution_store import LAYOUT_KEY, LAYOUT_VERSION
+from actors.distribution_store import LAYOUT_KEY
 from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
@@ -39,7 +39,7 @@ from gatefleet.gateway import GatewayAgent
 from schemas.api import GatewayDelivery, Rollout
 from schemas.codec import encode
 from schemas.settings import Settings
-from schemas.stored import Layout
+from schemas.stored import LAYOUT_VERSION, Layout
 from tests.conftest import SettingsFactory, wait_until
 from tests.fleet import BUSY, MutableMetrics
 
