@@ -278,8 +278,7 @@ def _explained(
     parsed = parse_selection_id(selection_id)
     if parsed is None:
         return _recorded_event(bus, settings, selection_id, since)
-    run, n = parsed
-    located = find_batch(bus, settings, run, n, since)
+    located = find_batch(bus, settings, since, parsed)
     if located is None:
         return None
     head, stored_ns = located
@@ -292,7 +291,7 @@ def _explained(
         event = msgspec.structs.replace(event, ts=selection_ts(batch, record))
         explained.append((event, record.gateway_id))
 
-    rerun = Rerun(find=(run, n), found=found)
+    rerun = Rerun(find=parsed, found=found)
     feed(bus, settings, rerun, since=head.snapshot_ts, until=until_stored(stored_ns))
     if not explained:
         fail(f"the pool selection {selection_id} was made from is no longer in the audit log")
