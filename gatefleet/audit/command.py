@@ -7,10 +7,10 @@
     gatefleet audit replay [--since T] [--until T] [--json]
     gatefleet audit whatif --strategy S [--threshold X] [--since T] [--until T] [--json]
 
-Reading is done by `bus.replay.Replay` (an ordered consumer, filtered by subject on the
-server: `--type` and `--distribution` narrow the subjects); `--gateway` and
-`--distribution` are then checked here on the decoded events. `--json` writes each stored
-event as it is, one per line, without decoding it when no check here needs it.
+Reading is done by `gatefleet.audit.stream.Replay` (an ordered consumer, filtered by
+subject on the server: `--type` and `--distribution` narrow the subjects); `--gateway`
+and `--distribution` are then checked here on the decoded events. `--json` writes each
+stored event as it is, one per line, without decoding it when no check here needs it.
 
 Times (`--since`, `--until`, `--at`) are RFC 3339 / ISO 8601 (no offset means UTC, like
 every time gatefleet prints), `now`, or a duration back from now: `90s`, `15m`, `2h`,
