@@ -82,6 +82,7 @@ from actors.histogram import DISTRIBUTION_BOUNDS_S, HistogramRecorder
 from actors.messages import (
     ChildDied,
     Control,
+    ControlAction,
     DistributionChanged,
     DistributionCounts,
     GatewayHealth,
@@ -151,6 +152,12 @@ ROLLBACK_RETRY_S = 5.0
 MAX_RESTARTS = 3
 # How long a distribute request_id is remembered (a retry after that starts anew).
 REQUEST_ID_TTL = timedelta(hours=24)
+# What each control endpoint asks of a running distribution.
+CONTROLS: dict[api.Endpoint[Any, Any], ControlAction] = {
+    api.DISTRIBUTIONS_PAUSE: "pause",
+    api.DISTRIBUTIONS_RESUME: "resume",
+    api.DISTRIBUTIONS_ABORT: "abort",
+}
 
 
 class DistributorActor(SafeActor):
@@ -268,7 +275,7 @@ class DistributorActor(SafeActor):
                 body=DistributionActionRequest() as request,
                 reply=reply,
             ):
-                self._control(endpoint.name.rpartition(".")[2], request.distribution_id, reply)
+                self._control(CONTROLS[endpoint], request.distribution_id, reply)
             case Request(endpoint=api.ROLLBACK, body=RollbackRequest() as request, reply=reply):
                 self._rollback_request(request, reply)
             case Request(endpoint=api.RECONCILE, body=ReconcileRequest() as request, reply=reply):
@@ -727,7 +734,7 @@ class DistributorActor(SafeActor):
 
     # Requests of a running one -------------------------------------------------------------
 
-    def _control(self, action: str, dist_id: str, reply: str) -> None:
+    def _control(self, action: ControlAction, dist_id: str, reply: str) -> None:
         """Pause, resume or abort: the running distribution's actor does it and answers;
         one waiting in its queue can only be aborted, which is done here."""
         record = self.records.get(dist_id)
@@ -737,7 +744,7 @@ class DistributorActor(SafeActor):
         ref = self.running.get(dist_id)
         if ref is not None:
             try:
-                ref.tell(Control(action=action, reply=reply))  # type: ignore[arg-type]
+                ref.tell(Control(action=action, reply=reply))
             except pykka.ActorDeadError:
                 reply_error(self.replies, reply, "unavailable", f"{dist_id} is ending; retry")
             return

@@ -187,11 +187,14 @@ class GatewayHealth(_Message, frozen=True):
     reason: str
 
 
+ControlAction = Literal["pause", "resume", "abort"]
+
+
 class Control(_Message, frozen=True):
     """Distributor -> DistributionActor: P.api.distributions.pause|resume|abort; the
     actor answers on `reply` with its record as it is after it."""
 
-    action: Literal["pause", "resume", "abort"]
+    action: ControlAction
     reply: str
 
 

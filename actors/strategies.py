@@ -134,17 +134,6 @@ def _next_within(members: Members, share: LatencyShare, state: RoundRobinState) 
     return chosen
 
 
-def latency_based(
-    members: Members,
-    state: RoundRobinState,
-    margin_percent: float = 10.0,
-    margin_ms: float = 2.0,
-) -> str:
-    """Optimises client latency: the lowest latency, rotating among the gateways within
-    the margin of the best so that clients do not all herd onto one."""
-    return _next_within(members, latency_share(members, margin_percent, margin_ms), state)
-
-
 def region_pool(
     pool: Pool, region: str | None, regions: dict[str, list[str]]
 ) -> tuple[str | None, Members, str]:
@@ -161,18 +150,6 @@ def region_pool(
         return candidate, members, why
     why = f"region {region} and its nearer regions have no eligible gateway; any region"
     return None, pool.everyone, why
-
-
-def region_aware(
-    pool: Pool,
-    region: str | None,
-    regions: dict[str, list[str]],
-    inner: Callable[[Members], str],
-) -> str:
-    """Optimises locality: a gateway of the requested region, else of the nearest region
-    (by `regions`) that has one, else any; `inner` picks within that region."""
-    _, members, _ = region_pool(pool, region, regions)
-    return inner(members)
 
 
 # --- The entry point ------------------------------------------------------------------

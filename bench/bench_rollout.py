@@ -44,7 +44,14 @@ from bus.runtime import Bus, Inbound
 from gatefleet.client import GatefleetClient
 from gatefleet.gateway import ConfigResult, GatewayAgent, Metrics
 from schemas.api import Rollout
-from schemas.events import DistributionEvent, Event, GatewayStatusChanged, decode_event
+from schemas.events import (
+    DistributionEvent,
+    Event,
+    FinishedStep,
+    GatewayStatusChanged,
+    RollingBackStep,
+    decode_event,
+)
 from schemas.wire import ConfigPush
 
 PREFIX = "bench"
@@ -259,12 +266,14 @@ def run_all(
     assert isinstance(rolling, DistributionEvent)
     ended, final = events.wait(step(whole.distribution_id, "finished"), timeout=300)
     assert isinstance(final, DistributionEvent)
-    if final.details["status"] != "rolled_back":
-        raise SystemExit(f"the rollback ended {final.details}")
-    rollback_id = rolling.details["rollback_id"]
-    created, _ = events.wait(step(rollback_id, "created"))
-    done, _ = events.wait(step(rollback_id, "finished"))
-    count = rolling.details["gateway_count"]
+    match rolling.detail, final.detail:
+        case RollingBackStep() as rollback, FinishedStep(status="rolled_back"):
+            pass
+        case _:
+            raise SystemExit(f"the rollback ended {final.details}")
+    created, _ = events.wait(step(rollback.rollback_id, "created"))
+    done, _ = events.wait(step(rollback.rollback_id, "finished"))
+    count = rollback.gateway_count
     batches = math.ceil(count / args.batch)
     elapsed, bound = ended - started, batches * rtt
     # The same fleet, a plain distribution (no rollout), for comparison.

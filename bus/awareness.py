@@ -171,7 +171,8 @@ class LocalAwareness:
     # Wiring -----------------------------------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
-        """`listener(Awareness)` on the loop after each change (e.g. to pause probes)."""
+        """`listener(Awareness)` on the loop after each change. A test hook (tests wait on
+        a change with it): gatefleet itself reads `snapshot` and parks checks instead."""
         self._listeners = [*self._listeners, listener]
 
     def attach_wheel(self, wheel: TimerWheel, inbound: InboundLag | None = None) -> None:

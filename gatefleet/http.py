@@ -1,35 +1,29 @@
-"""The HTTP API: the seed's endpoints, plus gateways, health and Prometheus metrics.
+"""The HTTP API: a route for each endpoint that has one, plus health and Prometheus metrics.
 
 A thin translator. Each API call becomes the NATS request on the matching `P.api.*`
 subject and the reply body is returned as it is, so HTTP and NATS bodies are the same
 by construction; an error reply's code picks the status (bad_request 400, not_found 404,
 unavailable 503, internal 500), and no answer at all is 503 `unavailable`.
 
+The routes come from the endpoint table (schemas/endpoints.py, `Endpoint.http`, under
+/api/v1/orchestration; docs/PROTOCOL.md section 6 lists them, held to the table by a
+test). GET routes take the request's fields from the path (`{field}`) and the query
+string. POST bodies are forwarded untouched (an empty one as `{}`; a route with `{field}`
+in its path sets that field in it): the actors validate them, so a bad body gets the
+same `bad_request` over HTTP as over NATS. Bodies over 8 MiB are refused with 413.
+Besides those:
+
 | HTTP | NATS request |
 |---|---|
-| GET  /api/v1/orchestration/status | `P.api.status` `{}` |
-| GET  /api/v1/orchestration/gateways | `P.api.gateways` `{}` |
-| GET  /api/v1/orchestration/load-balancing | `P.api.load-balancing.get` `{}` |
-| POST /api/v1/orchestration/load-balancing | `P.api.load-balancing.set` (the body) |
-| POST /api/v1/orchestration/select-gateway | `P.api.select-gateway` (the body) |
-| POST /api/v1/orchestration/distribute | `P.api.distribute` (the body) |
-| GET  /api/v1/orchestration/distributions/{id} | `P.api.distributions.get` |
-| GET  /api/v1/orchestration/distributions?include_completed=true | `P.api.distributions.list` |
-| POST /api/v1/orchestration/distributions/{id}/pause, /resume, /abort | `P.api.distributions.pause`, `.resume`, `.abort` (the id from the path) |
-| POST /api/v1/orchestration/rollback | `P.api.rollback` (the body) |
 | GET  /healthz | `P.api.status`: 200 `{"status": "ok"}` or 503 |
 | GET  /metrics | the counts of P.api.status (and, for small fleets, P.api.gateways' heartbeat ages), as Prometheus text |
 
-POST bodies are forwarded untouched (an empty one as `{}`; a route with `{field}` in its
-path sets that field in it): the actors validate them, so a bad body gets the same
-`bad_request` over HTTP as over NATS. Bodies over 8 MiB are
-refused with 413. When a token is configured, every path but `/healthz` needs
+When a token is configured, every path but `/healthz` needs
 `Authorization: Bearer <token>` (401 otherwise): `/healthz` is for load balancers and
-orchestrators' probes, which say nothing beyond "up or not".
-
-The routes come from the endpoint table (schemas/endpoints.py): GET routes take the
-request's fields from the path and the query string. The server runs on its own bus (own loop thread, own NATS connection), never on the
-orchestrator's, so a slow HTTP client cannot delay a heartbeat.
+orchestrators' probes, which say nothing beyond "up or not". A read-only token may call
+the routes of endpoints that change nothing (403 otherwise). The server runs on its own
+bus (own loop thread, own NATS connection), never on the orchestrator's, so a slow HTTP
+client cannot delay a heartbeat.
 """
 
 from __future__ import annotations

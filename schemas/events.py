@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import typing
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -417,27 +418,7 @@ Step = (
     | RollingBackStep
 )
 STEP_TYPES: dict[str, type[Step]] = {
-    str(kind.__struct_config__.tag): kind
-    for kind in (
-        CreatedStep,
-        QueuedStep,
-        BatchSentStep,
-        GatewayAckedStep,
-        GatewayNackedStep,
-        GatewayTimedOutStep,
-        GatewayRetriedStep,
-        ResumedStep,
-        FinishedStep,
-        ScheduledStep,
-        StartedStep,
-        PausedStep,
-        UnpausedStep,
-        GateStartedStep,
-        GatePassedStep,
-        GatewayUnhealthyStep,
-        HaltedStep,
-        RollingBackStep,
-    )
+    str(kind.__struct_config__.tag): kind for kind in typing.get_args(Step)
 }
 
 

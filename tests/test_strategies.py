@@ -19,9 +19,7 @@ from actors.strategies import (
     RoundRobinState,
     Selection,
     SelectorState,
-    latency_based,
     least_connections,
-    region_aware,
     round_robin,
     select,
     shortlist,
@@ -407,8 +405,9 @@ def test_region_aware_inner_strategy_is_configurable() -> None:
         pick("RegionAware", FLEET, region="us-west", settings=settings, state=state).gateway_id
         == "us-1"
     )
-    pool = Pool.of(FLEET, 70.0)
-    assert region_aware(pool, "us-west", {}, lambda members: max(members.ids)) == "us-2"
+    settings = LoadBalancingSettings(region_inner_strategy="LatencyBased")
+    picked = pick("RegionAware", FLEET, region="eu-west", settings=settings)
+    assert (picked.rule, picked.candidates) == ("LatencyBased", ("eu-1", "eu-2"))
 
 
 def test_other_strategies_ignore_region() -> None:
@@ -639,8 +638,20 @@ def test_strategies_over_a_large_pool_match_their_definitions() -> None:
     near = sorted(
         g.gateway_id for g in fleet if g.latency_ms is not None and g.latency_ms <= min(known) + 2.0
     )
-    state = RoundRobinState()
-    assert [latency_based(members, state) for _ in range(len(near))] == near
+    pool, selector = Pool.of(fleet, 0.0), SelectorState()
+    latency_based = [
+        select(
+            "LatencyBased",
+            pool,
+            region=None,
+            state=selector,
+            rng=random.Random(1),
+            settings=LoadBalancingSettings(),
+            regions={},
+        ).gateway_id
+        for _ in range(len(near))
+    ]
+    assert latency_based == near
     # WeightedRandom: the same draw lands on the same gateway as a cumulative walk.
     draw = random.Random(9).random() * sum(g.score for g in fleet)
     walk, expected = 0.0, fleet[-1].gateway_id

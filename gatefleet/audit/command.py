@@ -7,10 +7,10 @@
     gatefleet audit replay [--since T] [--until T] [--json]
     gatefleet audit whatif --strategy S [--threshold X] [--since T] [--until T] [--json]
 
-Reading is done by `bus.replay.Replay` (an ordered consumer, filtered by subject on the
-server: `--type` and `--distribution` narrow the subjects); `--gateway` and
-`--distribution` are then checked here on the decoded events. `--json` writes each stored
-event as it is, one per line, without decoding it when no check here needs it.
+Reading is done by `gatefleet.audit.stream.Replay` (an ordered consumer, filtered by
+subject on the server: `--type` and `--distribution` narrow the subjects); `--gateway`
+and `--distribution` are then checked here on the decoded events. `--json` writes each
+stored event as it is, one per line, without decoding it when no check here needs it.
 
 Times (`--since`, `--until`, `--at`) are RFC 3339 / ISO 8601 (no offset means UTC, like
 every time gatefleet prints), `now`, or a duration back from now: `90s`, `15m`, `2h`,
@@ -278,8 +278,7 @@ def _explained(
     parsed = parse_selection_id(selection_id)
     if parsed is None:
         return _recorded_event(bus, settings, selection_id, since)
-    run, n = parsed
-    located = find_batch(bus, settings, run, n, since)
+    located = find_batch(bus, settings, since, parsed)
     if located is None:
         return None
     head, stored_ns = located
@@ -292,7 +291,7 @@ def _explained(
         event = msgspec.structs.replace(event, ts=selection_ts(batch, record))
         explained.append((event, record.gateway_id))
 
-    rerun = Rerun(find=(run, n), found=found)
+    rerun = Rerun(find=parsed, found=found)
     feed(bus, settings, rerun, since=head.snapshot_ts, until=until_stored(stored_ns))
     if not explained:
         fail(f"the pool selection {selection_id} was made from is no longer in the audit log")

@@ -180,12 +180,6 @@ class Lane:
         override = None if self.what_if is None else self.what_if.strategy
         return self.recorded.strategy if override is None else override
 
-    @property
-    def as_recorded(self) -> bool:
-        return self.strategy == self.recorded.strategy and self._threshold() == (
-            self.recorded.health_threshold
-        )
-
     def apply(self, change: PoolChange) -> None:
         pool = self.pool
         self.generation = change.generation

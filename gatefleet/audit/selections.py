@@ -51,37 +51,22 @@ def _decode_head(data: bytes) -> BatchHead | None:
 EPOCH = datetime.fromtimestamp(0, UTC)
 
 
-def first_batch(
-    bus: Bus, settings: Settings, since: datetime | None
-) -> tuple[BatchHead, int] | None:
-    """The first `lb.selections` batch stored since `since`, with its storage time."""
-    found: list[tuple[BatchHead, int]] = []
-
-    def sink(batch: list[StoredEvent]) -> bool:
-        for _, stored_ns, data in batch:
-            head = _decode_head(data)
-            if head is not None:
-                found.append((head, stored_ns))
-                return True
-        return False
-
-    subject = Subjects(settings.bus.subject_prefix).event("lb.selections")
-    read(bus, settings, [subject], sink, since=since)
-    return found[0] if found else None
-
-
 def find_batch(
-    bus: Bus, settings: Settings, run: str, n: int, since: datetime | None
+    bus: Bus, settings: Settings, since: datetime | None, selection: tuple[str, int] | None = None
 ) -> tuple[BatchHead, int] | None:
-    """The batch holding selection `n` of `run`, with its storage time."""
-    needle = f'"run":"{run}"'.encode()
+    """The first `lb.selections` batch stored since `since`, with its storage time; with
+    `selection` (run, n), the batch holding selection `n` of `run`."""
+    needle = b"" if selection is None else f'"run":"{selection[0]}"'.encode()
     found: list[tuple[BatchHead, int]] = []
+
+    def holds(head: BatchHead) -> bool:
+        return selection is None or head.first <= selection[1] <= head.last
 
     def sink(batch: list[StoredEvent]) -> bool:
         for _, stored_ns, data in batch:
-            if needle in data:
+            if needle in data:  # a cheap look before decoding
                 head = _decode_head(data)
-                if head is not None and head.first <= n <= head.last:
+                if head is not None and holds(head):
                     found.append((head, stored_ns))
                     return True
         return False
@@ -103,7 +88,7 @@ def feed(
     to `until`, from the snapshot they build on."""
     start = since
     if since is not None:
-        first = first_batch(bus, settings, since)
+        first = find_batch(bus, settings, since)
         if first is None:
             return  # no selection stored since then
         start = min(since, first[0].snapshot_ts)

@@ -2,7 +2,8 @@
 
 A `GatewayAgent` heartbeats on `P.gw.<id>.heartbeat`, answers `P.gw.<id>.ping` and
 `P.gw.<id>.config`, and says goodbye on `P.gw.<id>.goodbye` when stopped. Many agents
-can share one nats-py connection (the simulator runs thousands that way):
+can share one nats-py connection (`python -m bench distribution` runs a thousand that
+way):
 
     nc = await connect(url)
     agent = GatewayAgent(nc, "edge-1", "us-west", metrics=read_metrics, on_config=apply)
@@ -17,7 +18,8 @@ Config pushes are idempotent on (distribution_id, version): the result of the fi
 application is remembered and sent again for a repeat, without calling `on_config`.
 A push that does not decode is logged and gets no answer. The fault-injection knobs
 (`pause_heartbeats`, `ack_delay_s`, `fail_acks`, `silent_config`, `crash`, `restart`)
-exist for the simulator and tests.
+exist for tests and benchmarks (the simulator, `gatefleet simulate`, is an engine of its
+own: gatefleet/simulate.py).
 """
 
 from __future__ import annotations
