@@ -12,7 +12,10 @@ stored). One the stream did not store (an error ack, e.g. over its limits; no re
 no ack within `ack_timeout_s`, e.g. the server restarted) is sent again after a pause that
 doubles with each failure in a row, from FIRST_PAUSE_S to MAX_PAUSE_S: the whole outbox
 pauses, since it is the stream that refuses, not the event. Nothing is sent while the
-connection is down; what was in flight then times out and is sent again.
+connection is down. What was in flight when it dropped is sent again, first, as soon as
+it is back: its acks went with the old connection (one the stream did store gets a
+duplicate ack), and waiting `ack_timeout_s` for them would leave a clean stop soon after
+a server restart with events it cannot store in its time.
 
 Lost events: one the stream still has not stored `retry_for_s` after its first send (so
 every attempt falls inside the stream's duplicate window, and an event whose ack alone
@@ -188,6 +191,7 @@ class EventOutbox:
         nc = self._bus.nc
         self._inbox = nc.new_inbox() + "."
         self._ack_sub = await nc.subscribe(self._inbox + "*", cb=self._on_ack)
+        self._bus.add_connection_listener(self._on_disconnected, self._poke)
         self._wake = asyncio.Event()
         self._pump_task = asyncio.create_task(self._pump())
         self._tick_handle = self._bus.loop.call_later(_TICK_S, self._tick)
@@ -307,6 +311,17 @@ class EventOutbox:
             self._retries.appendleft(item)
         else:
             self._retries.append(item)
+
+    def _on_disconnected(self) -> None:
+        """What is in flight will get no ack: sent again, before the retries waiting (the
+        loss report still first), once the connection is back (`_poke`)."""
+        if not self._in_flight:
+            return
+        again = [*self._in_flight.values(), *self._retries]
+        self.failed += len(self._in_flight)
+        self._last_failure = "the connection to NATS dropped"
+        self._in_flight.clear()
+        self._retries = deque(sorted(again, key=lambda item: not item.reports))
 
     def _tick(self) -> None:
         """Every _TICK_S: events without an ack for ack_timeout_s failed; the pump woken

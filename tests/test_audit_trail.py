@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -217,6 +219,42 @@ def test_events_emitted_across_a_server_kill_and_restart_are_all_stored_once(
     assert len(ids) == len(set(ids))  # a retried event whose ack was lost is stored once
     assert {e.id for e in before + during + after} <= set(ids)
     assert outbox.lost == 0
+
+
+def test_events_in_flight_when_the_connection_drops_are_sent_again_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    server = EmbeddedServer(tmp_path / "nats", port=0)
+    server.start()
+    assert server.pid is not None
+    bus = Bus(server.url, use_uvloop=False)
+    bus.start()
+    try:
+        subjects = Subjects("inflight")
+        JetStream(bus, subjects).setup(max_age_s=0, max_bytes=-1)
+        # An ack timeout no test waits out: only the reconnection can send them again.
+        outbox = EventOutbox(bus, subjects, retry_for_s=120, ack_timeout_s=60)
+        outbox.start()
+        os.kill(server.pid, signal.SIGSTOP)  # it takes them in and answers nothing
+        sent_before = bus.nc.stats["out_msgs"]
+        events = alarms(200)
+        for event in events:
+            outbox.emit(event)
+        wait_until(
+            lambda: bus.nc.stats["out_msgs"] - sent_before >= len(events),
+            what="every event sent to the stopped server",
+        )
+        server.kill()
+        wait_until(lambda: not bus.nc.is_connected, what="the bus sees the server gone")
+        server.start()  # same port and store
+        settled(outbox, timeout=15)
+        ids = [e.id for e in stored_events(bus, "inflight")]
+        outbox.close()
+    finally:
+        bus.stop()
+        server.stop()
+    assert sorted(ids) == sorted(e.id for e in events)
+    assert (outbox.failed, outbox.lost) == (len(events), 0)
 
 
 def test_a_clean_stop_stores_what_was_emitted_before_it(
