@@ -23,8 +23,10 @@ for every simulated gateway; it does not use `gatefleet.gateway.agent.GatewayAge
   nats-py reconnects) are counted and logged once per outage, and the fleet keeps going.
 
 Config pushes are acked per protocol and are idempotent on (distribution_id, version):
-a repeat is acked again without being applied again. Applied versions show in the
-gateway's next heartbeats. With `record`, every push answered is reported as a
+a repeat is acked again without being applied again. As `GatewayAgent` does, a push of a
+version lower than the one a gateway holds for its type is not applied: it is nacked
+with `stale_version` and the version held. Applied versions show in the gateway's next
+heartbeats. With `record`, every push answered is reported as a
 `PushRecord` (applied or not, acked or nacked, the answer sent or not), e.g. to a file
 (`gatefleet simulate --record FILE`) for a chaos run to check what each gateway applied.
 
@@ -67,7 +69,7 @@ from bus.subjects import check_gateway_id
 from gatefleet.gateway import Metrics, connect
 from schemas.codec import DecodeError, decoder
 from schemas.types import Role
-from schemas.wire import ConfigAck, ConfigPush
+from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
 
@@ -458,15 +460,16 @@ class _Fleet:
         self.config_pushes += 1
         if gw.silent or not msg.reply:
             return
-        ack, applied = _ack_body(gw, push)
+        answer = _answer(gw, push)
+        ack = msgspec.json.encode(answer.ack)
         if gw.slow and self.faults.slow_ack_s > 0:
             task = asyncio.get_running_loop().create_task(
-                self._ack_later(gw, gw.generation, msg.reply, ack, (push, applied))
+                self._ack_later(gw, gw.generation, msg.reply, ack, (push, answer))
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         else:
-            self._recorded(gw, push, applied, await self._publish(msg.reply, ack))
+            self._recorded(gw, push, answer, await self._publish(msg.reply, ack))
 
     async def _ack_later(
         self,
@@ -474,7 +477,7 @@ class _Fleet:
         generation: int,
         reply: str,
         ack: bytes,
-        pushed: tuple[ConfigPush, bool],
+        pushed: tuple[ConfigPush, Answer],
     ) -> None:
         sent = False
         try:
@@ -484,7 +487,7 @@ class _Fleet:
         finally:
             self._recorded(gw, *pushed, sent)
 
-    def _recorded(self, gw: _Gateway, push: ConfigPush, applied: bool, sent: bool) -> None:
+    def _recorded(self, gw: _Gateway, push: ConfigPush, answer: Answer, sent: bool) -> None:
         if self.record is not None:
             self.record(
                 PushRecord(
@@ -492,8 +495,8 @@ class _Fleet:
                     distribution_id=push.distribution_id,
                     config_type=push.config_type,
                     version=push.version,
-                    applied=applied,
-                    ok=not gw.fail_acks,
+                    applied=answer.applied,
+                    ok=answer.ack.ok,
                     sent=sent,
                 )
             )
@@ -569,32 +572,38 @@ class _Fleet:
                 await self._publish(f"{prefix}.gw.{gid}.goodbye", gw.id_body)
 
 
-def _ack_body(gw: _Gateway, push: ConfigPush) -> tuple[bytes, bool]:
-    """Applies `push` (once per distribution and version): the ConfigAck, and whether
-    this push applied it."""
-    applied = False
-    if gw.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
-        ok, error = False, _FAIL_ERROR
-    else:
-        ok, error = True, None
-        key = (push.distribution_id, push.version)
-        if gw.results is None:
-            gw.results = {}
-        if key not in gw.results:
-            gw.results[key] = applied = True
-            if push.version > gw.config_versions.get(push.config_type, 0):
-                gw.config_versions[push.config_type] = push.version
-                gw.versions_json = msgspec.json.encode(gw.config_versions)
-    ack = msgspec.json.encode(
-        ConfigAck(
-            distribution_id=push.distribution_id,
-            gateway_id=gw.gateway_id,
-            ok=ok,
-            version=push.version,
-            error=error,
-        )
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A simulated gateway's answer to a push, and whether this push applied it."""
+
+    ack: ConfigAck
+    applied: bool
+
+
+def _answer(gw: _Gateway, push: ConfigPush) -> Answer:
+    """Applies `push` (once per distribution and version, never below the version held)."""
+    ack = ConfigAck(
+        distribution_id=push.distribution_id,
+        gateway_id=gw.gateway_id,
+        ok=True,
+        version=push.version,
     )
-    return ack, applied
+    if gw.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
+        return Answer(msgspec.structs.replace(ack, ok=False, error=_FAIL_ERROR), False)
+    key = (push.distribution_id, push.version)
+    if gw.results is None:
+        gw.results = {}
+    if key in gw.results:
+        return Answer(ack, False)
+    held = gw.config_versions.get(push.config_type, 0)
+    if push.version < held:  # not remembered: what is held only grows
+        stale = msgspec.structs.replace(ack, ok=False, error=STALE_VERSION, held_version=held)
+        return Answer(stale, False)
+    gw.results[key] = True
+    if push.version > held:
+        gw.config_versions[push.config_type] = push.version
+        gw.versions_json = msgspec.json.encode(gw.config_versions)
+    return Answer(ack, True)
 
 
 async def run_simulation(
