@@ -183,7 +183,7 @@ def test_fault_shares_are_exact_and_seeded() -> None:
 
 def test_spliced_heartbeat_bytes_are_a_valid_heartbeat() -> None:
     plan = GatewayPlan("sim-eu-west-5", 'eu "west"', "backup", "sim-eu-west-4", 750)
-    gw = simulate._Gateway(plan, "p", seed=2)
+    gw = simulate._Gateway(plan, "p", seed=2, nc=Client())  # never connected: not used
     walk = MetricsWalk(2, plan.gateway_id, 750)  # the same seeded walk, stepped alongside
     first = decode(gw.heartbeat(b"2026-11-28T07:00:00.123Z"), Heartbeat)
     metrics = walk()
