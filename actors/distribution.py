@@ -12,8 +12,11 @@ without applying it twice (pushes are idempotent on distribution id and version)
 step is told to the parent, which answers status queries from memory.
 Receives: PushAnswered (from the bus loop), RetryDue, GateDue, WakeDue (its own timers,
 on the runtime's TimerWheel for gates and windows), GatewayHealth (the distributor's
-view of its targets' health, for a rollout's health gates) and Control (pause, resume,
-abort: it answers the request with its record, stored first).
+view of its targets' health, for a rollout's health gates), Control (pause, resume,
+abort: it answers the request with its record, stored first) and VersionMoved (the
+distributor's answer to CounterBehind, which it tells the distributor when a gateway
+answers `stale_version`: see "A version move" in actors/distribution_machine.py; answers
+and retries of the version before a move are ignored).
 Emits: `distribution.step` events (every step of the machine's); sends ConfigPush
 requests on `P.gw.<id>.config`; tells the parent DistributionChanged after every step,
 and stops itself once its part is over (the distribution has ended, or is rolling
@@ -39,10 +42,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import pykka
+from msgspec.structs import replace
 
 from actors.base import SafeActor, safe_tell
 from actors.context import Context
 from actors.distribution_machine import (
+    AskVersion,
     Command,
     DistributionMachine,
     Emit,
@@ -58,11 +63,13 @@ from actors.distribution_machine import (
 from actors.distribution_store import DistributionStore
 from actors.messages import (
     Control,
+    CounterBehind,
     DistributionChanged,
     GateDue,
     GatewayHealth,
     PushAnswered,
     RetryDue,
+    VersionMoved,
     WakeDue,
 )
 from actors.paging import distribution_page
@@ -73,7 +80,7 @@ from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
 from schemas.events import DistributionEvent, utc_now
-from schemas.wire import ConfigAck, ConfigPush
+from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,11 @@ def read_answer(
 
     def no_answer(reason: str) -> PushAnswered:
         return PushAnswered(
-            gateway_id=gateway_id, attempt=push.attempt, outcome="no_answer", detail=reason
+            gateway_id=gateway_id,
+            attempt=push.attempt,
+            version=push.version,
+            outcome="no_answer",
+            detail=reason,
         )
 
     if isinstance(result, RequestFailed):
@@ -100,14 +111,14 @@ def read_answer(
         got = f"{ack.distribution_id} v{ack.version} from {ack.gateway_id}"
         drops.drop("ack_mismatch", subject, f"ack for {got}")
         return no_answer("mismatched ack")
-    if ack.ok:
-        return PushAnswered(gateway_id=gateway_id, attempt=push.attempt, outcome="ack")
-    return PushAnswered(
-        gateway_id=gateway_id,
-        attempt=push.attempt,
-        outcome="nack",
-        detail=ack.error or "rejected",
+    answered = PushAnswered(
+        gateway_id=gateway_id, attempt=push.attempt, version=push.version, outcome="ack"
     )
+    if ack.ok:
+        return answered
+    if ack.error == STALE_VERSION and ack.held_version is not None:
+        return replace(answered, outcome="stale", held_version=ack.held_version)
+    return replace(answered, outcome="nack", detail=ack.error or "rejected")
 
 
 def step_event(record: Distribution, emit: Emit) -> DistributionEvent:
@@ -160,16 +171,28 @@ class DistributionActor(SafeActor):
     def handle(self, message: Any) -> Any:
         machine, now = self.machine, utc_now()
         match message:
+            case PushAnswered(version=version) | RetryDue(version=version) if (
+                version != machine.record.version
+            ):
+                pass  # of the version before it moved: that gateway is pushed again
             case PushAnswered(gateway_id=gw, attempt=attempt, outcome="ack"):
                 self._step(machine.on_ack(gw, now_wall=now, attempt=attempt))
             case PushAnswered(gateway_id=gw, attempt=attempt, outcome="nack", detail=error):
                 self._step(machine.on_nack(gw, error or "rejected", now_wall=now, attempt=attempt))
+            case PushAnswered(
+                gateway_id=gw, attempt=attempt, outcome="stale", held_version=int(held)
+            ):
+                self._step(machine.on_stale(gw, held, now_wall=now, attempt=attempt))
             case PushAnswered(gateway_id=gw, attempt=attempt, detail=reason):
                 self._step(
                     machine.on_timeout(gw, reason or "no ack", now_wall=now, attempt=attempt)
                 )
             case RetryDue(gateway_id=gw):
                 self._step(machine.on_retry_due(gw))
+            case VersionMoved(version=int(version)):
+                self._step(machine.move_version(version, now))
+            case VersionMoved(reason=reason):
+                self._step(machine.version_refused(reason or "not moved", now))
             case GatewayHealth(gateway_id=gw, healthy=healthy, reason=reason):
                 self._step(machine.on_health(gw, healthy, reason, now_wall=now))
             case GateDue(batch=batch):
@@ -250,7 +273,13 @@ class DistributionActor(SafeActor):
                 case Send(gateway_id=gw, attempt=attempt):
                     self._send(gw, attempt)
                 case ScheduleRetry(gateway_id=gw, delay_s=delay_s):
-                    self.bus.call_later(delay_s, safe_tell, self.actor_ref, RetryDue(gateway_id=gw))
+                    due = RetryDue(gateway_id=gw, version=record.version)
+                    self.bus.call_later(delay_s, safe_tell, self.actor_ref, due)
+                case AskVersion(above=held):
+                    behind = CounterBehind(
+                        distribution_id=record.id, held_version=held, content=self.config_data
+                    )
+                    safe_tell(self.distributor, behind)
                 case ScheduleGate(batch=batch, delay_s=delay_s):
                     self._timer(delay_s, GateDue(batch=batch))
                 case ScheduleWake(delay_s=delay_s):
@@ -275,10 +304,10 @@ class DistributionActor(SafeActor):
         self.bus.request(subject, body, self.ack_timeout_s, on_result)
 
     def _push(self, attempt: int) -> tuple[ConfigPush, bytes]:
-        """The push for `attempt`, encoded once: it is the same for every gateway."""
+        """The push for `attempt`, encoded once per version: it is the same for every gateway."""
+        record = self.machine.record
         found = self._pushes.get(attempt)
-        if found is None:
-            record = self.machine.record
+        if found is None or found[0].version != record.version:
             push = ConfigPush(
                 distribution_id=record.id,
                 config_type=record.config_type,
@@ -305,4 +334,6 @@ def _must_store(told: Distribution, record: Distribution, commands: list[Command
         record.gated_batch,
     ):
         return True
-    return any(isinstance(c, Emit) and c.step == "gateway_unhealthy" for c in commands)
+    return any(
+        isinstance(c, Emit) and c.step in ("gateway_unhealthy", "version_moved") for c in commands
+    )

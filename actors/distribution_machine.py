@@ -69,6 +69,14 @@ A `rollout` (progressive delivery; schemas.api.Rollout) adds::
   it pushes, and ends this one `rolled_back` or `failed`).
 - A pause stops new batches; pushes in flight and their retries go on.
 
+A version move: a gateway that answers `stale_version` holds a newer version of the type
+than this one (gatefleet's counter was behind: its state was reset). That is no failure:
+the gateway stays in flight while the distributor moves the distribution above the
+highest version held so (`AskVersion`, then `move_version`), and the distribution starts
+over from its first batch as the new version, with the same content: every target not
+failed, acked ones included, is pending again. If the version cannot be moved
+(`version_refused`), the gateways waiting count as nacked.
+
 Resume: gateways in `sent` are sent again with the same attempt number (a crash is not the
 gateway's fault and does not use up its retries; the gateway acks a push it has already
 applied again, as pushes are idempotent on (distribution_id, version)); gateways in
@@ -79,7 +87,7 @@ to again.
 Events (`Emit`) carry a typed step (schemas/events.py, `Step`): created, batch_sent,
 gateway_acked, gateway_nacked, gateway_timed_out, gateway_retried, gateway_unhealthy
 (these five with the gateway's id), resumed, scheduled, started, paused, unpaused,
-gate_started, gate_passed, halted and finished.
+gate_started, gate_passed, halted, version_moved and finished.
 """
 
 from __future__ import annotations
@@ -113,9 +121,11 @@ from schemas.events import (
     StartedStep,
     Step,
     UnpausedStep,
+    VersionMovedStep,
 )
 from schemas.stored import STORED_ERROR_CHARS
 from schemas.types import DistributionStatus
+from schemas.wire import STALE_VERSION
 
 IN_FLIGHT_STATES: Final = frozenset[GatewayDeliveryState]({"sent", "timed_out", "retrying"})
 FAILED_STATES: Final = frozenset[GatewayDeliveryState]({"nacked", "failed", "unhealthy"})
@@ -177,13 +187,22 @@ class Emit:
 
 
 @dataclass(frozen=True, slots=True)
+class AskVersion:
+    """A gateway holds version `above` of the type (it answered stale_version): ask the
+    distributor for a version above it, and answer with `move_version` (or
+    `version_refused`)."""
+
+    above: int
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The actor's part is over, with `status` (HANDED_OVER): it may stop after storing it."""
 
     status: DistributionStatus
 
 
-Command = Send | ScheduleRetry | ScheduleGate | ScheduleWake | Emit | Finished
+Command = Send | ScheduleRetry | ScheduleGate | ScheduleWake | AskVersion | Emit | Finished
 
 
 class NotAllowed(ValueError):
@@ -287,6 +306,10 @@ class DistributionMachine:
                 tail = record.target_gateways[record.batch_start :]
                 self._batch = {gw for gw in tail if self._delivery(gw).attempts}
             self._failures = sum(map(is_failure, record.gateways.values()))
+        # Gateways that answered stale_version -> the version they hold: still in flight
+        # (sent), waiting for the version above it (only the highest is asked for).
+        self._behind: dict[str, int] = {}
+        self._asked = 0
         self._changed: set[str] = set()  # gateways whose state changed since `saved()`
         self._untold: set[str] = set()  # ... since `told()`
 
@@ -393,6 +416,71 @@ class DistributionMachine:
         self._commit({gateway_id: replace(d, state="nacked", error=clip(error))})
         event = Emit(GatewayNackedStep(attempts=d.attempts, error=error), gateway_id)
         return [event, *self._failed(f"{gateway_id} rejected it", now_wall)]
+
+    def on_stale(
+        self, gateway_id: str, held: int, *, now_wall: datetime, attempt: int | None = None
+    ) -> list[Command]:
+        """The gateway holds version `held` of the type, above this distribution's: not a
+        rejection but gatefleet's counter behind. It waits (in flight) for the version to
+        move above every version held so (`move_version`). One that claims to hold this
+        version or an older one is taken at its word: a nack."""
+        d = self._awaiting(gateway_id, attempt)
+        if d is None:
+            return []
+        if held <= self._record.version:
+            error = f"{STALE_VERSION} although it holds version {held}"
+            return self.on_nack(gateway_id, error, now_wall=now_wall, attempt=attempt)
+        self._behind[gateway_id] = held
+        if held <= self._asked:
+            return []
+        self._asked = held
+        return [AskVersion(held)]
+
+    def move_version(self, version: int, now_wall: datetime) -> list[Command]:
+        """The distributor moved this distribution to `version` (stored, the same content):
+        it starts over from its first batch. Every target not failed (acked ones too,
+        which applied the old version) is pending again and pushed the new version;
+        answers to the old one are the caller's to ignore. Ignored unless it is above
+        every version the gateways waiting for it hold."""
+        rec = self._record
+        behind = self._behind
+        if self.finished or not behind or version <= max(behind.values()):
+            return []
+        moving = IN_FLIGHT_STATES | {"pending", "acked"}
+        again = {
+            gw: replace(d, state="pending", error=None)  # attempts kept: it may run the content
+            for gw in rec.target_gateways
+            if (d := self._delivery(gw)).state in moving
+        }
+        self._pending = deque(again)
+        self._canary = canary_count(self._rollout, len(again))
+        self._batch = set()
+        step = VersionMovedStep(
+            from_version=rec.version,
+            to_version=version,
+            held_version=max(behind.values()),
+            gateways=sorted(behind)[:EVENT_MAX_IDS],
+        )
+        self._behind, self._asked = {}, 0
+        self._commit(
+            again,
+            version=version,
+            batch=0,
+            batch_start=0,
+            gated_batch=0,
+            gate_until=None,
+            batch_count=batches_left(len(again), self._batch_size, self._canary),
+        )
+        return [Emit(step), *self._advance(now_wall)]
+
+    def version_refused(self, reason: str, now_wall: datetime) -> list[Command]:
+        """The version could not be moved: the gateways waiting for it count as nacked."""
+        behind, self._behind, self._asked = self._behind, {}, 0
+        cmds: list[Command] = []
+        for gw, held in behind.items():
+            error = f"{STALE_VERSION}: holds version {held}; {reason}"
+            cmds += self.on_nack(gw, error, now_wall=now_wall)
+        return cmds
 
     def on_timeout(
         self,

@@ -69,6 +69,9 @@ class Loaded:
     desired: dict[tuple[str, str | None], DesiredConfig] = field(default_factory=dict)
     # (config type, version) of every content stored.
     contents: set[tuple[str, int]] = field(default_factory=set)
+    # Distribution id -> the version it was created with: its place in its type's queue
+    # (a version that moved is not).
+    created_versions: dict[str, int] = field(default_factory=dict)
     # What could not be read, and what was done instead: one line each (for an alarm).
     unreadable: list[str] = field(default_factory=list)
 
@@ -142,6 +145,7 @@ class DistributionStore:
                 loaded.cannot_read(f"distribution {dist_id}", exc, "it is skipped")
                 continue
             loaded.records[dist_id] = record
+            loaded.created_versions[dist_id] = spec.version
             # A spec is stored before its version counter, which may have failed after it.
             last = loaded.versions.get(record.config_type, 0)
             loaded.versions[record.config_type] = max(last, last_version(spec))
@@ -242,12 +246,20 @@ class DistributionStore:
         """Stores a new distribution: its content (None: stored already, a reconciliation
         of its version), its chunks, then its spec, the write that makes it exist."""
         if content is not None:
-            value = ConfigContent(
-                config_type=spec.config_type, version=spec.version, config_data=content
-            )
-            self._kv.put(content_key(spec.config_type, spec.version), value)
+            self._put_content(spec.config_type, spec.version, content)
         self._kv.put_many(_chunks(record, range(len(record.target_gateways))))
         self._kv.put(record.id + SPEC_SUFFIX, spec)
+
+    def move_version(self, dist_id: str, moved: DistributionSpec, content: dict[str, Any]) -> None:
+        """A distribution's version moves to `moved.moved_to`: that version's content, then
+        its spec saying so."""
+        assert moved.moved_to is not None
+        self._put_content(moved.config_type, moved.moved_to, content)
+        self._kv.put(dist_id + SPEC_SUFFIX, moved)
+
+    def _put_content(self, config_type: str, version: int, content: dict[str, Any]) -> None:
+        value = ConfigContent(config_type=config_type, version=version, config_data=content)
+        self._kv.put(content_key(config_type, version), value)
 
     def content(self, config_type: str, version: int) -> dict[str, Any] | None:
         try:
@@ -311,11 +323,17 @@ def progress_of(record: Distribution) -> DistributionProgress:
     )
 
 
+def pushed_version(spec: DistributionSpec) -> int:
+    """The version a distribution pushes: its own, or the one it moved to."""
+    return spec.moved_to or spec.version
+
+
 def last_version(spec: DistributionSpec) -> int:
-    """The last version a spec takes: its own, and the next one for its rollback when it
-    has asked for one (versions of a type are applied in order)."""
+    """The last version a spec takes: the one it pushes, and the next one for its rollback
+    when it has asked for one (versions of a type are applied in order)."""
     rollout = spec.rollout
-    return spec.version + 1 if rollout is not None and rollout.auto_rollback else spec.version
+    version = pushed_version(spec)
+    return version + 1 if rollout is not None and rollout.auto_rollback else version
 
 
 def _chunks(record: Distribution, positions: Iterable[int]) -> dict[str, GatewayChunk]:
@@ -342,7 +360,7 @@ def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> tuple[Distribution, Di
         id=dist_id,
         status=progress.status,
         config_type=spec.config_type,
-        version=spec.version,
+        version=pushed_version(spec),
         target_gateways=list(gateways),
         successful_gateways=[gw for gw, d in gateways.items() if d.state == "acked"],
         failed_gateways=[gw for gw, d in gateways.items() if d.state in FAILED_STATES],

@@ -9,7 +9,7 @@ restarted from its newest record), the ReconcileDriver (actors/reconcile_driver.
 reconciliation runs through, and the distribution counts of `P.api.status`.
 Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemoved,
 ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
-on every change: the supervisor).
+on every change: the supervisor), CounterBehind (a gateway answered `stale_version`).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec or content lost, its store
 failing, its actor dying again and again; its DistributionActor emits every other step);
@@ -42,8 +42,15 @@ written or read) ends failed with the reason, and the next one of its type start
 `distributions.get` answers a record with one page of its per-gateway states. Retention
 (actors/retention.py) runs at start and whenever a distribution ends.
 Which key each component writes is in schemas/stored.py. At start, unfinished
-distributions are queued again per type in version order and resumed; what each gateway
-rejected is rebuilt from the records.
+distributions are queued again per type in the order of the versions they were created
+with, and resumed; what each gateway rejected is rebuilt from the records.
+
+A version move: a gateway answering `stale_version` holds a newer version of a type than
+the counter has given (gatefleet's state was reset, or its store lost). The distributor
+moves the counter past the version held and the distribution to the version after it
+(its content and spec `moved_to` stored, its desired state moved if it set it), and its
+actor pushes that version to its targets again (actors/distribution_machine.py). A
+rollout keeps the version after the new one for its rollback, as at creation.
 
 A DistributionActor that dies is started again from the newest record it told (the
 stored one may lag by the acks since its last send): it resumes, re-sending in-flight
@@ -83,6 +90,7 @@ from actors.messages import (
     ChildDied,
     Control,
     ControlAction,
+    CounterBehind,
     DistributionChanged,
     DistributionCounts,
     GatewayHealth,
@@ -92,6 +100,7 @@ from actors.messages import (
     ReportTo,
     Request,
     StartHead,
+    VersionMoved,
 )
 from actors.paging import BadCursor, distribution_page, distributions_page
 from actors.reconcile_driver import ReconcileDriver
@@ -228,15 +237,17 @@ class DistributorActor(SafeActor):
             original = self.records.get(record.rollback_of or "")
             if original is not None:
                 self.records[original.id] = replace(original, rollbacks=[record.id])
-        # Unfinished ones in version order; one rolling back waits at its queue's head
-        # until its rollback exists (which then runs in its place).
+        # Unfinished ones in the order of the versions they were created with, that of
+        # their queues (one whose version moved keeps its place); one rolling back waits
+        # at its queue's head until its rollback exists (which then runs in its place).
         unfinished = [
             r
             for r in self.records.values()
             if r.status not in TERMINAL_STATUSES
             and not (r.status == "rolling_back" and r.rollbacks)
         ]
-        for record in sorted(unfinished, key=lambda r: r.version):
+        created = loaded.created_versions
+        for record in sorted(unfinished, key=lambda r: created.get(r.id, r.version)):
             self.queues.setdefault(record.config_type, deque()).append(record.id)
             self.reconcile.started(record)
         self.statuses = Counter(r.status for r in self.records.values())
@@ -296,6 +307,8 @@ class DistributorActor(SafeActor):
                 self.reconcile.forget(gateway_id)
             case ReconcileDue(gateway_id=gateway_id):
                 self.reconcile.check([gateway_id])
+            case CounterBehind(distribution_id=dist_id, held_version=held, content=content):
+                self._move_version(dist_id, held, content)
             case ChildDied(kind="DistributionActor", key=dist_id, error=error):
                 self._restart(dist_id, error)
             case ReportTo(supervisor=supervisor):
@@ -369,6 +382,54 @@ class DistributorActor(SafeActor):
             log.warning("version counter of %s not stored: %s", config_type, exc)
         self.replies.publish(reply, DistributeReply(distribution_id=record.id))
         self._enqueue(record)
+
+    def _move_version(self, dist_id: str, held: int, content: dict[str, Any]) -> None:
+        """A gateway holds version `held` of a running distribution's type, above its
+        version: the counter was behind (gatefleet's state was reset). The distribution
+        moves to a version above it (and its desired state with it, if it set it), and
+        its actor hears which. Once moved past `held`, the same version is answered again
+        (a resumed actor may ask twice)."""
+        record, ref = self.records.get(dist_id), self.running.get(dist_id)
+        if record is None or ref is None or record.status in HANDED_OVER:
+            return
+        config_type = record.config_type
+        try:
+            spec = self.store.spec(dist_id)
+            if spec is None:
+                safe_tell(ref, VersionMoved(version=None, reason="its spec is lost"))
+                return
+            version = spec.moved_to or 0
+            if version <= held:
+                version = max(self.versions.get(config_type, 0), held) + 1
+                spec = replace(spec, moved_to=version)
+                self.store.move_version(dist_id, spec, content)
+                self.contents.add((config_type, version))
+        except KvError as exc:
+            safe_tell(ref, VersionMoved(version=None, reason=f"cannot store a new version: {exc}"))
+            return
+        if last_version(spec) > self.versions.get(config_type, 0):
+            self.versions[config_type] = last_version(spec)
+            try:
+                self.store.put_version(config_type, self.versions[config_type])
+            except KvError as exc:  # its spec, stored, holds the version all the same
+                log.warning("version counter of %s not stored: %s", config_type, exc)
+        log.warning(
+            "the version counter of %s was behind: a gateway holds version %d; %s moves "
+            "from version %d to %d (the same content)",
+            config_type,
+            held,
+            dist_id,
+            record.version,
+            version,
+        )
+        if _desired_at_start(record):
+            try:
+                self._set_desired(replace(record, version=version), spec)
+            except KvError as exc:
+                log.warning(
+                    "desired state of %s not moved to version %d: %s", dist_id, version, exc
+                )
+        safe_tell(ref, VersionMoved(version=version))
 
     def _plan(self, request: DistributeRequest) -> DistributionPlan:
         """What `request` would do now (a dry run)."""

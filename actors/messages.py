@@ -147,18 +147,40 @@ class DistributionChanged(_Message, frozen=True):
 
 
 class PushAnswered(_Message, frozen=True):
-    """Bus loop -> DistributionActor: how one ConfigPush attempt ended."""
+    """Bus loop -> DistributionActor: how one ConfigPush attempt (of `version`) ended."""
 
     gateway_id: str
     attempt: int
-    outcome: Literal["ack", "nack", "no_answer"]
+    version: int
+    # "stale": a nack with error stale_version, the gateway holding `held_version`.
+    outcome: Literal["ack", "nack", "stale", "no_answer"]
     detail: str | None = None  # the nack's error, or why there was no (valid) answer
+    held_version: int | None = None
 
 
 class RetryDue(_Message, frozen=True):
-    """Timer -> DistributionActor: a gateway's retry delay is over."""
+    """Timer -> DistributionActor: a gateway's retry delay (for `version`) is over."""
 
     gateway_id: str
+    version: int
+
+
+class CounterBehind(_Message, frozen=True):
+    """DistributionActor -> Distributor: a gateway holds `held_version` of its type, more
+    than the distribution's version: move the distribution to a version above it (with
+    this `content`), and answer VersionMoved."""
+
+    distribution_id: str
+    held_version: int
+    content: dict[str, Any]
+
+
+class VersionMoved(_Message, frozen=True):
+    """Distributor -> DistributionActor: the version it pushes from now on (stored, with
+    its content), or None and why it cannot move."""
+
+    version: int | None
+    reason: str | None = None
 
 
 class StartHead(_Message, frozen=True):

@@ -102,7 +102,8 @@ def phase(record: Distribution, now: datetime, blocked_by: Distribution | None =
         left = max(0.0, (record.gate_until - now).total_seconds())
         where = f"health gate of {where}: {left:.1f}s left"
     if status == "paused":
-        return f"paused after the {where}" if record.gated_batch == batch else f"paused ({where})"
+        after = batch and record.gated_batch == batch  # batch 0: none sent yet (or since a move)
+        return f"paused after the {where}" if after else f"paused ({where})"
     return where
 
 

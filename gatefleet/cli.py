@@ -35,6 +35,7 @@ from gatefleet.cli_common import (
     client_auth,
     client_options,
     fail,
+    per_gateway_auth,
     settings_or_exit,
 )
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound, Refused
@@ -406,6 +407,12 @@ def maintenance(
     type=click.Path(dir_okay=False),
     help="Append every config push answered to this file, one JSON object a line.",
 )
+@click.option(
+    "--per-gateway-creds",
+    is_flag=True,
+    help="Each gateway on a connection of its own with its own gateway credential "
+    "(made from gatefleet's keys here), not one simulator credential: for small fleets.",
+)
 @client_options
 def simulate(
     count: int,
@@ -423,6 +430,7 @@ def simulate(
     fault_after: float,
     recover_after: float | None,
     record: str | None,
+    per_gateway_creds: bool,
     config: str | None,
     nats: str | None,
     as_json: bool,
@@ -431,7 +439,8 @@ def simulate(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = settings_or_exit(config, nats)
     url = discover_url(settings, os.environ)
-    auth = client_auth(settings, simulator=True)
+    gateway_auth = per_gateway_auth(settings) if per_gateway_creds else None
+    auth = None if gateway_auth else client_auth(settings, simulator=True)
     faults = Faults(
         stop_beating=stop_rate,
         crash=crash_rate,
@@ -457,6 +466,7 @@ def simulate(
                 duration_s=duration,
                 backup_every=backup_every,
                 auth=auth,
+                gateway_auth=gateway_auth,
                 record=recorder,
             )
         except AccessRefused as exc:

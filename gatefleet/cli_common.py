@@ -10,7 +10,7 @@ import click
 
 from bus.connection import ClientAuth
 from gatefleet.config import ConfigError, load_settings, resolve_data_dir
-from gatefleet.security.access import CREDS_ENV, command_auth, simulator_auth
+from gatefleet.security.access import CREDS_ENV, command_auth, gateway_auths, simulator_auth
 from gatefleet.security.jwt import CredsError
 from schemas.settings import Settings
 
@@ -53,6 +53,19 @@ def client_auth(settings: Settings, *, simulator: bool = False) -> ClientAuth:
             meta.get("gatefleet.creds", ""),
             meta.get("gatefleet.tls_ca", ""),
         )
+    except CredsError as exc:
+        fail(str(exc), EXIT_CONFIG)
+
+
+def per_gateway_auth(settings: Settings) -> Callable[[str], ClientAuth]:
+    """`simulate --per-gateway-creds`: each gateway's credentials and the CA (see
+    gatefleet.security.access.gateway_auths); a problem is one line and exit 2."""
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    if meta.get("gatefleet.creds"):
+        fail(f"--per-gateway-creds takes no --creds (nor {CREDS_ENV})", EXIT_USAGE)
+    try:
+        return gateway_auths(settings, resolve_data_dir(settings), meta.get("gatefleet.tls_ca", ""))
     except CredsError as exc:
         fail(str(exc), EXIT_CONFIG)
 

@@ -12,7 +12,10 @@ for every simulated gateway; it does not use `gatefleet.gateway.agent.GatewayAge
 
 - two wildcard subscriptions, `P.gw.*.ping` and `P.gw.*.config`, dispatch on the id
   token; an id that is not simulated, or whose gateway is crashed, gets no answer, so a
-  requester sees "no responders" or a timeout as it would for a real dead gateway;
+  requester sees "no responders" or a timeout as it would for a real dead gateway
+  (with `gateway_auth`, for a small fleet on a bus with auth, each gateway has a
+  connection of its own instead, with its own gateway credential, subscribed to its
+  own subjects: it can speak for no other gateway);
 - one task sends every heartbeat: the interval is cut into slots of about 10 ms and each
   gateway owns one slot (a seeded, even deal), so beats are spread evenly. A slot that
   comes due more than a slot late is skipped, not burst (those gateways miss one beat);
@@ -23,8 +26,10 @@ for every simulated gateway; it does not use `gatefleet.gateway.agent.GatewayAge
   nats-py reconnects) are counted and logged once per outage, and the fleet keeps going.
 
 Config pushes are acked per protocol and are idempotent on (distribution_id, version):
-a repeat is acked again without being applied again. Applied versions show in the
-gateway's next heartbeats. With `record`, every push answered is reported as a
+a repeat is acked again without being applied again. As `GatewayAgent` does, a push of a
+version lower than the one a gateway holds for its type is not applied: it is nacked
+with `stale_version` and the version held. Applied versions show in the gateway's next
+heartbeats. With `record`, every push answered is reported as a
 `PushRecord` (applied or not, acked or nacked, the answer sent or not), e.g. to a file
 (`gatefleet simulate --record FILE`) for a chaos run to check what each gateway applied.
 
@@ -54,7 +59,7 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -67,7 +72,7 @@ from bus.subjects import check_gateway_id
 from gatefleet.gateway import Metrics, connect
 from schemas.codec import DecodeError, decoder
 from schemas.types import Role
-from schemas.wire import ConfigAck, ConfigPush
+from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +145,8 @@ class PushRecord:
 
 
 Recorder = Callable[[PushRecord], None]
+# A gateway id -> the credentials and CA of its own connection.
+GatewayAuth = Callable[[str], ClientAuth]
 
 
 @dataclass
@@ -265,6 +272,7 @@ class _Gateway:
         "gateway_id",
         "generation",
         "id_body",
+        "nc",
         "results",
         "seq",
         "silent",
@@ -274,13 +282,14 @@ class _Gateway:
         "walk",
     )
 
-    def __init__(self, plan: GatewayPlan, prefix: str, seed: int) -> None:
+    def __init__(self, plan: GatewayPlan, prefix: str, seed: int, nc: Client) -> None:
         gid = check_gateway_id(plan.gateway_id)
         if plan.backup_for is not None:
             check_gateway_id(plan.backup_for)
         if not 1 <= len(plan.region) <= 64:
             raise ValueError(f"region must be 1-64 characters: {plan.region!r}")
         self.gateway_id = gid
+        self.nc = nc  # the connection it speaks on (shared by the fleet, or its own)
         self.beat_subject = f"{prefix}.gw.{gid}.heartbeat"
         static = msgspec.json.encode(
             {
@@ -326,11 +335,11 @@ def _rfc3339(epoch_s: float) -> bytes:
 
 
 class _Fleet:
-    """Every simulated gateway on one connection: the dispatch, the beats, the timeline."""
+    """Every simulated gateway, each on its connection: the dispatch, the beats, the timeline."""
 
     def __init__(
         self,
-        nc: Client,
+        connections: Mapping[str, Client],
         plans: Sequence[GatewayPlan],
         *,
         prefix: str,
@@ -340,13 +349,14 @@ class _Fleet:
         chosen: dict[str, list[str]],
         record: Recorder | None = None,
     ) -> None:
-        self.nc = nc
         self.record = record
         self.prefix = prefix
         self.interval_s = interval_s
         self.faults = faults
         self.chosen = chosen
-        self.gateways = {p.gateway_id: _Gateway(p, prefix, seed) for p in plans}
+        self.gateways = {
+            p.gateway_id: _Gateway(p, prefix, seed, connections[p.gateway_id]) for p in plans
+        }
         for gid in chosen.get("slow_acks", ()):
             self.gateways[gid].slow = True
         for gid in chosen.get("fail_acks", ()):
@@ -371,13 +381,13 @@ class _Fleet:
 
     # Publishing ---------------------------------------------------------------------------
 
-    async def _publish(self, subject: str, body: bytes) -> bool:
+    async def _publish(self, gw: _Gateway, subject: str, body: bytes) -> bool:
         try:
-            await self.nc.publish(subject, body)
+            await gw.nc.publish(subject, body)
         except CONNECT_ERRORS as exc:
             self._failed(subject, exc)
             return False
-        if self._failing_since is not None and self.nc.is_connected:
+        if self._failing_since is not None and gw.nc.is_connected:
             self._recovered()
         return True
 
@@ -419,18 +429,19 @@ class _Fleet:
 
     async def _beat_slot(self, slot: list[_Gateway]) -> None:
         ts = _rfc3339(time.time())
-        publish = self.nc.publish
         sent = 0
+        last: Client | None = None  # the connection of the last beat sent
         for gw in slot:
             if gw.stopped or gw.crashed or gw.flapped_off:
                 continue
             try:
-                await publish(gw.beat_subject, gw.heartbeat(ts))
+                await gw.nc.publish(gw.beat_subject, gw.heartbeat(ts))
             except CONNECT_ERRORS as exc:
                 self._failed(gw.beat_subject, exc)
                 continue
             sent += 1
-        if sent and self._failing_since is not None and self.nc.is_connected:
+            last = gw.nc
+        if last is not None and self._failing_since is not None and last.is_connected:
             self._recovered()
         self.heartbeats_sent += sent
 
@@ -442,7 +453,7 @@ class _Fleet:
 
     async def on_ping(self, msg: Msg) -> None:
         gw = self._live(msg.subject, len(".ping"))
-        if gw is not None and msg.reply and await self._publish(msg.reply, gw.id_body):
+        if gw is not None and msg.reply and await self._publish(gw, msg.reply, gw.id_body):
             self.pings_answered += 1
 
     async def on_config(self, msg: Msg) -> None:
@@ -458,15 +469,16 @@ class _Fleet:
         self.config_pushes += 1
         if gw.silent or not msg.reply:
             return
-        ack, applied = _ack_body(gw, push)
+        answer = _answer(gw, push)
+        ack = msgspec.json.encode(answer.ack)
         if gw.slow and self.faults.slow_ack_s > 0:
             task = asyncio.get_running_loop().create_task(
-                self._ack_later(gw, gw.generation, msg.reply, ack, (push, applied))
+                self._ack_later(gw, gw.generation, msg.reply, ack, (push, answer))
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         else:
-            self._recorded(gw, push, applied, await self._publish(msg.reply, ack))
+            self._recorded(gw, push, answer, await self._publish(gw, msg.reply, ack))
 
     async def _ack_later(
         self,
@@ -474,17 +486,17 @@ class _Fleet:
         generation: int,
         reply: str,
         ack: bytes,
-        pushed: tuple[ConfigPush, bool],
+        pushed: tuple[ConfigPush, Answer],
     ) -> None:
         sent = False
         try:
             await asyncio.sleep(self.faults.slow_ack_s)
             if not gw.crashed and gw.generation == generation:
-                sent = await self._publish(reply, ack)
+                sent = await self._publish(gw, reply, ack)
         finally:
             self._recorded(gw, *pushed, sent)
 
-    def _recorded(self, gw: _Gateway, push: ConfigPush, applied: bool, sent: bool) -> None:
+    def _recorded(self, gw: _Gateway, push: ConfigPush, answer: Answer, sent: bool) -> None:
         if self.record is not None:
             self.record(
                 PushRecord(
@@ -492,8 +504,8 @@ class _Fleet:
                     distribution_id=push.distribution_id,
                     config_type=push.config_type,
                     version=push.version,
-                    applied=applied,
-                    ok=not gw.fail_acks,
+                    applied=answer.applied,
+                    ok=answer.ack.ok,
                     sent=sent,
                 )
             )
@@ -566,35 +578,41 @@ class _Fleet:
         prefix = self.prefix
         for gid, gw in self.gateways.items():
             if not gw.crashed:
-                await self._publish(f"{prefix}.gw.{gid}.goodbye", gw.id_body)
+                await self._publish(gw, f"{prefix}.gw.{gid}.goodbye", gw.id_body)
 
 
-def _ack_body(gw: _Gateway, push: ConfigPush) -> tuple[bytes, bool]:
-    """Applies `push` (once per distribution and version): the ConfigAck, and whether
-    this push applied it."""
-    applied = False
-    if gw.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
-        ok, error = False, _FAIL_ERROR
-    else:
-        ok, error = True, None
-        key = (push.distribution_id, push.version)
-        if gw.results is None:
-            gw.results = {}
-        if key not in gw.results:
-            gw.results[key] = applied = True
-            if push.version > gw.config_versions.get(push.config_type, 0):
-                gw.config_versions[push.config_type] = push.version
-                gw.versions_json = msgspec.json.encode(gw.config_versions)
-    ack = msgspec.json.encode(
-        ConfigAck(
-            distribution_id=push.distribution_id,
-            gateway_id=gw.gateway_id,
-            ok=ok,
-            version=push.version,
-            error=error,
-        )
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A simulated gateway's answer to a push, and whether this push applied it."""
+
+    ack: ConfigAck
+    applied: bool
+
+
+def _answer(gw: _Gateway, push: ConfigPush) -> Answer:
+    """Applies `push` (once per distribution and version, never below the version held)."""
+    ack = ConfigAck(
+        distribution_id=push.distribution_id,
+        gateway_id=gw.gateway_id,
+        ok=True,
+        version=push.version,
     )
-    return ack, applied
+    if gw.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
+        return Answer(msgspec.structs.replace(ack, ok=False, error=_FAIL_ERROR), False)
+    key = (push.distribution_id, push.version)
+    if gw.results is None:
+        gw.results = {}
+    if key in gw.results:
+        return Answer(ack, False)
+    held = gw.config_versions.get(push.config_type, 0)
+    if push.version < held:  # not remembered: what is held only grows
+        stale = msgspec.structs.replace(ack, ok=False, error=STALE_VERSION, held_version=held)
+        return Answer(stale, False)
+    gw.results[key] = True
+    if push.version > held:
+        gw.config_versions[push.config_type] = push.version
+        gw.versions_json = msgspec.json.encode(gw.config_versions)
+    return Answer(ack, True)
 
 
 async def run_simulation(
@@ -611,11 +629,14 @@ async def run_simulation(
     backup_every: int = 5,
     ready: asyncio.Event | None = None,
     auth: ClientAuth | None = None,
+    gateway_auth: GatewayAuth | None = None,
     record: Recorder | None = None,
 ) -> SimulationSummary:
     """Runs the fleet until `stop_event` is set or `duration_s` passes, then says goodbye.
 
     `auth`: the credentials (a simulator credential: every gateway's permissions) and CA.
+    `gateway_auth` instead: one connection per gateway, with the credentials and CA it
+    gives for that gateway's id (a gateway credential each; for small fleets).
 
     `ready` is set once the fleet answers pings and config pushes, just before the first beat.
 
@@ -629,12 +650,11 @@ async def run_simulation(
     chosen = assign_faults([p.gateway_id for p in plans], faults, seed)
     cpu_started = time.thread_time()
     started = time.monotonic()
-    # Subjects are built from checked ids only, so nats-py need not re-check each publish.
-    options = (auth or ClientAuth()).options()
-    nc = await connect(url, name="gatefleet-simulator", skip_subject_validation=True, **options)
+    gateway_ids = [p.gateway_id for p in plans]
+    connections = await _connect(url, gateway_ids, auth, gateway_auth)
     try:
         fleet = _Fleet(
-            nc,
+            connections.of(gateway_ids),
             plans,
             prefix=prefix,
             interval_s=interval_s,
@@ -643,9 +663,7 @@ async def run_simulation(
             chosen=chosen,
             record=record,
         )
-        await nc.subscribe(f"{prefix}.gw.*.ping", cb=fleet.on_ping)
-        await nc.subscribe(f"{prefix}.gw.*.config", cb=fleet.on_config)
-        await nc.flush()
+        await connections.subscribe(fleet)
         summary = SimulationSummary(
             gateways=len(plans),
             regions=list(regions),
@@ -676,9 +694,7 @@ async def run_simulation(
             await asyncio.gather(*tasks, return_exceptions=True)
             await fleet.goodbyes()
     finally:
-        with contextlib.suppress(*CONNECT_ERRORS):
-            await nc.flush()  # goodbyes out before the connection goes
-        await close_connection(nc)
+        await connections.close()
     summary.heartbeats_sent = fleet.heartbeats_sent
     summary.heartbeats_skipped = fleet.heartbeats_skipped
     summary.config_pushes = fleet.config_pushes
@@ -694,6 +710,67 @@ async def run_simulation(
         summary.cpu_s,
     )
     return summary
+
+
+@dataclass
+class _Connections:
+    """The fleet's connections: one `shared` by every gateway, or each gateway's `own`."""
+
+    shared: Client | None = None
+    own: dict[str, Client] = field(default_factory=dict)
+
+    def of(self, gateway_ids: Sequence[str]) -> dict[str, Client]:
+        """Each gateway id -> the connection it speaks on."""
+        return self.own if self.shared is None else dict.fromkeys(gateway_ids, self.shared)
+
+    async def subscribe(self, fleet: _Fleet) -> None:
+        """Ping and config: on the shared connection for every id (wildcards), or on each
+        gateway's own connection for its id alone."""
+        prefix = fleet.prefix
+        if self.shared is not None:
+            await self.shared.subscribe(f"{prefix}.gw.*.ping", cb=fleet.on_ping)
+            await self.shared.subscribe(f"{prefix}.gw.*.config", cb=fleet.on_config)
+            await self.shared.flush()
+            return
+        for gid, nc in self.own.items():
+            await nc.subscribe(f"{prefix}.gw.{gid}.ping", cb=fleet.on_ping)
+            await nc.subscribe(f"{prefix}.gw.{gid}.config", cb=fleet.on_config)
+        await asyncio.gather(*(nc.flush() for nc in self.own.values()))
+
+    async def close(self) -> None:
+        """Flushes each (goodbyes out before the connection goes), then closes it."""
+        for nc in [*([self.shared] if self.shared else []), *self.own.values()]:
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await nc.flush()
+            await close_connection(nc)
+
+
+async def _connect(
+    url: str, gateway_ids: Sequence[str], auth: ClientAuth | None, gateway_auth: GatewayAuth | None
+) -> _Connections:
+    """One shared connection, or with `gateway_auth` one per gateway: all or none (if one
+    fails, those opened are closed)."""
+    # Subjects are built from checked ids only, so nats-py need not re-check each publish.
+    if gateway_auth is None:
+        options = (auth or ClientAuth()).options()
+        nc = await connect(url, name="gatefleet-simulator", skip_subject_validation=True, **options)
+        return _Connections(shared=nc)
+    opening = [
+        connect(
+            url,
+            name=f"gatefleet-simulator-{gid}",
+            skip_subject_validation=True,
+            **gateway_auth(gid).options(),
+        )
+        for gid in gateway_ids
+    ]
+    opened = await asyncio.gather(*opening, return_exceptions=True)
+    own = {gid: nc for gid, nc in zip(gateway_ids, opened, strict=True) if isinstance(nc, Client)}
+    failure = next((e for e in opened if isinstance(e, BaseException)), None)
+    if failure is not None:
+        await _Connections(own=own).close()
+        raise failure
+    return _Connections(own=own)
 
 
 async def _wait_until_stopped(stop_event: asyncio.Event | None, duration_s: float | None) -> None:
@@ -716,6 +793,7 @@ def run_simulation_blocking(
     backup_every: int = 5,
     use_uvloop: bool = True,
     auth: ClientAuth | None = None,
+    gateway_auth: GatewayAuth | None = None,
     record: Recorder | None = None,
 ) -> SimulationSummary:
     """`run_simulation` on a fresh event loop in this thread, until `stop` is set.
@@ -744,6 +822,7 @@ def run_simulation_blocking(
                 stop_event=stop_event,
                 backup_every=backup_every,
                 auth=auth,
+                gateway_auth=gateway_auth,
                 record=record,
             )
         finally:

@@ -397,6 +397,18 @@ class RollingBackStep(_Step, frozen=True, tag="rolling_back"):
     not_pushed: list[str]
 
 
+class VersionMovedStep(_Step, frozen=True, tag="version_moved"):
+    """Gateways answered `stale_version`: they hold a version of its type above its own,
+    so gatefleet's version counter was behind (its state was reset). The counter moved
+    past `held_version` and the distribution starts over as version `to_version`, the
+    same content: every target not failed is pushed again (events from here on carry it)."""
+
+    from_version: int
+    to_version: int
+    held_version: int  # the highest version the gateways answering so hold
+    gateways: list[str]  # those that answered so (the first EVENT_MAX_IDS)
+
+
 Step = (
     CreatedStep
     | QueuedStep
@@ -416,6 +428,7 @@ Step = (
     | GatewayUnhealthyStep
     | HaltedStep
     | RollingBackStep
+    | VersionMovedStep
 )
 STEP_TYPES: dict[str, type[Step]] = {
     str(kind.__struct_config__.tag): kind for kind in typing.get_args(Step)

@@ -25,7 +25,9 @@ Bucket `distributions`:
 - `dist-<uuid>.spec`: `DistributionSpec`, what was asked. Writer: the distributor, after
   the content and the chunks: the spec is what makes a distribution exist (chunks or
   progress without a spec are leftovers, deleted at start). Rewritten only to abandon it
-  (`abandoned`: its actor died too often). Deleted first when the distribution is.
+  (`abandoned`: its actor died too often) and to move its version (`moved_to`: a gateway
+  answered `stale_version`, holding a newer version than gatefleet's counter had given;
+  the new version's content is written before it). Deleted first when the distribution is.
 - `dist-<uuid>`: `DistributionProgress`, its status as it progresses. Writer: the
   distribution's own DistributionActor, with the chunks changed since its last write,
   before every send, retry, wait (a rollout's health gate, window) and status change,
@@ -39,7 +41,8 @@ needed: the distributor purges their keys (no delete marker is left), once their
 are done with them.
 
 Bucket `desired` (`DesiredConfig`; the content is that of its version). Writer: the
-distributor, when a distribution starts, before its first push; for a distribution with
+distributor, when a distribution starts, before its first push (and again when its
+version moves); for a distribution with
 a rollout, when it has completed (or partially failed within its `max_failures`): a
 halted or aborted rollout never sets it, nor does an automatic rollback (it restores
 what is desired already).
@@ -124,6 +127,10 @@ class DistributionSpec(_Stored, frozen=True):
     rollout: Rollout | None = None
     # An automatic rollback: the distribution it rolls back.
     rollback_of: DistributionId | None = None
+    # The version it pushes instead of `version` since a gateway held a newer one
+    # (gatefleet's counter was behind): the same content. `version` keeps its place in
+    # its type's queue.
+    moved_to: Version | None = None
 
 
 class GatewayChunk(_Stored, frozen=True):

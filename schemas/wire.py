@@ -27,6 +27,9 @@ from schemas.types import (
 Label = Annotated[str, Meta(max_length=256)]
 DistributionId = Annotated[str, whole(r"dist-[A-Za-z0-9-]{1,64}")]
 Version = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+# A ConfigAck's error when the push's version is lower than the one the gateway holds for
+# that config type: gatefleet's version counter is behind, not the content rejected.
+STALE_VERSION = "stale_version"
 
 
 class _Wire(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,6 +68,8 @@ class ConfigAck(_Wire, frozen=True, gc=False):
     ok: bool
     version: Version
     error: Annotated[str, Meta(max_length=4096)] | None = None
+    # With error STALE_VERSION: the version of that type the gateway holds (an addition).
+    held_version: Version | None = None
 
 
 class Ping(_Wire, frozen=True, gc=False):

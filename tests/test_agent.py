@@ -197,13 +197,37 @@ async def test_config_acked_and_version_reported_in_heartbeats(
         )
         while (await next_beat(beats)).config_versions != {"Route": 8}:
             pass
-        older = await push(nc, subjects, "edge-1", 5, distribution_id="dist-old")
-        assert older.ok
-        assert agent.config_versions == {"Route": 8}  # never goes backwards
     finally:
         await agent.stop()
-    assert [p.config_data for p in applied] == [{"routes": ["a"]}, {"routes": []}]
-    assert [p.version for _, p in agent.received] == [8, 5]
+    assert [p.config_data for p in applied] == [{"routes": ["a"]}]
+
+
+async def test_a_version_lower_than_the_one_held_is_refused_as_stale(
+    nc: Client, subjects: Subjects
+) -> None:
+    applied: list[ConfigPush] = []
+    agent = make_agent(nc, subjects, on_config=applied.append, config_versions={"Route": 7})
+    await agent.start()
+    try:
+        older = await push(nc, subjects, "edge-1", 5, distribution_id="dist-old")
+        again = await push(nc, subjects, "edge-1", 5, distribution_id="dist-old", attempt=2)
+        other_type = await push(nc, subjects, "edge-1", 5, config_type="Firewall")
+        same = await push(nc, subjects, "edge-1", 7, distribution_id="dist-same")
+    finally:
+        await agent.stop()
+    stale = ConfigAck(
+        distribution_id="dist-old",
+        gateway_id="edge-1",
+        ok=False,
+        version=5,
+        error="stale_version",
+        held_version=7,
+    )
+    assert older == again == stale
+    assert (other_type.ok, other_type.held_version) == (True, None)
+    assert (same.ok, same.held_version) == (True, None)  # not lower: applied
+    assert [(p.config_type, p.version) for p in applied] == [("Firewall", 5), ("Route", 7)]
+    assert agent.config_versions == {"Route": 7, "Firewall": 5}  # never goes backwards
 
 
 async def test_rejection_from_on_config_is_a_nack(nc: Client, subjects: Subjects) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from actors.distribution import step_event
 from actors.distribution_machine import (
+    AskVersion,
     Command,
     DistributionMachine,
     Emit,
@@ -244,7 +245,13 @@ class Driver:
                 case Send(gateway_id=gw, attempt=attempt):
                     answer = self.answers[gw][attempt - 1]
                     machine = self.machine
-                    if answer == "ack":
+                    if answer.startswith("holds "):  # refuses a version below, takes the rest
+                        held = int(answer.removeprefix("holds "))
+                        if machine.record.version < held:
+                            self.inbox.extend(machine.on_stale(gw, held, now_wall=now))
+                        else:
+                            self.inbox.extend(machine.on_ack(gw, now_wall=now, attempt=attempt))
+                    elif answer == "ack":
                         self.inbox.extend(machine.on_ack(gw, now_wall=now, attempt=attempt))
                     elif answer == "nack":
                         self.inbox.extend(
@@ -255,6 +262,8 @@ class Driver:
                     # "crash": no answer ever comes (the test resumes from the record)
                 case ScheduleRetry(gateway_id=gw):
                     self.inbox.extend(self.machine.on_retry_due(gw))
+                case AskVersion(above=held):  # the distributor's part: the next version
+                    self.inbox.extend(self.machine.move_version(held + 1, now))
                 case _:
                     pass
 
@@ -315,6 +324,20 @@ def test_distribution_fold_midway_and_after_a_resume() -> None:
     driver.answers["b"] = ["ack"]
     driver.run(resumed.resume(T0))
     assert driver.check().status == "completed"
+
+
+def test_distribution_fold_follows_a_version_move() -> None:
+    """b and d hold newer versions: the distribution moves above them and starts over."""
+    answers = {"a": ["ack"], "b": ["holds 7"], "c": ["nack"], "d": ["holds 9"], "e": ["ack"]}
+    driver = Driver(machine_for(["a", "b", "c", "d", "e"]), answers)
+    driver.run(driver.machine.start(T0))
+    folded = driver.check()
+    assert (folded.status, folded.version, driver.machine.record.version) == (
+        "partially_failed",
+        10,
+        10,
+    )
+    assert (folded.successful_gateways, folded.failed_gateways) == (["a", "b", "d", "e"], ["c"])
 
 
 def test_queued_distribution_is_pending_without_targets() -> None:

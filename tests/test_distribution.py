@@ -29,6 +29,7 @@ from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, NotFound
 from gatefleet.gateway import ConfigResult, GatewayAgent
+from schemas.api import Rollout
 from schemas.codec import decode, encode
 from schemas.settings import Settings
 from schemas.stored import DesiredConfig
@@ -63,11 +64,12 @@ class ConfigFleet(Fleet):
         self.apply_s = 0.0
         self.reject: set[str] = set()
 
-    def add_many(self, *gateway_ids: str) -> list[GatewayAgent]:
+    def add_many(self, *gateway_ids: str, **options: Any) -> list[GatewayAgent]:
         agents = []
         for gw in gateway_ids:
             self.applied[gw] = []
-            agents.append(self.add(gw, "eu-west", interval_s=0.5, on_config=self._applier(gw)))
+            agent = self.add(gw, "eu-west", interval_s=0.5, on_config=self._applier(gw), **options)
+            agents.append(agent)
         return agents
 
     def _applier(self, gateway_id: str) -> Callable[[ConfigPush], Any]:
@@ -373,6 +375,116 @@ def test_same_type_is_applied_in_order(
     assert client.status().active_distributions == 0
 
 
+# A version counter behind the gateways -----------------------------------------------------
+
+
+def test_a_gateway_holding_a_newer_version_moves_the_counter_past_it(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    desired: Callable[[str], DesiredConfig | None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gatefleet's state is new (a fresh data dir) while gw-old holds Route version 7 from
+    before: its stale_version nack is no failure; the distribution moves above 7."""
+    [old] = fleet.add_many("gw-old", config_versions={"Route": 7})
+    [new] = fleet.add_many("gw-new")
+    run()
+
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    assert finished(event_log, dist_id).details["status"] == "completed"
+    record = client.get_distribution(dist_id)
+    assert (record.version, record.failed_gateways) == (8, [])
+    assert {gw: d.state for gw, d in record.gateways.items()} == dict.fromkeys(
+        fleet.agents, "acked"
+    )
+    assert old.config_versions == new.config_versions == {"Route": 8}
+    assert [p.version for _, _, p in fleet.applied["gw-old"]] == [8]
+    assert [p.version for _, _, p in fleet.applied["gw-new"]][-1] == 8  # after v1, likely
+    assert all(p.config_data == ROUTE for applied in fleet.applied.values() for _, _, p in applied)
+    [moved] = steps(event_log, dist_id, "version_moved")
+    assert moved.details == {
+        "from_version": 1,
+        "to_version": 8,
+        "held_version": 7,
+        "gateways": ["gw-old"],
+    }
+    assert steps(event_log, dist_id, "gateway_nacked") == []
+    assert "the version counter of Route was behind: a gateway holds version 7" in caplog.text
+    assert client.status().failed_distributions == 0
+    fleet_wide = desired("Route")
+    assert fleet_wide is not None
+    assert (fleet_wide.version, fleet_wide.distribution_id) == (8, dist_id)
+
+    # The counter goes on from there, and a rollback to the moved version works.
+    newer = client.distribute("Route", {"v": 9}).distribution_id
+    assert finished(event_log, newer).details["status"] == "completed"
+    assert client.get_distribution(newer).version == 9
+    rollback = client.rollback("Route").distribution_id
+    assert finished(event_log, rollback).details["status"] == "completed"
+    assert client.get_distribution(rollback).version == 10
+    assert old.config_versions == new.config_versions == {"Route": 10}
+    _, _, last = fleet.applied["gw-old"][-1]
+    assert (last.version, last.config_data) == (10, ROUTE)
+
+
+def test_after_a_restart_a_moved_distribution_still_runs_before_those_queued_behind_it(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+) -> None:
+    """Queues are rebuilt in the order of the versions distributions were created with:
+    one that moved above a later one is not overtaken by it (gw-3 would end on the older
+    content)."""
+    fleet.add_many("gw-1", config_versions={"Route": 7})
+    [slow] = fleet.add_many("gw-2")
+    fleet.add_many("gw-3")
+    slow.silent_config = True
+    orchestrator = run(distribution_ack_timeout_ms=60_000, distribution_batch_size=1)
+    first = client.distribute("Route", ROUTE).distribution_id  # gw-1 moves it to 8
+    second = client.distribute("Route", {"v": 2}, ["gw-3"]).distribution_id  # version 2
+    wait_until(lambda: any(p.version == 8 for _, p in slow.received), what="gw-2 pushed version 8")
+    orchestrator.stop()
+
+    slow.silent_config = False
+    run(distribution_ack_timeout_ms=60_000, distribution_batch_size=1)
+
+    def both_completed() -> bool:
+        return all(client.get_distribution(d).status == "completed" for d in (first, second))
+
+    wait_until(both_completed, timeout=10, what="both completed after the restart")
+    assert (client.get_distribution(first).version, client.get_distribution(second).version) == (
+        8,
+        9,
+    )
+    assert [(p.version, p.config_data) for _, _, p in fleet.applied["gw-3"]] == [
+        (8, ROUTE),
+        (9, {"v": 2}),
+    ]
+
+
+def test_a_rollout_that_moves_keeps_the_version_after_it_for_its_rollback(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+) -> None:
+    fleet.add_many("gw-1", "gw-2", config_versions={"Route": 4})
+    run()
+    rollout = Rollout(canary=1, auto_rollback=True)
+    dist_id = client.distribute("Route", ROUTE, rollout=rollout).distribution_id
+    assert finished(event_log, dist_id).details["status"] == "completed"
+    assert client.get_distribution(dist_id).version == 5
+    [moved] = steps(event_log, dist_id, "version_moved")
+    assert (moved.details["from_version"], moved.details["to_version"]) == (1, 5)
+    [canary, rest] = steps(event_log, dist_id, "batch_sent")[-2:]
+    assert (canary.details["canary"], canary.version, rest.version) == (True, 5, 5)
+    later = client.distribute("Route", ROUTE).distribution_id
+    finished(event_log, later)
+    assert client.get_distribution(later).version == 7  # 6 is kept for its rollback
+
+
 # Requests ----------------------------------------------------------------------------------
 
 
@@ -427,6 +539,8 @@ def test_malformed_ack_is_dropped_counted_and_retried(
         ({"ok": True}, ("ack", None)),
         ({"ok": False, "error": "bad route"}, ("nack", "bad route")),
         ({"ok": False}, ("nack", "rejected")),
+        ({"ok": False, "error": "stale_version", "held_version": 7}, ("stale", None)),
+        ({"ok": False, "error": "stale_version"}, ("nack", "stale_version")),  # holding what?
         ({"ok": True, "version": 7}, ("no_answer", "mismatched ack")),
         ({"ok": True, "gateway_id": "gw-2"}, ("no_answer", "mismatched ack")),
         ({"ok": True, "distribution_id": "dist-other"}, ("no_answer", "mismatched ack")),
@@ -439,6 +553,7 @@ def test_reading_an_answer(ack: dict[str, Any], expected: tuple[str, str | None]
     drops = Drops()
     answer = read_answer(Reply(encode(body), None), push, "gw-1", drops, "p.gw.gw-1.config")
     assert (answer.outcome, answer.detail) == expected
+    assert answer.held_version == (7 if expected[0] == "stale" else None)
     assert sum(drops.counts().values()) == (expected[0] == "no_answer")
     failed = read_answer(RequestFailed("no_responders"), push, "gw-1", drops, "p.gw.gw-1.config")
     assert (failed.outcome, failed.detail) == ("no_answer", "no_responders")

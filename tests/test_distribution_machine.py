@@ -12,6 +12,7 @@ import pytest
 from actors.distribution_machine import (
     NO_TARGETS,
     UNKNOWN_GATEWAY,
+    AskVersion,
     Command,
     DistributionMachine,
     Emit,
@@ -25,10 +26,12 @@ from schemas.api import Distribution
 from schemas.codec import encode
 from schemas.events import (
     EVENT_MAX_IDS,
+    BatchSentStep,
     CreatedStep,
     FinishedStep,
     GatewayAckedStep,
     GatewayRetriedStep,
+    VersionMovedStep,
 )
 
 T0 = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
@@ -325,6 +328,66 @@ def test_late_duplicate_and_stale_answers_are_ignored() -> None:
     assert m.on_retry_due("b") == []
     assert m.resume(T1) == []
     assert m.record is done
+
+
+# A counter behind the gateways (stale_version) ---------------------------------------------
+
+
+def test_gateways_holding_newer_versions_move_the_distribution_above_them() -> None:
+    m = DistributionMachine(
+        record_for(["a", "b", "c", "d", "e"]), batch_size=4, retry_count=0, retry_delay_s=0
+    )
+    assert [c for c in m.start(T0) if isinstance(c, Send)] == [Send(gw, 1) for gw in "abcd"]
+    m.on_ack("a", now_wall=T1, attempt=1)
+    assert m.on_stale("b", 12, now_wall=T1, attempt=1) == [AskVersion(12)]
+    assert m.on_stale("c", 10, now_wall=T1, attempt=1) == []  # asked above it already
+    assert m.on_stale("d", 15, now_wall=T1, attempt=1) == [AskVersion(15)]
+    waiting = m.record
+    assert (waiting.status, waiting.version, waiting.failed_gateways) == ("in_progress", 8, [])
+    assert {gw: waiting.gateways[gw].state for gw in "bcd"} == dict.fromkeys("bcd", "sent")
+    assert m.in_flight == set("bcd")  # the next batch waits for the move
+    assert m.move_version(13, T1) == []  # not above 15: the next answer will be
+    assert m.move_version(16, T1) == [
+        Emit(
+            VersionMovedStep(
+                from_version=8, to_version=16, held_version=15, gateways=["b", "c", "d"]
+            )
+        ),
+        *(Send(gw, 1) for gw in "abcd"),
+        Emit(BatchSentStep(batch=1, gateways=list("abcd"))),
+    ]
+    moved = roundtrip(m.record)
+    assert (moved.version, moved.batch, moved.successful_gateways) == (16, 1, [])
+    assert m.move_version(17, T1) == []  # nobody waits for one
+    for gw in "abc":
+        m.on_ack(gw, now_wall=T1, attempt=1)
+    assert Send("e", 1) in m.on_ack("d", now_wall=T1, attempt=1)
+    assert m.on_ack("e", now_wall=T1, attempt=1)[-1] == Finished("completed")
+    done = m.record
+    assert (done.version, done.failed_gateways) == (16, [])
+    assert done.successful_gateways == list("abcde")
+
+
+def test_a_version_that_cannot_move_nacks_the_gateways_waiting_for_it() -> None:
+    m = DistributionMachine(record_for(["a", "b"]), batch_size=2, retry_count=0, retry_delay_s=0)
+    m.start(T0)
+    assert m.on_stale("b", 12, now_wall=T1, attempt=1) == [AskVersion(12)]
+    assert m.on_ack("a", now_wall=T1, attempt=1) == [Emit(GatewayAckedStep(attempts=1), "a")]
+    assert m.version_refused("cannot store a new version: down", T1)[-1] == Finished(
+        "partially_failed"
+    )
+    b = m.record.gateways["b"]
+    assert (b.state, b.error) == (
+        "nacked",
+        "stale_version: holds version 12; cannot store a new version: down",
+    )
+
+
+def test_a_stale_answer_that_holds_no_newer_version_is_a_nack() -> None:
+    m = DistributionMachine(record_for(["a"]), batch_size=1, retry_count=0, retry_delay_s=0)
+    m.start(T0)
+    assert m.on_stale("a", 8, now_wall=T1, attempt=1)[-1] == Finished("failed")
+    assert m.record.gateways["a"].error == "stale_version although it holds version 8"
 
 
 def test_start_twice_is_an_error() -> None:

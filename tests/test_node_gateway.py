@@ -182,8 +182,13 @@ def test_node_gateway_speaks_the_wire_contract(
             "ok": True,
             "version": 9,
             "error": None,
+            "held_version": None,
         }
     )
+    # A version lower than the one it holds is refused as stale, with the version held.
+    older = json.dumps({**push, "distribution_id": "dist-older", "version": 3}).encode()
+    stale = valid("config-ack", json.loads(bus.ask(f"{prefix}.gw.edge-js.config", older, 5.0)))
+    assert (stale["ok"], stale["error"], stale["held_version"]) == (False, "stale_version", 9)
 
     # SIGTERM: it says goodbye, and gatefleet forgets it at once.
     mark = event_log.mark()

@@ -201,6 +201,7 @@ def test_paused_while_scheduled_resumes_to_its_window() -> None:
     m = machine(Rollout(not_before=at(60)))
     m.start(T0)
     m.pause()
+    assert phase(m.record, T0) == "paused (starting)"
     assert m.on_wake(at(60)) == []  # paused: the window does not start it
     assert m.resume_paused(at(10))[-1] == ScheduleWake(50.0)
     assert m.record.status == "scheduled"

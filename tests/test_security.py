@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -38,6 +39,7 @@ from gatefleet.client import GatefleetClient, Refused
 from gatefleet.config import ConfigError, load_settings
 from gatefleet.gateway import GatewayAgent
 from gatefleet.http import HttpApi
+from gatefleet.security.access import gateway_auths
 from gatefleet.security.authority import Authority, AuthorityError
 from gatefleet.security.jwt import CredsError, KeyPair, creds_text, encode_jwt, read_creds
 from gatefleet.security.permissions import Kind, read_only_endpoints
@@ -486,6 +488,125 @@ async def test_the_agent_and_the_simulator_work_with_their_credentials(
     assert summary.publish_errors == 0
     assert summary.heartbeats_sent > 0
     assert agent.publish_errors == 0
+
+
+async def test_per_gateway_creds_give_each_simulated_gateway_a_connection_for_itself_alone(
+    secured: Orchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: dict[str, Client] = {}
+
+    async def connect_and_keep(url: str, *, name: str, **options: Any) -> Client:
+        opened[name] = await open_connection(url, name=name, **options)
+        return opened[name]
+
+    monkeypatch.setattr("gatefleet.simulate.connect", connect_and_keep)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    simulation = asyncio.create_task(
+        run_simulation(
+            secured.url,
+            3,
+            ["eu-west"],
+            prefix=PREFIX,
+            interval_s=0.1,
+            stop_event=stop,
+            ready=ready,
+            gateway_auth=gateway_auths(secured.settings, secured.data_dir),
+        )
+    )
+    ids = [f"sim-eu-west-{n}" for n in (1, 2, 3)]
+    try:
+        await asyncio.wait_for(ready.wait(), WAIT)
+        assert sorted(opened) == [f"gatefleet-simulator-{gid}" for gid in ids]
+        with GatefleetClient(secured.url, prefix=PREFIX, auth=secured.client_auth) as client:
+
+            def healthy() -> int:
+                return client.status().gateways_healthy
+
+            await asyncio.to_thread(
+                wait_until, lambda: healthy() == 3, 10, "3 gateways healthy", healthy
+            )
+            # Each gateway's connection speaks for the next gateway: refused, and counted.
+            for gid, other in zip(ids, [*ids[1:], ids[0]], strict=True):
+                await opened[f"gatefleet-simulator-{gid}"].publish(
+                    f"{PREFIX}.gw.{other}.heartbeat", b"{}"
+                )
+
+            def counted() -> dict[str, int]:
+                return client.status().permission_violations
+
+            every = {f"gateway:{gid}": 1 for gid in ids}
+            await asyncio.to_thread(wait_until, lambda: counted() == every, 5, "3", counted)
+            status = client.status()
+            assert status.malformed_messages == {}  # none of the forged beats came through
+            assert status.test_credentials == []  # no simulator credential was made
+    finally:
+        stop.set()
+        summary = await simulation
+    assert summary.publish_errors == 0
+    assert secured.authority is not None
+    issued = {u.name: u.kind for u in secured.authority.users()}
+    assert issued == dict.fromkeys(ids, "gateway")
+
+
+def test_simulate_per_gateway_creds_runs_three_gateways_on_their_own_credentials(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    config = tmp_path / "gatefleet.toml"
+    config.write_text(
+        f'[bus]\nport = 0\ndata_dir = "{data}"\n[health]\nheartbeat_interval_ms = 200\n'
+    )
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gatefleet", "up", "--config", str(config)],
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    simulate = None
+    try:
+
+        def managed() -> int:
+            result = run_cli("status", "--config", str(config), "--json")
+            return json.loads(result.stdout)["gateways_managed"] if result.returncode == 0 else -1
+
+        wait_until(lambda: managed() == 0, timeout=30, what="gatefleet up", show=managed)
+        command = ["simulate", "--config", str(config), "--count", "3", "--per-gateway-creds"]
+        simulate = subprocess.Popen(
+            [sys.executable, "-m", "gatefleet", *command],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        wait_until(lambda: managed() == 3, timeout=30, what="3 simulated gateways", show=managed)
+        users = {u.name: u.kind for u in Authority(data).users()}
+        assert users == {f"sim-{r}-1": "gateway" for r in ("us-west", "us-east", "eu-west")}
+    finally:
+        if simulate is not None:
+            simulate.terminate()
+            _, stderr = simulate.communicate(timeout=15)
+            assert simulate.returncode == 0, stderr
+        up.terminate()
+        up.wait(timeout=15)
+
+
+def test_simulate_per_gateway_creds_refuses_creds_and_needs_local_keys(tmp_path: Path) -> None:
+    config = tmp_path / "gatefleet.toml"
+    config.write_text(f'[bus]\nauth = false\ndata_dir = "{tmp_path}"\n')
+    no_keys = CliRunner().invoke(
+        main, ["simulate", "--config", str(config), "--count", "1", "--per-gateway-creds"]
+    )
+    assert no_keys.exit_code == 2
+    assert no_keys.output.strip() == (
+        f"gatefleet: no gatefleet keys under {tmp_path} to issue gateway credentials from: "
+        "run it on gatefleet's machine, with its --config"
+    )
+    with_creds = CliRunner().invoke(
+        main,
+        ["simulate", "--config", str(config), "--per-gateway-creds", "--creds", "x.creds"],
+    )
+    assert with_creds.exit_code == 2
+    assert with_creds.output.strip() == (
+        "gatefleet: --per-gateway-creds takes no --creds (nor GATEFLEET_CREDS)"
+    )
 
 
 def test_up_with_auth_serves_the_cli_with_the_admin_creds_it_finds(tmp_path: Path) -> None:

@@ -183,7 +183,7 @@ def test_fault_shares_are_exact_and_seeded() -> None:
 
 def test_spliced_heartbeat_bytes_are_a_valid_heartbeat() -> None:
     plan = GatewayPlan("sim-eu-west-5", 'eu "west"', "backup", "sim-eu-west-4", 750)
-    gw = simulate._Gateway(plan, "p", seed=2)
+    gw = simulate._Gateway(plan, "p", seed=2, nc=Client())  # never connected: not used
     walk = MetricsWalk(2, plan.gateway_id, 750)  # the same seeded walk, stepped alongside
     first = decode(gw.heartbeat(b"2026-11-28T07:00:00.123Z"), Heartbeat)
     metrics = walk()
@@ -203,7 +203,7 @@ def test_spliced_heartbeat_bytes_are_a_valid_heartbeat() -> None:
         labels={"simulated": "true"},
     )
     push_body = ConfigPush(distribution_id="dist-a", config_type="Route", version=3, config_data={})
-    assert simulate._ack_body(gw, push_body)[1]  # applied
+    assert simulate._answer(gw, push_body).applied
     ts = simulate._rfc3339(time.time())
     second = decode(gw.heartbeat(ts), Heartbeat)
     assert (second.seq, second.config_versions) == (2, {"Route": 3})
@@ -300,8 +300,16 @@ async def test_config_push_acked_applied_once_and_reported_in_heartbeats(
         assert again == ack
         beat = await beats.next_beat("sim-r1-1")
         assert beat.config_versions == {"Route": 7}
-        # An older version is acked but does not move the version back.
-        await push(nc, subjects, "sim-r1-1", 3, distribution_id="dist-b")
+        # An older version is refused as stale, with the version held, and not applied.
+        stale = await push(nc, subjects, "sim-r1-1", 3, distribution_id="dist-b")
+        assert stale == ConfigAck(
+            distribution_id="dist-b",
+            gateway_id="sim-r1-1",
+            ok=False,
+            version=3,
+            error="stale_version",
+            held_version=7,
+        )
         assert (await beats.next_beat("sim-r1-1")).config_versions == {"Route": 7}
         assert (await beats.next_beat("sim-r1-2")).config_versions == {}
         summary = await sim.finish()
@@ -310,7 +318,7 @@ async def test_config_push_acked_applied_once_and_reported_in_heartbeats(
     assert [(r.distribution_id, r.version, r.applied, r.ok, r.sent) for r in records] == [
         ("dist-a", 7, True, True, True),
         ("dist-a", 7, False, True, True),
-        ("dist-b", 3, True, True, True),
+        ("dist-b", 3, False, False, True),
     ]
 
 

@@ -8,6 +8,8 @@
 // says goodbye on P.gw.<id>.goodbye when it gets SIGINT or SIGTERM. A config push is
 // "applied" by keeping its version (reported in the next heartbeat's config_versions);
 // pushes of a type given with --reject are rejected (a NACK), to show what one looks like.
+// A push of a version lower than the one held for its type is never applied: it gets a
+// NACK with error "stale_version" and held_version (gatefleet then pushes above it).
 
 import os from "node:os";
 import { parseArgs } from "node:util";
@@ -19,6 +21,7 @@ const DISTRIBUTION_ID_PATTERN = /^dist-[A-Za-z0-9-]{1,64}$/;
 const MAX_COUNT = 2 ** 53;
 const MAX_ERROR_CHARS = 4096; // config-ack.json: error's maxLength
 const REMEMBERED_PUSHES = 1000; // results kept to answer a repeated push the same way
+const STALE_VERSION = "stale_version"; // config-ack.json: error of a version below the one held
 
 const USAGE = `usage: node gateway.mjs --id ID --region REGION [options]
   --nats URL             NATS server (default: $NATS_URL or nats://127.0.0.1:4222)
@@ -144,7 +147,13 @@ async function main() {
       }
       const key = `${push.distribution_id}@${push.version}`;
       let result = results.get(key); // a repeat is acked again, as it was the first time
-      if (!result) {
+      const held = configVersions[push.config_type] ?? 0;
+      if (!result && push.version < held) {
+        // Not remembered: what is held only grows.
+        const pushed = `${push.config_type} v${push.version}`;
+        console.error(`gateway ${opts.id}: refused ${pushed}: v${held} is held`);
+        result = { ok: false, error: STALE_VERSION, held_version: held };
+      } else if (!result) {
         result = apply(push);
         results.set(key, result);
         if (results.size > REMEMBERED_PUSHES) results.delete(results.keys().next().value);
@@ -156,6 +165,7 @@ async function main() {
           ok: result.ok,
           version: push.version,
           error: result.error,
+          held_version: result.held_version ?? null,
         }),
       );
     },

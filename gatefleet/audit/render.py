@@ -45,6 +45,7 @@ from schemas.events import (
     SecurityViolation,
     SelectionBatch,
     SelectionRecord,
+    VersionMovedStep,
 )
 from schemas.types import StrategyName
 
@@ -166,6 +167,8 @@ def _step_details(event: DistributionEvent) -> str:
             return f"{status}{why}; acked {names(successful)}; failed {names(failed)}"
         case QueuedStep(after=after):
             return f"after {after}"
+        case VersionMovedStep(from_version=old, to_version=new, held_version=held, gateways=gws):
+            return f"version {old} -> {new}: {names(gws)} held version {held}"
     return msgspec.json.encode(event.details).decode() if event.details else ""
 
 

@@ -50,6 +50,7 @@ from schemas.events import (
     LoadBalancingChanged,
     OrchestratorStarted,
     ResumedStep,
+    VersionMovedStep,
 )
 from schemas.types import DistributionStatus, GatewayStatus, StrategyName
 
@@ -61,6 +62,8 @@ FOLDED_TYPES: Final = (
     "ha.alarm",
 )
 LATE_REGISTRATION = timedelta(milliseconds=500)
+# What a version move makes pending again: every delivery state but the final failures.
+MOVED_STATES: Final = frozenset[GatewayDeliveryState]({"pending", "sent", "retrying", "acked"})
 
 
 class GatewayState(msgspec.Struct, kw_only=True):
@@ -232,6 +235,8 @@ class FleetFold:
             case GatewayRetriedStep(attempt=attempt) if gw is not None:
                 old = dist.gateways.get(gw, GatewayDelivery())
                 dist.gateways[gw] = GatewayDelivery(state="sent", attempts=attempt, error=old.error)
+            case VersionMovedStep(to_version=version):
+                _moved(dist, version)
             case ResumedStep(retry_scheduled=retrying):
                 for target in retrying:
                     old = dist.gateways.get(target, GatewayDelivery())
@@ -259,6 +264,15 @@ def _created(dist: DistributionState, targets: list[str], unknown: set[str]) -> 
         for gw in targets
     }
     dist.failed_gateways = [gw for gw in targets if gw in unknown]
+
+
+def _moved(dist: DistributionState, version: int) -> None:
+    """It starts over as `version`: every target not failed is pending again."""
+    dist.version, dist.batch = version, 0
+    for gw, d in dist.gateways.items():
+        if d.state in MOVED_STATES:
+            dist.gateways[gw] = GatewayDelivery(state="pending", attempts=d.attempts)
+    dist.successful_gateways = []
 
 
 def _deliver(

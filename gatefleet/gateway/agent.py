@@ -16,6 +16,10 @@ with `creds="gw.creds"` on a bus with auth (see `gatefleet credentials gateway`)
 
 Config pushes are idempotent on (distribution_id, version): the result of the first
 application is remembered and sent again for a repeat, without calling `on_config`.
+A push of a version lower than the one held for its config type is never applied (a
+rollback comes as a new, higher version with older content): it is answered with a
+NACK whose error is `stale_version` and whose `held_version` is the version held, which
+tells gatefleet that its version counter is behind (it pushes again above it).
 A push that does not decode is logged and gets no answer. The fault-injection knobs
 (`pause_heartbeats`, `ack_delay_s`, `fail_acks`, `silent_config`, `crash`, `restart`)
 exist for tests and benchmarks (the simulator, `gatefleet simulate`, is an engine of its
@@ -43,7 +47,7 @@ from nats.aio.subscription import Subscription
 from bus.connection import CONNECT_ERRORS, ClientAuth, close_connection, open_connection
 from bus.subjects import Subjects, check_gateway_id
 from schemas.codec import DecodeError, decode, encode
-from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
+from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +71,20 @@ class Metrics:
 
 @dataclass(frozen=True, slots=True)
 class ConfigResult:
-    """What applying a ConfigPush came to: `ConfigResult()` applied, `reject(text)` a NACK."""
+    """What applying a ConfigPush came to: `ConfigResult()` applied, `reject(text)` a NACK,
+    `stale(held)` a NACK of a version lower than the one held."""
 
     ok: bool = True
     error: str | None = None
+    held_version: int | None = None
 
     @classmethod
     def reject(cls, error: str) -> ConfigResult:
         return cls(ok=False, error=error[:_MAX_ERROR_CHARS] or "rejected")
+
+    @classmethod
+    def stale(cls, held_version: int) -> ConfigResult:
+        return cls(ok=False, error=STALE_VERSION, held_version=held_version)
 
 
 ACCEPTED = ConfigResult()
@@ -356,6 +366,7 @@ class GatewayAgent:
             ok=result.ok,
             version=push.version,
             error=None if result.ok else result.error,
+            held_version=result.held_version,
         )
         await self._reply(msg, ack)
 
@@ -366,6 +377,16 @@ class GatewayAgent:
         known = self._results.get(key)
         if known is not None:
             return known
+        held = self.config_versions.get(push.config_type, 0)
+        if push.version < held:  # not remembered: what is held only grows
+            log.warning(
+                "%s: %s v%d refused: version %d is held",
+                self.gateway_id,
+                push.config_type,
+                push.version,
+                held,
+            )
+            return ConfigResult.stale(held)
         result = await self._call_handler(push)
         self._results[key] = result
         if result.ok and push.version > self.config_versions.get(push.config_type, 0):

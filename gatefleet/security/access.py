@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from bus.connection import ClientAuth
@@ -72,11 +73,40 @@ def simulator_auth(
 ) -> ClientAuth:
     """The simulator's connection: the flags, else a simulator credential of gatefleet's
     keys on this machine (found, or made), else as a command's."""
-    local_keys = Authority.exists(data_dir) or (settings.bus.auth and not settings.bus.url)
-    if not creds and local_keys:
+    authority = None if creds else _local_authority(settings, data_dir)
+    if authority is not None:
         prefix = settings.bus.subject_prefix
-        creds = str(Authority(data_dir).local_creds("simulator", f"simulate-{prefix}", prefix))
+        creds = str(authority.local_creds("simulator", f"simulate-{prefix}", prefix))
     return command_auth(settings, data_dir, creds, tls_ca)
+
+
+def gateway_auths(
+    settings: Settings, data_dir: Path, tls_ca: str = ""
+) -> Callable[[str], ClientAuth]:
+    """`simulate --per-gateway-creds`: for each gateway id, its gateway credential of
+    gatefleet's keys on this machine (found, or made) and the CA as a command's.
+    CredsError (one line) when there are no keys here to issue them from."""
+    authority = _local_authority(settings, data_dir)
+    if authority is None:
+        raise CredsError(
+            f"no gatefleet keys under {data_dir} to issue gateway credentials from: "
+            "run it on gatefleet's machine, with its --config"
+        )
+    prefix = settings.bus.subject_prefix
+    ca = checked("", tls_ca or str(_ca(settings, data_dir))).tls_ca
+
+    def auth(gateway_id: str) -> ClientAuth:
+        return ClientAuth(str(authority.local_creds("gateway", gateway_id, prefix)), ca)
+
+    return auth
+
+
+def _local_authority(settings: Settings, data_dir: Path) -> Authority | None:
+    """gatefleet's keys on this machine: there, or to be made as gatefleet would (the
+    embedded server with auth); else None."""
+    if Authority.exists(data_dir) or (settings.bus.auth and not settings.bus.url):
+        return Authority(data_dir)
+    return None
 
 
 def _ca(settings: Settings, data_dir: Path) -> str | Path:
