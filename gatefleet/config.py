@@ -224,8 +224,8 @@ def _reason(message: str, value: Any, tp: Any) -> str:
 
 def _check_semantics(settings: Settings) -> None:
     """What the types cannot say: unique gateway ids, no self-backup, a HOST:PORT listen,
-    a RegionAware whose inner strategy is not RegionAware again, and a TLS certificate
-    with its key.
+    a RegionAware whose inner strategy is not RegionAware again, replication only on a
+    cluster, and a TLS certificate with its key.
 
     A `backup_for` naming a gateway not in the file is fine: the primary may only ever
     register by heartbeat."""
@@ -244,6 +244,11 @@ def _check_semantics(settings: Settings) -> None:
         raise _KeyPathError(
             ["load_balancing", "region_inner_strategy"],
             "RegionAware cannot be its own inner strategy; choose one of the other four",
+        )
+    if settings.bus.replicas > 1 and not settings.bus.url:
+        raise _KeyPathError(
+            ["bus", "replicas"],
+            "more than 1 needs a NATS cluster ([bus] url): the embedded server is one server",
         )
     if bool(settings.bus.tls_cert) != bool(settings.bus.tls_key):
         given = "tls_cert" if settings.bus.tls_cert else "tls_key"

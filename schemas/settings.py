@@ -51,8 +51,12 @@ class OrchestratorSettings(_Section, frozen=True):
 
 
 class BusSettings(_Section, frozen=True):
-    # Empty: start the embedded nats-server. Otherwise the NATS server(s) to use.
+    # Empty: start the embedded nats-server. Otherwise the NATS server(s) to use, several
+    # (of one cluster) comma-separated.
     url: str = ""
+    # Servers of the cluster that keep a copy of the event stream and of each bucket
+    # (JetStream replication): 3 on a three-node cluster. More than 1 needs `url`.
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     # Port of the embedded server; 0 picks a free one (clients then find it in data_dir).
     port: Port = 4222
     subject_prefix: SubjectPrefix = "gatefleet"

@@ -198,6 +198,8 @@ def test_nats_url_overrides_bus_url(tmp_path: Path) -> None:
             "got 'roundrobin' (did you mean 'RoundRobin'?)",
         ),
         ("[bus]\nport = 70000\n", "bus.port", "expected an integer <= 65535, got 70000"),
+        ("[bus]\nreplicas = 6\n", "bus.replicas", "expected an integer <= 5, got 6"),
+        ("[bus]\nreplicas = 3\n", "bus.replicas", "more than 1 needs a NATS cluster ([bus] url)"),
         ("[regions]\neu = 'x'\n", "regions.eu", "expected an array, got a string"),
         ("[[gateways]]\nid = 'a'\n", "gateways[0].region", "missing required key"),
         (
@@ -236,6 +238,12 @@ def test_first_unknown_key_in_file_order_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "[bus]\nurll = ''\n[health]\nfal = 1\n")
     with pytest.raises(ConfigError, match=r"bus\.urll: unknown key \(did you mean 'url'\?\)$"):
         load_settings(path, env={})
+
+
+def test_replicas_on_a_cluster_named_by_several_urls(tmp_path: Path) -> None:
+    path = write(tmp_path, "[bus]\nreplicas = 3\n")
+    urls = "nats://a:4222,nats://b:4222,nats://c:4222"
+    assert load_settings(path, nats_url=urls, env={}).bus.replicas == 3
 
 
 def test_valid_listen_is_accepted(tmp_path: Path) -> None:
