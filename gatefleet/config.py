@@ -6,6 +6,8 @@ import difflib
 import json
 import os
 import re
+import secrets
+import socket
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +77,16 @@ def resolve_data_dir(settings: Settings, env: Mapping[str, str] | None = None) -
     state = env.get("XDG_STATE_HOME", "")
     base = Path(state) if Path(state).is_absolute() else home / ".local" / "state"
     return base / "gatefleet"
+
+
+def resolve_replica_id(settings: Settings, hostname: str | None = None) -> str:
+    """`[cluster] replica_id`, else the host's name (its first label, as a valid id) and a
+    short random suffix: two processes on one host, or one and its restart, differ."""
+    if settings.cluster.replica_id:
+        return settings.cluster.replica_id
+    host = (socket.gethostname() if hostname is None else hostname).split(".")[0]
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", host)[:57] or "gatefleet"
+    return f"{host}-{secrets.token_hex(3)}"
 
 
 def format_key_path(path: list[Key]) -> str:

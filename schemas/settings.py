@@ -74,6 +74,16 @@ class BusSettings(_Section, frozen=True):
     tls_ca: str = ""
 
 
+class ClusterSettings(_Section, frozen=True):
+    # This process among the replicas on one NATS cluster. Empty: the host's name and a
+    # short random suffix, new at each start.
+    replica_id: Annotated[str, whole(r"[A-Za-z0-9_-]{0,64}")] = ""
+    # The leader's lease: it lasts this long unrenewed and is renewed every third of it;
+    # a leader that could not renew for two thirds of it stops acting as leader. Under
+    # about 7 s, losing the NATS node that leads the lease's bucket costs a leader change.
+    lease_ms: Annotated[int, Meta(ge=1000, le=600_000)] = 10_000
+
+
 class HealthWeights(_Section, frozen=True):
     """How much each metric counts in the 0-100 score (normalised by their sum)."""
 
@@ -169,6 +179,7 @@ class GatewayEntry(_Section, frozen=True):
 class Settings(_Section, frozen=True):
     orchestrator: OrchestratorSettings = msgspec.field(default_factory=OrchestratorSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     load_balancing: LoadBalancingSettings = msgspec.field(default_factory=LoadBalancingSettings)
     ha: HaSettings = msgspec.field(default_factory=HaSettings)
