@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 Role = Literal["leader", "standby"]
 # A standby reads the lease, and a leader checks its renewal, this often at most.
 POLL_S = 0.25
+# A read gets no answer while the bucket's stream elects a leader (4-9 s after its leader's
+# node is lost): given up after this, so that a replica sees the lease soon after.
+READ_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ class Lease:
                 return self._write(epoch, revision, now, stop_at - now, takeover=False)
             if now - self._read_at >= self.terms.poll_s:
                 self._read_at = now
-                return Read(self.terms.renew_every_s)
+                return Read(min(READ_TIMEOUT_S, self.terms.renew_every_s))
             if self._fresh and self._seen is not None:
                 revision, record, since = self._seen
                 if not self._may_take(now, record, since):
@@ -192,11 +195,11 @@ class Lease:
                 self._show(LeaseView("leader", self.replica_id, epoch))
 
     def refused(self, write: Write) -> None:
-        """The key was not at `write.revision`: another replica wrote it."""
+        """The key was not at `write.revision`: another replica wrote it (or this one, in
+        a write it did not hear back from: a read tells)."""
         with self._lock:
-            self._sent = None
             if self._tenure is not None and self._tenure[0] == write.record.epoch:
-                self._stand_down("another replica took the lease")
+                self._stand_down("the lease was not at the revision it renewed")
 
     def failed(self, write: Write) -> None:
         """No answer, or an error: the write may or may not have been made."""

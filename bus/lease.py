@@ -9,7 +9,6 @@ writes it by compare-and-set with the step's timeout, reports the outcome, and s
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 
@@ -41,19 +40,28 @@ class LeaseKeeper:
         self._bus = bus
         self._kv = kv
         self.lease = lease
-        self._task: concurrent.futures.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._failing = ""  # why the last call failed, while calls fail
 
     def start(self) -> None:
-        self._task = self._bus.submit(self._run())
+        async def create() -> asyncio.Task[None]:
+            return asyncio.get_running_loop().create_task(self._run())
+
+        self._task = self._bus.run(create())
 
     def stop(self) -> None:
-        """Stops reading and renewing (the lease is left to expire, as a crash would)."""
+        """Stops reading and renewing; a call under way is abandoned, its outcome never
+        reported. The lease is left to expire, as a crash would leave it."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(concurrent.futures.CancelledError, TimeoutError):
-                task.result(5.0)
+
+        async def cancel() -> None:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        with contextlib.suppress(BusError):  # the bus has stopped: so has the task
+            self._bus.run(cancel())
 
     async def _run(self) -> None:
         lease = self.lease

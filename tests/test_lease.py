@@ -230,3 +230,24 @@ def test_a_leader_that_lost_its_renewals_takes_its_own_lease_again_at_once(
     assert isinstance(step, Write)  # nobody else can hold it: no wait
     assert step.takeover
     assert step.record.epoch > taken.record.epoch
+
+
+def test_a_renewal_refused_because_one_unanswered_was_made_takes_the_lease_back(
+    clock: Clock,
+) -> None:
+    lease, _ = make_lease(clock)
+    taken = lead(lease)
+    clock.advance(LEASE_S / 3)
+    first = lease.next_step()
+    assert isinstance(first, Write)
+    lease.failed(first)  # no answer, but made: the key is at revision 2
+    clock.advance(lease.terms.poll_s)
+    second = lease.next_step()
+    assert isinstance(second, Write)
+    assert second.revision == 1
+    lease.refused(second)
+    assert not lease.still_leader()
+    step = read(lease, 2, first.record)
+    assert step is not None  # its own tenure's record: no wait
+    assert (step.revision, step.takeover) == (2, True)
+    assert step.record.epoch > taken.record.epoch
