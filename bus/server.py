@@ -4,9 +4,8 @@ On loopback unless told another host, JetStream on with `sync_interval: always` 
 that must survive a restart is fsynced), store under `data_dir`. With a `ServerAuth` it
 runs in operator mode (decentralized JWT auth, full resolver); with a `ServerTls` it
 requires TLS from every client; with a `ServerCluster` it is one node of a cluster (the
-test clusters). Readiness is read from the server's log,
-not assumed. On Linux the child gets PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet
-leaves no orphan nats-server behind.
+test clusters). Readiness is read from the server's log, not assumed. On Linux the child
+gets PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet leaves no orphan nats-server behind.
 """
 
 from __future__ import annotations
