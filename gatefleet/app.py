@@ -116,6 +116,7 @@ class Orchestrator:
         jetstream.setup(
             max_age_s=audit.max_age_hours * 3600,
             max_bytes=audit.max_bytes,
+            replicas=self.settings.bus.replicas,
             kv_retries=self.settings.orchestrator.kv_write_retries,
             kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
         )

@@ -6,6 +6,8 @@ import difflib
 import json
 import os
 import re
+import secrets
+import socket
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +77,16 @@ def resolve_data_dir(settings: Settings, env: Mapping[str, str] | None = None) -
     state = env.get("XDG_STATE_HOME", "")
     base = Path(state) if Path(state).is_absolute() else home / ".local" / "state"
     return base / "gatefleet"
+
+
+def resolve_replica_id(settings: Settings, hostname: str | None = None) -> str:
+    """`[cluster] replica_id`, else the host's name (its first label, as a valid id) and a
+    short random suffix: two processes on one host, or one and its restart, differ."""
+    if settings.cluster.replica_id:
+        return settings.cluster.replica_id
+    host = (socket.gethostname() if hostname is None else hostname).split(".")[0]
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", host)[:57] or "gatefleet"
+    return f"{host}-{secrets.token_hex(3)}"
 
 
 def format_key_path(path: list[Key]) -> str:
@@ -224,8 +236,8 @@ def _reason(message: str, value: Any, tp: Any) -> str:
 
 def _check_semantics(settings: Settings) -> None:
     """What the types cannot say: unique gateway ids, no self-backup, a HOST:PORT listen,
-    a RegionAware whose inner strategy is not RegionAware again, and a TLS certificate
-    with its key.
+    a RegionAware whose inner strategy is not RegionAware again, replication only on a
+    cluster, and a TLS certificate with its key.
 
     A `backup_for` naming a gateway not in the file is fine: the primary may only ever
     register by heartbeat."""
@@ -244,6 +256,11 @@ def _check_semantics(settings: Settings) -> None:
         raise _KeyPathError(
             ["load_balancing", "region_inner_strategy"],
             "RegionAware cannot be its own inner strategy; choose one of the other four",
+        )
+    if settings.bus.replicas > 1 and not settings.bus.url:
+        raise _KeyPathError(
+            ["bus", "replicas"],
+            "more than 1 needs a NATS cluster ([bus] url): the embedded server is one server",
         )
     if bool(settings.bus.tls_cert) != bool(settings.bus.tls_key):
         given = "tls_cert" if settings.bus.tls_cert else "tls_key"

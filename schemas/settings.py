@@ -51,8 +51,12 @@ class OrchestratorSettings(_Section, frozen=True):
 
 
 class BusSettings(_Section, frozen=True):
-    # Empty: start the embedded nats-server. Otherwise the NATS server(s) to use.
+    # Empty: start the embedded nats-server. Otherwise the NATS server(s) to use, several
+    # (of one cluster) comma-separated.
     url: str = ""
+    # Servers of the cluster that keep a copy of the event stream and of each bucket
+    # (JetStream replication): 3 on a three-node cluster. More than 1 needs `url`.
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     # Port of the embedded server; 0 picks a free one (clients then find it in data_dir).
     port: Port = 4222
     subject_prefix: SubjectPrefix = "gatefleet"
@@ -68,6 +72,17 @@ class BusSettings(_Section, frozen=True):
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+
+
+class ClusterSettings(_Section, frozen=True):
+    # This process among the replicas on one NATS cluster. Empty: the host's name and a
+    # short random suffix, new at each start.
+    replica_id: Annotated[str, whole(r"[A-Za-z0-9_-]{0,64}")] = ""
+    # The leader's lease: it lasts this long unrenewed and is renewed every third of it;
+    # a leader that could not renew for two thirds of it stops acting as leader. Writes to
+    # the bucket stop for 4-9 s when the NATS node leading it is lost: under about 28 s that
+    # mostly costs a step-down (the leader takes its lease back once writes work).
+    lease_ms: Annotated[int, Meta(ge=1000, le=600_000)] = 10_000
 
 
 class HealthWeights(_Section, frozen=True):
@@ -165,6 +180,7 @@ class GatewayEntry(_Section, frozen=True):
 class Settings(_Section, frozen=True):
     orchestrator: OrchestratorSettings = msgspec.field(default_factory=OrchestratorSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     load_balancing: LoadBalancingSettings = msgspec.field(default_factory=LoadBalancingSettings)
     ha: HaSettings = msgspec.field(default_factory=HaSettings)

@@ -20,6 +20,8 @@ GATEWAY_ID_BODY: Final = r"[A-Za-z0-9_-]{1,64}"
 GATEWAY_ID_RE: Final = re.compile(GATEWAY_ID_BODY)  # for fullmatch
 
 GatewayId = Annotated[str, whole(GATEWAY_ID_BODY)]
+# A gatefleet process among the replicas on one cluster (`[cluster] replica_id`).
+ReplicaId = Annotated[str, whole(r"[A-Za-z0-9_-]{1,64}")]
 Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
 NonNegativeFloat = Annotated[float, Meta(ge=0.0, le=1e12)]
 # Integers a JSON number holds exactly in every language (2^53): a 400-digit count would

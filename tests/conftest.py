@@ -1,4 +1,5 @@
-"""Shared fixtures: one real nats-server per test session, and orchestrators on it.
+"""Shared fixtures: one real nats-server per test session, and orchestrators on it; a
+three-node cluster for the tests that need one.
 
 Every orchestrator test gets its own subject prefix (so its own stream and buckets) on
 the shared server: tests cannot see each other's traffic. Actors are swept after each
@@ -25,6 +26,7 @@ from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
 from schemas.events import Event, decode_event
 from schemas.settings import Settings
+from tests.cluster import NatsCluster
 from tests.fleet import Fleet
 
 E = TypeVar("E")
@@ -45,6 +47,17 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSe
         bus.stop()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A three-node nats-server cluster of its own per test (tests kill its nodes)."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -164,6 +164,16 @@ def test_run_on_the_loop_thread_is_refused(bus: Bus) -> None:
     assert len(errors) == 1
 
 
+def test_a_url_may_list_several_servers(nats_server: EmbeddedServer) -> None:
+    # Whichever nats-py tries first, it connects to the one that answers.
+    bus = Bus(f"nats://127.0.0.1:1, {nats_server.url}", use_uvloop=False)
+    bus.start(connect_timeout=5)
+    try:
+        assert bus.server_name == nats_server.server_name
+    finally:
+        bus.stop()
+
+
 def test_connect_to_nothing_is_a_clear_error() -> None:
     bus = Bus("nats://127.0.0.1:1", use_uvloop=False)
     with pytest.raises(BusError, match=re.escape("cannot connect to NATS at nats://127.0.0.1:1")):

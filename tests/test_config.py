@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,13 @@ import msgspec
 import pytest
 import tomli
 
-from gatefleet.config import ConfigError, format_key_path, load_settings, resolve_data_dir
+from gatefleet.config import (
+    ConfigError,
+    format_key_path,
+    load_settings,
+    resolve_data_dir,
+    resolve_replica_id,
+)
 from schemas.settings import BusSettings, GatewayEntry, Settings
 
 DEFAULT_TOML = Path(__file__).resolve().parent.parent / "config" / "default.toml"
@@ -198,6 +205,10 @@ def test_nats_url_overrides_bus_url(tmp_path: Path) -> None:
             "got 'roundrobin' (did you mean 'RoundRobin'?)",
         ),
         ("[bus]\nport = 70000\n", "bus.port", "expected an integer <= 65535, got 70000"),
+        ("[cluster]\nreplica_id = 'a.b'\n", "cluster.replica_id", "expected a string matching"),
+        ("[cluster]\nlease_ms = 500\n", "cluster.lease_ms", "expected an integer >= 1000, got 500"),
+        ("[bus]\nreplicas = 6\n", "bus.replicas", "expected an integer <= 5, got 6"),
+        ("[bus]\nreplicas = 3\n", "bus.replicas", "more than 1 needs a NATS cluster ([bus] url)"),
         ("[regions]\neu = 'x'\n", "regions.eu", "expected an array, got a string"),
         ("[[gateways]]\nid = 'a'\n", "gateways[0].region", "missing required key"),
         (
@@ -236,6 +247,24 @@ def test_first_unknown_key_in_file_order_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "[bus]\nurll = ''\n[health]\nfal = 1\n")
     with pytest.raises(ConfigError, match=r"bus\.urll: unknown key \(did you mean 'url'\?\)$"):
         load_settings(path, env={})
+
+
+def test_replicas_on_a_cluster_named_by_several_urls(tmp_path: Path) -> None:
+    path = write(tmp_path, "[bus]\nreplicas = 3\n")
+    urls = "nats://a:4222,nats://b:4222,nats://c:4222"
+    assert load_settings(path, nats_url=urls, env={}).bus.replicas == 3
+
+
+def test_replica_id_is_the_configured_one_else_the_host_name_and_a_random_suffix(
+    tmp_path: Path,
+) -> None:
+    configured = load_settings(write(tmp_path, "[cluster]\nreplica_id = 'gf-a'\n"), env={})
+    assert resolve_replica_id(configured) == "gf-a"
+    first, second = (resolve_replica_id(Settings(), "web 1.example.com") for _ in range(2))
+    assert re.fullmatch(r"web-1-[0-9a-f]{6}", first), first
+    assert first != second  # two processes on one host
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", resolve_replica_id(Settings(), "x" * 80))
+    assert resolve_replica_id(Settings(), "").startswith("gatefleet-")
 
 
 def test_valid_listen_is_accepted(tmp_path: Path) -> None:

@@ -1,0 +1,30 @@
+"""The leader lease, as stored: key `lease` of bucket `<prefix>_leader`.
+
+Every write is a compare-and-set on the revision the writer last read (or "the key does
+not exist"): by the replica that holds the lease (renewals) or takes it. The rules are
+actors/lease.py's, the calls bus/lease.py's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+from schemas.stored import Time
+from schemas.types import MAX_COUNT, ReplicaId
+
+LEASE_BUCKET: Final = "leader"
+LEASE_KEY: Final = "lease"
+# An epoch starts from a Unix time in ms: far below 2^53 for many thousand years.
+Epoch = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+
+
+class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
+    replica_id: ReplicaId
+    # Grows with every acquisition and never goes back; a renewal keeps it.
+    epoch: Epoch
+    # When the holder wrote it, by its own wall clock: for people (which replica renewed
+    # when), never compared with another machine's clock.
+    renewed_at: Time
