@@ -1,5 +1,5 @@
 """The leader lease on JetStream: its bucket, and the task that makes the calls the
-rules (actors/lease.py) ask for.
+rules (bus/leadership.py) ask for.
 
 One task per replica, on its bus loop: it asks `Lease.next_step()`, reads the key or
 writes it by compare-and-set with the step's timeout, reports the outcome, and sleeps
@@ -16,9 +16,9 @@ import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from actors.lease import Lease, Read, Write
 from bus.connection import BusError
 from bus.jetstream import bucket_name, ensure_bucket, failure_reason
+from bus.leadership import Lease, Read, Write
 from bus.runtime import Bus
 from schemas.codec import DecodeError, decode, encode
 from schemas.lease import LEASE_BUCKET, LEASE_KEY, LeaseRecord

@@ -2,7 +2,7 @@
 
 Every write is a compare-and-set on the revision the writer last read (or "the key does
 not exist"): by the replica that holds the lease (renewals) or takes it. The rules are
-actors/lease.py's, the calls bus/lease.py's.
+bus/leadership.py's, the calls bus/lease.py's.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from actors.lease import Lease, LeaseTerms, LeaseView
+from bus.leadership import Lease, LeaseTerms, LeaseView
 from bus.lease import LeaseKeeper, lease_bucket
 from bus.runtime import Bus
 

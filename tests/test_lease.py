@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from actors.lease import Lease, LeaseTerms, LeaseView, Read, Write, takeover_epoch
+from bus.leadership import Lease, LeaseTerms, LeaseView, Read, Write, takeover_epoch
 from schemas.lease import LeaseRecord
 
 LEASE_S = 9.0
