@@ -11,6 +11,7 @@ from actors.histogram import SELECTION_BOUNDS_S, PerStrategy
 from actors.runtime import Runtime
 from bus.edge import Drops, Tally
 from bus.jetstream import KvStore
+from bus.leadership import Lease
 from bus.log_throttle import LogThrottle
 from bus.runtime import Bus
 from bus.subjects import Subjects
@@ -32,6 +33,9 @@ class Context:
     events_lost: Callable[[], int]  # events the stream could not store, since start
     drops: Drops
     buckets: dict[str, KvStore]
+    # Which replica leads (issue 16). Only the leader probes, fails over, distributes,
+    # reconciles and records gateway.*, ha.* and distribution.* events.
+    lease: Lease
     # Selections made, per strategy (LoadBalancer writes, Supervisor reports), and how long
     # each took from the request's arrival to its reply.
     selections: Tally = field(default_factory=Tally)

@@ -26,6 +26,7 @@ from schemas.lease import LEASE_BUCKET, LEASE_KEY, LeaseRecord
 log = logging.getLogger(__name__)
 
 CALL_ERRORS = (nats.errors.Error, BusError, TimeoutError)
+RELEASE_TIMEOUT_S = 1.0
 
 
 def lease_bucket(bus: Bus, prefix: str, replicas: int) -> KeyValue:
@@ -49,9 +50,10 @@ class LeaseKeeper:
 
         self._task = self._bus.run(create())
 
-    def stop(self) -> None:
+    def stop(self, *, release: bool = True) -> None:
         """Stops reading and renewing; a call under way is abandoned, its outcome never
-        reported. The lease is left to expire, as a crash would leave it."""
+        reported. A leader releases the lease (`release`), so that another replica or
+        the next start takes it at once; else it is left to expire, as a crash leaves it."""
         task, self._task = self._task, None
 
         async def cancel() -> None:
@@ -59,6 +61,13 @@ class LeaseKeeper:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            write = self.lease.release() if release else None
+            if write is not None:
+                try:
+                    update = self._kv.update(LEASE_KEY, encode(write.record), last=write.revision)
+                    await asyncio.wait_for(update, RELEASE_TIMEOUT_S)
+                except (*CALL_ERRORS, KeyWrongLastSequenceError) as exc:
+                    log.info("lease: not released (%s); it expires instead", failure_reason(exc))
 
         with contextlib.suppress(BusError):  # the bus has stopped: so has the task
             self._bus.run(cancel())

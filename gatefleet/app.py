@@ -33,11 +33,13 @@ from actors.supervisor import SupervisorActor
 from bus.connection import ClientAuth
 from bus.edge import Drops, Tally
 from bus.jetstream import JetStream
+from bus.leadership import Lease, LeaseTerms
+from bus.lease import LeaseKeeper, lease_bucket
 from bus.outbox import EventOutbox, unclean_stop_gap
 from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
-from gatefleet.config import URL_FILE, resolve_data_dir
+from gatefleet.config import URL_FILE, resolve_data_dir, resolve_replica_id
 from gatefleet.security.access import own_auth, server_tls
 from gatefleet.security.authority import Authority
 from gatefleet.security.violations import ViolationWatch
@@ -49,6 +51,9 @@ A = TypeVar("A", bound=pykka.Actor)
 # An embedded server that dies is started again, but not more often than this.
 SERVER_RESTARTS = 3
 SERVER_RESTART_WINDOW_S = 300.0
+# How long start waits to learn who leads: a lone replica takes a free lease in a few ms;
+# one held by a replica that died is waited out in the background, as a standby.
+FIRST_LEADER_WAIT_S = 2.0
 
 
 class Orchestrator:
@@ -80,6 +85,11 @@ class Orchestrator:
         self.authority: Authority | None = None
         # What gatefleet's own connections (this bus, the HTTP API's) prove who they are with.
         self.client_auth = ClientAuth()
+        # Which replica leads (issue 16): made at start, once the bus is up.
+        self.lease = Lease(
+            resolve_replica_id(settings), LeaseTerms(settings.cluster.lease_ms / 1000)
+        )
+        self._lease_keeper: LeaseKeeper | None = None
 
     def start(self) -> str:
         """Starts everything; on any failure stops what did start and re-raises."""
@@ -120,6 +130,7 @@ class Orchestrator:
             kv_retries=self.settings.orchestrator.kv_write_retries,
             kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
         )
+        self._start_lease()
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
         events.start()
         self.events = events  # from here on, a stop flushes it
@@ -136,6 +147,7 @@ class Orchestrator:
             buckets=jetstream.buckets,
             violations=self.violations,
             test_credentials=self.authority.test_credentials if self.authority else list,
+            lease=self.lease,
         )
         if self.server is not None and self.authority is not None:
             self.server.on_violation = ViolationWatch(self.authority, events.emit, self.violations)
@@ -157,6 +169,21 @@ class Orchestrator:
         distributor.tell(ReportTo(supervisor=supervisor))
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
+
+    def _start_lease(self) -> None:
+        """Joins the replicas: keeps the leader lease going, and waits (briefly) to know
+        who leads, so that a lone replica acts as leader from its first message."""
+        assert self.bus is not None
+        cluster = self.settings.cluster
+        lease = Lease(resolve_replica_id(self.settings), LeaseTerms(cluster.lease_ms / 1000))
+        known = threading.Event()
+        lease.on_change(lambda view: known.set() if view.leader is not None else None)
+        bucket = lease_bucket(self.bus, self.subjects.prefix, self.settings.bus.replicas)
+        self.lease = lease
+        self._lease_keeper = LeaseKeeper(self.bus, bucket, lease)
+        self._lease_keeper.start()
+        if not known.wait(FIRST_LEADER_WAIT_S):
+            log.info("replica %s: no leader known yet; acting as a standby", lease.replica_id)
 
     @staticmethod
     def _check_last_run(jetstream: JetStream, events: EventOutbox) -> None:
@@ -220,6 +247,9 @@ class Orchestrator:
             self._actors.clear()
         finally:
             try:
+                if self._lease_keeper is not None:
+                    self._lease_keeper.stop()  # released: another replica leads at once
+                    self._lease_keeper = None
                 if self.runtime is not None:
                     self.runtime.stop()
                     self.runtime = None

@@ -28,3 +28,5 @@ class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
     # When the holder wrote it, by its own wall clock: for people (which replica renewed
     # when), never compared with another machine's clock.
     renewed_at: Time
+    # Given up by a holder that stopped cleanly: any replica may take it at once.
+    released: bool = False

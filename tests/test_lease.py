@@ -251,3 +251,24 @@ def test_a_renewal_refused_because_one_unanswered_was_made_takes_the_lease_back(
     assert step is not None  # its own tenure's record: no wait
     assert (step.revision, step.takeover) == (2, True)
     assert step.record.epoch > taken.record.epoch
+
+
+def test_a_released_lease_is_taken_at_once_by_a_standby_with_a_higher_epoch(
+    clock: Clock,
+) -> None:
+    leader, views = make_lease(clock, "a")
+    taken = lead(leader)
+    release = leader.release()
+    assert release is not None
+    assert release.record.released
+    assert (release.record.epoch, release.revision) == (taken.record.epoch, 1)
+    assert not leader.still_leader()
+    assert views[-1].role == "standby"
+    assert leader.release() is None  # once
+
+    standby, _ = make_lease(clock, "b")
+    step = read(standby, 2, release.record)  # no waiting out the lease
+    assert step is not None
+    assert step.takeover
+    assert step.record.epoch > taken.record.epoch
+    assert standby.view.leader is None  # a released lease names no leader
