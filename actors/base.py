@@ -142,6 +142,7 @@ class SafeActor(PooledActor):
             on_request,
             context.drops,
             context.runtime.service,
+            lease=context.lease,
         )
 
     def handle(self, message: Any) -> Any:

@@ -96,6 +96,7 @@ from actors.messages import (
     GatewayHealth,
     GatewayRemoved,
     GatewayUpdated,
+    Leading,
     ReconcileDue,
     ReportTo,
     Request,
@@ -113,7 +114,7 @@ from actors.rollout import (
     split_batches,
     split_by_previous,
 )
-from bus.edge import reply_error
+from bus.edge import NOT_LEADING, RETRY_AFTER_MS, reply_error
 from bus.jetstream import KvError
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
@@ -175,16 +176,24 @@ class DistributorActor(SafeActor):
         self.ctx = context
         self.bus = context.bus
         self.store = DistributionStore(context.buckets["distributions"], context.buckets["desired"])
-        settings = context.settings.orchestrator
+        self.leading = False  # only the leading replica holds distributions (issue 16)
+        self._forget()
+        self.durations = HistogramRecorder(DISTRIBUTION_BOUNDS_S)  # of those ended since start
+        self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
+        self._subscriptions: list[SubscriptionHandle] = []
+
+    def _forget(self) -> None:
+        """No distributions in memory: at start, and after leading (the store keeps them)."""
+        settings = self.ctx.settings.orchestrator
         # The first cooldown of a gateway whose push timed out: what one distribution has
         # just spent on it (every attempt's ack timeout and retry delay).
         attempt_ms = settings.distribution_ack_timeout_ms + settings.distribution_retry_delay_ms
         self.reconcile = ReconcileDriver(
             self,
-            bus=context.bus,
+            bus=self.ctx.bus,
             me=self.actor_ref,
-            emit=context.emit,
-            clock=context.clock,
+            emit=self.ctx.emit,
+            clock=self.ctx.clock,
             auto=settings.ha_enabled,
             cooldown_s=(settings.distribution_retry_count + 1) * attempt_ms / 1000,
         )
@@ -196,13 +205,22 @@ class DistributorActor(SafeActor):
         self.running: dict[str, pykka.ActorRef[Any]] = {}
         self.restarts: Counter[str] = Counter()  # per distribution id
         self.statuses: Counter[DistributionStatus] = Counter()
-        self.durations = HistogramRecorder(DISTRIBUTION_BOUNDS_S)  # of those ended since start
-        self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
-        self._subscriptions: list[SubscriptionHandle] = []
 
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
+        if self.ctx.lease.still_leader():
+            self._lead()
+        self._subscriptions = self.serve("distributor", self.ctx)
+
+    def on_stop(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.unsubscribe()
+        stop_all(self.running.values(), timeout=5)
+
+    def _lead(self) -> None:
+        """This replica leads: the store's distributions loaded, the unfinished resumed."""
+        self.leading = True
         self._load()
         # What a stop cut short: a rolled back distribution not ended yet, a completed
         # rollout whose desired state is not stored.
@@ -211,14 +229,27 @@ class DistributorActor(SafeActor):
                 self._rollback_ended(self.records[record.rollbacks[-1]])
         self._desire_completed_rollouts()
         self._prune()
-        self._subscriptions = self.serve("distributor", self.ctx)
         for config_type in list(self.queues):
             self._start_head(config_type)
 
-    def on_stop(self) -> None:
-        for subscription in self._subscriptions:
-            subscription.unsubscribe()
+    def _set_leading(self, leading: bool) -> None:
+        if leading and not self.leading:
+            self._lead()
+        elif not leading and self.leading:
+            self._stand_by()
+        if self.supervisor is not None:
+            self.supervisor.tell(self._counts())
+
+    def _stand_by(self) -> None:
+        """Another replica leads (or will): the running distributions stop where their
+        store has them, for the leader to resume; nothing is marked failed."""
+        self.leading = False
         stop_all(self.running.values(), timeout=5)
+        log.warning(
+            "this replica stopped leading: %d running distributions left to the leader",
+            len(self.running),
+        )
+        self._forget()
 
     def _load(self) -> None:
         """Records, version counters and desired state from the store; unfinished
@@ -257,7 +288,18 @@ class DistributorActor(SafeActor):
     # Messages ----------------------------------------------------------------------------
 
     def handle(self, message: Any) -> Any:
+        if not self.leading and not isinstance(message, Leading | ReportTo):
+            # A standby holds no distributions: the leader acts on these (requests reach
+            # it forwarded; one that slipped in during a change of leader is refused).
+            if isinstance(message, Request):
+                reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+            return None
         match message:
+            case Leading(leading=leading):
+                self._set_leading(leading)
+            case ReportTo(supervisor=supervisor):
+                self.supervisor = supervisor
+                supervisor.tell(self._counts())
             case Request(endpoint=api.DISTRIBUTE, body=DistributeRequest() as request, reply=reply):
                 self._distribute(request, reply)
             case Request(
@@ -311,9 +353,6 @@ class DistributorActor(SafeActor):
                 self._move_version(dist_id, held, content)
             case ChildDied(kind="DistributionActor", key=dist_id, error=error):
                 self._restart(dist_id, error)
-            case ReportTo(supervisor=supervisor):
-                self.supervisor = supervisor
-                supervisor.tell(self._counts())
             case _:
                 return super().handle(message)
         return None

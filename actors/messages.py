@@ -102,6 +102,13 @@ class Request(_Message, frozen=True, gc=False):
     reply: str
 
 
+class Leading(_Message, frozen=True):
+    """app.py -> Distributor, at each change of this replica's role: only the leader
+    loads, runs and resumes distributions and reconciles (issue 16)."""
+
+    leading: bool
+
+
 class ReportTo(_Message, frozen=True):
     """app.py -> LoadBalancer and Distributor: tell `supervisor` what `P.api.status`
     reports (LoadBalancingInForce, DistributionCounts), now and on every change."""

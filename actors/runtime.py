@@ -23,6 +23,7 @@ Start: `start()` after the bus is connected; stop: `stop()` after every actor ha
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from actors.dispatch import Dispatcher, OnLoop, OwnThread, Pool
@@ -60,7 +61,13 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def start(cls, bus: Bus, subjects: Subjects, health: HealthSettings) -> Runtime:
+    def start(
+        cls,
+        bus: Bus,
+        subjects: Subjects,
+        health: HealthSettings,
+        leading: Callable[[], bool] = lambda: True,
+    ) -> Runtime:
         timers = TimerWheel(bus.loop)
         timers.start()
         interval_s = health.heartbeat_interval_ms / 1000
@@ -76,7 +83,13 @@ class Runtime:
             interval = health.probe_interval_ms / 1000
             timeout = min(health.probe_timeout_ms / 1000, interval)
             prober = Prober(
-                bus, timers, subjects, interval_s=interval, timeout_s=timeout, lag=awareness.lag_s
+                bus,
+                timers,
+                subjects,
+                interval_s=interval,
+                timeout_s=timeout,
+                lag=awareness.lag_s,
+                leading=leading,
             )
             prober.start()
         gateways = Pool("gateway-actors", workers=GATEWAY_WORKERS, loop=bus.loop)

@@ -282,6 +282,10 @@ class SupervisorActor(SafeActor):
                     self.ctx.emit(Alarm(kind="mass_failure", message=text, active=frozen))
 
     def _redirect(self, redirect: Redirect) -> None:
+        if not self.ctx.lease.still_leader():
+            # Every replica plans the same failovers from the same heartbeats; only the
+            # leader tells the clients (and records it), so they hear each one once.
+            return
         source, target, reason = redirect.from_gateway, redirect.to_gateway, redirect.reason
         notice = RedirectNotice(from_=source, to=target, reason=reason)
         self.bus.publish(self.ctx.subjects.redirect(redirect.subject_id), notice)
@@ -466,6 +470,7 @@ def status_reply(
         probes = prober.stats()._asdict()
         shed["probes"] = probes["shed"]
     counts = view.distributions
+    leadership = ctx.lease.view
     return StatusReply(
         active_distributions=counts.active,
         successfully_completed_distributions=counts.completed,
@@ -495,4 +500,8 @@ def status_reply(
         health=health,
         permission_violations=ctx.violations.counts(),
         test_credentials=ctx.test_credentials(),
+        replica_id=ctx.lease.replica_id,
+        role=leadership.role,
+        leader=leadership.leader,
+        epoch=leadership.epoch,
     )

@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bus.leadership import Lease
 from bus.log_throttle import LogThrottle
 from bus.micro import ERROR_CODE_HEADER, ERROR_HEADER, MicroService
-from bus.runtime import Bus, Inbound, SubscriptionHandle
+from bus.runtime import Bus, Inbound, Reply, RequestFailed, SubscriptionHandle
 from bus.subjects import Subjects
 from schemas.api import HTTP_STATUS, ErrorCode, ErrorDetail, ErrorReply
 from schemas.codec import decode, encode, error_cause
@@ -28,6 +29,12 @@ T = TypeVar("T", bound=msgspec.Struct)
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 LOG_EVERY_S = 1.0
+# A request only the leader may answer, on a replica that does not lead (issue 16).
+FORWARD_TIMEOUT_S = 5.0
+RETRY_AFTER_MS = 1000
+NO_LEADER = "no replica leads right now (a take-over is under way); retry"
+NOT_LEADING = "this replica no longer leads; retry"
+Handler = Callable[[Inbound], None]
 
 
 class Tally:
@@ -84,14 +91,17 @@ def decode_from_gateway(msg: Inbound, kind: type[G], gateway_id: str, drops: Dro
     return body
 
 
-def error_body(code: ErrorCode, message: str) -> bytes:
-    return encode(ErrorReply(error=ErrorDetail(code=code, message=message)))
+def error_body(code: ErrorCode, message: str, retry_after_ms: int | None = None) -> bytes:
+    detail = ErrorDetail(code=code, message=message, retry_after_ms=retry_after_ms)
+    return encode(ErrorReply(error=detail))
 
 
-def reply_error(bus: Bus, reply: str, code: ErrorCode, message: str) -> None:
+def reply_error(
+    bus: Bus, reply: str, code: ErrorCode, message: str, retry_after_ms: int | None = None
+) -> None:
     """Sends an error reply; also adds the NATS micro error headers for micro-aware clients."""
     headers = {ERROR_CODE_HEADER: str(HTTP_STATUS[code]), ERROR_HEADER: message[:200]}
-    bus.publish(reply, error_body(code, message), headers=headers)
+    bus.publish(reply, error_body(code, message, retry_after_ms), headers=headers)
 
 
 def request_handler(
@@ -125,19 +135,71 @@ def serve(
     on_request: Callable[[Endpoint[msgspec.Struct, msgspec.Struct], msgspec.Struct, str], object],
     drops: Drops,
     service: MicroService,
+    lease: Lease | None = None,
 ) -> list[SubscriptionHandle]:
     """Subscribes to each endpoint's `P.api.<name>` in the API queue group; a request that
     decodes is handed to `on_request(endpoint, request, reply_subject)` (on the loop).
     `service` times each request from its arrival here to its reply (`bus` must be the
-    bus it was started on)."""
+    bus it was started on). With a `lease`, what only the leader may do (`needs_leader`)
+    is forwarded to the leading replica when this one does not lead."""
     handles = []
     for endpoint in endpoints:
 
         def on_body(request: msgspec.Struct, reply: str, endpoint: Any = endpoint) -> None:
             on_request(endpoint, request, reply)
 
-        handler = service.timed(
-            endpoint.name, request_handler(bus, endpoint.request, on_body, drops)
-        )
-        handles.append(bus.subscribe(subjects.api(endpoint.name), handler, queue=API_QUEUE))
+        handler = request_handler(bus, endpoint.request, on_body, drops)
+        if lease is not None and needs_leader(endpoint):
+            own = subjects.replica_api(lease.replica_id, endpoint.name)
+            handles.append(bus.subscribe(own, _while_leading(bus, lease, handler)))
+            handler = _forwarding(bus, subjects, lease, endpoint.name, handler)
+        timed = service.timed(endpoint.name, handler)
+        handles.append(bus.subscribe(subjects.api(endpoint.name), timed, queue=API_QUEUE))
     return handles
+
+
+def needs_leader(endpoint: Endpoint[msgspec.Struct, msgspec.Struct]) -> bool:
+    """Writes, and whatever the distributor answers: only the leader holds the
+    distributions (a standby has not loaded them)."""
+    return endpoint.writes or endpoint.served_by == "distributor"
+
+
+def _while_leading(bus: Bus, lease: Lease, handler: Handler) -> Handler:
+    """This replica's own subject for forwarded requests: served only while it leads."""
+
+    def handle(msg: Inbound) -> None:
+        if lease.still_leader():
+            handler(msg)
+        elif msg.reply:
+            reply_error(bus, msg.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+
+    return handle
+
+
+def _forwarding(bus: Bus, subjects: Subjects, lease: Lease, name: str, handler: Handler) -> Handler:
+    """Serves the request while this replica leads; else hands it to the leader and relays
+    its answer, or answers `unavailable` at once while no leader is known."""
+
+    def handle(msg: Inbound) -> None:
+        if lease.still_leader():
+            handler(msg)
+            return
+        reply = msg.reply
+        if not reply:
+            handler(msg)  # dropped and counted there
+            return
+        leader = lease.view.leader
+        if leader is None or leader == lease.replica_id:
+            reply_error(bus, reply, "unavailable", NO_LEADER, RETRY_AFTER_MS)
+            return
+
+        def relay(result: Reply | RequestFailed) -> None:
+            if isinstance(result, Reply):
+                bus.publish(reply, result.data, headers=result.headers)
+            else:
+                why = f"the leading replica did not answer ({result.reason.partition(':')[0]})"
+                reply_error(bus, reply, "unavailable", f"{why}; retry", RETRY_AFTER_MS)
+
+        bus.request(subjects.replica_api(leader, name), msg.data, FORWARD_TIMEOUT_S, relay)
+
+    return handle

@@ -119,6 +119,7 @@ class Prober:
         step_s: float | None = None,
         shed_lag_s: float = 0.1,
         lag: Callable[[], float] | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("interval_s and timeout_s must be positive")
@@ -154,6 +155,8 @@ class Prober:
         self.shed_lag_s = shed_lag_s
         # How far behind gatefleet is (default: the wheel's loop lag).
         self.lag = lag or (lambda: wheel.lag_s)
+        # Only the leading replica probes: a gateway is pinged once, not once per replica.
+        self.leading = leading
 
     # Life cycle (not on the loop) ---------------------------------------------------------
 
@@ -299,6 +302,7 @@ class Prober:
         tokens = self._tokens
         pending = self._pending
         taken = 0
+        leading = self.leading()
         while due and due[0][0] <= now:
             at, _, gateway = due[0]
             if not gateway.enrolled:
@@ -308,7 +312,7 @@ class Prober:
             while at <= now:  # rounds missed in a stall are skipped, not sent in a burst
                 at += interval
             heapq.heapreplace(due, (at, next(self._seq), gateway))
-            if gateway.paused:
+            if gateway.paused or not leading:
                 continue
             if gateway.in_flight is not None:
                 self.skipped += 1

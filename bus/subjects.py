@@ -59,6 +59,11 @@ class Subjects:
         """`P.api.<name>`, e.g. api("select-gateway")."""
         return f"{self.prefix}.api.{name}"
 
+    def replica_api(self, replica_id: str, name: str) -> str:
+        """`P.replica.<replica_id>.api.<name>`: one replica's own endpoint, where the
+        other replicas forward what only the leader may do."""
+        return f"{self.prefix}.replica.{replica_id}.api.{name}"
+
     @staticmethod
     def service_discovery(verb: str, name: str, service_id: str) -> list[str]:
         """The NATS micro `$SRV.<verb>` subjects a service answers: for every service, for

@@ -22,18 +22,18 @@ from typing import Any, TypeVar
 
 import pykka
 
-from actors.base import PING
+from actors.base import PING, safe_tell
 from actors.context import Context
 from actors.distributor import DistributorActor
 from actors.load_balancer import LoadBalancerActor
-from actors.messages import ReportTo
+from actors.messages import Leading, ReportTo
 from actors.routes import GatewayRoutes
 from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
 from bus.connection import ClientAuth
 from bus.edge import Drops, Tally
 from bus.jetstream import JetStream
-from bus.leadership import Lease, LeaseTerms
+from bus.leadership import Lease, LeaseTerms, LeaseView
 from bus.lease import LeaseKeeper, lease_bucket
 from bus.outbox import EventOutbox, unclean_stop_gap
 from bus.runtime import Bus
@@ -43,6 +43,7 @@ from gatefleet.config import URL_FILE, resolve_data_dir, resolve_replica_id
 from gatefleet.security.access import own_auth, server_tls
 from gatefleet.security.authority import Authority
 from gatefleet.security.violations import ViolationWatch
+from schemas.events import Event, OrchestratorLeader
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ SERVER_RESTART_WINDOW_S = 300.0
 # How long start waits to learn who leads: a lone replica takes a free lease in a few ms;
 # one held by a replica that died is waited out in the background, as a standby.
 FIRST_LEADER_WAIT_S = 2.0
+# The events only the leading replica records (by type prefix).
+LEADER_EVENTS = ("gateway.", "ha.", "distribution.")
 
 
 class Orchestrator:
@@ -135,13 +138,16 @@ class Orchestrator:
         events.start()
         self.events = events  # from here on, a stop flushes it
         self._check_last_run(jetstream, events)
-        self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health)
+        self._report_leadership(events.emit)
+        self.runtime = Runtime.start(
+            self.bus, self.subjects, self.settings.health, leading=self.lease.still_leader
+        )
         context = Context(
             bus=self.bus,
             runtime=self.runtime,
             subjects=self.subjects,
             settings=self.settings,
-            emit=events.emit,
+            emit=self._leader_filter(events.emit),
             events_lost=lambda: events.lost,
             drops=self.drops,
             buckets=jetstream.buckets,
@@ -167,6 +173,11 @@ class Orchestrator:
         # What the status reply reports, from the actors that own it.
         load_balancer.tell(ReportTo(supervisor=supervisor))
         distributor.tell(ReportTo(supervisor=supervisor))
+        # Only the leader distributes: the distributor hears each change of role (and the
+        # role now, in case it changed while the distributor started).
+        lease = self.lease
+        lease.on_change(lambda view: safe_tell(distributor, Leading(leading=view.role == "leader")))
+        safe_tell(distributor, Leading(leading=lease.view.role == "leader"))
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
 
@@ -184,6 +195,42 @@ class Orchestrator:
         self._lease_keeper.start()
         if not known.wait(FIRST_LEADER_WAIT_S):
             log.info("replica %s: no leader known yet; acting as a standby", lease.replica_id)
+
+    def _leader_filter(self, emit: Callable[[Event], None]) -> Callable[[Event], None]:
+        """One voice per fact: of what every replica sees, only the leader records the
+        gateway.*, ha.* and distribution.* events, so the audit trail holds each once."""
+        still_leader = self.lease.still_leader
+
+        def leader_only(event: Event) -> None:
+            if event.type.startswith(LEADER_EVENTS) and not still_leader():
+                return
+            emit(event)
+
+        return leader_only
+
+    def _report_leadership(self, emit: Callable[[Event], None]) -> None:
+        """An `orchestrator.leader` event now and at each change of this replica's view."""
+        lease = self.lease
+
+        def report(view: LeaseView) -> None:
+            log.info(
+                "replica %s is %s (leader %s, epoch %s)",
+                lease.replica_id,
+                view.role,
+                view.leader or "unknown",
+                view.epoch,
+            )
+            emit(
+                OrchestratorLeader(
+                    replica_id=lease.replica_id,
+                    role=view.role,
+                    leader=view.leader,
+                    epoch=view.epoch,
+                )
+            )
+
+        lease.on_change(report)
+        report(lease.view)
 
     @staticmethod
     def _check_last_run(jetstream: JetStream, events: EventOutbox) -> None:

@@ -68,6 +68,8 @@ class _Body(msgspec.Struct, frozen=True, kw_only=True):
 class ErrorDetail(_Body, frozen=True, gc=False):
     code: ErrorCode
     message: str
+    # Addition: when to try again, for an `unavailable` that will pass (no leader yet).
+    retry_after_ms: int | None = None
 
 
 class ErrorReply(_Body, frozen=True, gc=False):
@@ -157,6 +159,12 @@ class StatusReply(_Body, frozen=True):
     # Config type -> the scheduled or paused distribution that holds its queue (later
     # distributions of that type wait behind it).
     distribution_blockers: dict[str, str] = msgspec.field(default_factory=dict)
+    # The replica that answered (issue 16): its id, its role ("leader" or "standby"), the
+    # leading replica's id (null while none is known) and the leader's epoch.
+    replica_id: str | None = None
+    role: str | None = None
+    leader: str | None = None
+    epoch: int | None = None
 
 
 class LoadBalancingConfig(_Body, frozen=True, gc=False):

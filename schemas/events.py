@@ -523,6 +523,17 @@ class OrchestratorStopped(_Event, frozen=True, tag="orchestrator.stopped"):
     events_lost: int
 
 
+class OrchestratorLeader(_Event, frozen=True, tag="orchestrator.leader"):
+    """A replica's view of the leadership changed (issue 16): `replica_id` is the
+    replica reporting, `role` its own role now, `leader` the leading replica (null while
+    none is known) and `epoch` the leader's epoch."""
+
+    replica_id: str
+    role: Literal["leader", "standby"]
+    leader: str | None
+    epoch: int | None
+
+
 class AuditGap(_Event, frozen=True, tag="audit.gap"):
     """Events the audit trail may be missing, between `since` and `until` (event times).
 
@@ -557,6 +568,7 @@ class SecurityViolation(_Event, frozen=True, tag="security.violation"):
 Event = (
     OrchestratorStarted
     | OrchestratorStopped
+    | OrchestratorLeader
     | AuditGap
     | GatewayRegistered
     | GatewayStatusChanged
