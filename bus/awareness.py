@@ -19,21 +19,29 @@ the monotonic time before which no missed heartbeat may count.
 
 The floor never moves back.
 
-The rule a health tracker must apply
-------------------------------------
-Count missed intervals from ``max(last_seen, detection_floor)``, never from ``last_seen``
-alone, and count nothing while suspended (``Awareness.counting_from`` and
-``LocalAwareness.counting_from`` do both; the latter also treats a loop that has not ticked
-for longer than the lag threshold as suspended, because a stalled loop cannot report its
-own lag until it runs again). With actors/health.py's rule (down at the first check at or
-after ``(fall + 1/2) x interval`` past the reference) a gateway that really stopped is then
-declared down within ``reconnect_grace_s + (fall + 1) x interval`` of gatefleet seeing again,
-and a gateway that kept beating through our outage is never declared down by it.
+Where a check is dated
+----------------------
+A check counts missed intervals from ``max(last_seen, detection_floor)``. It is dated on
+the loop, when it falls due (`now_if_seeing`): the date if gatefleet sees then, else None
+(the check is parked until it sees again, and dated then; a stalled loop dates nothing).
+The gateway actor's worker runs it later, perhaps much later under load: it first takes
+every heartbeat waiting for it, which includes every one read before the date (the edge
+hands them over on the same loop, before the check was dated), and counts the misses at
+that date. So a backlog in the worker pool neither hides a heartbeat from a check nor
+turns a check dated while we saw into one we must discard because we were suspended by
+the time it ran (with suspensions every few seconds, that could postpone detection
+forever).
+
+With actors/health.py's rule (down at the first check at or after ``(fall + 1/2) x
+interval`` past the reference) a gateway that really stopped is then declared down within
+``reconnect_grace_s + (fall + 1) x interval`` of gatefleet seeing again (plus however long
+the pool takes to run the check), and a gateway that kept beating through our outage is
+never declared down by it.
 
 Threading: one owner, on the bus loop (`on_lag`, `on_disconnected`, `on_reconnected`,
-listeners). Any thread reads `snapshot` (an immutable `Awareness`, replaced whole at each
-change), `counting_from`, `status()`. `watch(bus, wheel)` builds one and wires it to the
-wheel's lag measure and the bus's connection callbacks.
+`now_if_seeing`, listeners). Any thread reads `snapshot` (an immutable `Awareness`,
+replaced whole at each change), `status()`, and may `park`. `watch(bus, wheel)` builds one
+and wires it to the wheel's lag measure and the bus's connection callbacks.
 """
 
 from __future__ import annotations
@@ -65,13 +73,6 @@ class Awareness(NamedTuple):
     reason: str  # why suspended ("disconnected", "loop lag 312 ms", both); "" when seeing
     suspended_total_s: float  # time spent suspended in finished suspensions
     suspensions: int  # how many suspensions began (the current one included)
-
-    def counting_from(self, last_seen: float) -> float | None:
-        """Where missed intervals start for a gateway last seen at `last_seen`: None while
-        suspended (count nothing), else ``max(last_seen, detection_floor)``."""
-        if self.suspended:
-            return None
-        return max(last_seen, self.detection_floor)
 
     def suspended_s(self, now: float) -> float:
         """Total time suspended, the current suspension up to `now` included."""
@@ -124,7 +125,6 @@ class LocalAwareness:
         self._wheel: TimerWheel | None = None
         self._inbound: InboundLag | None = None
         self._parked: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
-        self._last_tick: float | None = None  # when the wheel last reported (None: no wheel)
 
     # Readers, any thread ----------------------------------------------------------------
 
@@ -135,17 +135,6 @@ class LocalAwareness:
     @property
     def suspended(self) -> bool:
         return self._snapshot.suspended
-
-    def counting_from(self, last_seen: float, now: float | None = None) -> float | None:
-        """`Awareness.counting_from`, also None while the loop has not ticked for longer
-        than the lag threshold (it is stalled right now, and cannot say so yet)."""
-        snapshot = self._snapshot
-        last_tick = self._last_tick
-        if last_tick is not None:
-            now = self.clock() if now is None else now
-            if now - last_tick > self.lag_threshold_s:
-                return None
-        return snapshot.counting_from(last_seen)
 
     def status(self, now: float | None = None) -> AwarenessStatus:
         now = self.clock() if now is None else now
@@ -164,7 +153,7 @@ class LocalAwareness:
         """Calls `fn(*args)` on the loop when gatefleet sees again, instead of a check
         that would find it still suspended: a fleet's detection timers stay parked, not
         polling, through a suspension. Any thread. False if it is not suspended (any
-        more): the caller checks now itself."""
+        more): the caller plans a check now itself."""
         self._parked.append((fn, args))
         return self._snapshot.suspended
 
@@ -193,10 +182,15 @@ class LocalAwareness:
 
     # The owner, on the loop -------------------------------------------------------------
 
+    def now_if_seeing(self) -> float | None:
+        """The date of a check that falls due now: now if gatefleet sees, else None. On
+        the loop only (at a wheel tick, after its lag was heard, or when parked calls
+        run), where the snapshot is current: a stalled loop dates nothing."""
+        return None if self._snapshot.suspended else self.clock()
+
     def on_lag(self, now: float, lag_s: float) -> None:
         """Each wheel tick: suspended while the lag exceeds the threshold. The suspension
         is dated from when the loop stopped seeing (`now - lag_s`)."""
-        self._last_tick = now
         self.shedding = lag_s > self.shed_lag_s
         if lag_s > self.lag_threshold_s:
             self._suspend(LAG, f"loop lag {lag_s * 1000:.0f} ms", now - lag_s)
