@@ -77,6 +77,58 @@ def test_a_stalled_loop_marks_nobody_down_and_still_detects_a_real_stop(
     assert downs(event_log, mark) == ["gw-4"]
 
 
+@pytest.mark.slow
+def test_short_stalls_neither_hide_a_stopped_gateway_nor_accuse_live_ones(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+) -> None:
+    """gatefleet's loop stalls for 0.3 s, with 0.3 s between stalls, 8 times. Heartbeats
+    every 0.2 s: each stall is longer than the lag threshold (0.1 s), shorter than the
+    shedding one (0.4 s) and than (fall + 1/2) x interval (0.7 s). A gateway that stopped
+    just before is declared down during the series, in a window where gatefleet sees: a
+    mere lag restarts nobody's detection clock. Those that kept beating, whose heartbeats
+    were only delayed, are not declared down."""
+    orchestrator = start_orchestrator(make_settings(health={**FAST, "heartbeat_interval_ms": 200}))
+    for n in range(5):
+        fleet.add(f"gw-{n}", interval_s=0.2)
+    wait_until(lambda: fleet.status().gateways_healthy == 5, what="5 healthy")
+    bus = orchestrator.bus
+    assert bus is not None
+
+    def stall(done: threading.Event) -> None:  # on gatefleet's loop
+        time.sleep(0.3)
+        done.set()
+
+    fleet.stop("gw-4", goodbye=False)
+    series_over = threading.Event()
+
+    def stalls() -> None:
+        for _ in range(8):
+            done = threading.Event()
+            bus.call_soon(stall, done)
+            done.wait(5.0)
+            time.sleep(0.3)  # a window to see in: the input, nothing to wait on
+        series_over.set()
+
+    staller = threading.Thread(target=stalls, name="staller")
+    staller.start()
+    try:
+        event_log.wait_for(
+            lambda e: isinstance(e, GatewayDown) and e.gateway_id == "gw-4", timeout=10
+        )
+        assert not series_over.is_set(), "detected only once the stalls were over"
+    finally:
+        staller.join()
+    status = fleet.status()
+    assert status.detection_suspended_s > 1.0
+    # Given every chance to accuse: several intervals after the last stall.
+    beats = fleet.agents["gw-0"].beats_sent
+    wait_until(lambda: fleet.agents["gw-0"].beats_sent > beats + 5, what="beats after the stalls")
+    assert downs(event_log) == ["gw-4"]
+
+
 def test_a_restarted_nats_server_loses_no_gateway_and_status_answers(
     tmp_path: Path,
     make_settings: SettingsFactory,
