@@ -45,6 +45,7 @@ from actors.messages import (
     SetThreshold,
     Tick,
 )
+from bus.awareness import LocalAwareness
 from bus.log_throttle import held_back
 from bus.timers import TimerHandle
 from schemas.events import (
@@ -129,13 +130,13 @@ class GatewayActor(SafeActor):
         match message:
             case HeartbeatsPending():
                 self._on_heartbeats()
-            case Tick(generation=generation):
+            case Tick(generation=generation, seen_at=seen_at):
                 if generation == self._tick_generation:
                     self._tick = self._tick_at = None
                     try:
                         if len(self._pending):  # heartbeats that beat the tick count
                             self._on_heartbeats()
-                        self._check()
+                        self._check(seen_at)
                     finally:  # whatever happened, detection goes on (or is parked)
                         if self._tick_at is None:
                             self._schedule_tick()
@@ -290,20 +291,20 @@ class GatewayActor(SafeActor):
             safe_tell(self.supervisor, update)
             safe_tell(self.distributor, update)
 
-    def _check(self) -> None:
-        """A tick: count missed heartbeats, unless gatefleet could not see them (local
-        health awareness: disconnected or lagging); then check again later, from the
-        detection floor it sets when it sees again."""
+    def _check(self, seen_at: float | None) -> None:
+        """A tick: count missed heartbeats at `seen_at`, when it fell due, unless gatefleet
+        could not see then (local health awareness: disconnected or lagging; the date is
+        the loop's, however late this runs); then check again later."""
         awareness = self.ctx.runtime.awareness
-        since = awareness.counting_from(self.tracker.last_seen or 0.0)
-        if since is None:
+        if seen_at is None:
             # Parked until gatefleet sees again (a fleet's timers polling through a long
             # suspension would add to the very overload that caused it).
-            tick = self._replace_tick(math.inf)
-            if not awareness.park(safe_tell, self.actor_ref, tick):
-                self._arm(self.ctx.clock() + self.tracker.interval / 2)  # a stall, or over
+            generation = self._replace_tick(math.inf)
+            if not awareness.park(_tell_tick, self.actor_ref, generation, awareness):
+                self._arm(self.ctx.clock())  # it sees again already
             return
-        self._apply(self.tracker.on_tick(self.ctx.clock(), since=since))
+        since = awareness.snapshot.detection_floor
+        self._apply(self.tracker.on_tick(seen_at, since=since))
         self._schedule_tick()
 
     def _schedule_tick(self, *, rearm: bool = False) -> None:
@@ -318,15 +319,25 @@ class GatewayActor(SafeActor):
         self._arm(at)
 
     def _arm(self, at: float) -> None:
-        tick = self._replace_tick(at)
+        generation = self._replace_tick(at)
         delay = max(0.0, at - self.ctx.clock())
-        self._tick = self.ctx.runtime.timers.schedule(delay, safe_tell, self.actor_ref, tick)
+        runtime = self.ctx.runtime
+        self._tick = runtime.timers.schedule(
+            delay, _tell_tick, self.actor_ref, generation, runtime.awareness
+        )
 
-    def _replace_tick(self, at: float) -> Tick:
-        """Cancels the planned check; the Tick of the one due `at` (older ones are ignored)."""
+    def _replace_tick(self, at: float) -> int:
+        """Cancels the planned check; the generation of the one due `at` (Ticks of older
+        ones are ignored)."""
         if self._tick is not None:
             self._tick.cancel()
         self._tick = None
         self._tick_at = at
         self._tick_generation += 1
-        return Tick(generation=self._tick_generation)
+        return self._tick_generation
+
+
+def _tell_tick(ref: pykka.ActorRef[Any], generation: int, awareness: LocalAwareness) -> None:
+    """On the loop, when a check falls due (or, parked, when gatefleet sees again): its
+    Tick, dated now if gatefleet sees now."""
+    safe_tell(ref, Tick(generation=generation, seen_at=awareness.now_if_seeing()))

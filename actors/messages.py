@@ -68,6 +68,9 @@ class Tick(_Message, frozen=True):
     """A timer fired; `generation` lets an actor ignore timers it has replaced."""
 
     generation: int
+    # A GatewayActor's staleness check: when it fell due, if gatefleet could see then
+    # (None: it could not; bus/awareness.py, "Where a check is dated").
+    seen_at: float | None = None
 
 
 class ProbeAnswered(_Message, frozen=True):

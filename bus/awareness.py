@@ -5,40 +5,73 @@ detector counts a missed heartbeat against a gateway, it asks whether *we* were 
 position to see that heartbeat. We were not while
 
 - our NATS connection was down (nothing reached us), or
-- the bus loop lagged by more than `lag_threshold_s` (default: half the heartbeat
-  interval): heartbeats sat unread in the socket while timers that check for them were
-  due.
+- we lagged by more than `lag_threshold_s` (default: half the heartbeat interval): the
+  worse of the loop's own lag (the timer wheel's) and the round trip of a message we send
+  ourselves through the server (`InboundLag`): heartbeats sat unread while the timers
+  that check for them were due.
 
-During either, gatefleet is *suspended*. When it sees again it sets a *detection floor*:
-the monotonic time before which no missed heartbeat may count.
+During either, gatefleet is *suspended*: no check counts. It sees again when the cause is
+gone and, after a lag, once a round trip begun after the last lagging tick has come back
+within the threshold: that echo is read after everything the server queued for us before
+it, so the backlog the lag left in the socket and the server has been read too (the
+loop's own lag is back to nothing as soon as the loop runs again, long before that).
 
-- after a lag: `detection_floor = resume time`;
-- after a disconnect: `detection_floor = resume time + reconnect_grace_s` (default 5 s),
-  because the gateways' own clients were probably cut off by the same event and reconnect
-  on their own schedule.
+The detection floor
+-------------------
+When it sees again it may set a *detection floor*, the monotonic time before which no
+missed heartbeat counts; it never moves back. A check counts missed intervals from
+``max(last_seen, detection_floor)``.
 
-The floor never moves back.
+- after a disconnect: `resume time + reconnect_grace_s` (default 5 s): heartbeats sent
+  meanwhile were lost, and the gateways' own clients were probably cut off by the same
+  event and reconnect on their own schedule;
+- after a lag during which the edge shed heartbeats unread (`shedding`: behind by more
+  than two intervals, see actors/routes.py): `resume time`, since heartbeats were lost
+  (the edge's other shedding, the oldest of one gateway's waiting heartbeats, keeps the
+  newest: a check loses nothing by it);
+- after any other lag: the floor does not move. Heartbeats were only delayed, not lost,
+  and once we see again they have all been read, up to what is still in flight within
+  the threshold. That is the same delay a check tolerates at any time while we see:
+  actors/health.py declares a gateway down at ``(fall + 1/2) x interval`` past its last
+  heartbeat, so a live gateway survives any delay below ``(fall - 1/2) x interval``,
+  and what a seeing gatefleet has not read yet reached the server at most about three
+  thresholds plus a ping period (100 ms) ago, 1.6 s with the defaults against 2.5 s
+  (and much less in practice: that is a lag, a round trip and a ping's lateness all at
+  the threshold). A `lag_suspend_share` near ``(fall - 1/2) / 3`` would void that, with
+  or without a floor, and so would a gateway's own delay in sending.
+  Moving the floor at every lag as well would buy nothing more and cost
+  detection: each short suspension restarted every gateway's clock, so with lag
+  hovering around the threshold a gateway that had really stopped would need ``(fall +
+  1/2) x interval`` of *uninterrupted* seeing, and could go undetected for minutes.
 
-The rule a health tracker must apply
-------------------------------------
-Count missed intervals from ``max(last_seen, detection_floor)``, never from ``last_seen``
-alone, and count nothing while suspended (``Awareness.counting_from`` and
-``LocalAwareness.counting_from`` do both; the latter also treats a loop that has not ticked
-for longer than the lag threshold as suspended, because a stalled loop cannot report its
-own lag until it runs again). With actors/health.py's rule (down at the first check at or
-after ``(fall + 1/2) x interval`` past the reference) a gateway that really stopped is then
-declared down within ``reconnect_grace_s + (fall + 1) x interval`` of gatefleet seeing again,
-and a gateway that kept beating through our outage is never declared down by it.
+Where a check is dated
+----------------------
+A check is dated on the loop, when it falls due (`now_if_seeing`): the date if gatefleet
+sees then, else None (the check is parked until it sees again, and dated then). The
+gateway actor's worker runs it later, perhaps much later under load: it first takes every
+heartbeat waiting for it, which includes every one read before the date (the edge hands
+them over on the same loop, before the check was dated), and counts the misses at that
+date. So a backlog in the worker pool neither hides a heartbeat from a check nor turns a
+check dated while we saw into one we must discard because we were suspended by the time
+it ran (with suspensions every few seconds, that could postpone detection forever).
+
+The guarantee: a gateway that really stopped is declared down by the first check dated
+while gatefleet sees, at or after ``max(last heartbeat, detection_floor) + (fall + 1/2) x
+interval``: within ``reconnect_grace_s + (fall + 1) x interval`` of seeing again after a
+disconnect, and at once on seeing again after a mere lag if it was overdue (plus however
+long the pool takes to run the check). A gateway that kept beating through our outage is
+not declared down by it.
 
 Threading: one owner, on the bus loop (`on_lag`, `on_disconnected`, `on_reconnected`,
-listeners). Any thread reads `snapshot` (an immutable `Awareness`, replaced whole at each
-change), `counting_from`, `status()`. `watch(bus, wheel)` builds one and wires it to the
-wheel's lag measure and the bus's connection callbacks.
+`now_if_seeing`, listeners). Any thread reads `snapshot` (an immutable `Awareness`,
+replaced whole at each change), `status()`, and may `park`. `watch(bus, wheel)` builds one
+and wires it to the wheel's lag measure and the bus's connection callbacks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,13 +98,6 @@ class Awareness(NamedTuple):
     reason: str  # why suspended ("disconnected", "loop lag 312 ms", both); "" when seeing
     suspended_total_s: float  # time spent suspended in finished suspensions
     suspensions: int  # how many suspensions began (the current one included)
-
-    def counting_from(self, last_seen: float) -> float | None:
-        """Where missed intervals start for a gateway last seen at `last_seen`: None while
-        suspended (count nothing), else ``max(last_seen, detection_floor)``."""
-        if self.suspended:
-            return None
-        return max(last_seen, self.detection_floor)
 
     def suspended_s(self, now: float) -> float:
         """Total time suspended, the current suspension up to `now` included."""
@@ -111,20 +137,23 @@ class LocalAwareness:
         self.reconnect_grace_s = reconnect_grace_s
         # Behind by more than two heartbeat intervals (a backlog, not a burst): the edge
         # drops heartbeats of known gateways unread rather than fall further behind
-        # until the server cuts the connection as a slow consumer. Misses do not count
-        # meanwhile (suspended), and probes were shed long before.
-        self.shed_lag_s = 2 * heartbeat_interval_s
+        # until the server cuts the connection as a slow consumer. Never below the
+        # threshold: heartbeats are lost only while suspended (and probes were shed long
+        # before).
+        self.shed_lag_s = max(2 * heartbeat_interval_s, self.lag_threshold_s)
         self.shedding = False
         self.clock = clock
         now = clock()
         self._snapshot = Awareness(False, now, now, "", 0.0, 0)
         self._causes: dict[str, str] = {}  # cause -> how it reads in `reason`
+        # What the suspension under way lost, which decides the floor at its end.
         self._disconnect_in_episode = False
+        self._shed_in_episode = False
+        self._lagging_at = -math.inf  # the last tick that measured a lag over the threshold
         self._listeners: list[Listener] = []
         self._wheel: TimerWheel | None = None
         self._inbound: InboundLag | None = None
         self._parked: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
-        self._last_tick: float | None = None  # when the wheel last reported (None: no wheel)
 
     # Readers, any thread ----------------------------------------------------------------
 
@@ -135,17 +164,6 @@ class LocalAwareness:
     @property
     def suspended(self) -> bool:
         return self._snapshot.suspended
-
-    def counting_from(self, last_seen: float, now: float | None = None) -> float | None:
-        """`Awareness.counting_from`, also None while the loop has not ticked for longer
-        than the lag threshold (it is stalled right now, and cannot say so yet)."""
-        snapshot = self._snapshot
-        last_tick = self._last_tick
-        if last_tick is not None:
-            now = self.clock() if now is None else now
-            if now - last_tick > self.lag_threshold_s:
-                return None
-        return snapshot.counting_from(last_seen)
 
     def status(self, now: float | None = None) -> AwarenessStatus:
         now = self.clock() if now is None else now
@@ -164,7 +182,7 @@ class LocalAwareness:
         """Calls `fn(*args)` on the loop when gatefleet sees again, instead of a check
         that would find it still suspended: a fleet's detection timers stay parked, not
         polling, through a suspension. Any thread. False if it is not suspended (any
-        more): the caller checks now itself."""
+        more): the caller plans a check now itself."""
         self._parked.append((fn, args))
         return self._snapshot.suspended
 
@@ -183,7 +201,9 @@ class LocalAwareness:
         if inbound is None:
             wheel.add_lag_listener(self.on_lag)
         else:
-            wheel.add_lag_listener(lambda now, lag: self.on_lag(now, max(lag, inbound.lag_s(now))))
+            wheel.add_lag_listener(
+                lambda now, lag: self.on_lag(now, max(lag, inbound.lag_s(now)), inbound.read_up_to)
+            )
 
     def lag_s(self) -> float:
         """The worse of the loop's lag and the inbound round trip, now (any thread)."""
@@ -193,14 +213,23 @@ class LocalAwareness:
 
     # The owner, on the loop -------------------------------------------------------------
 
-    def on_lag(self, now: float, lag_s: float) -> None:
-        """Each wheel tick: suspended while the lag exceeds the threshold. The suspension
-        is dated from when the loop stopped seeing (`now - lag_s`)."""
-        self._last_tick = now
+    def now_if_seeing(self) -> float | None:
+        """The date of a check that falls due now: now if gatefleet sees, else None. On
+        the loop only (at a wheel tick, after its lag was heard, or when parked calls
+        run), where the snapshot is current: a stalled loop dates nothing."""
+        return None if self._snapshot.suspended else self.clock()
+
+    def on_lag(self, now: float, lag_s: float, read_up_to: float = math.inf) -> None:
+        """Each wheel tick: suspended while the lag exceeds the threshold (dated from when
+        the loop stopped seeing, `now - lag_s`); seeing again once it no longer does and
+        everything sent to us since the last lagging tick has been read (`read_up_to`:
+        the inbound measure's, see `InboundLag`; inf without one)."""
         self.shedding = lag_s > self.shed_lag_s
+        self._shed_in_episode |= self.shedding
         if lag_s > self.lag_threshold_s:
+            self._lagging_at = now
             self._suspend(LAG, f"loop lag {lag_s * 1000:.0f} ms", now - lag_s)
-        elif LAG in self._causes:
+        elif LAG in self._causes and read_up_to >= self._lagging_at:
             self._resume(LAG, now)
 
     def on_disconnected(self) -> None:
@@ -240,16 +269,19 @@ class LocalAwareness:
         if causes:  # still suspended for another cause
             self._publish(old._replace(reason=", ".join(causes.values())))
             return
-        grace = self.reconnect_grace_s if self._disconnect_in_episode else 0.0
-        self._disconnect_in_episode = False
-        floor = max(old.detection_floor, now + grace)
+        floor = old.detection_floor  # a mere lag: heartbeats were delayed, not lost
+        if self._disconnect_in_episode:
+            floor = max(floor, now + self.reconnect_grace_s)
+        elif self._shed_in_episode:
+            floor = max(floor, now)
+        self._disconnect_in_episode = self._shed_in_episode = False
         duration = max(0.0, now - old.since)
         log.info(
             "local awareness: resumed after %.3f s suspended (%s); missed heartbeats count "
             "again in %.1f s",
             duration,
             old.reason,
-            floor - now,
+            max(0.0, floor - now),
         )
         self._publish(
             Awareness(
@@ -283,7 +315,9 @@ class InboundLag:
     """How long what reaches gatefleet waits unread: a message sent to ourselves through
     the server every `period_s`, timed on its way back. The loop's own lag says when the
     loop runs late; this also sees a backlog in the socket and the server's buffers (the
-    loop busy reading an endless stream of heartbeats is not late, but behind).
+    loop busy reading an endless stream of heartbeats is not late, but behind). The
+    server sends us what it has for us in order, so when an echo is read, everything the
+    server queued for us before that ping has been read too (`read_up_to`).
 
     On the loop only, but for `lag_s`, which any thread may read."""
 
@@ -292,6 +326,8 @@ class InboundLag:
         self.wheel = wheel
         self.period_s = period_s
         self.last_s = 0.0  # the last round trip measured
+        # When that round trip began: all the server queued for us before it has been read.
+        self.read_up_to = -math.inf
         self._sent_at: float | None = None  # the round trip under way, if any
         self._subject = ""
 
@@ -321,14 +357,16 @@ class InboundLag:
         self.wheel.schedule(self.period_s, self._ping)
 
     def reset(self) -> None:
-        """After a reconnect: a ping lost with the old connection is not a lag."""
+        """After a reconnect: a ping lost with the old connection is not a lag (and one
+        that came back on it says nothing of the new one)."""
         self._sent_at = None
         self.last_s = 0.0
+        self.read_up_to = -math.inf
 
     async def _on_echo(self, _msg: object) -> None:
         if self._sent_at is not None:
             self.last_s = self.wheel.clock() - self._sent_at
-            self._sent_at = None
+            self.read_up_to, self._sent_at = self._sent_at, None
 
 
 def watch(

@@ -22,6 +22,8 @@ import pytest
 import actors.base
 import actors.paging
 import actors.strategies
+from actors.dispatch import Pool, PooledActor
+from actors.runtime import GATEWAY_WORKERS
 from bus.connection import ClientAuth
 from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
@@ -75,6 +77,126 @@ def test_a_stalled_loop_marks_nobody_down_and_still_detects_a_real_stop(
     event_log.wait_for(lambda e: isinstance(e, GatewayDown) and e.gateway_id == "gw-4", timeout=5)
     assert time.monotonic() - stopped < 2.0
     assert downs(event_log, mark) == ["gw-4"]
+
+
+@pytest.mark.slow
+def test_short_stalls_neither_hide_a_stopped_gateway_nor_accuse_live_ones(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+) -> None:
+    """gatefleet's loop stalls for 0.3 s, with 0.3 s between stalls, 8 times. Heartbeats
+    every 0.2 s: each stall is longer than the lag threshold (0.1 s), shorter than the
+    shedding one (0.4 s) and than (fall + 1/2) x interval (0.7 s). A gateway that stopped
+    just before is declared down during the series, in a window where gatefleet sees: a
+    mere lag restarts nobody's detection clock. Those that kept beating, whose heartbeats
+    were only delayed, are not declared down."""
+    orchestrator = start_orchestrator(make_settings(health={**FAST, "heartbeat_interval_ms": 200}))
+    for n in range(5):
+        fleet.add(f"gw-{n}", interval_s=0.2)
+    wait_until(lambda: fleet.status().gateways_healthy == 5, what="5 healthy")
+    bus = orchestrator.bus
+    assert bus is not None
+
+    def stall(done: threading.Event) -> None:  # on gatefleet's loop
+        time.sleep(0.3)
+        done.set()
+
+    fleet.stop("gw-4", goodbye=False)
+    series_over = threading.Event()
+
+    def stalls() -> None:
+        for _ in range(8):
+            done = threading.Event()
+            bus.call_soon(stall, done)
+            done.wait(5.0)
+            time.sleep(0.3)  # a window to see in: the input, nothing to wait on
+        series_over.set()
+
+    staller = threading.Thread(target=stalls, name="staller")
+    staller.start()
+    try:
+        event_log.wait_for(
+            lambda e: isinstance(e, GatewayDown) and e.gateway_id == "gw-4", timeout=10
+        )
+        assert not series_over.is_set(), "detected only once the stalls were over"
+    finally:
+        staller.join()
+    status = fleet.status()
+    assert status.detection_suspended_s > 1.0
+    # Given every chance to accuse: several intervals after the last stall.
+    beats = fleet.agents["gw-0"].beats_sent
+    wait_until(lambda: fleet.agents["gw-0"].beats_sent > beats + 5, what="beats after the stalls")
+    assert downs(event_log) == ["gw-4"]
+
+
+class Blocker(PooledActor):
+    """Holds a worker of its dispatcher until told to let go."""
+
+    def __init__(self, dispatcher: Pool) -> None:
+        super().__init__(dispatcher=dispatcher)
+
+    def on_receive(self, message: Any) -> Any:
+        holding, release = message
+        holding.set()
+        release.wait(10.0)
+
+
+@pytest.mark.slow
+def test_a_check_dated_while_seeing_counts_however_late_the_pool_runs_it(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway pool is held while a stopped gateway's down check falls due, gatefleet
+    seeing (1 s heartbeats, fall 1: that check is due 1.5 s after its last heartbeat).
+    Then gatefleet's loop stalls for 1 s, and the pool is let go 0.7 s into the stall,
+    past the lag threshold: the check counts at the date it fell due, and the gateway is
+    declared down right then, not parked until gatefleet sees again."""
+    orchestrator = start_orchestrator(
+        make_settings(health={"heartbeat_interval_ms": 1000, "fall": 1, "rise": 1})
+    )
+    agent = fleet.add("gw-0", interval_s=1.0)
+    wait_until(lambda: fleet.status().gateways_healthy == 1, what="healthy")
+    fleet.stop("gw-0", goodbye=False)
+    stopped = time.monotonic()
+    wait_until(lambda: fleet.gateways()["gw-0"].last_seq == agent.seq, what="its last heartbeat")
+    assert orchestrator.runtime is not None
+    bus = orchestrator.bus
+    assert bus is not None
+    release = threading.Event()
+    blockers = [Blocker.start(orchestrator.runtime.gateways) for _ in range(GATEWAY_WORKERS)]
+    try:
+        for blocker in blockers:
+            holding = threading.Event()
+            blocker.tell((holding, release))
+            assert holding.wait(5.0), "a gateway worker not held"
+        assert time.monotonic() - stopped < 0.5, "held too late to hold up its check"
+        time.sleep(max(0.0, stopped + 1.6 - time.monotonic()))  # the check fell due
+
+        stall_began, stall_ended = threading.Event(), [0.0]
+
+        def stall() -> None:  # on gatefleet's loop
+            stall_began.set()
+            time.sleep(1.0)
+            stall_ended[0] = time.time()
+
+        bus.call_soon(stall)
+        assert stall_began.wait(5.0)
+        time.sleep(0.7)  # the input: the pool runs the check late in the stall
+        release.set()
+        event_log.wait_for(lambda e: isinstance(e, GatewayDown), timeout=5)
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.stop()
+    decided = [r for r in caplog.records if r.getMessage().startswith("gateway gw-0: ")]
+    assert decided, "no down logged"
+    assert "-> down" in decided[-1].getMessage()
+    assert decided[-1].created < stall_ended[0], "decided only once gatefleet saw again"
 
 
 def test_a_restarted_nats_server_loses_no_gateway_and_status_answers(
