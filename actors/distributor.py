@@ -177,6 +177,9 @@ class DistributorActor(SafeActor):
         self.bus = context.bus
         self.store = DistributionStore(context.buckets["distributions"], context.buckets["desired"])
         self.leading = False  # only the leading replica holds distributions (issue 16)
+        # The newest snapshot of each gateway, kept while standing by too, so that a
+        # replica that starts leading knows the fleet at once.
+        self.fleet: dict[str, GatewaySnapshot] = {}
         self._forget()
         self.durations = HistogramRecorder(DISTRIBUTION_BOUNDS_S)  # of those ended since start
         self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
@@ -221,6 +224,8 @@ class DistributorActor(SafeActor):
     def _lead(self) -> None:
         """This replica leads: the store's distributions loaded, the unfinished resumed."""
         self.leading = True
+        for snapshot in self.fleet.values():
+            self.reconcile.reconciler.on_gateway(snapshot)
         self._load()
         # What a stop cut short: a rolled back distribution not ended yet, a completed
         # rollout whose desired state is not stored.
@@ -231,6 +236,22 @@ class DistributorActor(SafeActor):
         self._prune()
         for config_type in list(self.queues):
             self._start_head(config_type)
+
+    def _standing_by(self, message: Any) -> bool:
+        """Keeps what every replica knows of the fleet; True if, standing by, there is
+        nothing more to do with `message`."""
+        match message:
+            case GatewayUpdated(snapshot=snapshot):
+                self.fleet[snapshot.gateway_id] = snapshot
+            case GatewayRemoved(gateway_id=gateway_id):
+                self.fleet.pop(gateway_id, None)
+        if self.leading or isinstance(message, Leading | ReportTo):
+            return False
+        # A standby holds no distributions: the leader acts on these (requests reach it
+        # forwarded; one that slipped in during a change of leader is refused).
+        if isinstance(message, Request):
+            reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+        return True
 
     def _set_leading(self, leading: bool) -> None:
         if leading and not self.leading:
@@ -288,11 +309,7 @@ class DistributorActor(SafeActor):
     # Messages ----------------------------------------------------------------------------
 
     def handle(self, message: Any) -> Any:
-        if not self.leading and not isinstance(message, Leading | ReportTo):
-            # A standby holds no distributions: the leader acts on these (requests reach
-            # it forwarded; one that slipped in during a change of leader is refused).
-            if isinstance(message, Request):
-                reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+        if self._standing_by(message):
             return None
         match message:
             case Leading(leading=leading):

@@ -55,6 +55,8 @@ SERVER_RESTART_WINDOW_S = 300.0
 # How long start waits to learn who leads: a lone replica takes a free lease in a few ms;
 # one held by a replica that died is waited out in the background, as a standby.
 FIRST_LEADER_WAIT_S = 2.0
+# Orchestrators of this process not stopped yet: the last to stop sweeps leftover actors.
+_RUNNING: set[Orchestrator] = set()
 # The events only the leading replica records (by type prefix).
 LEADER_EVENTS = ("gateway.", "ha.", "distribution.")
 
@@ -104,6 +106,7 @@ class Orchestrator:
         return self.url
 
     def _start(self) -> None:
+        _RUNNING.add(self)
         if not self.url:
             if self.settings.bus.auth:
                 self.authority = Authority(self.data_dir)
@@ -137,7 +140,8 @@ class Orchestrator:
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
         events.start()
         self.events = events  # from here on, a stop flushes it
-        self._check_last_run(jetstream, events)
+        if self.lease.still_leader():  # else another replica runs: the stream goes on
+            self._check_last_run(jetstream, events)
         self._report_leadership(events.emit)
         self.runtime = Runtime.start(
             self.bus, self.subjects, self.settings.health, leading=self.lease.still_leader
@@ -312,7 +316,9 @@ class Orchestrator:
                     (self.data_dir / URL_FILE).unlink(missing_ok=True)
                     self.server = None
                     self._deaths.put(None)  # ends the watchdog
-                _sweep_actors()
+                _RUNNING.discard(self)
+                if not _RUNNING:  # replicas in one process (tests) keep each other's
+                    _sweep_actors()
 
     def __enter__(self) -> Orchestrator:
         self.start()

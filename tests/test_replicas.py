@@ -1,0 +1,164 @@
+"""Two gatefleet replicas on one NATS server and prefix (issue 16): one leads, the other
+stands by; writes reach the leader wherever they arrive; a failure is acted on and
+recorded once; a clean stop hands the lease over at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bus.runtime import Bus
+from gatefleet.app import Orchestrator
+from gatefleet.client import GatefleetClient
+from schemas.api import DistributeRequest, ErrorReply, StatusReply
+from schemas.codec import decode, encode
+from schemas.events import DistributionEvent, Failover, OrchestratorLeader
+from schemas.settings import Settings
+from tests.conftest import EventLog, SettingsFactory, wait_until
+from tests.fleet import Fleet
+from tests.test_ha import Redirects, ha_settings, healthy
+
+
+def pushed(fleet: Fleet, gateway_id: str) -> list[int]:
+    """The versions of the pushes a gateway received, in order."""
+    return [push.version for _, push in fleet.agents[gateway_id].received]
+
+
+@pytest.fixture
+def replicas(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    tmp_path: Path,
+    event_log: EventLog,
+) -> tuple[Orchestrator, Orchestrator]:
+    """Replica "a" starts first and leads; "b" joins as a standby (the event log is
+    listening from before)."""
+
+    def settings(replica_id: str) -> Settings:
+        base = msgspec.to_builtins(ha_settings(make_settings))
+        base["bus"]["data_dir"] = str(tmp_path / replica_id)
+        base["cluster"] = {"replica_id": replica_id, "lease_ms": 3000}
+        return msgspec.convert(base, Settings)
+
+    first = start_orchestrator(settings("a"))
+    second = start_orchestrator(settings("b"))
+    wait_until(lambda: second.lease.view.leader == "a", what="b knows that a leads")
+    return first, second
+
+
+def test_one_leads_the_other_stands_by_and_both_say_so(
+    replicas: tuple[Orchestrator, Orchestrator], event_log: EventLog
+) -> None:
+    a, b = replicas
+    assert a.lease.still_leader()
+    assert not b.lease.still_leader()
+    assert (a.lease.view.role, b.lease.view.role) == ("leader", "standby")
+    assert a.lease.view.epoch == b.lease.view.epoch
+    reports = event_log.of_type(OrchestratorLeader)
+    assert any(r.replica_id == "a" and r.role == "leader" for r in reports)
+
+
+def test_status_names_the_replica_that_answered_and_the_leader(
+    replicas: tuple[Orchestrator, Orchestrator], bus: Bus, prefix: str
+) -> None:
+    answered = set()
+    for _ in range(40):  # the queue group spreads requests over both replicas
+        status = decode(bus.ask(f"{prefix}.api.status", b"{}", 5.0), StatusReply)
+        assert status.leader == "a"
+        assert status.role == ("leader" if status.replica_id == "a" else "standby")
+        answered.add(status.replica_id)
+        if answered == {"a", "b"}:
+            break
+    assert answered == {"a", "b"}
+
+
+def test_a_write_reaching_the_standby_is_forwarded_to_the_leader(
+    replicas: tuple[Orchestrator, Orchestrator], fleet: Fleet, client: GatefleetClient
+) -> None:
+    fleet.add("primary", "us-west")
+    reply = client.distribute("Route", {"routes": ["/v1"]}, ["primary"])
+    wait_until(
+        lambda: client.get_distribution(reply.distribution_id).status == "completed",
+        what="the distribution completed",
+    )
+    version = client.get_distribution(reply.distribution_id).version
+    assert pushed(fleet, "primary") == [version]  # once: one replica pushed it
+
+
+def test_the_standby_own_subject_refuses_while_it_does_not_lead(
+    replicas: tuple[Orchestrator, Orchestrator], bus: Bus, prefix: str
+) -> None:
+    body = encode(DistributeRequest(config_type="Route", config_data={}))
+    answer = decode(bus.ask(f"{prefix}.replica.b.api.distribute", body, 5.0), ErrorReply)
+    assert answer.error.code == "unavailable"
+    assert answer.error.retry_after_ms
+
+
+def test_a_failure_is_redirected_and_recorded_once_with_two_replicas(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    bus: Bus,
+    prefix: str,
+    event_log: EventLog,
+) -> None:
+    for gateway_id, region in (("primary", "us-west"), ("backup", "us-west"), ("other", "eu-west")):
+        fleet.add(gateway_id, region)
+    healthy(event_log, "primary", "backup", "other")
+    redirects = Redirects(bus, prefix)
+    fleet.agents["primary"].pause_heartbeats()
+    event_log.wait_for(lambda e: isinstance(e, Failover))
+    # The standby too has seen it go down (and would have redirected in the same turn).
+    wait_until(lambda: sees_down(bus, prefix, "b"), what="the standby sees primary down")
+    sees_down(bus, prefix, "b")  # one more round trip: anything it sent has arrived
+    assert len(event_log.of_type(Failover)) == 1
+    assert [notice for _, notice, _ in redirects.notices] == [
+        {"from": "primary", "to": "backup", "reason": "backup of primary"}
+    ]
+
+
+def sees_down(bus: Bus, prefix: str, replica_id: str) -> bool:
+    """Whether `replica_id` answered a status (the queue group picks one) counting a
+    gateway down."""
+    status = decode(bus.ask(f"{prefix}.api.status", b"{}", 5.0), StatusReply)
+    return status.replica_id == replica_id and status.gateways_by_status.get("down", 0) >= 1
+
+
+def test_a_clean_stop_of_the_leader_hands_over_at_once_and_distributions_go_on(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+) -> None:
+    a, b = replicas
+    fleet.add("primary", "us-west")
+    first = client.distribute("Route", {"routes": ["/v1"]}, ["primary"])
+    wait_until(
+        lambda: client.get_distribution(first.distribution_id).status == "completed",
+        what="the first distribution completed",
+    )
+    old_epoch = a.lease.view.epoch
+    assert old_epoch is not None
+    a.stop()
+    # Released, not waited out (lease_ms is 3 s): well within a second.
+    wait_until(b.lease.still_leader, timeout=2.0, what="b leads")
+    new_epoch = b.lease.view.epoch
+    assert new_epoch is not None
+    assert new_epoch > old_epoch
+    second = client.distribute("Route", {"routes": ["/v2"]}, ["primary"])
+    wait_until(
+        lambda: client.get_distribution(second.distribution_id).status == "completed",
+        what="the second distribution completed",
+        show=lambda: client.get_distribution(second.distribution_id),
+    )
+    versions = [client.get_distribution(d.distribution_id).version for d in (first, second)]
+    assert versions[1] == versions[0] + 1  # b continues the stored counter
+    assert pushed(fleet, "primary") == versions
+    steps = [
+        e
+        for e in event_log.of_type(DistributionEvent)
+        if e.distribution_id == first.distribution_id
+    ]
+    assert len({(e.step, e.gateway_id) for e in steps}) == len(steps)  # each fact once
