@@ -94,6 +94,10 @@ class LoadBalancerActor(SafeActor):
                 strategy=config.strategy,
                 threshold=config.health_threshold,
                 ha_enabled=orchestrator.ha_enabled,
+                replica_id=self.ctx.lease.replica_id,
+                role=self.ctx.lease.view.role,
+                leader=self.ctx.lease.view.leader,
+                epoch=self.ctx.lease.view.epoch,
             )
         )
         # Requests wait in the inbox until the actor has started.

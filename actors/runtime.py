@@ -23,12 +23,12 @@ Start: `start()` after the bus is connected; stop: `stop()` after every actor ha
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from actors.dispatch import Dispatcher, OnLoop, OwnThread, Pool
 from bus.awareness import LocalAwareness, watch
 from bus.jetstream import JetStreamWatch
+from bus.leadership import Lease, replica_metadata
 from bus.micro import MicroService
 from bus.probes import Prober
 from bus.runtime import Bus
@@ -66,7 +66,7 @@ class Runtime:
         bus: Bus,
         subjects: Subjects,
         health: HealthSettings,
-        leading: Callable[[], bool] = lambda: True,
+        lease: Lease,
     ) -> Runtime:
         timers = TimerWheel(bus.loop)
         timers.start()
@@ -89,7 +89,7 @@ class Runtime:
                 interval_s=interval,
                 timeout_s=timeout,
                 lag=awareness.lag_s,
-                leading=leading,
+                leading=lease.still_leader,
             )
             prober.start()
         gateways = Pool("gateway-actors", workers=GATEWAY_WORKERS, loop=bus.loop)
@@ -99,6 +99,7 @@ class Runtime:
         api_bus = Bus(bus.url, name=f"{bus.name}-api", auth=bus.auth)
         api_bus.start()
         service = MicroService(subjects)
+        service.describe = lambda: replica_metadata(lease)
         service.start(api_bus)
         api = OnLoop(api_bus.loop, "api-loop")
         api.start()

@@ -122,6 +122,9 @@ class Lease:
         # The last record this replica sent: if it is what a read finds, it is its own
         # write (one it did not hear back from, or made before stepping down).
         self._sent: LeaseRecord | None = None
+        # When the lease was last renewed, by its holder's clock (for people: `gatefleet
+        # replicas`); None while no lease is known.
+        self.renewed_at: datetime | None = None
 
     # Any thread -----------------------------------------------------------------------
 
@@ -192,6 +195,7 @@ class Lease:
             if self._seen is None or self._seen[0] != revision:
                 self._seen = (revision, record, now)
             self._fresh = True
+            self.renewed_at = record.renewed_at if record is not None else None
             if record is not None:
                 self._highest_epoch = max(self._highest_epoch, record.epoch)
             if self._tenure is None:
@@ -204,6 +208,7 @@ class Lease:
             epoch = write.record.epoch
             if self._clock() >= stop_at:
                 return  # too late to act on: a read finds it, as this replica's own
+            self.renewed_at = write.record.renewed_at
             if self._tenure is not None and self._tenure[0] == epoch:
                 self._tenure = (epoch, revision, stop_at)  # renewed
             elif self._tenure is None and write.takeover:
@@ -280,3 +285,15 @@ class Lease:
                 listener(view)
             except Exception:
                 log.exception("lease listener %r failed", listener)
+
+
+def replica_metadata(lease: Lease) -> dict[str, str]:
+    """This replica as its `$SRV` answers describe it (`gatefleet replicas` reads them)."""
+    view, renewed = lease.view, lease.renewed_at
+    return {
+        "replica_id": lease.replica_id,
+        "role": view.role,
+        "leader": view.leader or "",
+        "epoch": "" if view.epoch is None else str(view.epoch),
+        "lease_renewed_at": "" if renewed is None else renewed.isoformat(),
+    }

@@ -105,6 +105,8 @@ class MicroService:
         self.id = NUID().next().decode()
         self.version = _version()
         self.metadata = {"subject_prefix": subjects.prefix}
+        # What changes while it runs (the replica's role), added to `metadata` per answer.
+        self.describe: Callable[[], dict[str, str]] = dict
         self.started = datetime.now(UTC)
         self._clock = clock
         self._counts = {e.name: _Counts(e.name, subjects.api(e.name)) for e in endpoints}
@@ -189,7 +191,7 @@ class MicroService:
             "name": SERVICE_NAME,
             "id": self.id,
             "version": self.version,
-            "metadata": self.metadata,
+            "metadata": {**self.metadata, **self.describe()},
         }
 
     def start(self, bus: Bus) -> list[SubscriptionHandle]:

@@ -95,6 +95,7 @@ class Orchestrator:
             resolve_replica_id(settings), LeaseTerms(settings.cluster.lease_ms / 1000)
         )
         self._lease_keeper: LeaseKeeper | None = None
+        self._stopping = False
 
     def start(self) -> str:
         """Starts everything; on any failure stops what did start and re-raises."""
@@ -142,10 +143,7 @@ class Orchestrator:
         self.events = events  # from here on, a stop flushes it
         if self.lease.still_leader():  # else another replica runs: the stream goes on
             self._check_last_run(jetstream, events)
-        self._report_leadership(events.emit)
-        self.runtime = Runtime.start(
-            self.bus, self.subjects, self.settings.health, leading=self.lease.still_leader
-        )
+        self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health, self.lease)
         context = Context(
             bus=self.bus,
             runtime=self.runtime,
@@ -182,6 +180,7 @@ class Orchestrator:
         lease = self.lease
         lease.on_change(lambda view: safe_tell(distributor, Leading(leading=view.role == "leader")))
         safe_tell(distributor, Leading(leading=lease.view.role == "leader"))
+        self._report_leadership(context.emit)  # orchestrator.started told the first view
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
 
@@ -213,10 +212,12 @@ class Orchestrator:
         return leader_only
 
     def _report_leadership(self, emit: Callable[[Event], None]) -> None:
-        """An `orchestrator.leader` event now and at each change of this replica's view."""
+        """An `orchestrator.leader` event at each change of this replica's view."""
         lease = self.lease
 
         def report(view: LeaseView) -> None:
+            if self._stopping:
+                return  # its release at a stop: the next leader's take-over tells
             log.info(
                 "replica %s is %s (leader %s, epoch %s)",
                 lease.replica_id,
@@ -234,7 +235,6 @@ class Orchestrator:
             )
 
         lease.on_change(report)
-        report(lease.view)
 
     @staticmethod
     def _check_last_run(jetstream: JetStream, events: EventOutbox) -> None:
@@ -292,6 +292,7 @@ class Orchestrator:
         return ref
 
     def stop(self) -> None:
+        self._stopping = True
         try:
             for ref in reversed(self._actors):
                 ref.stop(timeout=10)

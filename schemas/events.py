@@ -513,6 +513,12 @@ class OrchestratorStarted(_Event, frozen=True, tag="orchestrator.started"):
     strategy: StrategyName
     threshold: float
     ha_enabled: bool
+    # Additions (issue 16): the replica that started, its role then, the leader and its
+    # epoch (later changes: `orchestrator.leader`).
+    replica_id: str | None = None
+    role: Literal["leader", "standby"] | None = None
+    leader: str | None = None
+    epoch: int | None = None
 
 
 class OrchestratorStopped(_Event, frozen=True, tag="orchestrator.stopped"):
@@ -524,7 +530,8 @@ class OrchestratorStopped(_Event, frozen=True, tag="orchestrator.stopped"):
 
 
 class OrchestratorLeader(_Event, frozen=True, tag="orchestrator.leader"):
-    """A replica's view of the leadership changed (issue 16): `replica_id` is the
+    """A replica's view of the leadership changed since its `orchestrator.started`
+    (issue 16): `replica_id` is the
     replica reporting, `role` its own role now, `leader` the leading replica (null while
     none is known) and `epoch` the leader's epoch."""
 

@@ -15,7 +15,7 @@ from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient
 from schemas.api import DistributeRequest, ErrorReply, StatusReply
 from schemas.codec import decode, encode
-from schemas.events import DistributionEvent, Failover, OrchestratorLeader
+from schemas.events import DistributionEvent, Failover, OrchestratorLeader, OrchestratorStarted
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
@@ -57,8 +57,8 @@ def test_one_leads_the_other_stands_by_and_both_say_so(
     assert not b.lease.still_leader()
     assert (a.lease.view.role, b.lease.view.role) == ("leader", "standby")
     assert a.lease.view.epoch == b.lease.view.epoch
-    reports = event_log.of_type(OrchestratorLeader)
-    assert any(r.replica_id == "a" and r.role == "leader" for r in reports)
+    starts = {e.replica_id: (e.role, e.leader) for e in event_log.of_type(OrchestratorStarted)}
+    assert starts == {"a": ("leader", "a"), "b": ("standby", "a")}
 
 
 def test_status_names_the_replica_that_answered_and_the_leader(
@@ -144,6 +144,9 @@ def test_a_clean_stop_of_the_leader_hands_over_at_once_and_distributions_go_on(
     a.stop()
     # Released, not waited out (lease_ms is 3 s): well within a second.
     wait_until(b.lease.still_leader, timeout=2.0, what="b leads")
+    event_log.wait_for(
+        lambda e: isinstance(e, OrchestratorLeader) and e.replica_id == "b" and e.role == "leader"
+    )
     new_epoch = b.lease.view.epoch
     assert new_epoch is not None
     assert new_epoch > old_epoch
