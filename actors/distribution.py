@@ -24,6 +24,14 @@ back: the distributor carries its rollback). A step that changes its status or h
 gate is stored before anything else happens, so a rollout's pause, gate or window
 survives a crash.
 
+Only the leader distributes (issue 16): before each step (before it stores or sends
+anything) the actor checks that this replica still holds the leader lease. Once it does
+not, it stops acting: nothing more is sent, stored or failed, the distribution stays as
+stored (its steps since the last store are redone from there), and the actor tells the
+distributor NotLeading and stops; the leader resumes it. Every push carries the lease's
+epoch; a gateway that answers `stale_epoch` has seen a higher one (another replica has
+led since): this replica steps down at once, and that gateway is no failure.
+
 A step whose record cannot be stored (after the store's retries) is not carried out:
 the distribution ends failed ("cannot store its progress: <why>") as it was told last,
 and the actor stops, so its type's queue moves on.
@@ -67,6 +75,7 @@ from actors.messages import (
     DistributionChanged,
     GateDue,
     GatewayHealth,
+    NotLeading,
     PushAnswered,
     RetryDue,
     VersionMoved,
@@ -80,9 +89,11 @@ from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
 from schemas.codec import DecodeError, decode, encode, error_cause
 from schemas.events import DistributionEvent, utc_now
-from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush
+from schemas.wire import STALE_EPOCH, STALE_VERSION, ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
+
+NOT_LEADING = "this replica no longer leads; retry"
 
 
 def read_answer(
@@ -118,6 +129,8 @@ def read_answer(
         return answered
     if ack.error == STALE_VERSION and ack.held_version is not None:
         return replace(answered, outcome="stale", held_version=ack.held_version)
+    if ack.error == STALE_EPOCH and push.epoch is not None and (ack.held_epoch or 0) > push.epoch:
+        return replace(answered, outcome="stale_epoch", held_epoch=ack.held_epoch)
     return replace(answered, outcome="nack", detail=ack.error or "rejected")
 
 
@@ -164,6 +177,7 @@ class DistributionActor(SafeActor):
         self._positions = {gw: n for n, gw in enumerate(record.target_gateways)}
         self._told = record
         self._pushes: dict[int, tuple[ConfigPush, bytes]] = {}  # per attempt number
+        self._not_leading = False  # it has stopped acting, and is stopping
 
     def on_start(self) -> None:
         self._step(self.machine.resume(utc_now()))
@@ -171,6 +185,12 @@ class DistributionActor(SafeActor):
     def handle(self, message: Any) -> Any:
         machine, now = self.machine, utc_now()
         match message:
+            case Control(reply=reply) if self._not_leading:
+                reply_error(self.replies, reply, "unavailable", NOT_LEADING)
+            case _ if self._not_leading:
+                pass  # what was on its way before it stopped acting
+            case PushAnswered(gateway_id=gw, outcome="stale_epoch", held_epoch=int(held)):
+                self._fenced(gw, held)
             case PushAnswered(version=version) | RetryDue(version=version) if (
                 version != machine.record.version
             ):
@@ -219,7 +239,8 @@ class DistributionActor(SafeActor):
             reply_error(self.replies, reply, "bad_request", str(exc))
             return
         if not self._step(commands):
-            reply_error(self.replies, reply, "unavailable", self._told.reason or "not stored")
+            why = NOT_LEADING if self._not_leading else self._told.reason or "not stored"
+            reply_error(self.replies, reply, "unavailable", why)
             return
         record = self.machine.record
         self.replies.publish(reply, distribution_page(record, phase=phase(record, now)))
@@ -227,7 +248,12 @@ class DistributionActor(SafeActor):
     def _step(self, commands: list[Command]) -> bool:
         """Store a new record before anything goes out, tell the parent of it, then act.
         A record that cannot be stored ends the distribution failed, as it was told last:
-        nothing of the step that needed the write is done (False)."""
+        nothing of the step that needed the write is done (False). Nothing of it is done
+        either once this replica no longer leads (False)."""
+        epoch = self._leading_epoch()
+        if epoch is None:
+            self._stop_acting()
+            return False
         record = self.machine.record
         if record is not self._told:
             if _must_store(self._told, record, commands):
@@ -239,8 +265,44 @@ class DistributionActor(SafeActor):
             self._told = record
             changed = DistributionChanged(record=record, gateways=self.machine.told())
             safe_tell(self.distributor, changed)
-        self._act(record, commands)
+        self._act(record, commands, epoch)
         return True
+
+    def _leading_epoch(self) -> int | None:
+        """The epoch of this replica's lease while it leads, else None."""
+        lease = self.ctx.lease
+        view = lease.view
+        if view.role != "leader" or not lease.still_leader():
+            return None
+        return view.epoch
+
+    def _fenced(self, gateway_id: str, held_epoch: int) -> None:
+        """A gateway has seen a push of a higher epoch than this replica's: another
+        replica has led since. Stepping down stops every step of the leader at once."""
+        log.warning(
+            "distribution %s: gateway %s has seen epoch %d, above this replica's: another "
+            "replica has led since; stepping down",
+            self.machine.record.id,
+            gateway_id,
+            held_epoch,
+        )
+        self.ctx.lease.step_down(held_epoch)
+        self._stop_acting()
+
+    def _stop_acting(self) -> None:
+        """This replica no longer leads: nothing more is sent, stored or failed. The
+        record stays as stored (the steps since are redone from it), for the leader."""
+        self._not_leading = True
+        told = self._told  # as stored, but for acks (a send is stored first)
+        log.warning(
+            "distribution %s paused: this replica no longer leads; it stays as stored "
+            "(%s, batch %d), for the leader to resume",
+            told.id,
+            told.status,
+            told.batch,
+        )
+        safe_tell(self.distributor, NotLeading(distribution_id=told.id))
+        self.stop()
 
     def _store(self, record: Distribution) -> None:
         """Its progress and the states changed since the last store (the machine's)."""
@@ -267,11 +329,11 @@ class DistributionActor(SafeActor):
         safe_tell(self.distributor, DistributionChanged(record=failed))
         self.stop()
 
-    def _act(self, record: Distribution, commands: list[Command]) -> None:
+    def _act(self, record: Distribution, commands: list[Command], epoch: int) -> None:
         for command in commands:
             match command:
                 case Send(gateway_id=gw, attempt=attempt):
-                    self._send(gw, attempt)
+                    self._send(gw, attempt, epoch)
                 case ScheduleRetry(gateway_id=gw, delay_s=delay_s):
                     due = RetryDue(gateway_id=gw, version=record.version)
                     self.bus.call_later(delay_s, safe_tell, self.actor_ref, due)
@@ -293,8 +355,8 @@ class DistributionActor(SafeActor):
     def _timer(self, delay_s: float, message: GateDue | WakeDue) -> None:
         self.ctx.runtime.timers.schedule(delay_s, safe_tell, self.actor_ref, message)
 
-    def _send(self, gateway_id: str, attempt: int) -> None:
-        push, body = self._push(attempt)
+    def _send(self, gateway_id: str, attempt: int, epoch: int) -> None:
+        push, body = self._push(attempt, epoch)
         subject = self.ctx.subjects.config(gateway_id)
         ref, drops = self.actor_ref, self.ctx.drops
 
@@ -303,17 +365,19 @@ class DistributionActor(SafeActor):
 
         self.bus.request(subject, body, self.ack_timeout_s, on_result)
 
-    def _push(self, attempt: int) -> tuple[ConfigPush, bytes]:
-        """The push for `attempt`, encoded once per version: it is the same for every gateway."""
+    def _push(self, attempt: int, epoch: int) -> tuple[ConfigPush, bytes]:
+        """The push for `attempt`, encoded once per version and epoch: it is the same for
+        every gateway."""
         record = self.machine.record
         found = self._pushes.get(attempt)
-        if found is None or found[0].version != record.version:
+        if found is None or (found[0].version, found[0].epoch) != (record.version, epoch):
             push = ConfigPush(
                 distribution_id=record.id,
                 config_type=record.config_type,
                 version=record.version,
                 config_data=self.config_data,
                 attempt=attempt,
+                epoch=epoch,
             )
             found = self._pushes[attempt] = (push, encode(push))
         return found

@@ -9,7 +9,8 @@ restarted from its newest record), the ReconcileDriver (actors/reconcile_driver.
 reconciliation runs through, and the distribution counts of `P.api.status`.
 Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemoved,
 ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
-on every change: the supervisor), CounterBehind (a gateway answered `stale_version`).
+on every change: the supervisor), CounterBehind (a gateway answered `stale_version`),
+NotLeading (a DistributionActor stopped without acting: this replica no longer leads).
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec or content lost, its store
 failing, its actor dying again and again; its DistributionActor emits every other step);
@@ -97,6 +98,7 @@ from actors.messages import (
     GatewayRemoved,
     GatewayUpdated,
     Leading,
+    NotLeading,
     ReconcileDue,
     ReportTo,
     Request,
@@ -370,6 +372,8 @@ class DistributorActor(SafeActor):
                 self._move_version(dist_id, held, content)
             case ChildDied(kind="DistributionActor", key=dist_id, error=error):
                 self._restart(dist_id, error)
+            case NotLeading(distribution_id=dist_id):
+                self.running.pop(dist_id, None)  # as stored: the leader resumes it
             case _:
                 return super().handle(message)
         return None

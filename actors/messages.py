@@ -162,10 +162,12 @@ class PushAnswered(_Message, frozen=True):
     gateway_id: str
     attempt: int
     version: int
-    # "stale": a nack with error stale_version, the gateway holding `held_version`.
-    outcome: Literal["ack", "nack", "stale", "no_answer"]
+    # "stale": a nack with error stale_version, the gateway holding `held_version`;
+    # "stale_epoch": one with error stale_epoch, the gateway having seen `held_epoch`.
+    outcome: Literal["ack", "nack", "stale", "stale_epoch", "no_answer"]
     detail: str | None = None  # the nack's error, or why there was no (valid) answer
     held_version: int | None = None
+    held_epoch: int | None = None
 
 
 class RetryDue(_Message, frozen=True):
@@ -191,6 +193,13 @@ class VersionMoved(_Message, frozen=True):
 
     version: int | None
     reason: str | None = None
+
+
+class NotLeading(_Message, frozen=True):
+    """DistributionActor -> Distributor: this replica no longer leads, so the actor has
+    stopped without acting; the distribution stays as stored, for the leader to resume."""
+
+    distribution_id: str
 
 
 class StartHead(_Message, frozen=True):

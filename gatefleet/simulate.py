@@ -28,8 +28,9 @@ for every simulated gateway; it does not use `gatefleet.gateway.agent.GatewayAge
 Config pushes are acked per protocol and are idempotent on (distribution_id, version):
 a repeat is acked again without being applied again. As `GatewayAgent` does, a push of a
 version lower than the one a gateway holds for its type is not applied: it is nacked
-with `stale_version` and the version held. Applied versions show in the gateway's next
-heartbeats. With `record`, every push answered is reported as a
+with `stale_version` and the version held; and a push whose epoch is lower than the
+highest a gateway has seen (of any type) is nacked with `stale_epoch` and that epoch.
+Applied versions show in the gateway's next heartbeats. With `record`, every push answered is reported as a
 `PushRecord` (applied or not, acked or nacked, the answer sent or not), e.g. to a file
 (`gatefleet simulate --record FILE`) for a chaos run to check what each gateway applied.
 
@@ -72,7 +73,7 @@ from bus.subjects import check_gateway_id
 from gatefleet.gateway import Metrics, connect
 from schemas.codec import DecodeError, decoder
 from schemas.types import Role
-from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush
+from schemas.wire import STALE_EPOCH, STALE_VERSION, ConfigAck, ConfigPush
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ class _Gateway:
         "flapped_off",
         "gateway_id",
         "generation",
+        "highest_epoch",
         "id_body",
         "nc",
         "results",
@@ -309,6 +311,7 @@ class _Gateway:
         self.stopped = self.crashed = self.flapped_off = False
         self.slow = self.fail_acks = self.silent = False
         self.config_versions: dict[str, int] = {}
+        self.highest_epoch = 0  # of the pushes seen; 0: none carried one
         self.versions_json = b"{}"
         self.results: dict[tuple[str, int], bool] | None = None  # pushes applied (True)
 
@@ -590,7 +593,8 @@ class Answer:
 
 
 def _answer(gw: _Gateway, push: ConfigPush) -> Answer:
-    """Applies `push` (once per distribution and version, never below the version held)."""
+    """Applies `push` (once per distribution and version, never below the version held,
+    never from an epoch below the highest seen)."""
     ack = ConfigAck(
         distribution_id=push.distribution_id,
         gateway_id=gw.gateway_id,
@@ -599,6 +603,13 @@ def _answer(gw: _Gateway, push: ConfigPush) -> Answer:
     )
     if gw.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
         return Answer(msgspec.structs.replace(ack, ok=False, error=_FAIL_ERROR), False)
+    if push.epoch is not None:
+        if push.epoch < gw.highest_epoch:  # from a replaced leader: nothing of it
+            fenced = msgspec.structs.replace(
+                ack, ok=False, error=STALE_EPOCH, held_epoch=gw.highest_epoch
+            )
+            return Answer(fenced, False)
+        gw.highest_epoch = push.epoch
     key = (push.distribution_id, push.version)
     if gw.results is None:
         gw.results = {}

@@ -7,18 +7,15 @@ bus/leadership.py's, the calls bus/lease.py's.
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Final
 
 import msgspec
-from msgspec import Meta
 
 from schemas.stored import Time
-from schemas.types import MAX_COUNT, ReplicaId
+from schemas.types import Epoch, ReplicaId
 
 LEASE_BUCKET: Final = "leader"
 LEASE_KEY: Final = "lease"
-# An epoch starts from a Unix time in ms: far below 2^53 for many thousand years.
-Epoch = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 
 
 class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):

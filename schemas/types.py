@@ -28,6 +28,9 @@ NonNegativeFloat = Annotated[float, Meta(ge=0.0, le=1e12)]
 # otherwise pass decoding and overflow arithmetic later.
 MAX_COUNT: Final = 2**53
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+# The leader's fencing number (bus/leadership.py): it starts from a Unix time in ms, far
+# below 2^53 for many thousand years.
+Epoch = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 ConfigType = Annotated[str, whole(r"[A-Za-z0-9_]{1,64}")]
 Region = Annotated[str, Meta(min_length=1, max_length=64)]
 # An RFC 3339 timestamp. The JSON Schema says so (`format: date-time`); decoding is as lenient

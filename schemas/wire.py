@@ -15,6 +15,7 @@ from schemas.types import (
     MAX_COUNT,
     ConfigType,
     Count,
+    Epoch,
     GatewayId,
     NonNegativeFloat,
     Percent,
@@ -30,6 +31,9 @@ Version = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 # A ConfigAck's error when the push's version is lower than the one the gateway holds for
 # that config type: gatefleet's version counter is behind, not the content rejected.
 STALE_VERSION = "stale_version"
+# A ConfigAck's error when the push's epoch is lower than the highest the gateway has seen:
+# it came from a leader that another replica has replaced (PROTOCOL.md section 5).
+STALE_EPOCH = "stale_epoch"
 
 
 class _Wire(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +64,8 @@ class ConfigPush(_Wire, frozen=True):
     version: Version
     config_data: dict[str, Any]
     attempt: Annotated[int, Meta(ge=1)] = 1
+    # The sending leader's epoch (an addition): absent, the push is not fenced.
+    epoch: Epoch | None = None
 
 
 class ConfigAck(_Wire, frozen=True, gc=False):
@@ -70,6 +76,8 @@ class ConfigAck(_Wire, frozen=True, gc=False):
     error: Annotated[str, Meta(max_length=4096)] | None = None
     # With error STALE_VERSION: the version of that type the gateway holds (an addition).
     held_version: Version | None = None
+    # With error STALE_EPOCH: the highest epoch the gateway has seen (an addition).
+    held_epoch: Epoch | None = None
 
 
 class Ping(_Wire, frozen=True, gc=False):

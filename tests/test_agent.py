@@ -230,6 +230,55 @@ async def test_a_version_lower_than_the_one_held_is_refused_as_stale(
     assert agent.config_versions == {"Route": 7, "Firewall": 5}  # never goes backwards
 
 
+async def test_an_epoch_lower_than_the_highest_seen_is_refused_as_stale(
+    nc: Client, subjects: Subjects
+) -> None:
+    """Fencing: the highest epoch of any type's push wins; equal and higher ones are
+    answered as ever, a push without an epoch is not fenced, and a restart forgets nothing."""
+    applied: list[ConfigPush] = []
+    agent = make_agent(nc, subjects, on_config=applied.append)
+    await agent.start()
+    try:
+        first = await push(nc, subjects, "edge-1", 1, distribution_id="dist-a", epoch=10)
+        lower = await push(
+            nc, subjects, "edge-1", 1, distribution_id="dist-b", epoch=5, config_type="Firewall"
+        )
+        repeat = await push(nc, subjects, "edge-1", 1, distribution_id="dist-a", epoch=5)
+        equal = await push(nc, subjects, "edge-1", 2, distribution_id="dist-c", epoch=10)
+        higher = await push(
+            nc, subjects, "edge-1", 1, distribution_id="dist-b", epoch=11, config_type="Firewall"
+        )
+        unfenced = await push(nc, subjects, "edge-1", 3, distribution_id="dist-d")
+        await agent.restart()
+        after_restart = await push(nc, subjects, "edge-1", 4, distribution_id="dist-e", epoch=10)
+    finally:
+        await agent.stop()
+    assert [a.ok for a in (first, equal, higher, unfenced)] == [True] * 4
+    assert {a.held_epoch for a in (first, equal, higher, unfenced)} == {None}
+    assert lower == ConfigAck(
+        distribution_id="dist-b",
+        gateway_id="edge-1",
+        ok=False,
+        version=1,
+        error="stale_epoch",
+        held_epoch=10,
+    )
+    assert (repeat.ok, repeat.error, repeat.held_epoch) == (False, "stale_epoch", 10)
+    assert (after_restart.ok, after_restart.error, after_restart.held_epoch) == (
+        False,
+        "stale_epoch",
+        11,
+    )
+    assert [(p.distribution_id, p.epoch) for p in applied] == [
+        ("dist-a", 10),
+        ("dist-c", 10),
+        ("dist-b", 11),
+        ("dist-d", None),
+    ]
+    assert agent.highest_epoch == 11
+    assert agent.config_versions == {"Route": 3, "Firewall": 1}
+
+
 async def test_rejection_from_on_config_is_a_nack(nc: Client, subjects: Subjects) -> None:
     agent = make_agent(nc, subjects, on_config=lambda p: ConfigResult.reject("bad route"))
     await agent.start()

@@ -164,6 +164,7 @@ def test_node_gateway_speaks_the_wire_contract(
             "version": 9,
             "config_data": {},
             "attempt": 1,
+            "epoch": None,  # not fenced
         },
     )
     answers = [
@@ -183,12 +184,32 @@ def test_node_gateway_speaks_the_wire_contract(
             "version": 9,
             "error": None,
             "held_version": None,
+            "held_epoch": None,
         }
     )
     # A version lower than the one it holds is refused as stale, with the version held.
     older = json.dumps({**push, "distribution_id": "dist-older", "version": 3}).encode()
     stale = valid("config-ack", json.loads(bus.ask(f"{prefix}.gw.edge-js.config", older, 5.0)))
     assert (stale["ok"], stale["error"], stale["held_version"]) == (False, "stale_version", 9)
+
+    # Fencing: an epoch below the highest seen is refused, with that epoch, before anything
+    # else (also a repeat); as high or higher, or none, is answered as ever.
+    def answer(body: dict[str, Any]) -> dict[str, Any]:
+        raw = bus.ask(f"{prefix}.gw.edge-js.config", json.dumps(body).encode(), 5.0)
+        return valid("config-ack", json.loads(raw))
+
+    high = 2**52
+    fencing = {**push, "distribution_id": "dist-fencing", "version": 10}
+    first = answer({**fencing, "epoch": high})
+    repeat = answer({**fencing, "epoch": high - 1})
+    equal = answer({**fencing, "version": 11, "epoch": high})
+    unfenced = answer({**fencing, "version": 12, "epoch": None})
+    assert [(a["ok"], a["held_epoch"]) for a in (first, equal, unfenced)] == [(True, None)] * 3
+    assert (repeat["ok"], repeat["error"], repeat["held_epoch"]) == (False, "stale_epoch", high)
+    wait_until(
+        lambda: fleet.gateways()["edge-js"].config_versions == {"Route": 12},
+        what="Route v12 reported in a heartbeat",
+    )
 
     # SIGTERM: it says goodbye, and gatefleet forgets it at once.
     mark = event_log.mark()

@@ -322,6 +322,41 @@ async def test_config_push_acked_applied_once_and_reported_in_heartbeats(
     ]
 
 
+async def test_a_push_of_an_epoch_below_the_highest_seen_is_refused_as_stale(
+    nats_server: EmbeddedServer, nc: Client, subjects: Subjects
+) -> None:
+    """As GatewayAgent: the highest epoch of any type's push fences the lower ones; a push
+    without an epoch is not fenced; each gateway keeps its own."""
+    records: list[PushRecord] = []
+    async with Running(
+        nats_server.url, 2, ["r1"], prefix=subjects.prefix, record=records.append
+    ) as sim:
+        high = await push(nc, subjects, "sim-r1-1", 1, distribution_id="dist-a", epoch=20)
+        lower = await push(
+            nc, subjects, "sim-r1-1", 1, distribution_id="dist-b", config_type="Acl", epoch=19
+        )
+        equal = await push(nc, subjects, "sim-r1-1", 2, distribution_id="dist-c", epoch=20)
+        unfenced = await push(nc, subjects, "sim-r1-1", 3, distribution_id="dist-d")
+        elsewhere = await push(nc, subjects, "sim-r1-2", 1, distribution_id="dist-b", epoch=19)
+        await sim.finish()
+    assert lower == ConfigAck(
+        distribution_id="dist-b",
+        gateway_id="sim-r1-1",
+        ok=False,
+        version=1,
+        error="stale_epoch",
+        held_epoch=20,
+    )
+    assert [(a.ok, a.held_epoch) for a in (high, equal, unfenced, elsewhere)] == [(True, None)] * 4
+    assert [(r.gateway_id, r.distribution_id, r.applied) for r in records] == [
+        ("sim-r1-1", "dist-a", True),
+        ("sim-r1-1", "dist-b", False),
+        ("sim-r1-1", "dist-c", True),
+        ("sim-r1-1", "dist-d", True),
+        ("sim-r1-2", "dist-b", True),
+    ]
+
+
 async def test_fail_silent_and_slow_acks(
     nats_server: EmbeddedServer, nc: Client, subjects: Subjects
 ) -> None:

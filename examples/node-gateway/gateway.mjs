@@ -10,6 +10,9 @@
 // pushes of a type given with --reject are rejected (a NACK), to show what one looks like.
 // A push of a version lower than the one held for its type is never applied: it gets a
 // NACK with error "stale_version" and held_version (gatefleet then pushes above it).
+// Fencing: a push whose epoch is lower than the highest seen (of any type) came from a
+// gatefleet leader that another replica has replaced: it gets a NACK with error
+// "stale_epoch" and held_epoch, before anything else. A push without epoch is not fenced.
 
 import os from "node:os";
 import { parseArgs } from "node:util";
@@ -22,6 +25,7 @@ const MAX_COUNT = 2 ** 53;
 const MAX_ERROR_CHARS = 4096; // config-ack.json: error's maxLength
 const REMEMBERED_PUSHES = 1000; // results kept to answer a repeated push the same way
 const STALE_VERSION = "stale_version"; // config-ack.json: error of a version below the one held
+const STALE_EPOCH = "stale_epoch"; // config-ack.json: error of an epoch below the highest seen
 
 const USAGE = `usage: node gateway.mjs --id ID --region REGION [options]
   --nats URL             NATS server (default: $NATS_URL or nats://127.0.0.1:4222)
@@ -104,6 +108,10 @@ function checkPush(push) {
   const { version, attempt = 1 } = push;
   if (!Number.isInteger(version) || version < 1 || version > MAX_COUNT) return "bad version";
   if (!Number.isInteger(attempt) || attempt < 1) return "bad attempt";
+  const { epoch = null } = push;
+  if (epoch !== null && (!Number.isInteger(epoch) || epoch < 1 || epoch > MAX_COUNT)) {
+    return "bad epoch";
+  }
   const data = push.config_data;
   if (typeof data !== "object" || data === null || Array.isArray(data)) return "bad config_data";
   return null;
@@ -115,6 +123,7 @@ async function main() {
   const json = JSONCodec();
   const configVersions = {}; // config type -> version applied
   const results = new Map(); // "distribution_id@version" -> {ok, error}, oldest first
+  let highestEpoch = 0; // of the pushes seen; 0: none carried one
   let seq = 0;
 
   // Once connected, reconnect forever: gatefleet marks a silent gateway down, not gone.
@@ -145,18 +154,16 @@ async function main() {
         console.error(`gateway ${opts.id}: ignored a config push (${problem})`);
         return; // like any malformed message: dropped, no answer
       }
-      const key = `${push.distribution_id}@${push.version}`;
-      let result = results.get(key); // a repeat is acked again, as it was the first time
-      const held = configVersions[push.config_type] ?? 0;
-      if (!result && push.version < held) {
-        // Not remembered: what is held only grows.
+      const epoch = push.epoch ?? null;
+      let result;
+      if (epoch !== null && epoch < highestEpoch) {
+        // From a replaced leader: nothing of it, not even the answer to a repeat.
         const pushed = `${push.config_type} v${push.version}`;
-        console.error(`gateway ${opts.id}: refused ${pushed}: v${held} is held`);
-        result = { ok: false, error: STALE_VERSION, held_version: held };
-      } else if (!result) {
-        result = apply(push);
-        results.set(key, result);
-        if (results.size > REMEMBERED_PUSHES) results.delete(results.keys().next().value);
+        console.error(`gateway ${opts.id}: refused ${pushed}: epoch ${epoch} < ${highestEpoch}`);
+        result = { ok: false, error: STALE_EPOCH, held_epoch: highestEpoch };
+      } else {
+        if (epoch !== null) highestEpoch = epoch;
+        result = answer(push);
       }
       msg.respond(
         json.encode({
@@ -166,10 +173,28 @@ async function main() {
           version: push.version,
           error: result.error,
           held_version: result.held_version ?? null,
+          held_epoch: result.held_epoch ?? null,
         }),
       );
     },
   });
+
+  function answer(push) {
+    const key = `${push.distribution_id}@${push.version}`;
+    const known = results.get(key); // a repeat is acked again, as it was the first time
+    if (known) return known;
+    const held = configVersions[push.config_type] ?? 0;
+    if (push.version < held) {
+      // Not remembered: what is held only grows.
+      const pushed = `${push.config_type} v${push.version}`;
+      console.error(`gateway ${opts.id}: refused ${pushed}: v${held} is held`);
+      return { ok: false, error: STALE_VERSION, held_version: held };
+    }
+    const result = apply(push);
+    results.set(key, result);
+    if (results.size > REMEMBERED_PUSHES) results.delete(results.keys().next().value);
+    return result;
+  }
 
   function apply(push) {
     if (opts.reject.has(push.config_type)) {

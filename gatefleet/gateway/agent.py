@@ -20,6 +20,11 @@ A push of a version lower than the one held for its config type is never applied
 rollback comes as a new, higher version with older content): it is answered with a
 NACK whose error is `stale_version` and whose `held_version` is the version held, which
 tells gatefleet that its version counter is behind (it pushes again above it).
+Fencing between gatefleet replicas: the agent keeps the highest `epoch` seen in a push
+(`highest_epoch`, of every config type) and refuses a push with a lower one before
+anything else, with a NACK whose error is `stale_epoch` and whose `held_epoch` is that
+highest epoch: it came from a leader another replica has replaced. A push without an
+epoch is not fenced.
 A push that does not decode is logged and gets no answer. The fault-injection knobs
 (`pause_heartbeats`, `ack_delay_s`, `fail_acks`, `silent_config`, `crash`, `restart`)
 exist for tests and benchmarks (the simulator, `gatefleet simulate`, is an engine of its
@@ -47,7 +52,15 @@ from nats.aio.subscription import Subscription
 from bus.connection import CONNECT_ERRORS, ClientAuth, close_connection, open_connection
 from bus.subjects import Subjects, check_gateway_id
 from schemas.codec import DecodeError, decode, encode
-from schemas.wire import STALE_VERSION, ConfigAck, ConfigPush, Goodbye, Heartbeat, Pong
+from schemas.wire import (
+    STALE_EPOCH,
+    STALE_VERSION,
+    ConfigAck,
+    ConfigPush,
+    Goodbye,
+    Heartbeat,
+    Pong,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +85,13 @@ class Metrics:
 @dataclass(frozen=True, slots=True)
 class ConfigResult:
     """What applying a ConfigPush came to: `ConfigResult()` applied, `reject(text)` a NACK,
-    `stale(held)` a NACK of a version lower than the one held."""
+    `stale(held)` a NACK of a version lower than the one held, `stale_epoch(held)` one of
+    an epoch lower than the highest seen."""
 
     ok: bool = True
     error: str | None = None
     held_version: int | None = None
+    held_epoch: int | None = None
 
     @classmethod
     def reject(cls, error: str) -> ConfigResult:
@@ -85,6 +100,10 @@ class ConfigResult:
     @classmethod
     def stale(cls, held_version: int) -> ConfigResult:
         return cls(ok=False, error=STALE_VERSION, held_version=held_version)
+
+    @classmethod
+    def stale_epoch(cls, held_epoch: int) -> ConfigResult:
+        return cls(ok=False, error=STALE_EPOCH, held_epoch=held_epoch)
 
 
 ACCEPTED = ConfigResult()
@@ -144,6 +163,7 @@ class GatewayAgent:
         self.metrics = metrics or Metrics
         self.on_config = on_config
         self.config_versions: dict[str, int] = dict(config_versions or {})
+        self.highest_epoch = 0  # of the pushes seen; 0: none carried one
         # (monotonic time, push) for every push that decoded, newest last.
         self.received: deque[tuple[float, ConfigPush]] = deque(maxlen=received_limit)
         # Fault injection.
@@ -243,8 +263,8 @@ class GatewayAgent:
     async def restart(self, *, initial_delay_s: float = 0.0) -> None:
         """A new gateway process: crash (if running), then start again with seq from 1.
 
-        Applied config versions and remembered push results survive, as a gateway's
-        applied configuration would on disk.
+        Applied config versions, the highest epoch and remembered push results survive,
+        as a gateway's applied configuration would on disk.
         """
         await self.crash()
         self._seq = 0
@@ -367,12 +387,25 @@ class GatewayAgent:
             version=push.version,
             error=None if result.ok else result.error,
             held_version=result.held_version,
+            held_epoch=result.held_epoch,
         )
         await self._reply(msg, ack)
 
     async def _apply(self, push: ConfigPush) -> ConfigResult:
         if self.fail_acks:  # injected, so not remembered: clearing the fault heals a retry
             return ConfigResult.reject("injected failure (fail_acks)")
+        if push.epoch is not None:
+            if push.epoch < self.highest_epoch:  # from a replaced leader: nothing of it
+                log.warning(
+                    "%s: %s v%d refused: epoch %d is below %d",
+                    self.gateway_id,
+                    push.config_type,
+                    push.version,
+                    push.epoch,
+                    self.highest_epoch,
+                )
+                return ConfigResult.stale_epoch(self.highest_epoch)
+            self.highest_epoch = push.epoch
         key = (push.distribution_id, push.version)
         known = self._results.get(key)
         if known is not None:

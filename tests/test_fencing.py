@@ -1,0 +1,164 @@
+"""Fencing at the gateway edge (issue 16), on a real nats-server: every push carries the
+leader's epoch; a gateway that has seen a higher one answers `stale_epoch`, and the
+leader steps down without failing anyone; a DistributionActor whose replica no longer
+leads stops acting, leaving its distribution as stored for the next leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pykka
+import pytest
+
+from actors.distribution import DistributionActor, read_answer
+from actors.distribution_store import DistributionStore
+from bus.edge import Drops
+from bus.jetstream import KvStore, bucket_name
+from bus.runtime import Bus, Reply
+from gatefleet.app import Orchestrator
+from gatefleet.client import GatefleetClient
+from schemas.api import Distribution
+from schemas.codec import decode, encode
+from schemas.wire import ConfigAck, ConfigPush
+from tests import test_distribution
+from tests.conftest import EventLog, wait_until
+from tests.distribution_events import steps
+from tests.test_distribution import ROUTE, ConfigFleet
+
+# The fixtures of the distribution tests: a fleet whose gateways record what they apply,
+# and `run` to start an orchestrator with short timings.
+fleet = test_distribution.fleet
+run = test_distribution.run
+
+PAUSED = "paused: this replica no longer leads"
+
+
+def stored(bus: Bus, prefix: str, dist_id: str) -> Distribution:
+    """The distribution as its store holds it: what the next leader resumes from."""
+
+    def store(name: str) -> KvStore:
+        kv = bus.run(bus.js.key_value(bucket_name(prefix, name)))
+        return KvStore(bus, kv, bucket_name(prefix, name))
+
+    return DistributionStore(store("distributions"), store("desired")).load().records[dist_id]
+
+
+def pushes(fleet: ConfigFleet, dist_id: str) -> dict[str, list[int | None]]:
+    """The epochs of the pushes of `dist_id` each gateway received."""
+    return {
+        gw: [p.epoch for _, p in agent.received if p.distribution_id == dist_id]
+        for gw, agent in fleet.agents.items()
+    }
+
+
+def no_distribution_actor() -> bool:
+    return not pykka.ActorRegistry.get_by_class(DistributionActor)
+
+
+def test_a_gateway_that_has_seen_a_higher_epoch_makes_the_leader_step_down(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gw-2 has been pushed by a leader of a higher epoch (another replica, since): it
+    refuses this leader's push with stale_epoch; the leader steps down, and gw-2 is not
+    failed: the distribution stays as stored."""
+    fleet.add_many("gw-1", "gw-2")
+    orchestrator = run()
+    epoch = orchestrator.lease.view.epoch
+    assert orchestrator.lease.still_leader()
+    assert epoch is not None
+    newer = ConfigPush(
+        distribution_id="dist-newer-leader",
+        config_type="Acl",
+        version=1,
+        config_data={},
+        epoch=epoch + 1000,
+    )
+    answer = decode(bus.ask(f"{prefix}.gw.gw-2.config", encode(newer), 5.0), ConfigAck)
+    assert answer.ok
+
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(lambda: not orchestrator.lease.still_leader(), what="the leader stepped down")
+    wait_until(lambda: PAUSED in caplog.text, what="the distribution paused")
+    wait_until(no_distribution_actor, what="its actor stopped")
+
+    assert orchestrator.lease.view.role == "standby"
+    assert f"gateway gw-2 has seen epoch {epoch + 1000}" in caplog.text
+    assert pushes(fleet, dist_id) == {"gw-1": [epoch], "gw-2": [epoch]}
+    assert [p.distribution_id for _, _, p in fleet.applied["gw-2"]] == ["dist-newer-leader"]
+    record = stored(bus, prefix, dist_id)
+    assert record.status == "in_progress"
+    assert {gw: d.state for gw, d in record.gateways.items()} == {"gw-1": "sent", "gw-2": "sent"}
+    assert record.failed_gateways == []
+    for step in ("gateway_nacked", "gateway_timed_out", "finished"):
+        assert steps(event_log, dist_id, step) == []
+
+
+def test_a_distribution_actor_stops_sending_once_its_replica_no_longer_leads(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Batches of one: the first gateway holds its ack until the lease is lost; its ack
+    then finds no leader, and nothing more is sent, stored or failed."""
+    gate = asyncio.Event()
+
+    async def hold(push: ConfigPush) -> None:
+        await gate.wait()
+
+    async def open_gate() -> None:
+        gate.set()
+
+    for gw in ("gw-1", "gw-2", "gw-3"):
+        fleet.add(gw, "eu-west", interval_s=0.5, on_config=hold)
+    orchestrator = run(distribution_batch_size=1, distribution_ack_timeout_ms=10_000)
+    epoch = orchestrator.lease.view.epoch
+
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
+    orchestrator.lease.step_down()  # as if no renewal had succeeded in time
+    bus.run(open_gate())
+    wait_until(lambda: PAUSED in caplog.text, what="the distribution paused")
+    wait_until(no_distribution_actor, what="its actor stopped")
+
+    sent = {gw: epochs for gw, epochs in pushes(fleet, dist_id).items() if epochs}
+    assert list(sent.values()) == [[epoch]]  # one gateway, once
+    [first] = sent
+    record = stored(bus, prefix, dist_id)
+    assert (record.status, record.batch) == ("in_progress", 1)
+    assert {gw: d.state for gw, d in record.gateways.items()} == {
+        gw: "sent" if gw == first else "pending" for gw in fleet.agents
+    }
+    for step in ("gateway_acked", "gateway_nacked", "gateway_timed_out", "finished"):
+        assert steps(event_log, dist_id, step) == []
+
+
+@pytest.mark.parametrize(
+    ("pushed", "ack", "expected"),
+    [
+        (5, {"error": "stale_epoch", "held_epoch": 9}, ("stale_epoch", None, 9)),
+        (5, {"error": "stale_epoch", "held_epoch": 5}, ("nack", "stale_epoch", None)),
+        (5, {"error": "stale_epoch"}, ("nack", "stale_epoch", None)),  # seen what?
+        (None, {"error": "stale_epoch", "held_epoch": 9}, ("nack", "stale_epoch", None)),
+    ],
+)
+def test_only_a_stale_epoch_above_the_one_pushed_is_a_fence(
+    pushed: int | None, ack: dict[str, object], expected: tuple[str, str | None, int | None]
+) -> None:
+    push = ConfigPush(
+        distribution_id="dist-1", config_type="Route", version=1, config_data={}, epoch=pushed
+    )
+    body = {"distribution_id": "dist-1", "gateway_id": "gw-1", "version": 1, "ok": False, **ack}
+    answer = read_answer(Reply(encode(body), None), push, "gw-1", Drops(), "p.gw.gw-1.config")
+    assert (answer.outcome, answer.detail, answer.held_epoch) == expected
