@@ -267,11 +267,11 @@ class DistributorActor(SafeActor):
         """Another replica leads (or will): the running distributions stop where their
         store has them, for the leader to resume; nothing is marked failed."""
         self.leading = False
-        stop_all(self.running.values(), timeout=5)
         log.warning(
             "this replica stopped leading: %d running distributions left to the leader",
             len(self.running),
         )
+        stop_all(self.running.values(), timeout=5)
         self._forget()
 
     def _load(self) -> None:

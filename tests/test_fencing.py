@@ -32,6 +32,7 @@ from tests.test_distribution import ROUTE, ConfigFleet
 fleet = test_distribution.fleet
 run = test_distribution.run
 
+STOOD_BY = "this replica stopped leading"
 PAUSED = "paused: this replica no longer leads"
 
 
@@ -86,8 +87,10 @@ def test_a_gateway_that_has_seen_a_higher_epoch_makes_the_leader_step_down(
 
     dist_id = client.distribute("Route", ROUTE).distribution_id
     wait_until(lambda: not orchestrator.lease.still_leader(), what="the leader stepped down")
-    wait_until(lambda: PAUSED in caplog.text, what="the distribution paused")
+    # Stopped by itself at its next step, or by the distributor hearing of the new role
+    # first, whichever comes first: either way as stored.
     wait_until(no_distribution_actor, what="its actor stopped")
+    assert PAUSED in caplog.text or STOOD_BY in caplog.text
 
     assert orchestrator.lease.view.role == "standby"
     assert f"gateway gw-2 has seen epoch {epoch + 1000}" in caplog.text
@@ -129,8 +132,8 @@ def test_a_distribution_actor_stops_sending_once_its_replica_no_longer_leads(
     wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
     orchestrator.lease.step_down()  # as if no renewal had succeeded in time
     bus.run(open_gate())
-    wait_until(lambda: PAUSED in caplog.text, what="the distribution paused")
     wait_until(no_distribution_actor, what="its actor stopped")
+    assert PAUSED in caplog.text or STOOD_BY in caplog.text
 
     sent = {gw: epochs for gw, epochs in pushes(fleet, dist_id).items() if epochs}
     assert list(sent.values()) == [[epoch]]  # one gateway, once
