@@ -85,6 +85,8 @@ class ChaosOptions:
     heartbeat_interval_ms: int = 1000
     distribution_timeout_s: float = 60.0
     ready_timeout_s: float = 60.0
+    # A killed orchestrator's lease is waited out before its restart leads and resumes.
+    lease_ms: int = 10_000
 
 
 @dataclass
@@ -181,6 +183,9 @@ distribution_retry_count = 5
 
 [audit]
 max_bytes = {64 * 1024 * 1024}
+
+[cluster]
+lease_ms = {options.lease_ms}
 """
         )
 
@@ -561,6 +566,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--orchestrator-kills", type=int, default=defaults.orchestrator_kills)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lease-ms", type=int, default=defaults.lease_ms)
     parser.add_argument("--keep", help="keep the logs and stores in this directory")
     args = parser.parse_args(argv)
     options = ChaosOptions(
@@ -569,6 +575,7 @@ def main(argv: Sequence[str]) -> None:
         orchestrator_kills=args.orchestrator_kills,
         seed=args.seed,
         batch_size=args.batch_size,
+        lease_ms=args.lease_ms,
     )
     print(f"chaos seed {options.seed}", flush=True)
     if args.keep:

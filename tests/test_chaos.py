@@ -22,6 +22,7 @@ def test_a_short_seeded_chaos_run_loses_nothing(tmp_path: Path) -> None:
         server_kill_within_s=0.05,
         distribution_timeout_s=20,
         ready_timeout_s=30,
+        lease_ms=2000,
     )
     report = Chaos(options, tmp_path).run()
     lines: list[str] = []

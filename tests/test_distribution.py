@@ -627,6 +627,8 @@ def up_config(nats_server: EmbeddedServer, prefix: str, tmp_path: Path) -> Path:
         "[orchestrator]\ndistribution_batch_size = 1\ndistribution_ack_timeout_ms = 3000\n"
         "distribution_retry_delay_ms = 100\n"
         "[health]\nheartbeat_interval_ms = 500\nprobe_interval_ms = 0\n"
+        # A killed run's lease is waited out before the next one leads: kept short.
+        "[cluster]\nlease_ms = 2000\n"
     )
     return config
 
