@@ -339,6 +339,27 @@ class Bus:
         """A blocking request for client code (not actors): the reply's bytes, or BusError."""
         return self.run(self.ask_on_loop(subject, _encoded(body), timeout), timeout=timeout + 5)
 
+    def gather(self, subject: str, body: Body, wait_s: float) -> list[bytes]:
+        """A request every responder answers (as `$SRV.INFO`): the replies that arrive
+        within `wait_s`, from client code (not actors)."""
+
+        async def gather() -> list[bytes]:
+            inbox = self.nc.new_inbox()
+            replies: list[bytes] = []
+
+            async def collect(msg: Msg) -> None:
+                replies.append(msg.data)
+
+            subscription = await self.nc.subscribe(inbox, cb=collect)
+            try:
+                await self.nc.publish(subject, _encoded(body), reply=inbox)
+                await asyncio.sleep(wait_s)
+            finally:
+                await subscription.unsubscribe()
+            return replies
+
+        return self.run(gather(), timeout=wait_s + 5)
+
     async def ask_on_loop(self, subject: str, data: bytes, timeout: float) -> bytes:  # noqa: ASYNC109 - the NATS request's own timeout
         """`ask` for code already on this bus's loop (the HTTP API): reply bytes, or BusError
         saying why nobody answered."""

@@ -270,6 +270,17 @@ def status(config: str | None, nats: str | None, as_json: bool) -> None:
         output.show_status(client.status(), as_json=ctx.as_json)
 
 
+@main.command()
+@client_options
+def replicas(config: str | None, nats: str | None, as_json: bool) -> None:
+    """List the running gatefleet replicas, with their role and the lease's last renewal."""
+    with connected(config, nats, as_json) as (client, ctx):
+        found = client.replicas()
+        if not found:
+            fail("no gatefleet replica answered: is gatefleet running?", EXIT_FAILURE)
+        output.show_replicas(found, as_json=ctx.as_json)
+
+
 def _limit_option(what: str) -> Callable[[F], F]:
     return click.option(
         "--limit",

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from bus.connection import AccessRefused, BusError, ClientAuth
+from bus.micro import SERVICE_NAME
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas import endpoints as api
@@ -51,11 +52,14 @@ from schemas.api import (
     SelectRequest,
     StatusReply,
 )
-from schemas.codec import decode
+from schemas.codec import DecodeError, decode
 from schemas.endpoints import Endpoint
+from schemas.micro import PingResponse, Replica, replica_of
 from schemas.types import DistributionStatus, GatewayStatus, StrategyName
 
 T = TypeVar("T", bound=msgspec.Struct)
+# How long `replicas()` listens for answers: every replica answers $SRV.PING at once.
+REPLICAS_WAIT_S = 0.5
 P = TypeVar("P", GatewaysReply, DistributionListReply, DistributionPage)
 
 
@@ -142,6 +146,24 @@ class GatefleetClient:
 
     def status(self) -> StatusReply:
         return self.call(api.STATUS, Empty())
+
+    def replicas(self, wait_s: float = REPLICAS_WAIT_S) -> list[Replica]:
+        """Every gatefleet replica on this prefix that answers NATS service discovery
+        within `wait_s`, by replica id."""
+        try:
+            answers = self._bus.gather(f"$SRV.PING.{SERVICE_NAME}", b"", wait_s)
+        except BusError as exc:
+            raise Unavailable(str(exc)) from exc
+        found = []
+        for data in answers:
+            try:
+                ping = decode(data, PingResponse)
+            except DecodeError:
+                continue  # not a micro answer: not ours to list
+            replica = replica_of(ping)
+            if replica is not None and ping.metadata.get("subject_prefix") == self.subjects.prefix:
+                found.append(replica)
+        return sorted(found, key=lambda r: r.replica_id)
 
     def gateways(
         self,

@@ -28,6 +28,7 @@ from schemas.api import (
 
 if TYPE_CHECKING:
     from gatefleet.simulate import SimulationSummary
+    from schemas.micro import Replica
 
 # Piped output is not wrapped at 80 columns: tables stay one row per gateway.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -98,6 +99,27 @@ def _ago(when: datetime | None) -> str:
         return "never"
     seconds = (datetime.now(UTC) - when).total_seconds()
     return f"{seconds:.1f}s ago" if seconds < 120 else when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def show_replicas(replicas: list[Replica], *, as_json: bool) -> None:
+    if as_json:
+        print_json(replicas)
+        return
+    table = Table(title=f"{len(replicas)} replicas", title_justify="left")
+    for column in ("replica", "role", "leader", "epoch", "lease renewed", "version"):
+        table.add_column(column, no_wrap=True)
+    for r in replicas:
+        renewed = datetime.fromisoformat(r.lease_renewed_at) if r.lease_renewed_at else None
+        role = f"[bold green]{r.role}[/]" if r.role == "leader" else r.role
+        table.add_row(
+            r.replica_id,
+            role,
+            r.leader or "unknown",
+            "-" if r.epoch is None else str(r.epoch),
+            _ago(renewed),
+            r.version,
+        )
+    console.print(table)
 
 
 def read_pages(

@@ -27,6 +27,35 @@ class PingResponse(_Identity, frozen=True):
     pass
 
 
+class Replica(msgspec.Struct, frozen=True, kw_only=True):
+    """One running gatefleet replica, as its `$SRV.PING` answer describes it (issue 16):
+    `gatefleet replicas`."""
+
+    replica_id: str
+    role: str  # "leader" or "standby"
+    leader: str | None  # the leading replica as this one knows it
+    epoch: int | None
+    lease_renewed_at: str | None  # the lease's last renewal, by its holder's clock
+    version: str  # gatefleet's version
+    service_id: str  # its $SRV id
+
+
+def replica_of(ping: PingResponse) -> Replica | None:
+    """The replica a gatefleet `$SRV.PING` answer describes; None for other services."""
+    meta = ping.metadata
+    if "replica_id" not in meta:
+        return None
+    return Replica(
+        replica_id=meta["replica_id"],
+        role=meta.get("role", ""),
+        leader=meta.get("leader") or None,
+        epoch=int(meta["epoch"]) if meta.get("epoch", "").isdigit() else None,
+        lease_renewed_at=meta.get("lease_renewed_at") or None,
+        version=ping.version,
+        service_id=ping.id,
+    )
+
+
 class EndpointInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     subject: str

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 
 from bus.runtime import Bus
+from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
+from gatefleet.cli import main
 from gatefleet.client import GatefleetClient
 from schemas.api import DistributeRequest, ErrorReply, StatusReply
 from schemas.codec import decode, encode
@@ -165,3 +168,30 @@ def test_a_clean_stop_of_the_leader_hands_over_at_once_and_distributions_go_on(
         if e.distribution_id == first.distribution_id
     ]
     assert len({(e.step, e.gateway_id) for e in steps}) == len(steps)  # each fact once
+
+
+def test_gatefleet_replicas_lists_each_replica_with_its_role(
+    replicas: tuple[Orchestrator, Orchestrator],
+    client: GatefleetClient,
+    tmp_path: Path,
+    prefix: str,
+    nats_server: EmbeddedServer,
+) -> None:
+    a, _ = replicas
+    found = client.replicas()
+    assert [(r.replica_id, r.role, r.leader) for r in found] == [
+        ("a", "leader", "a"),
+        ("b", "standby", "a"),
+    ]
+    assert {r.epoch for r in found} == {a.lease.view.epoch}
+    assert found[0].lease_renewed_at is not None
+
+    config = tmp_path / "client.toml"
+    config.write_text(f'[bus]\nurl = "{nats_server.url}"\nsubject_prefix = "{prefix}"\n')
+    result = CliRunner().invoke(main, ["replicas", "--json", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    listed = msgspec.json.decode(result.output)
+    assert [(r["replica_id"], r["role"]) for r in listed] == [("a", "leader"), ("b", "standby")]
+    human = CliRunner().invoke(main, ["replicas", "--config", str(config)])
+    assert human.exit_code == 0
+    assert "2 replicas" in human.output
