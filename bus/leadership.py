@@ -125,6 +125,11 @@ class Lease:
         # When the lease was last renewed, by its holder's clock (for people: `gatefleet
         # replicas`); None while no lease is known.
         self.renewed_at: datetime | None = None
+        # The lease's revision at this replica's first read, and whether it took over a
+        # lease still at that revision: one nobody renewed since this replica started,
+        # whose holder had stopped before (a killed run, not a live replica).
+        self.first_revision: int | None = None
+        self.took_over_unrenewed = False
 
     # Any thread -----------------------------------------------------------------------
 
@@ -154,7 +159,7 @@ class Lease:
             if tenure is None:
                 return None
             epoch, revision, stop_at = tenure
-            self._stand_down("stopping")
+            self._stand_down("stopping", level=logging.INFO)
             write = self._write(
                 epoch, revision, self._clock(), stop_at - self._clock(), takeover=False
             )
@@ -192,6 +197,8 @@ class Lease:
     def observed(self, revision: int, record: LeaseRecord | None) -> None:
         now = self._clock()
         with self._lock:
+            if self.first_revision is None:
+                self.first_revision = revision
             if self._seen is None or self._seen[0] != revision:
                 self._seen = (revision, record, now)
             self._fresh = True
@@ -213,6 +220,7 @@ class Lease:
                 self._tenure = (epoch, revision, stop_at)  # renewed
             elif self._tenure is None and write.takeover:
                 log.info("lease: %s leads, epoch %d", self.replica_id, epoch)
+                self.took_over_unrenewed = write.revision == self.first_revision
                 self._tenure = (epoch, revision, stop_at)
                 self._renew_at = write.sent_at + self.terms.renew_every_s
                 self._show(LeaseView("leader", self.replica_id, epoch))
@@ -268,9 +276,11 @@ class Lease:
         )
         return LeaseView("standby", record.replica_id if live else None, record.epoch)
 
-    def _stand_down(self, why: str) -> None:
+    def _stand_down(self, why: str, level: int = logging.WARNING) -> None:
         assert self._tenure is not None
-        log.warning("lease: %s stops leading (epoch %d): %s", self.replica_id, self._tenure[0], why)
+        log.log(
+            level, "lease: %s stops leading (epoch %d): %s", self.replica_id, self._tenure[0], why
+        )
         self._tenure = None
         self._read_at = -math.inf  # read at once: who leads now?
         self._fresh = False

@@ -141,8 +141,7 @@ class Orchestrator:
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
         events.start()
         self.events = events  # from here on, a stop flushes it
-        if self.lease.still_leader():  # else another replica runs: the stream goes on
-            self._check_last_run(jetstream, events)
+        self._check_last_run(jetstream, events)
         self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health, self.lease)
         context = Context(
             bus=self.bus,
@@ -236,14 +235,31 @@ class Orchestrator:
 
         lease.on_change(report)
 
-    @staticmethod
-    def _check_last_run(jetstream: JetStream, events: EventOutbox) -> None:
-        """Records an audit gap when the previous run did not stop cleanly."""
+    def _check_last_run(self, jetstream: JetStream, events: EventOutbox) -> None:
+        """Records an audit gap when the previous run did not stop cleanly: at once if
+        this replica leads, else once it takes over a lease nobody renewed since it
+        started (the holder was that run); a standby joining live replicas records none."""
         last = jetstream.last_event()
         gap = None if last is None else unclean_stop_gap(*last)
-        if gap is not None:
+        if gap is None:
+            return
+        lease = self.lease
+
+        def record() -> None:
             log.warning("%s; since %s", gap.reason, gap.since.isoformat())
             events.emit(gap)
+
+        if lease.still_leader():
+            record()
+            return
+        recorded = threading.Event()
+
+        def on_change(view: LeaseView) -> None:
+            if view.role == "leader" and lease.took_over_unrenewed and not recorded.is_set():
+                recorded.set()
+                record()
+
+        lease.on_change(on_change)
 
     def _server_died(self, status: int | None) -> None:
         """The embedded nats-server ended on its own (called on its log reader's thread,

@@ -65,10 +65,11 @@ class _Body(msgspec.Struct, frozen=True, kw_only=True):
     """Base for API bodies."""
 
 
-class ErrorDetail(_Body, frozen=True, gc=False):
+class ErrorDetail(_Body, frozen=True, gc=False, omit_defaults=True):
     code: ErrorCode
     message: str
-    # Addition: when to try again, for an `unavailable` that will pass (no leader yet).
+    # Addition: when to try again, for an `unavailable` that will pass (no leader yet);
+    # left out otherwise, so that every other error body is as it always was.
     retry_after_ms: int | None = None
 
 

@@ -338,15 +338,21 @@ def test_a_killed_run_is_recorded_as_a_gap_by_the_next_start(
         process.wait(10)
     [last] = stored_events(bus, prefix)
 
-    gatefleet = start_orchestrator(settings)
+    # The killed run's lease is waited out (a short one here): the next start leads
+    # only then, and records the gap as it takes over.
+    gatefleet = start_orchestrator(make_settings(cluster={"lease_ms": 1000}))
     assert gatefleet.events is not None
+    wait_until(gatefleet.lease.still_leader, what="the next start leads")
+    wait_until(
+        lambda: any(isinstance(e, AuditGap) for e in stored_events(bus, prefix)),
+        what="the gap stored",
+    )
     settled(gatefleet.events)
     stored = stored_events(bus, prefix)
-    gap = stored[1]
-    assert isinstance(gap, AuditGap)
+    [gap] = [e for e in stored if isinstance(e, AuditGap)]
     assert (gap.cause, gap.since, gap.events_lost) == ("unclean_stop", last.ts, None)
     assert last.ts < gap.until <= datetime.now(UTC)
-    assert isinstance(stored[2], OrchestratorStarted)  # recorded before anything else
+    assert isinstance(stored[1], OrchestratorStarted)  # the next run's, from its start
 
     [line] = audit_lines(settings, tmp_path, "--type", "audit.gap")
     assert f"may miss events from {last.ts:%Y-%m-%d %H:%M:%S}" in line

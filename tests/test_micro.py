@@ -32,12 +32,24 @@ async def test_srv_lists_the_endpoints_with_true_counts(
     start_orchestrator: Callable[[Settings], Orchestrator],
     prefix: str,
 ) -> None:
-    start_orchestrator(make_settings())
+    orchestrator = start_orchestrator(make_settings(cluster={"replica_id": "r1"}))
     nc = await nats.connect(nats_server.url)
     try:
         ping = await ask(nc, "$SRV.PING.gatefleet")
         assert ping["type"] == "io.nats.micro.v1.ping_response"
-        assert (ping["name"], ping["metadata"]) == ("gatefleet", {"subject_prefix": prefix})
+        renewed = orchestrator.lease.renewed_at
+        assert renewed is not None
+        assert (ping["name"], ping["metadata"]) == (
+            "gatefleet",
+            {
+                "subject_prefix": prefix,
+                "replica_id": "r1",
+                "role": "leader",
+                "leader": "r1",
+                "epoch": str(orchestrator.lease.view.epoch),
+                "lease_renewed_at": renewed.isoformat(),
+            },
+        )
         assert ServicePing.from_dict(ping).id == ping["id"]
         assert (await ask(nc, "$SRV.PING"))["id"] == ping["id"]
         service = f"gatefleet.{ping['id']}"
