@@ -3,6 +3,9 @@
 Names: the stream is `GATEFLEET_EVENTS` (PROTOCOL.md) for the default prefix; a
 deployment with another prefix gets `GATEFLEET_EVENTS_<PREFIX>` so that two fleets can
 share one NATS account. Buckets are `<prefix>_<name>` likewise.
+
+The `sticky` bucket (actors/sticky.py) forgets a key `sticky_ttl_s` after its last write
+(its max_age) and keeps at most MAX_STICKY_CLIENTS keys, the oldest written dropped first.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -27,6 +30,7 @@ from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
 from schemas.events import Event, decode_event
+from schemas.settings import DEFAULT_STICKY_TTL_S, MAX_STICKY_CLIENTS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=msgspec.Struct)
@@ -34,6 +38,7 @@ R = TypeVar("R")
 
 DEFAULT_PREFIX = "gatefleet"
 BUCKETS = ("settings", "distributions", "desired")
+STICKY_BUCKET = "sticky"
 DUPLICATE_WINDOW_S = 120.0
 # Reading a whole bucket at start: a large store takes longer than one call.
 ENTRIES_TIMEOUT_S = 300.0
@@ -205,21 +210,26 @@ class JetStream:
         self.buckets: dict[str, KvStore] = {}
 
     def setup(
-        self, *, max_age_s: float, max_bytes: int, kv_retries: int = 0, kv_backoff_s: float = 0.0
+        self,
+        *,
+        max_age_s: float,
+        max_bytes: int,
+        kv_retries: int = 0,
+        kv_backoff_s: float = 0.0,
+        sticky_ttl_s: float = DEFAULT_STICKY_TTL_S,
     ) -> None:
         """Creates or updates the stream and buckets; safe to run on every start. The
         buckets' calls are retried as KvStore says."""
         self._bus.run(
             self._ensure_stream(event_stream_config(self._subjects, max_age_s, max_bytes))
         )
-        for name in BUCKETS:
-            kv = self._bus.run(self._ensure_bucket(bucket_name(self._subjects.prefix, name)))
+        for name in (*BUCKETS, STICKY_BUCKET):
+            bucket = bucket_name(self._subjects.prefix, name)
+            kv = self._bus.run(self._ensure_bucket(bucket))
+            if name == STICKY_BUCKET:
+                self._bus.run(self._limit(f"KV_{bucket}", sticky_ttl_s, MAX_STICKY_CLIENTS))
             self.buckets[name] = KvStore(
-                self._bus,
-                kv,
-                bucket_name(self._subjects.prefix, name),
-                retries=kv_retries,
-                backoff_s=kv_backoff_s,
+                self._bus, kv, bucket, retries=kv_retries, backoff_s=kv_backoff_s
             )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
@@ -239,6 +249,22 @@ class JetStream:
             return await js.create_key_value(
                 KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1)
             )
+
+    async def _limit(self, stream: str, max_age_s: float, max_msgs: int) -> None:
+        """Sets a bucket's max_age and max_msgs (dropping the oldest message when full),
+        also when an earlier run set others: the TTL is a setting."""
+        js = self._bus.js
+        config = (await js.stream_info(stream)).config
+        if (config.max_age, config.max_msgs, config.discard) == (
+            max_age_s,
+            max_msgs,
+            DiscardPolicy.OLD,
+        ):
+            return
+        config.max_age, config.max_msgs, config.discard = max_age_s, max_msgs, DiscardPolicy.OLD
+        # The server refuses a duplicate window longer than max_age.
+        config.duplicate_window = min(config.duplicate_window or max_age_s, max_age_s)
+        await js.update_stream(config)
 
     def last_event(self) -> tuple[Event | None, datetime] | None:
         """The stream's last event (None if it does not decode) and when it was stored;

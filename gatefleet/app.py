@@ -118,6 +118,7 @@ class Orchestrator:
             max_bytes=audit.max_bytes,
             kv_retries=self.settings.orchestrator.kv_write_retries,
             kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
+            sticky_ttl_s=self.settings.load_balancing.sticky_ttl_s,
         )
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
         events.start()
