@@ -26,6 +26,7 @@ from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus.connection import BusError
+from bus.kv_watch import KvWatch, OnChange
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
@@ -98,6 +99,7 @@ class KvStore:
     ) -> None:
         self._bus = bus
         self._kv = kv
+        self._name = bucket
         # The bucket's stream and subjects, as NATS names them (to purge keys).
         self._stream = f"KV_{bucket}"
         self._subject_prefix = f"$KV.{bucket}."
@@ -122,6 +124,15 @@ class KvStore:
         """Starts the write and returns at once (for an actor on a loop, which must never
         wait): the future ends with the new revision, or the write's error."""
         return self._bus.submit(self._kv.put(key, encode(value)))
+
+    def delete_soon(self, key: str) -> concurrent.futures.Future[bool]:
+        """`delete`, started like `put_soon`."""
+        return self._bus.submit(self._kv.delete(key))
+
+    def watch(self, on_change: OnChange) -> KvWatch:
+        """Every key's value, then every change, told to `on_change` (bus/kv_watch.py),
+        from `start()` on."""
+        return KvWatch(self._bus, self._kv, self._name, on_change)
 
     def get(self, key: str, kind: type[T]) -> T | None:
         async def fetch() -> bytes | None:
