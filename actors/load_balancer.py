@@ -8,7 +8,8 @@ Receives: GatewayUpdated, GatewayRemoved, the requests below, ReportTo (from app
 whom to tell LoadBalancingInForce); from the supervisor FindReplacementFor (answered with
 ReplacementFound) and Hold/ReleaseGateway (failed-over primaries kept out of the pool
 until a manual failback); from the watch, each change of a sticky client's gateway
-(`_StickyChanged`, latest lane: the newest value of a client replaces an unread one).
+(`_StickyChanged`, latest lane: the newest value of a client replaces an unread one);
+asked by tests, StickyOf (a client's gateway in this replica's copy).
 Emits: when audit.record_selections, its `SelectionLog` (actors/selection_log.py):
 `lb.selections` batches (each selection's inputs, and the pool's changes between them)
 and `lb.snapshot`, recorded after the reply is published, so that `gatefleet audit`
@@ -210,6 +211,8 @@ class LoadBalancerActor(SafeActor):
                 self.lb.remove(gateway_id)
             case _StickyChanged():
                 self._sticky_changed(message)
+            case StickyOf(client_id=client_id):
+                return self.lb.sticky.gateway(client_id, self.ctx.clock())
             case _FlushSelections():
                 if self.lb.log is not None:
                     self.lb.log.flush()
@@ -326,6 +329,13 @@ class _SettingsStored:
     config: LoadBalancingConfig
     reply: str
     error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class StickyOf:
+    """Asked by tests: the client's gateway as this replica knows it (None: none)."""
+
+    client_id: str
 
 
 @dataclass(frozen=True, slots=True)
