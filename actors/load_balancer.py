@@ -2,8 +2,9 @@
 
 Owns: a `Balancer` (actors/balancer.py: the selection `Pool`, fed by GatewayActors' tells
 and never asked at selection time, the strategy and threshold in force, persisted in
-the `settings` bucket, round-robin cursors, sticky clients, slow start), and the watch
-of the `sticky` bucket, which every replica shares (actors/sticky.py).
+the `settings` bucket, round-robin cursors, sticky clients, slow start), and the
+`sticky` bucket, which every replica shares (actors/sticky.py): written and watched on
+the API lane's connection.
 Receives: GatewayUpdated, GatewayRemoved, the requests below, ReportTo (from app.py:
 whom to tell LoadBalancingInForce); from the supervisor FindReplacementFor (answered with
 ReplacementFound) and Hold/ReleaseGateway (failed-over primaries kept out of the pool
@@ -48,7 +49,7 @@ from actors.pool import Pool
 from actors.selection_log import SelectionLog
 from actors.sticky import bucket_key
 from bus.edge import reply_error
-from bus.jetstream import STICKY_BUCKET, failure_reason
+from bus.jetstream import STICKY_BUCKET, failure_reason, open_bucket
 from bus.kv_watch import KvWatch
 from bus.log_throttle import LogThrottle, held_back
 from schemas import endpoints as api
@@ -111,6 +112,7 @@ class LoadBalancerActor(SafeActor):
             )
         )
         self._sticky_trouble = LogThrottle(STICKY_LOG_S)
+        self._sticky = open_bucket(context.runtime.api_bus, context.subjects.prefix, STICKY_BUCKET)
         self._sticky_watch = self._watch_sticky()
         # Requests wait in the inbox until the actor has started.
         self._subscriptions = self.serve("load_balancer", self.ctx)
@@ -139,10 +141,10 @@ class LoadBalancerActor(SafeActor):
         every client the bucket holds: they are in the inbox before any request."""
         ref = self.actor_ref
 
-        def changed(key: str, value: bytes | None, age_s: float) -> None:  # on the bus loop
+        def changed(key: str, value: bytes | None, age_s: float) -> None:  # on the API loop
             tell_latest(ref, ("sticky", key), _StickyChanged(key, value, age_s))
 
-        watch = self.ctx.buckets[STICKY_BUCKET].watch(changed)
+        watch = self._sticky.watch(changed)
         watch.start()
         if not watch.caught_up.wait(STICKY_LOAD_TIMEOUT_S):
             log.warning(
@@ -156,15 +158,15 @@ class LoadBalancerActor(SafeActor):
         """Tells the other replicas (the `sticky` bucket) a client's gateway, without
         waiting; a write that fails is logged, and made again at the client's next change
         or refresh."""
-        bucket, key = self.ctx.buckets[STICKY_BUCKET], bucket_key(client_id)
+        key = bucket_key(client_id)
         if gateway_id is None:
-            written: Future[Any] = bucket.delete_soon(key)
+            written: Future[Any] = self._sticky.delete_soon(key)
         else:
-            written = bucket.put_soon(key, StickyAssignment(gateway_id=gateway_id))
+            written = self._sticky.put_soon(key, StickyAssignment(gateway_id=gateway_id))
         written.add_done_callback(self._shared)
 
     def _shared(self, written: Future[Any]) -> None:
-        """A sticky client's write ended (on the bus loop)."""
+        """A sticky client's write ended (on the API lane's loop)."""
         error = None if written.cancelled() else written.exception()
         if error is not None:
             self._sticky_log("write", f"a sticky client not shared: {failure_reason(error)}")

@@ -212,6 +212,14 @@ class KvStore:
                 delay *= 2
 
 
+def open_bucket(bus: Bus, prefix: str, name: str) -> KvStore:
+    """A bucket that `JetStream.setup` created, on another connection than its own (the
+    API lane's: the sticky clients are written and watched there, next to the selections
+    that change them, not on the loop that reads heartbeats). Blocks the caller."""
+    bucket = bucket_name(prefix, name)
+    return KvStore(bus, bus.run(bus.js.key_value(bucket)), bucket)
+
+
 class JetStream:
     """The orchestrator's durable state: stream + buckets."""
 
