@@ -148,7 +148,8 @@ def test_any_replica_gives_a_sticky_client_the_same_gateway(
     replicas: tuple[Replica, Replica], replies: Replies, client: GatefleetClient
 ) -> None:
     a, b = replicas
-    clients = [f"client-{n}" for n in range(6)]
+    # Any id a client may send: dots, wildcards, spaces, 256 characters of 4 UTF-8 bytes.
+    clients = [*(f"client-{n}" for n in range(6)), "a.b *>/ c", "😀" * 256]
     # RoundRobin on A spreads them over the three gateways.
     assigned = {c: replies.select_on(a, c).gateway_id for c in clients}
     assert set(assigned.values()) == set(GATEWAYS)
