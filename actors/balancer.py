@@ -1,21 +1,21 @@
 """The load balancer's state and decisions, without the actor: pure logic, no threads.
 
 `Balancer` owns the selection `Pool`, the strategy and threshold in force, the rotation
-cursors, a seeded random generator, the sticky clients, slow start, and (when the audit
-records selections) the `SelectionLog`, which it tells every change and every selection
-in the order they happen. The LoadBalancerActor feeds it its messages; tests and
-benchmarks drive it directly.
+cursors, a seeded random generator, the sticky clients (actors/sticky.py), slow start,
+and (when the audit records selections) the `SelectionLog`, which it tells every change
+and every selection in the order they happen. The LoadBalancerActor feeds it its
+messages; tests and benchmarks drive it directly.
 
 A selection is two calls, so that the client gets its answer before anything is
 recorded: `choose(request)` decides (a `Choice`: the selection and its id), `commit`
-records it and counts the pick (LeastConnections' picks since the last heartbeat).
+records it, counts the pick (LeastConnections' picks since the last heartbeat) and, when
+the client's assignment changed, shares it (`share`: the other replicas hear of it).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import msgspec
@@ -24,12 +24,14 @@ from actors.failover import Replacement, choose_replacement
 from actors.pool import Pool
 from actors.selection_log import RecordingDraws, SelectionLog
 from actors.slow_start import SlowStart
+from actors.sticky import StickyClients
 from actors.strategies import Selection, SelectorState, select
 from schemas.api import GatewaySnapshot, LoadBalancingConfig, SelectRequest
 from schemas.events import SelectionRules
 from schemas.settings import Settings
 
-MAX_STICKY_CLIENTS = 100_000
+# Tells the other replicas a client's gateway (None: it has none).
+Share = Callable[[str, str | None], None]
 
 
 def selection_rules(settings: Settings) -> SelectionRules:
@@ -49,6 +51,7 @@ class Choice(msgspec.Struct, frozen=True, gc=False):
     selection_id: str | None  # None: selections are not recorded
     sticky: str | None  # the client's remembered gateway it was judged with
     draws: list[float]
+    share: bool = False  # the client's assignment is to be shared (changed, or refreshed)
 
 
 class Balancer:
@@ -59,6 +62,7 @@ class Balancer:
         *,
         log: SelectionLog | None = None,
         clock: Callable[[], float] = time.monotonic,
+        share: Share | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -66,9 +70,10 @@ class Balancer:
         self.state = SelectorState()
         self.rng = RecordingDraws(random.Random(settings.load_balancing.random_seed))
         self.slow_start = SlowStart(settings.load_balancing.slow_start_s)
-        self.sticky: OrderedDict[str, str] = OrderedDict()
+        self.sticky = StickyClients(settings.load_balancing.sticky_ttl_s)
         self.log = log
         self.clock = clock
+        self.share = share
 
     # Changes -------------------------------------------------------------------------------
 
@@ -106,7 +111,8 @@ class Balancer:
 
     def choose(self, request: SelectRequest) -> Choice:
         client_id = request.client_id
-        sticky = self.sticky.get(client_id) if client_id else None
+        now = self.clock() if client_id else 0.0
+        sticky = self.sticky.gateway(client_id, now) if client_id else None
         draws = self.rng.draws
         draws.clear()
         selection = select(
@@ -120,19 +126,22 @@ class Balancer:
             sticky_gateway=sticky,
             ramp=self._ramp(),
         )
-        if client_id:
-            self._remember(client_id, selection.gateway_id)
+        share = self.sticky.remember(client_id, selection.gateway_id, now) if client_id else False
         selection_id = None if self.log is None else self.log.reserve()
-        return Choice(request, selection, selection_id, sticky, draws.copy())
+        return Choice(request, selection, selection_id, sticky, draws.copy(), share)
 
     def commit(self, choice: Choice) -> None:
-        """Records `choice` (the last one chosen), then counts its pick."""
+        """Records `choice` (the last one chosen), counts its pick, and shares the client's
+        assignment if it changed."""
         if self.log is not None:
             self.log.selected(
                 self.pool, choice.request, choice.selection, choice.sticky, choice.draws
             )
-        if choice.selection.gateway_id is not None:  # after the record: the load as judged
-            self.pool.picked(choice.selection.gateway_id)
+        gateway_id = choice.selection.gateway_id
+        if gateway_id is not None:  # after the record: the load as judged
+            self.pool.picked(gateway_id)
+        if choice.share and self.share is not None and choice.request.client_id:
+            self.share(choice.request.client_id, gateway_id)
 
     def replacement(self, failed: GatewaySnapshot) -> Replacement:
         """Where a failed gateway's traffic goes (actors/failover.py). It moves the
@@ -153,12 +162,3 @@ class Balancer:
             return None
         now = self.clock()
         return lambda gateway_id: slow_start.factor(gateway_id, now)
-
-    def _remember(self, client_id: str, gateway_id: str | None) -> None:
-        if gateway_id is None:
-            self.sticky.pop(client_id, None)
-            return
-        self.sticky[client_id] = gateway_id
-        self.sticky.move_to_end(client_id)
-        if len(self.sticky) > MAX_STICKY_CLIENTS:
-            self.sticky.popitem(last=False)  # forget the least recently seen client

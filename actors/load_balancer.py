@@ -2,11 +2,15 @@
 
 Owns: a `Balancer` (actors/balancer.py: the selection `Pool`, fed by GatewayActors' tells
 and never asked at selection time, the strategy and threshold in force, persisted in
-the `settings` bucket, round-robin cursors, sticky clients, slow start).
+the `settings` bucket, round-robin cursors, sticky clients, slow start), and the
+`sticky` bucket, which every replica shares (actors/sticky.py): written and watched on
+the API lane's connection.
 Receives: GatewayUpdated, GatewayRemoved, the requests below, ReportTo (from app.py:
 whom to tell LoadBalancingInForce); from the supervisor FindReplacementFor (answered with
 ReplacementFound) and Hold/ReleaseGateway (failed-over primaries kept out of the pool
-until a manual failback).
+until a manual failback); from the watch, each change of a sticky client's gateway
+(`_StickyChanged`, latest lane: the newest value of a client replaces an unread one);
+asked by tests, StickyOf (a client's gateway in this replica's copy).
 Emits: when audit.record_selections, its `SelectionLog` (actors/selection_log.py):
 `lb.selections` batches (each selection's inputs, and the pool's changes between them)
 and `lb.snapshot`, recorded after the reply is published, so that `gatefleet audit`
@@ -19,13 +23,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
 from actors.balancer import Balancer, selection_rules
-from actors.base import SafeActor, safe_tell
+from actors.base import SafeActor, safe_tell, tell_latest
 from actors.context import Context
 from actors.messages import (
     FindReplacementFor,
@@ -42,7 +47,11 @@ from actors.messages import (
 from actors.paging import BadCursor, gateways_page
 from actors.pool import Pool
 from actors.selection_log import SelectionLog
+from actors.sticky import bucket_key
 from bus.edge import reply_error
+from bus.jetstream import STICKY_BUCKET, failure_reason, open_bucket
+from bus.kv_watch import KvWatch
+from bus.log_throttle import LogThrottle, held_back
 from schemas import endpoints as api
 from schemas.api import (
     GatewaysRequest,
@@ -56,10 +65,15 @@ from schemas.events import (
     LoadBalancingChanged,
     OrchestratorStarted,
 )
+from schemas.stored import StickyAssignment
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "load_balancing"
+# How long start-up waits for the sticky clients the bucket holds (then they follow).
+STICKY_LOAD_TIMEOUT_S = 10.0
+# At most one line per kind of sticky-bucket trouble in this many seconds.
+STICKY_LOG_S = 60.0
 
 
 class LoadBalancerActor(SafeActor):
@@ -83,6 +97,7 @@ class LoadBalancerActor(SafeActor):
             config,
             log=self._selection_log(config) if settings.audit.record_selections else None,
             clock=context.clock,
+            share=self._share,
         )
         self.supervisor: pykka.ActorRef[Any] | None = None
         # The settings asked for last (in force, or being stored), and how many are.
@@ -100,6 +115,9 @@ class LoadBalancerActor(SafeActor):
                 epoch=self.ctx.lease.view.epoch,
             )
         )
+        self._sticky_trouble = LogThrottle(STICKY_LOG_S)
+        self._sticky = open_bucket(context.runtime.api_bus, context.subjects.prefix, STICKY_BUCKET)
+        self._sticky_watch = self._watch_sticky()
         # Requests wait in the inbox until the actor has started.
         self._subscriptions = self.serve("load_balancer", self.ctx)
 
@@ -122,6 +140,52 @@ class LoadBalancerActor(SafeActor):
             clock=self.ctx.clock,
         )
 
+    def _watch_sticky(self) -> KvWatch:
+        """Starts the watch of the sticky clients, and waits (a while) until it has told
+        every client the bucket holds: they are in the inbox before any request."""
+        ref = self.actor_ref
+
+        def changed(key: str, value: bytes | None, age_s: float) -> None:  # on the API loop
+            tell_latest(ref, ("sticky", key), _StickyChanged(key, value, age_s))
+
+        watch = self._sticky.watch(changed)
+        watch.start()
+        if not watch.caught_up.wait(STICKY_LOAD_TIMEOUT_S):
+            log.warning(
+                "sticky clients not read within %.0f s: they follow as the bucket's watch"
+                " catches up",
+                STICKY_LOAD_TIMEOUT_S,
+            )
+        return watch
+
+    def _share(self, client_id: str, gateway_id: str | None) -> None:
+        """Tells the other replicas (the `sticky` bucket) a client's gateway, without
+        waiting; a write that fails is logged, and made again at the client's next change
+        or refresh."""
+        key = bucket_key(client_id)
+        if gateway_id is None:
+            written: Future[Any] = self._sticky.delete_soon(key)
+        else:
+            written = self._sticky.put_soon(key, StickyAssignment(gateway_id=gateway_id))
+        written.add_done_callback(self._shared)
+
+    def _shared(self, written: Future[Any]) -> None:
+        """A sticky client's write ended (on the API lane's loop)."""
+        error = None if written.cancelled() else written.exception()
+        if error is not None:
+            self._sticky_log("write", f"a sticky client not shared: {failure_reason(error)}")
+
+    def _sticky_changed(self, change: _StickyChanged) -> None:
+        if not self.lb.sticky.apply_stored(
+            change.key, change.value, change.age_s, self.ctx.clock()
+        ):
+            self._sticky_log("read", f"sticky bucket: key {change.key[:80]!r} does not read")
+
+    def _sticky_log(self, kind: str, line: str) -> None:
+        held = self._sticky_trouble.admit(kind)
+        if held is not None:
+            log.warning("%s%s", line, held_back(held))
+
     def _stored_config(self) -> LoadBalancingConfig | None:
         try:
             stored = self.ctx.buckets["settings"].get(SETTINGS_KEY, LoadBalancingConfig)
@@ -139,6 +203,7 @@ class LoadBalancerActor(SafeActor):
     def on_stop(self) -> None:
         for subscription in self._subscriptions:
             subscription.unsubscribe()
+        self._sticky_watch.stop()
         if self.lb.log is not None:
             self.lb.log.flush()
 
@@ -150,6 +215,10 @@ class LoadBalancerActor(SafeActor):
                 self.lb.update(snapshot)
             case GatewayRemoved(gateway_id=gateway_id):
                 self.lb.remove(gateway_id)
+            case _StickyChanged():
+                self._sticky_changed(message)
+            case StickyOf(client_id=client_id):
+                return self.lb.sticky.gateway(client_id, self.ctx.clock())
             case _FlushSelections():
                 if self.lb.log is not None:
                     self.lb.log.flush()
@@ -266,6 +335,22 @@ class _SettingsStored:
     config: LoadBalancingConfig
     reply: str
     error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class StickyOf:
+    """Asked by tests: the client's gateway as this replica knows it (None: none)."""
+
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _StickyChanged:
+    """A sticky client's value in the bucket (None: deleted), written `age_s` ago."""
+
+    key: str
+    value: bytes | None
+    age_s: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 and one in a separate process.
 
     python -m bench select [--gateways 100 1000] [--audit both|on|off] [--background HZ]
+                           [--clients N]
 
 Each case (fleet size x `audit.record_selections`) runs in a fresh process with its own
 embedded nats-server and Orchestrator (RoundRobin, probing off, heartbeats never stale).
@@ -22,6 +23,9 @@ the same connection: latency from sequential requests (p50/p99), throughput from
 `--inflight` requests kept in flight, each in ABCD-DCBA order to cancel drift. The
 orchestrator process's CPU time over each throughput window gives CPU per request (for
 `echo-proc` that is the orchestrator's idle cost: the echo runs elsewhere).
+`--clients N` gives every request a `client_id`, one of N in turn (sticky clients): with
+N above the requests made, each is a new client, so each selection writes the `sticky`
+bucket; with a few, none does after the warm-up.
 """
 
 from __future__ import annotations
@@ -86,6 +90,21 @@ class Plan:
     window_s: float  # seconds per throughput window (two per subject)
     inflight: int
     background_hz: float = 0.0  # heartbeats per gateway per second while measuring
+    clients: int = 0  # sticky client ids the requests take in turn; 0: no client_id
+
+
+class Bodies:
+    """The requests' bodies: REQUEST, or one with the next of `clients` client ids."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients = clients
+        self.sent = 0
+
+    def next(self) -> bytes:
+        if not self.clients:
+            return REQUEST
+        self.sent += 1
+        return b'{"client_id":"client-%d"}' % (self.sent % self.clients)
 
 
 def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, Any]:
@@ -132,6 +151,7 @@ def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, An
         gateways=count,
         audit=record_selections,
         background_hz=plan.background_hz,
+        clients=plan.clients,
         register_s=register_s,
         heartbeats_accepted=accepted,
     )
@@ -300,21 +320,22 @@ async def _client(
         conn.send(("registered",))
         await asyncio.to_thread(conn.recv)  # go
 
+        bodies = Bodies(plan.clients)
         first = decode((await nc.request(subjects["select"], REQUEST, 5)).data, SelectReply)
         if first.gateway_id is None:
             raise RuntimeError(f"select-gateway chose nobody: {first.reason}")
         if plan.background_hz > 0:
             background = asyncio.create_task(_heartbeats(nc, templates, plan.background_hz))
         for subject in subjects.values():  # warm up every path
-            await _sequential(nc, subject, 200)
+            await _sequential(nc, subject, 200, bodies)
 
         latencies: dict[str, list[float]] = {name: [] for name in subjects}
         for name in ORDER:
-            latencies[name] += await _sequential(nc, subjects[name], plan.latency_n // 2)
+            latencies[name] += await _sequential(nc, subjects[name], plan.latency_n // 2, bodies)
         rates: dict[str, list[float]] = {name: [] for name in subjects}
         errors: dict[str, int] = dict.fromkeys(subjects, 0)
         for name in ORDER:
-            rate, failed = await _flood(nc, subjects[name], plan, conn, name)
+            rate, failed = await _flood(nc, subjects[name], plan, conn, name, bodies)
             rates[name].append(rate)
             errors[name] += failed
         result = {
@@ -355,16 +376,19 @@ async def _heartbeats(nc: Any, templates: Sequence[HeartbeatTemplate], hz: float
         await asyncio.sleep(max(0.0, due - loop.time()))
 
 
-async def _sequential(nc: Any, subject: str, n: int) -> list[float]:
+async def _sequential(nc: Any, subject: str, n: int, bodies: Bodies) -> list[float]:
     samples = []
     for _ in range(n):
+        body = bodies.next()
         started = time.perf_counter()
-        await nc.request(subject, REQUEST, timeout=REQUEST_TIMEOUT_S)
+        await nc.request(subject, body, timeout=REQUEST_TIMEOUT_S)
         samples.append(time.perf_counter() - started)
     return samples
 
 
-async def _flood(nc: Any, subject: str, plan: Plan, conn: Any, name: str) -> tuple[float, int]:
+async def _flood(
+    nc: Any, subject: str, plan: Plan, conn: Any, name: str, bodies: Bodies
+) -> tuple[float, int]:
     """Keeps `plan.inflight` requests outstanding: (completions/s over the window, failures).
     The first 0.3 s warm up and are not counted."""
     done = failed = 0
@@ -374,7 +398,7 @@ async def _flood(nc: Any, subject: str, plan: Plan, conn: Any, name: str) -> tup
         nonlocal done, failed
         while not stopping:
             try:
-                await nc.request(subject, REQUEST, timeout=REQUEST_TIMEOUT_S)
+                await nc.request(subject, bodies.next(), timeout=REQUEST_TIMEOUT_S)
             except (nats.errors.Error, TimeoutError):
                 failed += 1
             else:
@@ -402,7 +426,8 @@ RATE_AIM = 0.8
 def _case(r: dict[str, Any]) -> str:
     hz = r["background_hz"]
     beats = f", {hz:g} hb/s/gw" if hz else ""
-    return f"{r['gateways']:,} gw, audit {'on' if r['audit'] else 'off'}{beats}"
+    clients = f", {r['clients']:,} clients" if r["clients"] else ""
+    return f"{r['gateways']:,} gw, audit {'on' if r['audit'] else 'off'}{beats}{clients}"
 
 
 def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
@@ -465,6 +490,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--window", type=float, default=1.5, help="seconds per flood, x2")
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="requests carry one of N sticky client ids in turn (default: none)",
+    )
+    parser.add_argument(
         "--background",
         type=float,
         default=0.0,
@@ -477,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for count in args.gateways:
         for record in audits:
             started = time.perf_counter()
-            plan = Plan(args.requests, args.window, args.inflight, args.background)
+            plan = Plan(args.requests, args.window, args.inflight, args.background, args.clients)
             result = run_case(select_case, count, record, plan, timeout=300)
             print(
                 f"  {count:,} gateways, audit {'on' if record else 'off'}: "

@@ -3,6 +3,9 @@
 Names: the stream is `GATEFLEET_EVENTS` (PROTOCOL.md) for the default prefix; a
 deployment with another prefix gets `GATEFLEET_EVENTS_<PREFIX>` so that two fleets can
 share one NATS account. Buckets are `<prefix>_<name>` likewise.
+
+The `sticky` bucket (actors/sticky.py) forgets a key `sticky_ttl_s` after its last write
+(its max_age) and keeps at most MAX_STICKY_CLIENTS keys, the oldest written dropped first.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus.connection import BusError
+from bus.kv_watch import KvWatch, OnChange
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
 from schemas.events import Event, decode_event
+from schemas.settings import DEFAULT_STICKY_TTL_S, MAX_STICKY_CLIENTS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=msgspec.Struct)
@@ -35,6 +40,7 @@ R = TypeVar("R")
 
 DEFAULT_PREFIX = "gatefleet"
 BUCKETS = ("settings", "distributions", "desired")
+STICKY_BUCKET = "sticky"
 DUPLICATE_WINDOW_S = 120.0
 # Reading a whole bucket at start: a large store takes longer than one call.
 ENTRIES_TIMEOUT_S = 300.0
@@ -114,6 +120,7 @@ class KvStore:
     ) -> None:
         self._bus = bus
         self._kv = kv
+        self._name = bucket
         # The bucket's stream and subjects, as NATS names them (to purge keys).
         self._stream = f"KV_{bucket}"
         self._subject_prefix = f"$KV.{bucket}."
@@ -138,6 +145,15 @@ class KvStore:
         """Starts the write and returns at once (for an actor on a loop, which must never
         wait): the future ends with the new revision, or the write's error."""
         return self._bus.submit(self._kv.put(key, encode(value)))
+
+    def delete_soon(self, key: str) -> concurrent.futures.Future[bool]:
+        """`delete`, started like `put_soon`."""
+        return self._bus.submit(self._kv.delete(key))
+
+    def watch(self, on_change: OnChange) -> KvWatch:
+        """Every key's value, then every change, told to `on_change` (bus/kv_watch.py),
+        from `start()` on."""
+        return KvWatch(self._bus, self._kv, self._name, on_change)
 
     def get(self, key: str, kind: type[T]) -> T | None:
         async def fetch() -> bytes | None:
@@ -217,6 +233,14 @@ class KvStore:
                 delay *= 2
 
 
+def open_bucket(bus: Bus, prefix: str, name: str) -> KvStore:
+    """A bucket that `JetStream.setup` created, on another connection than its own (the
+    API lane's: the sticky clients are written and watched there, next to the selections
+    that change them, not on the loop that reads heartbeats). Blocks the caller."""
+    bucket = bucket_name(prefix, name)
+    return KvStore(bus, bus.run(bus.js.key_value(bucket)), bucket)
+
+
 class JetStream:
     """The orchestrator's durable state: stream + buckets."""
 
@@ -233,6 +257,7 @@ class JetStream:
         replicas: int = 1,
         kv_retries: int = 0,
         kv_backoff_s: float = 0.0,
+        sticky_ttl_s: float = DEFAULT_STICKY_TTL_S,
     ) -> None:
         """Creates or updates the stream and buckets, each kept on `replicas` servers of
         the cluster; safe to run on every start. The buckets' calls are retried as KvStore
@@ -240,11 +265,14 @@ class JetStream:
         servers)."""
         stream = event_stream_config(self._subjects, max_age_s, max_bytes, replicas)
         self._setup_step(f"the event stream {stream.name}", self._ensure_stream(stream))
-        for name in BUCKETS:
+        for name in (*BUCKETS, STICKY_BUCKET):
             bucket = bucket_name(self._subjects.prefix, name)
             kv = self._setup_step(
                 f"the bucket {bucket}", ensure_bucket(self._bus, bucket, replicas)
             )
+            if name == STICKY_BUCKET:
+                limit = self._limit(f"KV_{bucket}", sticky_ttl_s, MAX_STICKY_CLIENTS)
+                self._setup_step(f"the bucket {bucket}'s limits", limit)
             self.buckets[name] = KvStore(
                 self._bus,
                 kv,
@@ -267,6 +295,22 @@ class JetStream:
             return self._bus.run(step)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot set up {what}: {failure_reason(exc)}") from exc
+
+    async def _limit(self, stream: str, max_age_s: float, max_msgs: int) -> None:
+        """Sets a bucket's max_age and max_msgs (dropping the oldest message when full),
+        also when an earlier run set others: the TTL is a setting."""
+        js = self._bus.js
+        config = (await js.stream_info(stream)).config
+        if (config.max_age, config.max_msgs, config.discard) == (
+            max_age_s,
+            max_msgs,
+            DiscardPolicy.OLD,
+        ):
+            return
+        config.max_age, config.max_msgs, config.discard = max_age_s, max_msgs, DiscardPolicy.OLD
+        # The server refuses a duplicate window longer than max_age.
+        config.duplicate_window = min(config.duplicate_window or max_age_s, max_age_s)
+        await js.update_stream(config)
 
     def last_event(self) -> tuple[Event | None, datetime] | None:
         """The stream's last event (None if it does not decode) and when it was stored;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -160,6 +161,13 @@ class Bus:
         """Calls `on_disconnected()` when the connection drops (not when the bus stops) and
         `on_reconnected()` when it is back; both on the loop, and they must not block."""
         self._connection_listeners.append((on_disconnected, on_reconnected))
+
+    def remove_connection_listener(
+        self, on_disconnected: Callable[[], None], on_reconnected: Callable[[], None]
+    ) -> None:
+        """Undoes `add_connection_listener` with the same pair (no error if absent)."""
+        with contextlib.suppress(ValueError):
+            self._connection_listeners.remove((on_disconnected, on_reconnected))
 
     def _on_disconnected(self) -> None:
         for on_disconnected, _ in list(self._connection_listeners):

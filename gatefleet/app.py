@@ -136,6 +136,7 @@ class Orchestrator:
             replicas=self.settings.bus.replicas,
             kv_retries=self.settings.orchestrator.kv_write_retries,
             kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
+            sticky_ttl_s=self.settings.load_balancing.sticky_ttl_s,
         )
         self._start_lease()
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)

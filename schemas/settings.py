@@ -21,6 +21,12 @@ Weight = Annotated[float, Meta(ge=0.0, le=1000.0)]
 RegionName = Annotated[str, Meta(min_length=1, max_length=64)]
 # Dot-separated NATS tokens, no wildcards.
 SubjectPrefix = Annotated[str, whole(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", max_length=128)]
+# How long a sticky client's assignment outlives its last selection (the `sticky` bucket's
+# max_age; bus/jetstream.py creates the bucket with it).
+DEFAULT_STICKY_TTL_S = 3600.0
+# Sticky clients each replica remembers (the least recently seen forgotten first), and
+# the bucket keeps (the oldest written dropped first).
+MAX_STICKY_CLIENTS = 100_000
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -139,6 +145,9 @@ class LoadBalancingSettings(_Section, frozen=True):
     # A gateway that registers or recovers ramps up its share of selections linearly over
     # this many seconds (0: at once).
     slow_start_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 0.0
+    # A sticky client's gateway is forgotten this long after its last selection, by every
+    # replica (actors/sticky.py).
+    sticky_ttl_s: Annotated[float, Meta(ge=1.0, le=30 * 86400.0)] = DEFAULT_STICKY_TTL_S
 
 
 class HaSettings(_Section, frozen=True):

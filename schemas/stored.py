@@ -67,6 +67,13 @@ one record `dist-<uuid>` (`schemas.api.Distribution`, every gateway's state in i
 spec `dist-<uuid>.spec` holding the content and the requested targets (`SpecV2`); layout
 2 had the same keys, its specs also naming the resolved targets, and a distribution that
 never started had no record.
+
+Bucket `sticky` (`StickyAssignment`; actors/sticky.py owns it), shared by every replica:
+one key per sticky client, the unpadded base64url of its `client_id` in UTF-8 (a client
+id may hold any character, a key only `[-/_=.A-Za-z0-9]`), valued with the gateway it
+was sent to. Writers: any replica's load balancer, when a client is new, moves to another
+gateway or has none left (deleted), and at most once a tenth of `sticky_ttl_s` while it
+keeps its gateway; the bucket's max_age (`sticky_ttl_s`) forgets the rest.
 """
 
 from __future__ import annotations
@@ -155,6 +162,10 @@ class DesiredConfig(_Stored, frozen=True):
     version: Version
     distribution_id: DistributionId
     set_at: Time
+
+
+class StickyAssignment(_Stored, frozen=True):
+    gateway_id: GatewayId
 
 
 class SpecV2(_Stored, frozen=True):
