@@ -60,7 +60,7 @@ from schemas.api import (
     SelectReply,
     SelectRequest,
 )
-from schemas.codec import DecodeError
+from schemas.codec import DecodeError, decode
 from schemas.events import (
     LoadBalancingChanged,
     OrchestratorStarted,
@@ -118,6 +118,7 @@ class LoadBalancerActor(SafeActor):
         self._sticky_trouble = LogThrottle(STICKY_LOG_S)
         self._sticky = open_bucket(context.runtime.api_bus, context.subjects.prefix, STICKY_BUCKET)
         self._sticky_watch = self._watch_sticky()
+        self._settings_watch = self._watch_settings()
         # Requests wait in the inbox until the actor has started.
         self._subscriptions = self.serve("load_balancer", self.ctx)
 
@@ -157,6 +158,30 @@ class LoadBalancerActor(SafeActor):
                 STICKY_LOAD_TIMEOUT_S,
             )
         return watch
+
+    def _watch_settings(self) -> KvWatch:
+        """Settings stored by another replica (the leader, to which `load-balancing.set`
+        is forwarded) come into force here too, as soon as the bucket tells."""
+        ref = self.actor_ref
+
+        def changed(key: str, value: bytes | None, _age_s: float) -> None:  # on the bus loop
+            if key == SETTINGS_KEY and value is not None:
+                safe_tell(ref, _SettingsChanged(value))
+
+        watch = self.ctx.buckets["settings"].watch(changed)
+        watch.start()
+        return watch
+
+    def _settings_changed(self, value: bytes) -> None:
+        try:
+            config = decode(value, LoadBalancingConfig)
+        except DecodeError as exc:
+            self.ctx.unreadable("load-balancing settings", exc, "keeping those in force")
+            return
+        if self.ctx.lease.still_leader() or config == self.config:
+            return  # the leader's own writes come into force as stored (`_stored`)
+        self._requested = config
+        self._in_force(config)
 
     def _share(self, client_id: str, gateway_id: str | None) -> None:
         """Tells the other replicas (the `sticky` bucket) a client's gateway, without
@@ -204,6 +229,7 @@ class LoadBalancerActor(SafeActor):
         for subscription in self._subscriptions:
             subscription.unsubscribe()
         self._sticky_watch.stop()
+        self._settings_watch.stop()
         if self.lb.log is not None:
             self.lb.log.flush()
 
@@ -230,6 +256,8 @@ class LoadBalancerActor(SafeActor):
                 self._set(update, reply)
             case _SettingsStored():
                 self._stored(message)
+            case _SettingsChanged(value=value):
+                self._settings_changed(value)
             case Request(endpoint=api.GATEWAYS, body=GatewaysRequest() as request, reply=reply):
                 try:
                     page = gateways_page(self.pool.gateways.values(), request)
@@ -312,20 +340,30 @@ class LoadBalancerActor(SafeActor):
                 self._requested = self.config
             reply_error(self.replies, stored.reply, "internal", f"internal error, id {error_id}")
             return
-        old, new = self.config, stored.config
-        if new != old:
-            self.lb.set_config(new)
-            self.ctx.emit(
-                LoadBalancingChanged(
-                    old_strategy=old.strategy,
-                    new_strategy=new.strategy,
-                    old_threshold=old.health_threshold,
-                    new_threshold=new.health_threshold,
-                )
+        if stored.config != self.config:
+            self._in_force(stored.config)
+        self.replies.publish(stored.reply, stored.config)
+
+    def _in_force(self, new: LoadBalancingConfig) -> None:
+        old = self.config
+        self.lb.set_config(new)
+        self.ctx.emit(
+            LoadBalancingChanged(
+                old_strategy=old.strategy,
+                new_strategy=new.strategy,
+                old_threshold=old.health_threshold,
+                new_threshold=new.health_threshold,
             )
-            if self.supervisor is not None:
-                self.supervisor.tell(LoadBalancingInForce(config=new))
-        self.replies.publish(stored.reply, new)
+        )
+        if self.supervisor is not None:
+            self.supervisor.tell(LoadBalancingInForce(config=new))
+
+
+@dataclass(frozen=True, slots=True)
+class _SettingsChanged:
+    """The stored load-balancing settings, as the bucket's watch told them."""
+
+    value: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,3 +195,23 @@ def test_gatefleet_replicas_lists_each_replica_with_its_role(
     human = CliRunner().invoke(main, ["replicas", "--config", str(config)])
     assert human.exit_code == 0
     assert "2 replicas" in human.output
+
+
+def test_a_settings_change_reaches_the_standby_within_a_second(
+    replicas: tuple[Orchestrator, Orchestrator], client: GatefleetClient, bus: Bus, prefix: str
+) -> None:
+    client.update_load_balancing_config("LatencyBased", 55.0)  # stored by the leader
+    wait_until(
+        lambda: settings_at(bus, prefix, "b") == ("LatencyBased", 55.0),
+        timeout=1.0,
+        what="the standby's load balancer has the new settings",
+    )
+
+
+def settings_at(bus: Bus, prefix: str, replica_id: str) -> tuple[str, float] | None:
+    """The settings in force at `replica_id` if it answered a status (the queue group
+    picks one), else None."""
+    status = decode(bus.ask(f"{prefix}.api.status", b"{}", 5.0), StatusReply)
+    if status.replica_id != replica_id:
+        return None
+    return status.load_balancing_strategy, status.health_check_threshold
