@@ -32,13 +32,14 @@ from actors.runtime import Runtime
 from actors.supervisor import SupervisorActor
 from bus.connection import ClientAuth
 from bus.edge import Drops, Tally
-from bus.jetstream import JetStream
+from bus.jetstream import JetStream, KvStore
 from bus.leadership import Lease, LeaseTerms, LeaseView
 from bus.lease import LeaseKeeper, lease_bucket
 from bus.outbox import EventOutbox, unclean_stop_gap
 from bus.runtime import Bus
 from bus.server import EmbeddedServer, ServerError
 from bus.subjects import Subjects
+from gatefleet import replica_config
 from gatefleet.config import URL_FILE, resolve_data_dir, resolve_replica_id
 from gatefleet.security.access import own_auth, server_tls
 from gatefleet.security.authority import Authority
@@ -143,6 +144,7 @@ class Orchestrator:
         events.start()
         self.events = events  # from here on, a stop flushes it
         self._check_last_run(jetstream, events)
+        self._agree_with_leader(jetstream.buckets["settings"])
         self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health, self.lease)
         context = Context(
             bus=self.bus,
@@ -235,6 +237,21 @@ class Orchestrator:
             )
 
         lease.on_change(report)
+
+    def _agree_with_leader(self, bucket: KvStore) -> None:
+        """The leader publishes its deciding settings; a standby compares its own at start."""
+        lease, settings = self.lease, self.settings
+
+        def on_change(view: LeaseView) -> None:
+            if view.role == "leader":
+                replica_config.publish(bucket, lease.replica_id, settings)
+
+        lease.on_change(on_change)
+        view = lease.view
+        if view.role == "leader":
+            replica_config.publish(bucket, lease.replica_id, settings)
+        elif view.leader is not None:
+            replica_config.compare_with_leader(bucket, view.leader, settings)
 
     def _check_last_run(self, jetstream: JetStream, events: EventOutbox) -> None:
         """Records an audit gap when the previous run did not stop cleanly: at once if

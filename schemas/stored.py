@@ -164,6 +164,14 @@ class DesiredConfig(_Stored, frozen=True):
     set_at: Time
 
 
+class LeaderConfig(_Stored, frozen=True):
+    """The leading replica's deciding settings (`leader.config` in `settings`), dotted
+    key -> JSON text, for replicas that start later to compare with theirs."""
+
+    replica_id: str
+    settings: dict[str, str]
+
+
 class StickyAssignment(_Stored, frozen=True):
     gateway_id: GatewayId
 

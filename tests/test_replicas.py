@@ -22,7 +22,7 @@ from schemas.events import DistributionEvent, Failover, OrchestratorLeader, Orch
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
-from tests.test_ha import Redirects, ha_settings, healthy
+from tests.test_ha import FALL, Redirects, ha_settings, healthy
 
 
 def pushed(fleet: Fleet, gateway_id: str) -> list[int]:
@@ -215,3 +215,22 @@ def settings_at(bus: Bus, prefix: str, replica_id: str) -> tuple[str, float] | N
     if status.replica_id != replica_id:
         return None
     return status.load_balancing_strategy, status.health_check_threshold
+
+
+def test_a_replica_whose_deciding_settings_differ_says_which_at_start(
+    replicas: tuple[Orchestrator, Orchestrator],
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base = msgspec.to_builtins(ha_settings(make_settings))
+    base["bus"]["data_dir"] = str(tmp_path / "c")
+    base["cluster"] = {"replica_id": "c"}
+    base["health"]["fall"] = FALL + 2
+    base["orchestrator"]["load_balancing_strategy"] = "RoundRobin"
+    start_orchestrator(msgspec.convert(base, Settings))
+    [line] = [r.getMessage() for r in caplog.records if "differ from the leader" in r.getMessage()]
+    assert "leader a's in 2 keys" in line
+    assert f"health.fall: {FALL + 2} here, {FALL} at the leader" in line
+    assert 'orchestrator.load_balancing_strategy: "RoundRobin" here, "RegionAware"' in line
