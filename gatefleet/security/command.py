@@ -177,11 +177,11 @@ def nats_config(
     """Write what an external nats-server needs to trust gatefleet's credentials.
 
     OUT gets gatefleet-auth.conf (operator, system account, fleet account and a full
-    resolver in OUT/jwt: `include` it in the server's config), gatefleet.creds (for
-    [bus] creds), system.creds (pushes revocations) and nats-server.conf, a complete
-    example with JetStream that includes it; with --routes, the config of every node of
-    a cluster whose routes need a password (kept with the keys, 0600 like this file).
-    Keys stay under [bus] data_dir.
+    resolver, in OUT/jwt unless --resolver-dir: `include` it in the server's config),
+    gatefleet.creds (for [bus] creds), system.creds (pushes revocations) and
+    nats-server.conf, a complete example with JetStream that includes it; with --routes,
+    the config of every node of a cluster whose routes need a password (kept with the
+    keys; this file is 0600). Keys stay under [bus] data_dir.
     """
     _, authority = _authority(config)
     out = out.resolve()
