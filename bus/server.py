@@ -4,8 +4,9 @@ On loopback unless told another host, JetStream on with `sync_interval: always` 
 that must survive a restart is fsynced), store under `data_dir`. With a `ServerAuth` it
 runs in operator mode (decentralized JWT auth, full resolver); with a `ServerTls` it
 requires TLS from every client; with a `ServerCluster` it is one node of a cluster (the
-test clusters). Readiness is read from the server's log, not assumed. On Linux the child
-gets PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet leaves no orphan nats-server behind.
+test clusters; `gatefleet nats-config --routes` writes the same for external servers).
+Readiness is read from the server's log, not assumed. On Linux the child gets
+PR_SET_PDEATHSIG, so even a SIGKILLed gatefleet leaves no orphan nats-server behind.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _COMPLAINT_RE = re.compile(rb'\[(?:ERR|FTL)\] (?:\S+ - [a-z]+:\d+ - (?:"[^"]*" -
 COMPLAINT_LOG_EVERY_S = 10.0
 # The account of an open server: JetStream keeps each account's streams in its own folder.
 OPEN_ACCOUNT = "$G"
+# The user a cluster's routes authenticate as, with the cluster's route password.
+ROUTE_USER = "route"
 
 
 class ServerError(RuntimeError):
@@ -121,23 +124,39 @@ class ServerTls:
 
 @dataclass(frozen=True)
 class ServerCluster:
-    """The server as one node of a NATS cluster with JetStream (the test clusters of
-    tests/cluster.py): its own name, which must stay the same across restarts (JetStream's
-    Raft groups know their peers by it), the cluster's, the port its routes listen on, and
-    the route URL of every node (NATS skips its own)."""
+    """The server as one node of a NATS cluster with JetStream: its own name, which must
+    stay the same across restarts (JetStream's Raft groups know their peers by it; empty:
+    given on the command line, `--server_name`, so that every node runs one config), the
+    cluster's, the port its routes listen on, and the route URL of every node (NATS skips
+    its own). With a `route_password` a route must give it (user `route`), and every
+    route this node solicits does: routes carry every account's messages unchecked."""
 
     name: str
     server_name: str
     route_port: int
     routes: tuple[str, ...]
+    route_password: str = ""
 
     def config(self, host: str) -> str:
-        routes = ", ".join(_quote(route) for route in self.routes)
-        return (
-            f"server_name: {_quote(self.server_name)}\n"
-            f"cluster {{\n  name: {_quote(self.name)}\n"
-            f"  listen: {_quote(f'{host}:{self.route_port}')}\n  routes: [{routes}]\n}}\n"
+        routes = ", ".join(_quote(self._with_credentials(route)) for route in self.routes)
+        authorization = (
+            f"  authorization {{\n    user: {ROUTE_USER}\n"
+            f"    password: {_quote(self.route_password)}\n  }}\n"
+            if self.route_password
+            else ""
         )
+        name = f"server_name: {_quote(self.server_name)}\n" if self.server_name else ""
+        return (
+            f"{name}cluster {{\n  name: {_quote(self.name)}\n"
+            f"  listen: {_quote(f'{host}:{self.route_port}')}\n{authorization}"
+            f"  routes: [{routes}]\n}}\n"
+        )
+
+    def _with_credentials(self, route: str) -> str:
+        if not self.route_password:
+            return route
+        scheme, _, address = route.partition("://")
+        return f"{scheme}://{ROUTE_USER}:{self.route_password}@{address}"
 
 
 def find_nats_server() -> str:

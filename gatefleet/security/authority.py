@@ -7,6 +7,7 @@ restarts, every secret 0600 in a 0700 directory:
     operator.jwt system.jwt fleet.jwt     their JWTs (fleet.jwt carries the revocations)
     admin.creds                           gatefleet's own user (and the local CLI's)
     system.creds                          a system-account user: pushes account updates
+    route.password                        what the nodes of a NATS cluster route with (nats-config)
     users.json                            every credential handed out: name, kind, key
     creds/                                where `credentials` writes without --out
     resolver/                             the embedded server's account store (full resolver)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -187,6 +189,15 @@ class Authority:
         return public_key
 
     # The server's side --------------------------------------------------------------------
+
+    def route_password(self) -> str:
+        """The password the nodes of one NATS cluster route with: made once and kept, so a
+        node started again with a config written later still routes with the others."""
+        path = self.dir / "route.password"
+        with self._locked():
+            if not path.exists():
+                write_private(path, secrets.token_hex(24) + "\n")
+            return path.read_text().strip()
 
     def server_auth(self) -> ServerAuth:
         """What the embedded server needs for operator mode with the full resolver."""

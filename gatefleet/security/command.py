@@ -16,9 +16,9 @@ import click
 
 from bus.claims import ClaimsRefused, push_account_blocking
 from bus.connection import AccessRefused, BusError
-from bus.server import ServerAuth
+from bus.server import ServerAuth, ServerCluster
 from gatefleet.cli_common import EXIT_CONFIG, EXIT_USAGE, fail, settings_or_exit
-from gatefleet.config import discover_url, resolve_data_dir
+from gatefleet.config import discover_url, resolve_data_dir, split_host_port
 from gatefleet.security.access import system_auth
 from gatefleet.security.authority import Authority, AuthorityError
 from gatefleet.security.jwt import CredsError, write_private
@@ -127,6 +127,26 @@ def revoke(name_or_id: str, nats: str | None, config: str | None) -> None:
 
 AUTH_CONF = "gatefleet-auth.conf"
 EXAMPLE_CONF = "nats-server.conf"
+# What `nats-config --routes` writes: the cluster's name, and the port every node's routes
+# listen on (NATS's usual one).
+CLUSTER_NAME = "gatefleet"
+ROUTE_PORT = 6222
+
+
+def _routes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    """`--routes a:6222,b:6222` -> their route URLs; a usage error for anything else."""
+    if value is None:
+        return ()
+    routes = []
+    for address in (part.strip() for part in value.split(",") if part.strip()):
+        try:
+            split_host_port(address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        routes.append(f"nats-route://{address}")
+    if not routes:
+        raise click.BadParameter("expected HOST:PORT of every node, comma-separated")
+    return tuple(routes)
 
 
 @click.command("nats-config")
@@ -136,38 +156,52 @@ EXAMPLE_CONF = "nats-server.conf"
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory to write into (made if missing).",
 )
+@click.option(
+    "--routes",
+    callback=_routes,
+    metavar="HOST:PORT,...",
+    help=f"Write nats-server.conf for every node of one cluster: the route address of each "
+    f"(its own included); each listens for routes on {ROUTE_PORT} and gets its name with "
+    "nats-server --server_name.",
+)
+@click.option(
+    "--resolver-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the server keeps account JWTs, on its own disk (default: OUT/jwt, filled "
+    "now). Every node of a cluster needs its own; a new one fills itself.",
+)
 @_config_option
-def nats_config(out: Path, config: str | None) -> None:
+def nats_config(
+    out: Path, routes: tuple[str, ...], resolver_dir: Path | None, config: str | None
+) -> None:
     """Write what an external nats-server needs to trust gatefleet's credentials.
 
     OUT gets gatefleet-auth.conf (operator, system account, fleet account and a full
-    resolver in OUT/jwt: `include` it in the server's config), gatefleet.creds (for
-    [bus] creds), system.creds (pushes revocations) and nats-server.conf, a complete
-    example with JetStream that includes it. Keys stay under [bus] data_dir.
+    resolver, in OUT/jwt unless --resolver-dir: `include` it in the server's config),
+    gatefleet.creds (for [bus] creds), system.creds (pushes revocations) and
+    nats-server.conf, a complete example with JetStream that includes it; with --routes,
+    the config of every node of a cluster whose routes need a password (kept with the
+    keys; this file is 0600). Keys stay under [bus] data_dir.
     """
     _, authority = _authority(config)
     out = out.resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        resolver = out / "jwt"
-        resolver.mkdir(exist_ok=True)
-        for account, token in authority.account_jwts().items():
-            (resolver / f"{account}.jwt").write_text(token)
+        if resolver_dir is None:
+            resolver_dir = out / "jwt"
+            resolver_dir.mkdir(exist_ok=True)
+            for account, token in authority.account_jwts().items():
+                (resolver_dir / f"{account}.jwt").write_text(token)
         (out / "operator.jwt").write_text(authority.operator_jwt + "\n")
         auth = ServerAuth(
             operator_jwt=out / "operator.jwt",
             system_account=authority.system_account,
-            resolver_dir=resolver,
+            resolver_dir=resolver_dir,
             jetstream_account=authority.fleet_account,
             accounts=authority.account_jwts(),
         )
         (out / AUTH_CONF).write_text(auth.config())
-        (out / EXAMPLE_CONF).write_text(
-            "# An example nats-server configuration for gatefleet (adapt port and store).\n"
-            "port: 4222\n"
-            'jetstream {\n  store_dir: "/data"\n  sync_interval: always\n}\n'
-            f"include {AUTH_CONF}\n"
-        )
+        write_private(out / EXAMPLE_CONF, _example_config(authority, routes))
         write_private(out / "gatefleet.creds", authority.admin_creds.read_text())
         write_private(out / "system.creds", authority.system_creds.read_text())
     except OSError as exc:
@@ -178,3 +212,18 @@ def nats_config(out: Path, config: str | None) -> None:
         f'give gatefleet [bus] creds = "{out / "gatefleet.creds"}"',
         err=True,
     )
+
+
+def _example_config(authority: Authority, routes: tuple[str, ...]) -> str:
+    text = (
+        "# An example nats-server configuration for gatefleet (adapt ports and store).\n"
+        "port: 4222\n"
+        'jetstream {\n  store_dir: "/data"\n  sync_interval: always\n}\n'
+    )
+    if routes:
+        text += "# One config for every node: start each with its own --server_name.\n"
+        cluster = ServerCluster(
+            CLUSTER_NAME, "", ROUTE_PORT, routes, route_password=authority.route_password()
+        )
+        text += cluster.config("0.0.0.0")  # noqa: S104 - routes come from the other nodes
+    return text + f"include {AUTH_CONF}\n"
