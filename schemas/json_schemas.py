@@ -103,6 +103,33 @@ def _portable_patterns(node: object) -> None:
             _portable_patterns(value)
 
 
+def _omits_defaults(body: Any) -> dict[str, set[str]]:
+    """Struct name -> the fields it leaves out when they hold their default, for every
+    Struct `body` holds that omits defaults (msgspec's `omit_defaults`)."""
+    found: dict[str, set[str]] = {}
+    seen: set[Any] = set()
+
+    def visit(info: msgspec.inspect.Type) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in seen:
+                return
+            seen.add(info.cls)
+            if info.cls.__struct_config__.omit_defaults:
+                found[info.cls.__name__] = {f.name for f in info.fields if not f.required}
+            for field in info.fields:
+                visit(field.type)
+        for attribute in ("types", "item_type", "key_type", "value_type"):
+            inner = getattr(info, attribute, None)
+            if isinstance(inner, tuple):
+                for item in inner:
+                    visit(item)
+            elif isinstance(inner, msgspec.inspect.Type):
+                visit(inner)
+
+    visit(msgspec.inspect.type_info(body))
+    return found
+
+
 def schema_of(message: Message) -> Schema:
     """The message's JSON Schema: its Struct's own at the root, nested ones in `$defs`."""
     generated = msgspec.json.schema(message.body)
@@ -113,7 +140,10 @@ def schema_of(message: Message) -> Schema:
         if "description" in component:
             component["description"] = inspect.cleandoc(component["description"])
         if message.sent_by_gatefleet and component.get("type") == "object":
-            component["required"] = list(component.get("properties", {}))
+            # gatefleet sends every field, bar the defaults of a Struct that omits them.
+            omitted = _omits_defaults(message.body).get(component.get("title", ""), set())
+            properties = component.get("properties", {})
+            component["required"] = [name for name in properties if name not in omitted]
     root = defs.pop(root_name)
     if not message.tag_on_wire:
         tag_field = message.body.__struct_config__.tag_field
