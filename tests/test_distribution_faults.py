@@ -1,10 +1,15 @@
 """Configuration distribution when JetStream refuses writes: a real nats-server whose
 buckets are made to refuse any write that would grow them (their stream's `max_bytes` set
 to what they hold), as a full disk or an account over its limits would. No write is
-half-done: a failed one is retried with backoff, then its step fails visibly."""
+half-done: a failed one is retried with backoff, then its step fails visibly. A write
+that gets no answer (the bucket's subjects taken from its stream, as while the stream
+elects a leader) is tried again for longer."""
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +20,7 @@ from nats.js.kv import KeyValue
 
 from actors.distribution_machine import new_distribution
 from actors.distribution_store import DistributionStore
-from bus.jetstream import KvStore, bucket_name
+from bus.jetstream import KvError, KvStore, bucket_name, ensure_bucket
 from bus.runtime import Bus, Inbound
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient, NotFound, Unavailable
@@ -45,6 +50,7 @@ class Bucket:
         self.bus = bus
         bucket = bucket_name(prefix, name)
         self.stream = "KV_" + bucket
+        self.subject_prefix = f"$KV.{bucket}."
         self.kv = KvStore(bus, bus.run(bus.js.key_value(bucket)), bucket)
 
     def refuse_growth(self) -> None:
@@ -54,6 +60,14 @@ class Bucket:
     def lift_limit(self) -> None:
         self._limit(-1)
 
+    def answer_nothing(self) -> None:
+        """From now on no stream takes the bucket's subjects: a write gets no answer (no
+        responders), as while its stream elects a leader after a node is lost."""
+        self._subjects([f"{self.subject_prefix}detached.>"])
+
+    def answer_again(self) -> None:
+        self._subjects([f"{self.subject_prefix}>"])
+
     def last_seq(self) -> int:
         """The sequence number of the bucket's last accepted write."""
 
@@ -61,6 +75,14 @@ class Bucket:
             return (await self.bus.js.stream_info(self.stream)).state.last_seq
 
         return self.bus.run(info())
+
+    def _subjects(self, subjects: list[str]) -> None:
+        async def update() -> None:
+            config = (await self.bus.js.stream_info(self.stream)).config
+            config.subjects = subjects
+            await self.bus.js.update_stream(config)
+
+        self.bus.run(update())
 
     def _limit(self, max_bytes: int | None) -> None:
         async def limit() -> None:
@@ -250,6 +272,43 @@ def test_distribute_answers_unavailable_when_jetstream_refuses_writes_and_the_re
     again = client.distribute("Route", ROUTE, ["gw-1"]).distribution_id
     assert finished(event_log, again).details["status"] == "completed"
     assert client.get_distribution(again).version == 2
+
+
+# No answer: a stream electing its leader -------------------------------------------------
+
+
+def test_a_write_with_no_answer_is_tried_again_until_the_stream_answers_a_refusal_is_not(
+    bus: Bus, prefix: str
+) -> None:
+    name = bucket_name(prefix, "probe")
+    bus.run(ensure_bucket(bus, name, 1))
+    probe = Bucket(bus, prefix, "probe")
+
+    spec = DistributionSpec(config_type="Route", version=1, fleet_wide=True, created_at=T0)
+
+    def store(patience_s: float) -> KvStore:
+        return KvStore(bus, bus.run(bus.js.key_value(name)), name, patience_s=patience_s)
+
+    probe.answer_nothing()
+    answering = threading.Timer(1.5, probe.answer_again)
+    answering.start()
+    started = time.monotonic()
+    store(patience_s=12).put("key", spec)
+    assert time.monotonic() - started >= 1.5
+    assert probe.kv.get("key", DistributionSpec) == spec
+
+    probe.answer_nothing()
+    started = time.monotonic()
+    with pytest.raises(KvError, match=r"^no JetStream stream answers for the bucket$"):
+        store(patience_s=1).put("key", spec)
+    assert time.monotonic() - started >= 1
+
+    probe.answer_again()
+    probe.refuse_growth()
+    started = time.monotonic()
+    with pytest.raises(KvError, match=re.escape(REFUSED)):
+        store(patience_s=12).put("other", spec)
+    assert time.monotonic() - started < 1
 
 
 # Bad stored values -----------------------------------------------------------------------
