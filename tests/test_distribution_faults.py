@@ -3,7 +3,8 @@ buckets are made to refuse any write that would grow them (their stream's `max_b
 to what they hold), as a full disk or an account over its limits would. No write is
 half-done: a failed one is retried with backoff, then its step fails visibly. A write
 that gets no answer (the bucket's subjects taken from its stream, as while the stream
-elects a leader) is tried again for longer."""
+elects a leader) is tried again for longer, and a step stored as its replica lost the
+lease is recorded once, by it."""
 
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ from bus.runtime import Bus, Inbound
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient, NotFound, Unavailable
 from schemas.codec import decode, encode
-from schemas.events import Alarm
+from schemas.events import Alarm, DistributionEvent
+from schemas.settings import Settings
 from schemas.stored import DistributionSpec
 from schemas.wire import ConfigAck, ConfigPush
 from tests import test_distribution
-from tests.conftest import EventLog, wait_until
-from tests.distribution_events import finished
-from tests.test_distribution import ROUTE, ConfigFleet
+from tests.conftest import EventLog, SettingsFactory, wait_until
+from tests.distribution_events import finished, steps
+from tests.test_distribution import FAST, ROUTE, ConfigFleet
 
 # The fixtures of the distribution tests: a fleet whose gateways record what they apply,
 # and `run` to start an orchestrator with short timings.
@@ -309,6 +311,56 @@ def test_a_write_with_no_answer_is_tried_again_until_the_stream_answers_a_refusa
     with pytest.raises(KvError, match=re.escape(REFUSED)):
         store(patience_s=12).put("other", spec)
     assert time.monotonic() - started < 1
+
+
+def test_a_step_stored_while_its_replica_lost_the_lease_is_recorded_and_the_leader_resumes_after_it(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bucket: Callable[[str], Bucket],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gw-1 acks while the distributions bucket does not answer (its stream electing a
+    leader): the step (gw-1 acked, gw-2 next) is tried again and again, and the replica
+    loses its lease meanwhile. Once stored, that step's events are recorded, but gw-2 is
+    not pushed; the replica, leading again, resumes after that step."""
+    gw1, gw2 = fleet.add_many("gw-1", "gw-2")
+    gw1.ack_delay_s = 0.5
+    settings = make_settings(
+        orchestrator={**FAST, "distribution_batch_size": 1, "distribution_ack_timeout_ms": 3000},
+        health={"heartbeat_interval_ms": 500},
+        cluster={"lease_ms": 3000},
+    )
+    orchestrator = start_orchestrator(settings)
+    wait_until(lambda: client.status().gateways_healthy == 2, what="2 healthy gateways")
+    old_epoch = orchestrator.lease.view.epoch
+    dist_id = client.distribute("Route", ROUTE, ["gw-1", "gw-2"]).distribution_id
+    wait_until(lambda: len(fleet.applied["gw-1"]) == 1, what="gw-1 applied")
+    distributions = bucket("distributions")
+    distributions.answer_nothing()
+    wait_until(lambda: "tried again every" in caplog.text, what="the store tried again")
+    orchestrator.lease.step_down()
+    distributions.answer_again()
+
+    acked = event_log.wait_for(
+        lambda e: isinstance(e, DistributionEvent) and e.step == "gateway_acked", timeout=3
+    )
+    assert isinstance(acked, DistributionEvent)
+    assert (acked.distribution_id, acked.gateway_id) == (dist_id, "gw-1")
+    assert not orchestrator.lease.still_leader()
+    assert not gw2.received  # the step's push is not sent by a replica that does not lead
+
+    assert finished(event_log, dist_id, timeout=10).details["status"] == "completed"
+    [resumed] = steps(event_log, dist_id, "resumed")
+    assert resumed.details["resent"] == ["gw-2"]
+    assert len(steps(event_log, dist_id, "gateway_acked")) == 2  # gw-1's told once
+    assert [p.epoch for _, p in gw1.received] == [old_epoch]
+    [(_, push)] = gw2.received
+    assert old_epoch is not None
+    assert push.epoch is not None
+    assert push.epoch > old_epoch
 
 
 # Bad stored values -----------------------------------------------------------------------
