@@ -30,6 +30,10 @@ class Context:
     subjects: Subjects
     settings: Settings
     emit: Callable[[Event], None]
+    # `emit` without the leader's filter: for the events of a distribution step whose
+    # record was stored while its replica was losing the lease. The next leader resumes
+    # after that step, so no other replica tells them.
+    emit_stored: Callable[[Event], None]
     events_lost: Callable[[], int]  # events the stream could not store, since start
     drops: Drops
     buckets: dict[str, KvStore]

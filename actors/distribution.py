@@ -34,7 +34,10 @@ led since): this replica steps down at once, and that gateway is no failure.
 
 A step whose record cannot be stored (after the store's retries) is not carried out:
 the distribution ends failed ("cannot store its progress: <why>") as it was told last,
-and the actor stops, so its type's queue moves on.
+and the actor stops, so its type's queue moves on. If the replica lost the lease while
+the write was tried (a store gets no answer while its stream elects a leader), it stops
+acting instead, as above; if the write was made all the same, the step's events are
+recorded (the next leader resumes after that step), nothing else of it is done.
 
 Its parent, the distributor, writes its desired state (schemas/stored.py) before
 starting it, and starts a new one from the stored record if it dies (SafeActor tells it
@@ -249,7 +252,9 @@ class DistributionActor(SafeActor):
         """Store a new record before anything goes out, tell the parent of it, then act.
         A record that cannot be stored ends the distribution failed, as it was told last:
         nothing of the step that needed the write is done (False). Nothing of it is done
-        either once this replica no longer leads (False)."""
+        either once this replica no longer leads (False), also when it lost the lease
+        while the write was being tried (a store gets no answer for seconds while its
+        stream elects a leader): the next leader resumes from the store."""
         epoch = self._leading_epoch()
         if epoch is None:
             self._stop_acting()
@@ -260,13 +265,27 @@ class DistributionActor(SafeActor):
                 try:
                     self._store(record)
                 except KvError as exc:
-                    self._give_up(f"cannot store its progress: {exc}")
+                    if self._leading_epoch() != epoch:
+                        self._stop_acting()
+                    else:
+                        self._give_up(f"cannot store its progress: {exc}")
+                    return False
+                if self._leading_epoch() != epoch:
+                    self._tell_stored(record, commands)
+                    self._stop_acting()
                     return False
             self._told = record
             changed = DistributionChanged(record=record, gateways=self.machine.told())
             safe_tell(self.distributor, changed)
         self._act(record, commands, epoch)
         return True
+
+    def _tell_stored(self, record: Distribution, commands: list[Command]) -> None:
+        """The events of a step stored as the lease was lost: the next leader resumes
+        after that step and will not tell them (nothing else of the step is done)."""
+        for command in commands:
+            if isinstance(command, Emit):
+                self.ctx.emit_stored(step_event(record, command))
 
     def _leading_epoch(self) -> int | None:
         """The epoch of this replica's lease while it leads, else None."""

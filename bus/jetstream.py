@@ -44,6 +44,12 @@ STICKY_BUCKET = "sticky"
 DUPLICATE_WINDOW_S = 120.0
 # Reading a whole bucket at start: a large store takes longer than one call.
 ENTRIES_TIMEOUT_S = 300.0
+# No JetStream stream answers while it elects a leader: 4-9 s after the node leading it
+# is lost (measured on the three-node test cluster). A key-value call that gets no answer
+# is tried again, once a second after its counted retries, until this long after its
+# first failure, so that losing one node of three fails no step.
+NO_ANSWER_PATIENCE_S = 12.0
+NO_ANSWER_WAIT_S = 1.0
 
 
 def stream_name(prefix: str) -> str:
@@ -111,12 +117,22 @@ class KvStore:
     """A typed, blocking view of one bucket for actor threads (never the loop thread).
 
     A call that fails is tried again `retries` times, after `backoff_s`, then twice that,
-    and so on (the calling thread sleeps meanwhile), then raises KvError. A value over the
-    server's max payload is not tried again: it would never fit.
+    and so on (the calling thread sleeps meanwhile), then raises KvError. One that gets no
+    answer (no stream answers, a timeout, a reconnect: a stream electing its leader, a
+    server coming back) goes on being tried after those, every NO_ANSWER_WAIT_S, until
+    `patience_s` after its first failure. A value over the server's max payload is not
+    tried again: it would never fit.
     """
 
     def __init__(
-        self, bus: Bus, kv: KeyValue, bucket: str, *, retries: int = 0, backoff_s: float = 0.0
+        self,
+        bus: Bus,
+        kv: KeyValue,
+        bucket: str,
+        *,
+        retries: int = 0,
+        backoff_s: float = 0.0,
+        patience_s: float = NO_ANSWER_PATIENCE_S,
     ) -> None:
         self._bus = bus
         self._kv = kv
@@ -126,6 +142,7 @@ class KvStore:
         self._subject_prefix = f"$KV.{bucket}."
         self._retries = retries
         self._backoff_s = backoff_s
+        self._patience_s = patience_s
 
     def put(self, key: str, value: msgspec.Struct) -> None:
         data = encode(value)
@@ -212,25 +229,51 @@ class KvStore:
     def _call(
         self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = 10.0
     ) -> R:
-        delay, retries = self._backoff_s, 0
+        delay, retries, first_failure = self._backoff_s, 0, 0.0
         while True:
             try:
                 return self._bus.run(call(), timeout)
             except (nats.errors.Error, BusError, TimeoutError) as exc:
                 reason = failure_reason(exc)
-                if retries == self._retries or isinstance(exc, nats.errors.MaxPayloadError):
+                first_failure = first_failure or time.monotonic()
+                if isinstance(exc, nats.errors.MaxPayloadError):
                     raise KvError(reason) from exc
-                retries += 1
-                log.warning(
-                    "%s failed (%s): retry %d of %d in %.0f ms",
-                    what,
-                    reason,
-                    retries,
-                    self._retries,
-                    delay * 1000,
-                )
-                time.sleep(delay)
-                delay *= 2
+                if retries < self._retries:
+                    retries += 1
+                    log.warning(
+                        "%s failed (%s): retry %d of %d in %.0f ms",
+                        what,
+                        reason,
+                        retries,
+                        self._retries,
+                        delay * 1000,
+                    )
+                    time.sleep(delay)
+                    delay *= 2
+                elif _no_answer(exc) and time.monotonic() - first_failure < self._patience_s:
+                    if retries == self._retries:
+                        retries += 1
+                        log.warning(
+                            "%s failed (%s): tried again every %g s for up to %g s",
+                            what,
+                            reason,
+                            NO_ANSWER_WAIT_S,
+                            self._patience_s,
+                        )
+                    time.sleep(NO_ANSWER_WAIT_S)
+                else:
+                    raise KvError(reason) from exc
+
+
+def _no_answer(exc: BaseException) -> bool:
+    """Whether a call failed for want of an answer (not refused, nor its bus stopped)."""
+    return isinstance(
+        exc,
+        nats.js.errors.NoStreamResponseError
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionReconnectingError
+        | TimeoutError,
+    )
 
 
 def open_bucket(bus: Bus, prefix: str, name: str) -> KvStore:

@@ -152,6 +152,7 @@ class Orchestrator:
             subjects=self.subjects,
             settings=self.settings,
             emit=self._leader_filter(events.emit),
+            emit_stored=events.emit,
             events_lost=lambda: events.lost,
             drops=self.drops,
             buckets=jetstream.buckets,

@@ -11,9 +11,6 @@ import asyncio
 import itertools
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +34,7 @@ from schemas.wire import ConfigAck, ConfigPush
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.distribution_events import finished, steps
 from tests.fleet import Fleet
+from tests.gatefleet_up import GatefleetUp
 
 ACK_TIMEOUT_S = 0.25
 RETRY_DELAY_S = 0.1
@@ -581,40 +579,6 @@ def test_two_hundred_gateways(
     assert all(len(applied) == 1 for applied in fleet.applied.values())
     assert len(steps(event_log, dist_id, "batch_sent")) == 4
     print(f"200 gateways, batches of 50: {elapsed * 1000:.0f} ms")
-
-
-class GatefleetUp:
-    """`gatefleet up --config <file>` in a subprocess, its stderr drained in the background."""
-
-    def __init__(self, config: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gatefleet", "up", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if "gatefleet ready" in line:
-                self.ready.set()
-
-    def wait_ready(self) -> None:
-        assert self.ready.wait(15), "".join(self.lines)
-
-    def kill(self, signum: signal.Signals) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        self.process.wait(10)
-        self._drainer.join(5)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
 
 
 @pytest.fixture

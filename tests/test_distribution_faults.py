@@ -1,10 +1,16 @@
 """Configuration distribution when JetStream refuses writes: a real nats-server whose
 buckets are made to refuse any write that would grow them (their stream's `max_bytes` set
 to what they hold), as a full disk or an account over its limits would. No write is
-half-done: a failed one is retried with backoff, then its step fails visibly."""
+half-done: a failed one is retried with backoff, then its step fails visibly. A write
+that gets no answer (the bucket's subjects taken from its stream, as while the stream
+elects a leader) is tried again for longer, and a step stored as its replica lost the
+lease is recorded once, by it."""
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,18 +21,19 @@ from nats.js.kv import KeyValue
 
 from actors.distribution_machine import new_distribution
 from actors.distribution_store import DistributionStore
-from bus.jetstream import KvStore, bucket_name
+from bus.jetstream import KvError, KvStore, bucket_name, ensure_bucket
 from bus.runtime import Bus, Inbound
 from gatefleet.app import Orchestrator
 from gatefleet.client import GatefleetClient, NotFound, Unavailable
 from schemas.codec import decode, encode
-from schemas.events import Alarm
+from schemas.events import Alarm, DistributionEvent
+from schemas.settings import Settings
 from schemas.stored import DistributionSpec
 from schemas.wire import ConfigAck, ConfigPush
 from tests import test_distribution
-from tests.conftest import EventLog, wait_until
-from tests.distribution_events import finished
-from tests.test_distribution import ROUTE, ConfigFleet
+from tests.conftest import EventLog, SettingsFactory, wait_until
+from tests.distribution_events import finished, steps
+from tests.test_distribution import FAST, ROUTE, ConfigFleet
 
 # The fixtures of the distribution tests: a fleet whose gateways record what they apply,
 # and `run` to start an orchestrator with short timings.
@@ -45,6 +52,7 @@ class Bucket:
         self.bus = bus
         bucket = bucket_name(prefix, name)
         self.stream = "KV_" + bucket
+        self.subject_prefix = f"$KV.{bucket}."
         self.kv = KvStore(bus, bus.run(bus.js.key_value(bucket)), bucket)
 
     def refuse_growth(self) -> None:
@@ -54,6 +62,14 @@ class Bucket:
     def lift_limit(self) -> None:
         self._limit(-1)
 
+    def answer_nothing(self) -> None:
+        """From now on no stream takes the bucket's subjects: a write gets no answer (no
+        responders), as while its stream elects a leader after a node is lost."""
+        self._subjects([f"{self.subject_prefix}detached.>"])
+
+    def answer_again(self) -> None:
+        self._subjects([f"{self.subject_prefix}>"])
+
     def last_seq(self) -> int:
         """The sequence number of the bucket's last accepted write."""
 
@@ -61,6 +77,14 @@ class Bucket:
             return (await self.bus.js.stream_info(self.stream)).state.last_seq
 
         return self.bus.run(info())
+
+    def _subjects(self, subjects: list[str]) -> None:
+        async def update() -> None:
+            config = (await self.bus.js.stream_info(self.stream)).config
+            config.subjects = subjects
+            await self.bus.js.update_stream(config)
+
+        self.bus.run(update())
 
     def _limit(self, max_bytes: int | None) -> None:
         async def limit() -> None:
@@ -250,6 +274,93 @@ def test_distribute_answers_unavailable_when_jetstream_refuses_writes_and_the_re
     again = client.distribute("Route", ROUTE, ["gw-1"]).distribution_id
     assert finished(event_log, again).details["status"] == "completed"
     assert client.get_distribution(again).version == 2
+
+
+# No answer: a stream electing its leader -------------------------------------------------
+
+
+def test_a_write_with_no_answer_is_tried_again_until_the_stream_answers_a_refusal_is_not(
+    bus: Bus, prefix: str
+) -> None:
+    name = bucket_name(prefix, "probe")
+    bus.run(ensure_bucket(bus, name, 1))
+    probe = Bucket(bus, prefix, "probe")
+
+    spec = DistributionSpec(config_type="Route", version=1, fleet_wide=True, created_at=T0)
+
+    def store(patience_s: float) -> KvStore:
+        return KvStore(bus, bus.run(bus.js.key_value(name)), name, patience_s=patience_s)
+
+    probe.answer_nothing()
+    answering = threading.Timer(1.5, probe.answer_again)
+    answering.start()
+    started = time.monotonic()
+    store(patience_s=12).put("key", spec)
+    assert time.monotonic() - started >= 1.5
+    assert probe.kv.get("key", DistributionSpec) == spec
+
+    probe.answer_nothing()
+    started = time.monotonic()
+    with pytest.raises(KvError, match=r"^no JetStream stream answers for the bucket$"):
+        store(patience_s=1).put("key", spec)
+    assert time.monotonic() - started >= 1
+
+    probe.answer_again()
+    probe.refuse_growth()
+    started = time.monotonic()
+    with pytest.raises(KvError, match=re.escape(REFUSED)):
+        store(patience_s=12).put("other", spec)
+    assert time.monotonic() - started < 1
+
+
+def test_a_step_stored_while_its_replica_lost_the_lease_is_recorded_and_the_leader_resumes_after_it(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bucket: Callable[[str], Bucket],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gw-1 acks while the distributions bucket does not answer (its stream electing a
+    leader): the step (gw-1 acked, gw-2 next) is tried again and again, and the replica
+    loses its lease meanwhile. Once stored, that step's events are recorded, but gw-2 is
+    not pushed; the replica, leading again, resumes after that step."""
+    gw1, gw2 = fleet.add_many("gw-1", "gw-2")
+    gw1.ack_delay_s = 0.5
+    settings = make_settings(
+        orchestrator={**FAST, "distribution_batch_size": 1, "distribution_ack_timeout_ms": 3000},
+        health={"heartbeat_interval_ms": 500},
+        cluster={"lease_ms": 3000},
+    )
+    orchestrator = start_orchestrator(settings)
+    wait_until(lambda: client.status().gateways_healthy == 2, what="2 healthy gateways")
+    old_epoch = orchestrator.lease.view.epoch
+    dist_id = client.distribute("Route", ROUTE, ["gw-1", "gw-2"]).distribution_id
+    wait_until(lambda: len(fleet.applied["gw-1"]) == 1, what="gw-1 applied")
+    distributions = bucket("distributions")
+    distributions.answer_nothing()
+    wait_until(lambda: "tried again every" in caplog.text, what="the store tried again")
+    orchestrator.lease.step_down()
+    distributions.answer_again()
+
+    acked = event_log.wait_for(
+        lambda e: isinstance(e, DistributionEvent) and e.step == "gateway_acked", timeout=3
+    )
+    assert isinstance(acked, DistributionEvent)
+    assert (acked.distribution_id, acked.gateway_id) == (dist_id, "gw-1")
+    assert not orchestrator.lease.still_leader()
+    assert not gw2.received  # the step's push is not sent by a replica that does not lead
+
+    assert finished(event_log, dist_id, timeout=10).details["status"] == "completed"
+    [resumed] = steps(event_log, dist_id, "resumed")
+    assert resumed.details["resent"] == ["gw-2"]
+    assert len(steps(event_log, dist_id, "gateway_acked")) == 2  # gw-1's told once
+    assert [p.epoch for _, p in gw1.received] == [old_epoch]
+    [(_, push)] = gw2.received
+    assert old_epoch is not None
+    assert push.epoch is not None
+    assert push.epoch > old_epoch
 
 
 # Bad stored values -----------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_a_standby_takes_over_within_the_lease_and_a_second(holder: HolderFactor
     for successor in ("c", "d"):  # every take-over with a newer epoch
         leader = leader_of(holders)
         epochs.append(leader.lease.view.epoch or 0)
-        leader.keeper.stop(release=False)  # dies: renews no more
+        leader.keeper.stop(release=False)  # dies: renews no more, releases nothing
         died = time.monotonic()
         holders.remove(leader)
         new = holder(successor)
