@@ -139,13 +139,13 @@ class Orchestrator:
             kv_backoff_s=self.settings.orchestrator.kv_write_backoff_ms / 1000,
             sticky_ttl_s=self.settings.load_balancing.sticky_ttl_s,
         )
-        self._start_lease()
         events = EventOutbox(self.bus, self.subjects, retry_for_s=audit.event_retry_ms / 1000)
         events.start()
         self.events = events  # from here on, a stop flushes it
+        self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health, self.lease)
+        self._start_lease(self.runtime.api_bus)
         self._check_last_run(jetstream, events)
         self._agree_with_leader(jetstream.buckets["settings"])
-        self.runtime = Runtime.start(self.bus, self.subjects, self.settings.health, self.lease)
         context = Context(
             bus=self.bus,
             runtime=self.runtime,
@@ -187,17 +187,16 @@ class Orchestrator:
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
 
-    def _start_lease(self) -> None:
-        """Joins the replicas: keeps the leader lease going, and waits (briefly) to know
-        who leads, so that a lone replica acts as leader from its first message."""
-        assert self.bus is not None
-        cluster = self.settings.cluster
-        lease = Lease(resolve_replica_id(self.settings), LeaseTerms(cluster.lease_ms / 1000))
+    def _start_lease(self, bus: Bus) -> None:
+        """Joins the replicas: keeps the leader lease going on `bus` (the API lane's,
+        which heartbeats never crowd: a renewal stuck behind them would cost the lead),
+        and waits (briefly) to know who leads, so that a lone replica acts as leader from
+        its first message."""
+        lease = self.lease
         known = threading.Event()
         lease.on_change(lambda view: known.set() if view.leader is not None else None)
-        bucket = lease_bucket(self.bus, self.subjects.prefix, self.settings.bus.replicas)
-        self.lease = lease
-        self._lease_keeper = LeaseKeeper(self.bus, bucket, lease)
+        bucket = lease_bucket(bus, self.subjects.prefix, self.settings.bus.replicas)
+        self._lease_keeper = LeaseKeeper(bus, bucket, lease)
         self._lease_keeper.start()
         if not known.wait(FIRST_LEADER_WAIT_S):
             log.info("replica %s: no leader known yet; acting as a standby", lease.replica_id)
