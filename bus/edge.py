@@ -31,6 +31,7 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024
 LOG_EVERY_S = 1.0
 # A request only the leader may answer, on a replica that does not lead (issue 16).
 FORWARD_TIMEOUT_S = 5.0
+# Sent only when nobody took the request, so that sending it again does it once.
 RETRY_AFTER_MS = 1000
 NO_LEADER = "no replica leads right now (a take-over is under way); retry"
 NOT_LEADING = "this replica no longer leads; retry"
@@ -196,9 +197,11 @@ def _forwarding(bus: Bus, subjects: Subjects, lease: Lease, name: str, handler: 
         def relay(result: Reply | RequestFailed) -> None:
             if isinstance(result, Reply):
                 bus.publish(reply, result.data, headers=result.headers)
-            else:
+            elif result.reason == "no_responders":  # nobody took it: safe to send again
+                reply_error(bus, reply, "unavailable", NO_LEADER, RETRY_AFTER_MS)
+            else:  # it may have been done: a retry hint would invite doing it twice
                 why = f"the leading replica did not answer ({result.reason.partition(':')[0]})"
-                reply_error(bus, reply, "unavailable", f"{why}; retry", RETRY_AFTER_MS)
+                reply_error(bus, reply, "unavailable", why)
 
         bus.request(subjects.replica_api(leader, name), msg.data, FORWARD_TIMEOUT_S, relay)
 

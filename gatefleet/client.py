@@ -16,6 +16,7 @@ every page:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
@@ -132,15 +133,22 @@ class GatefleetClient:
         self.close()
 
     def call(self, endpoint: Endpoint[msgspec.Struct, T], body: msgspec.Struct) -> T:
-        """Requests `P.api.<endpoint>` and decodes the reply, raising the typed error."""
-        try:
-            data = self._bus.ask(self.subjects.api(endpoint.name), body, self.timeout)
-        except BusError as exc:
-            raise Unavailable(str(exc)) from exc
-        maybe = decode(data, MaybeError)
-        if maybe.error is not None:
-            raise _BY_CODE.get(maybe.error.code, GatefleetError)(maybe.error.message)
-        return decode(data, endpoint.reply)
+        """Requests `P.api.<endpoint>` and decodes the reply, raising the typed error. An
+        `unavailable` answer with `retry_after_ms` (no replica led; nobody took the
+        request) is asked again after that long, while the timeout allows."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                data = self._bus.ask(self.subjects.api(endpoint.name), body, self.timeout)
+            except BusError as exc:
+                raise Unavailable(str(exc)) from exc
+            error = decode(data, MaybeError).error
+            if error is None:
+                return decode(data, endpoint.reply)
+            wait_s = (error.retry_after_ms or 0) / 1000
+            if not wait_s or time.monotonic() + wait_s >= deadline:
+                raise _BY_CODE.get(error.code, GatefleetError)(error.message)
+            time.sleep(wait_s)
 
     # The seed's operations ---------------------------------------------------------------
 

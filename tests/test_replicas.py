@@ -43,7 +43,7 @@ def replicas(
     def settings(replica_id: str) -> Settings:
         base = msgspec.to_builtins(ha_settings(make_settings))
         base["bus"]["data_dir"] = str(tmp_path / replica_id)
-        base["cluster"] = {"replica_id": replica_id, "lease_ms": 3000}
+        base["cluster"] = {"replica_id": replica_id, "lease_ms": 5000}
         return msgspec.convert(base, Settings)
 
     first = start_orchestrator(settings("a"))
@@ -145,8 +145,8 @@ def test_a_clean_stop_of_the_leader_hands_over_at_once_and_distributions_go_on(
     old_epoch = a.lease.view.epoch
     assert old_epoch is not None
     a.stop()
-    # Released, not waited out (lease_ms is 3 s): well within a second.
-    wait_until(b.lease.still_leader, timeout=2.0, what="b leads")
+    # Released, not waited out (lease_ms is 5 s): within a second or so.
+    wait_until(b.lease.still_leader, timeout=3.0, what="b leads")
     event_log.wait_for(
         lambda e: isinstance(e, OrchestratorLeader) and e.replica_id == "b" and e.role == "leader"
     )
@@ -234,3 +234,27 @@ def test_a_replica_whose_deciding_settings_differ_says_which_at_start(
     assert "leader a's in 2 keys" in line
     assert f"health.fall: {FALL + 2} here, {FALL} at the leader" in line
     assert 'orchestrator.load_balancing_strategy: "RoundRobin" here, "RegionAware"' in line
+
+
+def test_a_write_while_no_replica_leads_is_retried_by_the_client_until_one_does(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    nats_server: EmbeddedServer,
+    prefix: str,
+) -> None:
+    a, b = replicas
+    fleet.add("primary", "us-west")
+    keeper = a._lease_keeper  # "a" dies as a leader dies: renewing no more, releasing nothing
+    assert keeper is not None
+    keeper.stop(release=False)
+    a.lease.step_down()
+    # Until b has waited out a's lease (5 s) every replica answers unavailable, with
+    # retry_after_ms: the client asks again, and the write is done once.
+    with GatefleetClient(nats_server.url, prefix=prefix, timeout=10.0) as client:
+        reply = client.distribute("Route", {"routes": ["/v1"]}, ["primary"])
+        assert b.lease.still_leader()
+        wait_until(
+            lambda: client.get_distribution(reply.distribution_id).status == "completed",
+            what="the distribution completed",
+        )
+    assert len(pushed(fleet, "primary")) == 1
