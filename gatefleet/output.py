@@ -57,6 +57,12 @@ def show_status(reply: StatusReply, *, as_json: bool) -> None:
         return
     rows: list[tuple[str, Any]] = [
         ("status", reply.status),
+        (
+            "replica",
+            f"{reply.replica_id} ({reply.role}; leader {reply.leader or 'unknown'})"
+            if reply.replica_id
+            else "-",
+        ),
         ("gateways managed", reply.gateways_managed),
         ("gateways healthy", reply.gateways_healthy),
         ("gateways flapping", reply.gateways_flapping),

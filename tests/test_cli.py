@@ -63,6 +63,8 @@ def test_status(live: Fleet, config_file: Path) -> None:
     assert "gateways healthy" in human.output
     data = json.loads(run(config_file, "status", "--json").output)
     assert (data["gateways_managed"], data["gateways_healthy"]) == (2, 2)
+    assert (data["role"], data["leader"]) == ("leader", data["replica_id"])
+    assert f"{data['replica_id']} (leader; leader {data['replica_id']})" in human.output
 
 
 def test_gateways_table_and_json(live: Fleet, config_file: Path) -> None:
