@@ -44,10 +44,9 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bench.common import workdir
 from bus.jetstream import stream_name
 from bus.runtime import Bus
 from bus.server import EmbeddedServer
@@ -550,12 +550,6 @@ def print_report(report: ChaosReport, out: Callable[[str], object] = print) -> N
     out(f"{'PASSED' if report.ok else 'FAILED'} in {report.elapsed_s:.0f}s")
 
 
-@contextlib.contextmanager
-def workdir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="gatefleet-chaos-") as tmp:
-        yield Path(tmp)
-
-
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench chaos", description=__doc__.split("\n")[0]
@@ -578,13 +572,8 @@ def main(argv: Sequence[str]) -> None:
         lease_ms=args.lease_ms,
     )
     print(f"chaos seed {options.seed}", flush=True)
-    if args.keep:
-        path = Path(args.keep)
-        path.mkdir(parents=True, exist_ok=True)
+    with workdir(args.keep, "gatefleet-chaos-") as path:
         report = Chaos(options, path).run()
-    else:
-        with workdir() as path:
-            report = Chaos(options, path).run()
     print_report(report)
     if not report.ok:
         raise SystemExit(1)

@@ -38,15 +38,14 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_line, percentile, print_table, spawn
+from bench.common import machine_line, percentile, print_table, spawn, workdir
 from bus.runtime import Bus, Inbound
 from gatefleet.client import GatefleetClient, GatefleetError
 from schemas.events import OrchestratorLeader, decode_event
@@ -390,17 +389,6 @@ def report(runs: Sequence[Run]) -> None:
             print(f"  failed selections by kind: {dict(run.failures)}")
 
 
-@contextlib.contextmanager
-def workdir(keep: str | None) -> Iterator[Path]:
-    if keep:
-        path = Path(keep)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="gatefleet-takeover-") as tmp:
-        yield Path(tmp)
-
-
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench takeover", description=__doc__.split("\n")[0]
@@ -427,7 +415,8 @@ def main(argv: Sequence[str]) -> None:
             seed=args.seed,
         )
         print(f"lease_ms {lease_ms}: {options.kills} kills of the leader ...", flush=True)
-        with workdir(args.keep and f"{args.keep}/lease-{lease_ms}") as path:
+        keep = args.keep and f"{args.keep}/lease-{lease_ms}"
+        with workdir(keep, "gatefleet-takeover-") as path:
             runs.append(Bench(options, path).go())
     report(runs)
     if any(run.two_leaders or len(run.takeovers) < run.options.kills for run in runs):

@@ -107,6 +107,19 @@ def embedded_server() -> Iterator[tuple[EmbeddedServer, Path]]:
             server.stop()
 
 
+@contextlib.contextmanager
+def workdir(keep: str | None, prefix: str) -> Iterator[Path]:
+    """A benchmark's logs and stores: in `keep` (made if missing) to look at afterwards,
+    else in a temporary directory removed at the end."""
+    if keep:
+        path = Path(keep)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
 def bench_settings(url: str, prefix: str, data_dir: Path, **sections: dict[str, Any]) -> Settings:
     """Settings on `url` under `prefix`: probing off, heartbeats that never go stale."""
     raw: dict[str, Any] = {

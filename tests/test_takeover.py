@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import pytest
 
-from bench.bench_chaos import missing_events
+from bench.bench_chaos import missing_events, retrying
 from bus.jetstream import bucket_name, stream_name
 from bus.runtime import Bus, Inbound
 from gatefleet.audit.stream import Replay
@@ -40,6 +40,8 @@ T = TypeVar("T")
 
 LEASE_MS = 2000
 LEASE_S = LEASE_MS / 1000
+# How long a request is asked again while gatefleet does not answer (or no replica leads).
+ANSWER_TIMEOUT_S = 15.0
 ACK_DELAY_S = 0.3  # each gateway applies a push at once and acks it this much later
 GATEWAYS = [f"gw-{n}" for n in range(1, 7)]
 
@@ -109,7 +111,7 @@ class Observer:
 
     def record(self, dist_id: str) -> Distribution:
         """The distribution as the leader has it (retried through a change of leader)."""
-        return retrying(lambda: self.client.get_distribution(dist_id))
+        return retrying(lambda: self.client.get_distribution(dist_id), ANSWER_TIMEOUT_S)
 
     def stored_events(self) -> list[Event]:
         """Every event the stream holds, read back from JetStream."""
@@ -136,21 +138,8 @@ def observe(prefix: str) -> Iterator[Callable[[str], Observer]]:
         observer.close()
 
 
-def retrying(call: Callable[[], T], timeout: float = 15.0) -> T:
-    """`call()` until gatefleet answers it (no answer, or `unavailable` while no replica
-    leads, is retried)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except GatefleetError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def healthy(client: GatefleetClient) -> int:
-    return retrying(client.status).gateways_healthy
+    return retrying(client.status, ANSWER_TIMEOUT_S).gateways_healthy
 
 
 class LeaderSamples:
