@@ -53,9 +53,12 @@ A = TypeVar("A", bound=pykka.Actor)
 # An embedded server that dies is started again, but not more often than this.
 SERVER_RESTARTS = 3
 SERVER_RESTART_WINDOW_S = 300.0
-# How long start waits to learn who leads: a lone replica takes a free lease in a few ms;
-# one held by a replica that died is waited out in the background, as a standby.
-FIRST_LEADER_WAIT_S = 2.0
+# How long start waits to learn who leads. A leader is known at the lease's first read
+# (a live one, or a dead one's, which is then waited out in the background, as a
+# standby), and a lone replica takes a free lease in a few ms: this bounds only a slow
+# JetStream, and must outlast a loaded machine's first read and write (2 s did not: an
+# upgraded store was then migrated after start returned, by the late leader).
+FIRST_LEADER_WAIT_S = 10.0
 # Orchestrators of this process not stopped yet: the last to stop sweeps leftover actors.
 _RUNNING: set[Orchestrator] = set()
 # The events only the leading replica records (by type prefix).
