@@ -34,7 +34,7 @@ from gatefleet.audit.read import ReadProgress
 from gatefleet.audit.render import show_selection, strategy_input, summary
 from gatefleet.audit.rerun import selection_ts
 from gatefleet.audit.state import FleetState
-from gatefleet.audit.stream import Replay
+from gatefleet.audit.stream import Replay, epoch_ns, until_stored
 from gatefleet.client import GatefleetClient
 from gatefleet.config import load_settings
 from gatefleet.gateway import ConfigResult
@@ -664,6 +664,30 @@ def test_replay_holds_back_a_slow_reader_and_loses_nothing(
         seqs = [seq for batch in replay for seq, _, _ in batch]
     assert replay.total == 3000
     assert seqs == list(range(2, 3002))  # after the orchestrator.started event, seq 1
+
+
+def test_a_read_until_a_stored_time_includes_the_message_stored_then(
+    gatefleet: Orchestrator, bus: Bus, prefix: str
+) -> None:
+    """`audit explain` reads up to its batch's own storage time: the conversion must be
+    exact (through a float timestamp, about 1 in 25 was left out, so explain failed)."""
+    subject = Subjects(prefix).event("gateway.registered")
+
+    async def publish() -> None:
+        for n in range(200):
+            event = GatewayRegistered(gateway_id=f"g-{n}", region="r", source="heartbeat")
+            await bus.js.publish_async(subject, encode(event), headers={"Nats-Msg-Id": event.id})
+        await bus.js.publish_async_completed()
+
+    bus.run(publish(), timeout=60)
+    with Replay(bus, stream_name(prefix), [subject]) as replay:
+        stored = [(seq, ns) for batch in replay for seq, ns, _ in batch]
+    assert len(stored) == 200
+    for seq, ns in stored:
+        assert epoch_ns(until_stored(ns)) >= ns
+        with Replay(bus, stream_name(prefix), [subject], until=until_stored(ns)) as replay:
+            last = [s for batch in replay for s, _, _ in batch][-1]
+        assert last >= seq
 
 
 # Following, and a real process -----------------------------------------------------------

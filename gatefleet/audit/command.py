@@ -46,9 +46,9 @@ from gatefleet.audit.render import (
     when,
 )
 from gatefleet.audit.rerun import Lane, Rerun, Tally, WhatIf, request_of, selection_ts
-from gatefleet.audit.selections import feed, find_batch, parse_selection_id, until_stored
+from gatefleet.audit.selections import feed, find_batch, parse_selection_id
 from gatefleet.audit.state import FOLDED_TYPES, FleetFold, FleetState, LoadBalancingState
-from gatefleet.audit.stream import StoredEvent
+from gatefleet.audit.stream import StoredEvent, epoch_ns, until_stored
 from gatefleet.cli_common import client_options, fail, settings_or_exit
 from schemas.codec import DecodeError, encode
 from schemas.events import Event, GatewaySelected, SelectionBatch, SelectionRecord
@@ -413,7 +413,7 @@ def _rerun(
     settings = settings_or_exit(options.config, options.nats)
 
     def ns(moment: datetime | None) -> int | None:
-        return None if moment is None else int(moment.timestamp() * 1e9)
+        return None if moment is None else epoch_ns(moment)
 
     rerun = Rerun(what_if, since_ns=ns(since), until_ns=ns(until))
     with connected_bus(settings) as bus:

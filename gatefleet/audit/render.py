@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final
 
 import click
@@ -15,6 +15,7 @@ from rich.table import Table
 from gatefleet import output
 from gatefleet.audit.rerun import Tally, busiest_share
 from gatefleet.audit.state import DistributionState, FleetState
+from gatefleet.audit.stream import EPOCH
 from schemas.events import (
     Alarm,
     AuditGap,
@@ -48,8 +49,6 @@ from schemas.events import (
     VersionMovedStep,
 )
 from schemas.types import StrategyName
-
-EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 def summary(event: Event) -> tuple[str, str]:

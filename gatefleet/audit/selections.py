@@ -10,7 +10,7 @@ audit.gap.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import msgspec
 
@@ -46,9 +46,6 @@ def _decode_head(data: bytes) -> BatchHead | None:
         return msgspec.json.decode(data, type=BatchHead)
     except msgspec.DecodeError:
         return None
-
-
-EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 def find_batch(
@@ -103,8 +100,3 @@ def feed(
     subjects = Subjects(settings.bus.subject_prefix)
     read(bus, settings, [subjects.event(t) for t in SUBJECTS], sink, since=start, until=until)
     decoder.report()
-
-
-def until_stored(stored_ns: int) -> datetime:
-    """A time no earlier than `stored_ns` (datetimes hold microseconds: rounded up)."""
-    return EPOCH + timedelta(microseconds=-(-stored_ns // 1000))

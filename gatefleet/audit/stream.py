@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import queue
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Final
 
@@ -37,6 +37,20 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bus.connection import BusError
 from bus.runtime import Bus
+
+EPOCH: Final = datetime.fromtimestamp(0, UTC)
+
+
+def epoch_ns(moment: datetime) -> int:
+    """`moment` in ns since the epoch, exactly (a float `timestamp()` is off by up to a
+    few hundred ns at today's dates: enough to leave out the message stored at `moment`)."""
+    return (moment - EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def until_stored(stored_ns: int) -> datetime:
+    """A time no earlier than `stored_ns` (datetimes hold microseconds: rounded up)."""
+    return EPOCH + timedelta(microseconds=-(-stored_ns // 1000))
+
 
 # (stream sequence, storage time in ns since the epoch, the stored bytes)
 StoredEvent = tuple[int, int, bytes]
@@ -87,7 +101,7 @@ class Replay:
         self.stream = stream
         self._subjects = subjects
         self._since = since
-        self._until_ns = None if until is None else int(until.timestamp() * 1e9)
+        self._until_ns = None if until is None else epoch_ns(until)
         self._follow = follow
         self._batch_size = batch_size
         self._max_buffered = max_buffered
