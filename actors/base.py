@@ -128,12 +128,15 @@ class SafeActor(PooledActor):
                 shed.add("requests")
                 reply_error(bus, reply, "unavailable", f"{server} is overloaded; retry")
                 return
-            try:
-                ref.tell(Request(endpoint=endpoint, body=body, reply=reply))
-            except pykka.ActorDeadError:
-                reply_error(bus, reply, "unavailable", f"{server} is stopping; retry")
-                return
+            request = Request(endpoint=endpoint, body=body, reply=reply)
             told[0] += 1
+            if self.receive_now(request):
+                return
+            try:
+                ref.tell(request)
+            except pykka.ActorDeadError:
+                told[0] -= 1
+                reply_error(bus, reply, "unavailable", f"{server} is stopping; retry")
 
         return serve(
             bus,

@@ -155,6 +155,21 @@ class PooledInbox:
             return True  # a sender took it and scheduled the actor
         return False
 
+    def take_if_idle(self) -> bool:
+        """The run token, if the actor is started, alive and has nothing queued; else
+        False (tell it). A message another thread queued meanwhile is run first."""
+        actor = self.actor
+        if self._fifo or not actor._pooled_started or actor.actor_stopped.is_set():
+            return False
+        try:
+            self._token.pop()
+        except IndexError:
+            return False  # scheduled or running
+        if self._fifo:  # a sender queued just now and left it to us: it goes first
+            self.dispatcher.schedule(self)
+            return False
+        return True
+
     def drain_dead(self) -> None:
         """The actor is stopped: answer what waits (as pykka's teardown) and keep doing so
         for late arrivals (a sender that passed `is_alive()` just before the stop)."""
@@ -212,6 +227,11 @@ class Dispatcher:
 
     def _wake(self) -> None:
         raise NotImplementedError
+
+    def run_now(self, inbox: PooledInbox, message: Any) -> bool:
+        """Handles `message` at once, on the caller's thread, where that is what a tell
+        would come to anyway (OnLoop); False: tell it."""
+        return False
 
     def start(self) -> None:
         self.running = True
@@ -386,6 +406,27 @@ class OnLoop(Dispatcher):
             self.running = False
             self._abandon_live()
 
+    def run_now(self, inbox: PooledInbox, message: Any) -> bool:
+        """On the loop thread outside a drain, an idle actor's message is handled at once:
+        what a tell would lead to (it drains at once there), less the queueing, so a
+        request answered on the loop costs no more than a bare responder's handler."""
+        if self._draining or threading.get_ident() != self._loop_thread or not self.running:
+            return False
+        if not inbox.take_if_idle():
+            return False
+        actor = inbox.actor
+        self._draining = True
+        try:
+            actor._pooled_receive(message, None)
+        finally:
+            self._draining = False
+        self.count(1)
+        if actor.actor_stopped.is_set():
+            inbox.drain_dead()
+        elif not inbox._release():  # it told itself something: run that as a tell would
+            self.schedule(inbox)
+        return True
+
     def _drain(self) -> None:
         self._loop_thread = threading.get_ident()
         self._drain_token.append(_TOKEN)  # before reading the queue: see the class doc
@@ -445,6 +486,11 @@ class PooledActor(pykka.Actor):
 
     def _start_actor_loop(self) -> None:
         self.dispatcher.schedule(self._pooled_inbox)  # the token was held since creation
+
+    def receive_now(self, message: Any) -> bool:
+        """`message` handled at once where the dispatcher allows it (`Dispatcher.run_now`);
+        False: tell it instead."""
+        return self.dispatcher.run_now(self._pooled_inbox, message)
 
     def _pooled_start(self) -> None:
         self._pooled_started = True

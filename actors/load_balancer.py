@@ -234,9 +234,10 @@ class LoadBalancerActor(SafeActor):
             self.lb.log.flush()
 
     def handle(self, message: Any) -> Any:
+        if type(message) is Request and message.endpoint is api.SELECT_GATEWAY:
+            self._select(message.body, message.reply)  # the hot path, ahead of the match
+            return None
         match message:
-            case Request(endpoint=api.SELECT_GATEWAY, body=SelectRequest() as request, reply=reply):
-                self._select(request, reply)
             case GatewayUpdated(snapshot=snapshot):
                 self.lb.update(snapshot)
             case GatewayRemoved(gateway_id=gateway_id):

@@ -215,23 +215,28 @@ class Members:
 
     # Changes -----------------------------------------------------------------------------
 
-    def _load(self, g: GatewaySnapshot) -> float:
+    def _load(self, g: GatewaySnapshot, picks: int | None = None) -> float:
         load = connection_load(g, self.reference)
-        picks = self.picks.get(g.gateway_id)
         if picks is None:
-            return load
+            picks = self.picks.get(g.gateway_id)
+            if picks is None:
+                return load
         capacity = g.max_connections if g.max_connections else self.reference
         return load + picks / capacity
 
     def picked(self, gateway_id: str, times: int = 1) -> bool:
         """A selection chose it: one more connection until its next heartbeat says (or
-        `times` more: picks given back, see Pool.without). False if it is not a member."""
-        i = self.find(gateway_id)
-        if i is None:
+        `times` more: picks given back, see Pool.without). False if it is not a member.
+        On every selection's path: `find` inlined."""
+        ids = self.ids
+        i = bisect_left(ids, gateway_id)
+        if i == len(ids) or ids[i] != gateway_id:
             return False
-        self.picks[gateway_id] = self.picks.get(gateway_id, 0) + times
-        old, new = self.loads[i], self._load(self.gateways[i])
-        self.loads[i] = new
+        picks = self.picks
+        count = picks[gateway_id] = picks.get(gateway_id, 0) + times
+        loads = self.loads
+        old, new = loads[i], self._load(self.gateways[i], count)
+        loads[i] = new
         if self._by_load is not None:
             self._by_load.move(old, new, gateway_id)
         return True

@@ -385,6 +385,51 @@ def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
         loop.close()
 
 
+def test_receive_now_handles_an_idle_actors_message_at_once_and_keeps_the_order() -> None:
+    """The request path's shortcut: on the loop thread, outside a drain, an idle actor
+    handles the message before `receive_now` returns; with messages queued (or from
+    another thread, or inside a drain) it declines, and a tell keeps the order."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bus-loop")
+    thread.start()
+    on_loop = OnLoop(loop)
+    on_loop.start()
+    try:
+        target = Recorder.start(on_loop)
+        actor = actor_of(target)
+        assert target.ask("ready", timeout=WAIT) == "ready"
+        assert actor.receive_now("from another thread") is False
+
+        async def on_the_loop() -> list[bool]:
+            handled = [actor.receive_now("now")]
+            handled.append("now" in actor.seen)
+            # Told from another thread while the loop is busy here: queued, not yet run.
+            teller = threading.Thread(target=target.tell, args=("queued",))
+            teller.start()
+            teller.join(WAIT)
+            handled.append(actor.receive_now("after it"))
+            target.tell("after it")
+            return handled
+
+        handled = asyncio.run_coroutine_threadsafe(on_the_loop(), loop).result(WAIT)
+        assert handled == [True, True, False]
+        assert target.ask("seen", timeout=WAIT) == ["ready", "now", "queued", "after it"]
+
+        class Inner(Recorder):
+            def on_receive(self, message: Any) -> Any:
+                if message == "try":
+                    return actor.receive_now("nested")
+                return super().on_receive(message)
+
+        inner = Inner.start(on_loop)
+        assert inner.ask("try", timeout=WAIT) is False  # inside a drain: never nested
+    finally:
+        on_loop.stop(timeout=WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+
+
 def test_a_burst_in_the_latest_lane_is_taken_a_turn_at_a_time() -> None:
     """Thousands of keys at once: at most `throughput` are handled before what the FIFO
     held then, every key's newest message is handled once, oldest key first."""
