@@ -33,7 +33,13 @@ from schemas.api import (
     StatusReply,
 )
 from schemas.codec import decode, encode
-from schemas.events import DistributionEvent, Failover, OrchestratorLeader, OrchestratorStarted
+from schemas.events import (
+    DistributionEvent,
+    Failback,
+    Failover,
+    OrchestratorLeader,
+    OrchestratorStarted,
+)
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
@@ -386,3 +392,53 @@ def test_after_a_hand_over_the_new_leader_probes_and_shares_its_results(
         show=joined.stats,
     )
     assert joined.stats().sent == 0
+
+
+def in_maintenance_at(bus: Bus, prefix: str, replica_id: str) -> int | None:
+    """`gateways_in_maintenance` if `replica_id` answered a status (the queue group picks
+    one), else None."""
+    status = decode(bus.ask(f"{prefix}.api.status", b"{}", 5.0), StatusReply)
+    return status.gateways_in_maintenance if status.replica_id == replica_id else None
+
+
+def test_maintenance_reaches_the_standby_within_a_second_and_so_does_its_end(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    client: GatefleetClient,
+    bus: Bus,
+    prefix: str,
+    direct: Direct,
+) -> None:
+    _, b = replicas
+    for gateway_id in ("primary", "backup"):
+        fleet.add(gateway_id, "us-west")
+    healthy(event_log, "primary", "backup")
+
+    def at_b() -> tuple[str, bool, str | None] | None:
+        row = direct.gateway(b, "primary")
+        return None if row is None else (row.status, row.maintenance, row.maintenance_reason)
+
+    wait_until(lambda: at_b() == ("healthy", False, None), what="b sees primary healthy")
+    redirects = Redirects(bus, prefix)
+
+    client.set_maintenance("primary", True, "rack move")  # stored by the leader
+    wait_until(
+        lambda: (
+            at_b() == ("healthy", True, "rack move") and in_maintenance_at(bus, prefix, "b") == 1
+        ),
+        timeout=1.0,
+        what="the standby has primary in maintenance",
+        show=at_b,
+    )
+    client.set_maintenance("primary", False)
+    wait_until(  # after `rise` (2) good heartbeats, 100 ms apart
+        lambda: at_b() == ("healthy", False, None) and in_maintenance_at(bus, prefix, "b") == 0,
+        timeout=1.0,
+        what="the standby has primary back in service",
+        show=at_b,
+    )
+    # Both replicas planned the move and its return; the leader alone told the clients.
+    event_log.wait_for(lambda e: isinstance(e, Failback))
+    in_maintenance_at(bus, prefix, "b")  # one more round trip: anything sent has arrived
+    assert [notice["to"] for _, notice, _ in redirects.notices] == ["backup", "primary"]
