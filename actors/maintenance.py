@@ -1,9 +1,10 @@
 """Which gateways an operator put in maintenance, kept across restarts.
 
 Stored in the `settings` bucket, one key per gateway (`maintenance.<gateway_id>`, so that
-no value grows with the fleet); the supervisor is the only writer. A key that does not
-read back is logged, alarmed (`ha.alarm` kind `bad_stored_value`) and skipped: no stored
-value stops start-up.
+no value grows with the fleet); the leader's supervisor is the only writer, and the
+standbys' supervisors follow its writes through a watch of the bucket. A key that does
+not read back is logged, alarmed (`ha.alarm` kind `bad_stored_value`) and skipped: no
+stored value stops start-up.
 """
 
 from __future__ import annotations
@@ -29,13 +30,19 @@ def load(ctx: Context) -> dict[str, str | None]:
     for key, value in ctx.buckets["settings"].entries().items():
         if not key.startswith(KEY_PREFIX):
             continue
-        try:
-            record = decode(value, MaintenanceRecord)
-        except DecodeError as exc:
-            ctx.unreadable(f"maintenance entry {key!r}", exc, "skipped")
-            continue
-        found[key.removeprefix(KEY_PREFIX)] = record.reason
+        record = read(ctx, key, value)
+        if record is not None:
+            found[key.removeprefix(KEY_PREFIX)] = record.reason
     return found
+
+
+def read(ctx: Context, key: str, value: bytes) -> MaintenanceRecord | None:
+    """The record stored at `key`; None (logged, alarmed) when it does not read back."""
+    try:
+        return decode(value, MaintenanceRecord)
+    except DecodeError as exc:
+        ctx.unreadable(f"maintenance entry {key!r}", exc, "skipped")
+        return None
 
 
 def save(ctx: Context, gateway_id: str, reason: str | None) -> None:

@@ -14,8 +14,9 @@
 - `service`: the API lane as a NATS micro service (bus/micro.py): answers `$SRV` and
   counts each endpoint's requests, errors and processing time.
 - `jetstream`: whether JetStream answers, asked every 5 s (for `status` and /healthz).
-- `prober`: latency probes of every gateway over one reply inbox (bus/probes.py); None
-  when `health.probe_interval_ms` is 0.
+- `prober`: latency probes of every gateway over one reply inbox (bus/probes.py), sent
+  by the leading replica only, whose results it shares with the others
+  (bus/probe_sharing.py); None when `health.probe_interval_ms` is 0.
 
 Start: `start()` after the bus is connected; stop: `stop()` after every actor has stopped.
 """
@@ -30,6 +31,7 @@ from bus.awareness import LocalAwareness, watch
 from bus.jetstream import JetStreamWatch
 from bus.leadership import Lease, replica_metadata
 from bus.micro import MicroService
+from bus.probe_sharing import ProbeSharing
 from bus.probes import Prober
 from bus.runtime import Bus
 from bus.subjects import Subjects
@@ -90,6 +92,7 @@ class Runtime:
                 timeout_s=timeout,
                 lag=awareness.lag_s,
                 leading=lease.still_leader,
+                sharing=ProbeSharing(bus, timers, subjects, lease),
             )
             prober.start()
         gateways = Pool("gateway-actors", workers=GATEWAY_WORKERS, loop=bus.loop)

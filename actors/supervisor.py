@@ -8,8 +8,10 @@ redirected to a replacement the load balancer picks (`P.redirect.<id>`), recover
 primaries fail back (at once, or on `P.api.failback` when `[ha] failback = "manual"`),
 and a mass failure freezes all this. It restarts GatewayActors that die.
 Receives: Discovered, GoodbyeReceived (from the routes), GatewayUpdated (status changes),
-LoadBalancingInForce, DistributionCounts, ReplacementFound, ChildDied, and the requests of
-`status` and `failback`.
+LoadBalancingInForce, DistributionCounts, ReplacementFound, ChildDied, the requests of
+`status`, `failback` and `maintenance`, and from the watch of the `settings` bucket each
+maintenance key the leader writes (`_MaintenanceStored`: a standby puts it in force as
+the leader did).
 Emits: gateway.registered, gateway.left, gateway.forgotten (down for
 `health.forget_after_s`, unless configured), ha.failover, ha.failback, ha.alarm.
 """
@@ -58,6 +60,7 @@ from actors.messages import (
 )
 from actors.routes import GatewayRoutes
 from bus.edge import reply_error
+from bus.kv_watch import KvWatch
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
@@ -120,6 +123,7 @@ class SupervisorActor(SafeActor):
         # Each gateway's heartbeats waiting for its actor (shared with its route).
         self.pending: dict[str, Coalescer[Arrival]] = {}
         self._subscriptions: list[SubscriptionHandle] = []
+        self._maintenance_watch: KvWatch | None = None
         self._registered = 0
         self.distribution_counts = DistributionCounts(active=0, completed=0, failed=0)
         self.view = StatusView(0, {}, 0, 0, self.lb_config, self.distribution_counts)
@@ -137,6 +141,7 @@ class SupervisorActor(SafeActor):
 
     def on_start(self) -> None:
         self.maintenance = maintenance.load(self.ctx)
+        self._maintenance_watch = self._watch_maintenance()
         for entry in self.configured.values():
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
@@ -154,6 +159,8 @@ class SupervisorActor(SafeActor):
         )
 
     def on_stop(self) -> None:
+        if self._maintenance_watch is not None:
+            self._maintenance_watch.stop()
         self.routes.stop()
         for subscription in self._subscriptions:
             subscription.unsubscribe()
@@ -191,6 +198,8 @@ class SupervisorActor(SafeActor):
                 endpoint=api.MAINTENANCE, body=MaintenanceRequest() as request, reply=reply
             ):
                 self._set_maintenance(request, reply)
+            case _MaintenanceStored(key=key, value=value):
+                self._maintenance_stored(key, value)
             case ChildDied(kind="GatewayActor", key=gateway_id, error=error):
                 self._restart(gateway_id, error)
             case LoadBalancingInForce(config=config):
@@ -322,12 +331,7 @@ class SupervisorActor(SafeActor):
             log.exception("could not store maintenance of %s", gateway_id)
             reply_error(self.replies, reply, "unavailable", "could not store the change; retry")
             return
-        if enabled:
-            self.maintenance[gateway_id] = request.reason
-            self._act(self.planner.start_maintenance(gateway_id))
-        else:
-            self.maintenance.pop(gateway_id, None)
-        ref.tell(SetMaintenance(enabled=enabled, reason=request.reason))
+        self._maintain(gateway_id, enabled, request.reason)
         log.info(
             "maintenance %s for %s (%s)",
             "on" if enabled else "off",
@@ -337,6 +341,48 @@ class SupervisorActor(SafeActor):
         self.replies.publish(
             reply, MaintenanceReply(gateway_id=gateway_id, enabled=enabled, reason=request.reason)
         )
+
+    def _maintain(self, gateway_id: str, enabled: bool, reason: str | None) -> None:
+        """Puts maintenance in force here: the failover planner moves the traffic, the
+        gateway's actor drains it (one not spawned yet is drained at its spawn)."""
+        if enabled:
+            self.maintenance[gateway_id] = reason
+        else:
+            self.maintenance.pop(gateway_id, None)
+        ref = self.gateways.get(gateway_id)
+        if ref is None:
+            return
+        if enabled:
+            self._act(self.planner.start_maintenance(gateway_id))
+        ref.tell(SetMaintenance(enabled=enabled, reason=reason))
+
+    def _watch_maintenance(self) -> KvWatch:
+        """Maintenance stored by the leader (to which `maintenance` requests are
+        forwarded) comes into force on a standby as soon as the bucket tells."""
+        ref = self.actor_ref
+
+        def changed(key: str, value: bytes | None, _age_s: float) -> None:  # on the bus loop
+            if key.startswith(maintenance.KEY_PREFIX):
+                safe_tell(ref, _MaintenanceStored(key, value))
+
+        watch = self.ctx.buckets["settings"].watch(changed)
+        watch.start()
+        return watch
+
+    def _maintenance_stored(self, key: str, value: bytes | None) -> None:
+        if self.ctx.lease.still_leader():
+            return  # the leader's own writes came into force as it made them
+        gateway_id = key.removeprefix(maintenance.KEY_PREFIX)
+        if value is None:
+            if gateway_id in self.maintenance:
+                self._maintain(gateway_id, False, None)
+            return
+        record = maintenance.read(self.ctx, key, value)
+        if record is None:
+            return
+        in_force = gateway_id in self.maintenance and self.maintenance[gateway_id] == record.reason
+        if not in_force:  # the watch tells every key again after a reconnect
+            self._maintain(gateway_id, True, record.reason)
 
     def _restart(self, gateway_id: str, error: str) -> None:
         """A GatewayActor died: a new one takes over, rebuilding health from heartbeats."""
@@ -429,6 +475,15 @@ class SupervisorActor(SafeActor):
             lb_config=self.lb_config,
             distributions=self.distribution_counts,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _MaintenanceStored:
+    """A `maintenance.<gateway_id>` key of the `settings` bucket as its watch told it:
+    the stored record, or None once deleted."""
+
+    key: str
+    value: bytes | None
 
 
 def _mark(members: set[str], gateway_id: str, flag: bool) -> None:

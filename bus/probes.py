@@ -31,6 +31,12 @@ support in CONNECT), `"bad pong: ..."`, `"pong from <other id>"`, `"status <code
 it a `tell`. Nothing is delivered for a gateway once it is withdrawn (or the prober stopped),
 even for a probe already in flight.
 
+Replicas: only the leading replica sends probes (`leading`). With `sharing`
+(bus/probe_sharing.py) the leader shares every result it delivers with the other
+replicas, and a standby delivers the leader's results (`apply_shared`) to its own
+enrolled gateways exactly as its own: the same `on_result`, whatever it thinks of the
+gateway meanwhile (paused or not), since the leader delivers its own whatever it thinks.
+
 Threading: `enroll`, `withdraw`, `pause`, `resume` from any thread (commands on a deque,
 applied by the next step; an invalid gateway id raises at once in the caller). `start` and
 `stop` block the calling thread and must not be called on the loop. `stats()` from any
@@ -51,10 +57,12 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from bus.connection import BusError
+from bus.probe_sharing import ProbeSharing
 from bus.runtime import SUBSCRIPTION_PENDING_BYTES, SUBSCRIPTION_PENDING_MSGS, Bus
 from bus.subjects import Subjects
 from bus.timers import TimerHandle, TimerWheel
 from schemas.codec import DecodeError, decode
+from schemas.replica import ProbeRow
 from schemas.wire import Pong
 
 log = logging.getLogger(__name__)
@@ -82,6 +90,8 @@ class ProbeStats(NamedTuple):
     late: int  # replies after their probe timed out (or was dropped): ignored
     skipped: int  # rounds not sent because the previous probe was still in flight
     shed: int  # rounds not sent because the loop lagged (overload)
+    shared: int  # results shared with the other replicas (leading)
+    from_leader: int  # the leader's results delivered here (standing by)
 
 
 class _Gateway:
@@ -120,6 +130,7 @@ class Prober:
         shed_lag_s: float = 0.1,
         lag: Callable[[], float] | None = None,
         leading: Callable[[], bool] = lambda: True,
+        sharing: ProbeSharing | None = None,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("interval_s and timeout_s must be positive")
@@ -151,12 +162,14 @@ class Prober:
         self._running = False
         self.sent = self.answered = self.timed_out = self.no_responders = 0
         self.bad_answers = self.errors = self.late = self.skipped = self.shed = 0
+        self.from_leader = 0
         # Above this loop lag no probe is sent (see _take_due).
         self.shed_lag_s = shed_lag_s
         # How far behind gatefleet is (default: the wheel's loop lag).
         self.lag = lag or (lambda: wheel.lag_s)
         # Only the leading replica probes: a gateway is pinged once, not once per replica.
         self.leading = leading
+        self.sharing = sharing
 
     # Life cycle (not on the loop) ---------------------------------------------------------
 
@@ -173,6 +186,8 @@ class Prober:
                 pending_msgs_limit=SUBSCRIPTION_PENDING_MSGS,
                 pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES,
             )
+            if self.sharing is not None:
+                await self.sharing.open(self.apply_shared)
             await nc.flush()
             self._running = True
             self._epoch = self._next_step = self.clock()
@@ -189,6 +204,8 @@ class Prober:
                 self._step_timer.cancel()
             self._pending.clear()
             self._deadlines.clear()
+            if self.sharing is not None:
+                await self.sharing.close()
             if self._subscription is not None:
                 await self._subscription.unsubscribe()
                 self._subscription = None
@@ -230,6 +247,8 @@ class Prober:
             late=self.late,
             skipped=self.skipped,
             shed=self.shed,
+            shared=0 if self.sharing is None else self.sharing.shared,
+            from_leader=self.from_leader,
         )
 
     # On the loop --------------------------------------------------------------------------
@@ -389,12 +408,28 @@ class Prober:
         self.answered += 1
         self._deliver(probe, rtt_ms, None)
 
+    def apply_shared(self, rows: list[ProbeRow]) -> None:
+        """The leader's results (on the loop): each one of a gateway enrolled here goes to
+        its `on_result`, as this prober's own would."""
+        gateways = self._gateways
+        for gateway_id, rtt_ms, reason in rows:
+            gateway = gateways.get(gateway_id)
+            if gateway is not None:
+                self.from_leader += 1
+                self._hand(gateway, rtt_ms, reason)
+
     def _deliver(self, probe: _Probe, rtt_ms: float | None, reason: str | None) -> None:
         gateway = probe.gateway
         if gateway.in_flight == probe.token:
             gateway.in_flight = None
         if not gateway.enrolled:
             return
+        if self.sharing is not None:
+            self.sharing.record(gateway.gateway_id, rtt_ms, reason)
+        self._hand(gateway, rtt_ms, reason)
+
+    @staticmethod
+    def _hand(gateway: _Gateway, rtt_ms: float | None, reason: str | None) -> None:
         try:
             gateway.on_result(rtt_ms, reason)
         except Exception:

@@ -64,6 +64,11 @@ class Subjects:
         other replicas forward what only the leader may do."""
         return f"{self.prefix}.replica.{replica_id}.api.{name}"
 
+    @property
+    def replica_probes(self) -> str:
+        """`P.replica.probes`: the leader's probe results, for the other replicas."""
+        return f"{self.prefix}.replica.probes"
+
     @staticmethod
     def service_discovery(verb: str, name: str, service_id: str) -> list[str]:
         """The NATS micro `$SRV.<verb>` subjects a service answers: for every service, for

@@ -2,7 +2,8 @@
 
 One schema per message: what a gateway and gatefleet say to each other (PROTOCOL.md
 section 1, and the redirect notice), each `P.api.*` request and reply and the error reply
-(section 2), each event type (section 3) and the `details` of each distribution step.
+(section 2), each event type (section 3), the `details` of each distribution step, and
+what the replicas tell one another (section 5).
 `gatefleet schema --out docs/schemas` writes them, so that a gateway or client written in
 another language can generate its types from them; a test fails when the files checked in
 differ from what this module generates.
@@ -30,6 +31,7 @@ import msgspec
 from schemas.api import ErrorReply
 from schemas.endpoints import ENDPOINTS
 from schemas.events import STEP_TYPES, Event
+from schemas.replica import ProbeResults
 from schemas.wire import ConfigAck, ConfigPush, Goodbye, Heartbeat, Ping, Pong, Redirect
 
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
@@ -84,9 +86,14 @@ def _events() -> list[Message]:
     return messages
 
 
+def _replicas() -> list[Message]:
+    where = "`P.replica.probes`: the leading replica publishes it, the others read it"
+    return [Message("replica.probes", ProbeResults, True, where)]
+
+
 def messages() -> list[Message]:
     """Every message with a schema, in the order of PROTOCOL.md."""
-    return [*_wire(), *_api(), *_events()]
+    return [*_wire(), *_api(), *_events(), *_replicas()]
 
 
 def _portable_patterns(node: object) -> None:

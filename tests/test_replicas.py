@@ -1,9 +1,13 @@
 """Two gatefleet replicas on one NATS server and prefix (issue 16): one leads, the other
 stands by; writes reach the leader wherever they arrive; a failure is acted on and
-recorded once; a clean stop hands the lease over at once."""
+recorded once; a clean stop hands the lease over at once; the standby takes its probe
+latencies from the leader, which alone pings."""
 
 from __future__ import annotations
 
+import itertools
+import queue
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,18 +15,37 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from bus.runtime import Bus
+from actors.load_balancer import LoadBalancerActor
+from actors.messages import Request
+from bus.probes import Prober
+from bus.runtime import Bus, Inbound
 from bus.server import EmbeddedServer
 from gatefleet.app import Orchestrator
 from gatefleet.cli import main
 from gatefleet.client import GatefleetClient
-from schemas.api import DistributeRequest, ErrorReply, StatusReply
+from schemas import endpoints as api
+from schemas.api import (
+    DistributeRequest,
+    ErrorReply,
+    GatewaySnapshot,
+    GatewaysReply,
+    GatewaysRequest,
+    StatusReply,
+)
 from schemas.codec import decode, encode
-from schemas.events import DistributionEvent, Failover, OrchestratorLeader, OrchestratorStarted
+from schemas.events import (
+    DistributionEvent,
+    Failback,
+    Failover,
+    OrchestratorLeader,
+    OrchestratorStarted,
+)
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
 from tests.test_ha import FALL, Redirects, ha_settings, healthy
+
+PROBING = {"probe_interval_ms": 200, "probe_timeout_ms": 200}
 
 
 def pushed(fleet: Fleet, gateway_id: str) -> list[int]:
@@ -30,24 +53,29 @@ def pushed(fleet: Fleet, gateway_id: str) -> list[int]:
     return [push.version for _, push in fleet.agents[gateway_id].received]
 
 
-@pytest.fixture
+def replica_settings(
+    make_settings: SettingsFactory, tmp_path: Path, replica_id: str, **health: int
+) -> Settings:
+    base = msgspec.to_builtins(ha_settings(make_settings))
+    base["bus"]["data_dir"] = str(tmp_path / replica_id)
+    base["cluster"] = {"replica_id": replica_id, "lease_ms": 5000}
+    base["health"] |= health
+    return msgspec.convert(base, Settings)
+
+
+@pytest.fixture(params=[{}])
 def replicas(
     make_settings: SettingsFactory,
     start_orchestrator: Callable[[Settings], Orchestrator],
     tmp_path: Path,
     event_log: EventLog,
+    request: pytest.FixtureRequest,
 ) -> tuple[Orchestrator, Orchestrator]:
     """Replica "a" starts first and leads; "b" joins as a standby (the event log is
-    listening from before)."""
-
-    def settings(replica_id: str) -> Settings:
-        base = msgspec.to_builtins(ha_settings(make_settings))
-        base["bus"]["data_dir"] = str(tmp_path / replica_id)
-        base["cluster"] = {"replica_id": replica_id, "lease_ms": 5000}
-        return msgspec.convert(base, Settings)
-
-    first = start_orchestrator(settings("a"))
-    second = start_orchestrator(settings("b"))
+    listening from before). Parametrized indirectly: health settings for both."""
+    health: dict[str, int] = request.param
+    first = start_orchestrator(replica_settings(make_settings, tmp_path, "a", **health))
+    second = start_orchestrator(replica_settings(make_settings, tmp_path, "b", **health))
     wait_until(lambda: second.lease.view.leader == "a", what="b knows that a leads")
     return first, second
 
@@ -258,3 +286,159 @@ def test_a_write_while_no_replica_leads_is_retried_by_the_client_until_one_does(
             what="the distribution completed",
         )
     assert len(pushed(fleet, "primary")) == 1
+
+
+class Direct:
+    """`gateways` asked of one replica's load balancer itself (the queue group would pick
+    either replica), answered on one subscription of the test's."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.base = f"_INBOX.replicas-test.{uuid.uuid4().hex}"
+        self._replies: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self._count = itertools.count()
+        bus.subscribe(f"{self.base}.*", self._replies.put)
+
+    def gateway(self, replica: Orchestrator, gateway_id: str) -> GatewaySnapshot | None:
+        [load_balancer] = [r for r in replica._actors if r.actor_class is LoadBalancerActor]
+        reply = f"{self.base}.{next(self._count)}"
+        load_balancer.tell(Request(endpoint=api.GATEWAYS, body=GatewaysRequest(), reply=reply))
+        answer = self._replies.get(timeout=5.0)
+        assert answer.subject == reply
+        rows = decode(answer.data, GatewaysReply).gateways
+        return next((row for row in rows if row.gateway_id == gateway_id), None)
+
+    def probe_latency(self, replica: Orchestrator, gateway_id: str) -> float | None:
+        row = self.gateway(replica, gateway_id)
+        return None if row is None else row.probe_latency_ms
+
+
+@pytest.fixture
+def direct(bus: Bus) -> Direct:
+    return Direct(bus)
+
+
+def prober_of(replica: Orchestrator) -> Prober:
+    assert replica.runtime is not None
+    assert replica.runtime.prober is not None
+    return replica.runtime.prober
+
+
+@pytest.mark.parametrize("replicas", [PROBING], indirect=True)
+def test_the_standby_takes_probe_latencies_from_the_leader_which_alone_pings(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    direct: Direct,
+) -> None:
+    a, b = replicas
+    agent = fleet.add("primary", "us-west")
+    healthy(event_log, "primary")
+    agent.pong_delay_s = 0.05  # from ~1 ms: the smoothed latency climbs towards 50
+
+    def latencies() -> tuple[float | None, float | None]:
+        return direct.probe_latency(a, "primary"), direct.probe_latency(b, "primary")
+
+    wait_until(
+        lambda: (direct.probe_latency(b, "primary") or 0.0) >= 45,
+        what="the standby has the slow pongs' latency",
+        show=latencies,
+    )
+    at_a, at_b = latencies()
+    assert at_a is not None
+    assert at_b is not None
+    assert abs(at_a - at_b) < 10  # the same results, applied at most ~100 ms apart
+
+    # Once per interval: over the next ten results the standby applied, the gateway was
+    # pinged about ten times (twenty, were both replicas pinging).
+    standby = prober_of(b)
+    pings, applied = agent.pings, standby.stats().from_leader
+    wait_until(lambda: standby.stats().from_leader >= applied + 10, what="ten more results")
+    assert agent.pings - pings <= standby.stats().from_leader - applied + 3
+    assert standby.stats().sent == 0
+    assert prober_of(a).stats().shared >= standby.stats().from_leader
+
+
+@pytest.mark.parametrize("replicas", [PROBING], indirect=True)
+def test_after_a_hand_over_the_new_leader_probes_and_shares_its_results(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    direct: Direct,
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    tmp_path: Path,
+) -> None:
+    a, b = replicas
+    agent = fleet.add("primary", "us-west")
+    healthy(event_log, "primary")
+    standby = prober_of(b)
+    wait_until(lambda: standby.stats().from_leader >= 2, what="b applies a's results")
+    assert standby.stats().sent == 0
+
+    a.stop()
+    wait_until(b.lease.still_leader, timeout=3.0, what="b leads")
+    pings, answered = agent.pings, standby.stats().answered
+    wait_until(
+        lambda: standby.stats().answered >= answered + 3 and agent.pings >= pings + 3,
+        what="b probes the gateway itself",
+        show=standby.stats,
+    )
+
+    c = start_orchestrator(replica_settings(make_settings, tmp_path, "c", **PROBING))
+    joined = prober_of(c)
+    wait_until(
+        lambda: joined.stats().from_leader >= 3 and direct.probe_latency(c, "primary") is not None,
+        what="c, a new standby, takes b's results",
+        show=joined.stats,
+    )
+    assert joined.stats().sent == 0
+
+
+def in_maintenance_at(bus: Bus, prefix: str, replica_id: str) -> int | None:
+    """`gateways_in_maintenance` if `replica_id` answered a status (the queue group picks
+    one), else None."""
+    status = decode(bus.ask(f"{prefix}.api.status", b"{}", 5.0), StatusReply)
+    return status.gateways_in_maintenance if status.replica_id == replica_id else None
+
+
+def test_maintenance_reaches_the_standby_within_a_second_and_so_does_its_end(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    client: GatefleetClient,
+    bus: Bus,
+    prefix: str,
+    direct: Direct,
+) -> None:
+    _, b = replicas
+    for gateway_id in ("primary", "backup"):
+        fleet.add(gateway_id, "us-west")
+    healthy(event_log, "primary", "backup")
+
+    def at_b() -> tuple[str, bool, str | None] | None:
+        row = direct.gateway(b, "primary")
+        return None if row is None else (row.status, row.maintenance, row.maintenance_reason)
+
+    wait_until(lambda: at_b() == ("healthy", False, None), what="b sees primary healthy")
+    redirects = Redirects(bus, prefix)
+
+    client.set_maintenance("primary", True, "rack move")  # stored by the leader
+    wait_until(
+        lambda: (
+            at_b() == ("healthy", True, "rack move") and in_maintenance_at(bus, prefix, "b") == 1
+        ),
+        timeout=1.0,
+        what="the standby has primary in maintenance",
+        show=at_b,
+    )
+    client.set_maintenance("primary", False)
+    wait_until(  # after `rise` (2) good heartbeats, 100 ms apart
+        lambda: at_b() == ("healthy", False, None) and in_maintenance_at(bus, prefix, "b") == 0,
+        timeout=1.0,
+        what="the standby has primary back in service",
+        show=at_b,
+    )
+    # Both replicas planned the move and its return; the leader alone told the clients.
+    event_log.wait_for(lambda e: isinstance(e, Failback))
+    in_maintenance_at(bus, prefix, "b")  # one more round trip: anything sent has arrived
+    assert [notice["to"] for _, notice, _ in redirects.notices] == ["backup", "primary"]

@@ -324,6 +324,20 @@ async def test_a_simulator_credential_speaks_for_every_gateway_and_no_more(
     assert "gatefleet:test-credential" in claims["nats"]["tags"]
 
 
+@pytest.mark.parametrize("kind", ["gateway", "simulator", "operator", "read-only"])
+async def test_no_credential_handed_out_speaks_or_listens_as_a_replica(
+    kind: Kind, connect: Connect, authority: Authority, tmp_path: Path
+) -> None:
+    """The leader's probe results (a forged one would set every standby's latencies) and
+    the forwarded writes are gatefleet's own."""
+    user = await connect(issue(authority, kind, "x", tmp_path))
+    for subject in (f"{PREFIX}.replica.probes", f"{PREFIX}.replica.a.api.distribute"):
+        await user.nc.publish(subject, b"{}")
+        await user.violation(subject)
+    await user.nc.subscribe(f"{PREFIX}.replica.probes")
+    await user.violation(f"{PREFIX}.replica.probes")
+
+
 # --- revocation ---------------------------------------------------------------------------
 
 

@@ -26,7 +26,8 @@ anything else, with a NACK whose error is `stale_epoch` and whose `held_epoch` i
 highest epoch: it came from a leader another replica has replaced. A push without an
 epoch is not fenced.
 A push that does not decode is logged and gets no answer. The fault-injection knobs
-(`pause_heartbeats`, `ack_delay_s`, `fail_acks`, `silent_config`, `crash`, `restart`)
+(`pause_heartbeats`, `ack_delay_s`, `pong_delay_s`, `fail_acks`, `silent_config`,
+`crash`, `restart`)
 exist for tests and benchmarks (the simulator, `gatefleet simulate`, is an engine of its
 own: gatefleet/simulate.py).
 """
@@ -168,6 +169,7 @@ class GatewayAgent:
         self.received: deque[tuple[float, ConfigPush]] = deque(maxlen=received_limit)
         # Fault injection.
         self.ack_delay_s = 0.0
+        self.pong_delay_s = 0.0
         self.fail_acks = False
         self.silent_config = False
 
@@ -181,6 +183,7 @@ class GatewayAgent:
         self._subs: list[Subscription] = []
         self._beat_task: asyncio.Task[None] | None = None
         self.beats_sent = 0
+        self.pings = 0  # received
         self.malformed_pushes = 0
         self.publish_errors = 0
         self._failing_since: int | None = None  # publish_errors when the current outage began
@@ -365,6 +368,9 @@ class GatewayAgent:
             await self._publish(msg.reply, body)
 
     async def _on_ping(self, msg: Msg) -> None:
+        self.pings += 1
+        if self.pong_delay_s > 0:
+            await asyncio.sleep(self.pong_delay_s)
         await self._reply(msg, Pong(gateway_id=self.gateway_id))
 
     async def _on_config(self, msg: Msg) -> None:
