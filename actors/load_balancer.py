@@ -139,6 +139,7 @@ class LoadBalancerActor(SafeActor):
             events_lost=self.ctx.events_lost,
             schedule_flush=lambda delay: timers.schedule(delay, safe_tell, ref, _FlushSelections()),
             clock=self.ctx.clock,
+            replica_id=self.ctx.lease.replica_id,
         )
 
     def _watch_sticky(self) -> KvWatch:

@@ -144,8 +144,10 @@ class SelectionLog:
         events_lost: Callable[[], int],
         schedule_flush: Callable[[float], object],
         clock: Callable[[], float] = time.monotonic,
+        replica_id: str | None = None,
     ) -> None:
         self._emit = emit
+        self._replica_id = replica_id
         self._rules = rules
         self._config = config
         self._events_lost = events_lost
@@ -250,6 +252,7 @@ class SelectionLog:
                 last=self._last,
                 steps=self._steps,
                 ts=datetime.fromtimestamp(self._opened, UTC),
+                replica_id=self._replica_id,
             )
         )
         self._steps, self._items, self._first, self._last = [], 0, -1, -1
@@ -351,6 +354,7 @@ class SelectionLog:
                     },
                     rows=chunk,
                     ts=ts,
+                    replica_id=self._replica_id,
                 )
             )
         self._snapshot_ts = ts

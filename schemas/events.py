@@ -152,6 +152,8 @@ class GatewaySelected(_Event, frozen=True, tag="lb.selected"):
     # Gateways in slow start this selection passed over or chose -> their ramp factor
     # (load_balancing.slow_start_s); empty when none was.
     slow_start: dict[str, float] = msgspec.field(default_factory=dict)
+    # The replica that made it (issue 16; None before replicas, or not known).
+    replica_id: str | None = None
 
 
 class PoolRow(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -227,6 +229,8 @@ class SelectionBatch(_Event, frozen=True, tag="lb.selections"):
     first: int
     last: int
     steps: list[SelectionStep]
+    # The replica whose load balancer made them (issue 16; None before replicas).
+    replica_id: str | None = None
 
 
 class SelectionRules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -257,6 +261,7 @@ class PoolSnapshot(_Event, frozen=True, tag="lb.snapshot"):
     held: list[str]
     picks: dict[str, int]
     rows: list[PoolRow]
+    replica_id: str | None = None  # as in SelectionBatch
 
 
 # Distribution -----------------------------------------------------------------------------

@@ -150,7 +150,14 @@ def test_every_selection_replays_and_whatif_with_the_recorded_settings_changes_n
     assert any(r.reason == "sticky client" for r in replies)
 
     report = as_json(config_file, "replay")
-    assert report == {"selections": 190, "reproduced": 190, "differed": [], "in_gap": 0}
+    replica = gatefleet.lease.replica_id
+    assert report == {
+        "selections": 190,
+        "reproduced": 190,
+        "differed": [],
+        "in_gap": 0,
+        "replicas": {replica: {"selections": 190, "reproduced": 190}},
+    }
     assert "190 reproduced exactly, 0 differed" in run_audit(config_file, "replay").stdout
 
     # A window: the selections stored since the last change, replayed from the snapshot.

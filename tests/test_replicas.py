@@ -442,3 +442,50 @@ def test_maintenance_reaches_the_standby_within_a_second_and_so_does_its_end(
     event_log.wait_for(lambda e: isinstance(e, Failback))
     in_maintenance_at(bus, prefix, "b")  # one more round trip: anything sent has arrived
     assert [notice["to"] for _, notice, _ in redirects.notices] == ["backup", "primary"]
+
+
+def test_each_replica_records_its_own_selections_and_replay_counts_them_apart(
+    replicas: tuple[Orchestrator, Orchestrator],
+    fleet: Fleet,
+    client: GatefleetClient,
+    tmp_path: Path,
+    prefix: str,
+    nats_server: EmbeddedServer,
+) -> None:
+    for gateway_id in ("edge-1", "edge-2"):
+        fleet.add(gateway_id, "us-west")
+    runs: dict[str, str] = {}  # run -> a selection id it made
+    made = 0
+
+    def both_select() -> bool:
+        nonlocal made
+        reply = client.select_optimal_gateway()
+        made += 1
+        if reply.gateway_id is not None and reply.selection_id is not None:
+            runs.setdefault(reply.selection_id.rsplit("-", 1)[0], reply.selection_id)
+        return len(runs) == 2
+
+    wait_until(both_select, what="both replicas chose a gateway")
+    config = tmp_path / "client.toml"
+    config.write_text(f'[bus]\nurl = "{nats_server.url}"\nsubject_prefix = "{prefix}"\n')
+
+    def replayed() -> dict[str, dict[str, int]]:
+        args = ["audit", "replay", "--json", "--config", str(config)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        answer = msgspec.json.decode(result.stdout_bytes)
+        assert answer["reproduced"] == answer["selections"]
+        counts: dict[str, dict[str, int]] = answer["replicas"]
+        return counts if sum(c["selections"] for c in counts.values()) == made else {}
+
+    wait_until(lambda: bool(replayed()), what="every selection stored")
+    counts = replayed()
+    assert set(counts) == {"a", "b"}
+    assert all(c["reproduced"] == c["selections"] > 0 for c in counts.values())
+    explained = set()
+    for selection_id in runs.values():
+        args = ["audit", "explain", "--json", "--config", str(config), selection_id]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        explained.add(msgspec.json.decode(result.stdout_bytes)["replica_id"])
+    assert explained == {"a", "b"}

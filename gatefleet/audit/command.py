@@ -288,7 +288,9 @@ def _explained(
         lane: Lane, record: SelectionRecord, batch: SelectionBatch, chosen: Selection
     ) -> None:
         event = selection_event(selection_id, request_of(record), chosen, lane.pool, lane.recorded)
-        event = msgspec.structs.replace(event, ts=selection_ts(batch, record))
+        event = msgspec.structs.replace(
+            event, ts=selection_ts(batch, record), replica_id=batch.replica_id
+        )
         explained.append((event, record.gateway_id))
 
     rerun = Rerun(find=parsed, found=found)
@@ -341,7 +343,8 @@ def replay(
     Differences (a bug) are shown with both picks and the inputs, and the exit status is
     then 1. Selections the stream cannot vouch for (in an audit gap, or after a lost
     batch until the next pool snapshot) are counted apart. --json prints
-    {"selections": N, "reproduced": N, "differed": [...], "in_gap": N}.
+    {"selections": N, "reproduced": N, "differed": [...], "in_gap": N, "replicas":
+    {replica_id: {"selections": N, "reproduced": N}}} (each replica records its own).
     """
     options = ClientOptions.of(config, nats, as_json)
     tally = _rerun(options, None, since, until)
@@ -353,6 +356,10 @@ def replay(
                 "reproduced": reproduced,
                 "differed": tally.differed,
                 "in_gap": tally.in_gap,
+                "replicas": {
+                    replica: {"selections": n, "reproduced": ok}
+                    for replica, (n, ok) in sorted(tally.per_replica.items())
+                },
             }
         )
     else:

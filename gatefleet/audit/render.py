@@ -232,6 +232,7 @@ def show_selection(event: GatewaySelected) -> None:
             f"Selection {event.id}",
             [
                 ("at", f"{when(event.ts)} UTC"),
+                ("replica", event.replica_id or "-"),
                 ("request", ", ".join(f"{k} {v}" for k, v in request.items() if v) or "any"),
                 ("strategy", event.strategy),
                 ("health threshold", f"{event.threshold:g}"),
@@ -355,12 +356,16 @@ def show_replay(tally: Tally) -> None:
         f"Replayed {tally.selections:,} selections: {reproduced:,} reproduced exactly, "
         f"{len(tally.differed):,} differed{gaps}."
     )
+    if len(tally.per_replica) > 1:
+        for replica, (n, ok) in sorted(tally.per_replica.items()):
+            console.print(f"  replica {replica}: {n:,} selections, {ok:,} reproduced")
     for d in tally.differed[:20]:
         console.print(
             output.key_value_table(
                 f"Differs: {d.selection_id}",
                 [
                     ("at", f"{when(d.ts)} UTC"),
+                    ("replica", d.replica_id or "-"),
                     ("recorded pick", d.recorded or "nobody"),
                     ("replayed pick", d.replayed or "nobody"),
                     ("why (replayed)", d.why),

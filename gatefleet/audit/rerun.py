@@ -76,12 +76,18 @@ class Difference(msgspec.Struct, frozen=True, kw_only=True):
     draws: list[float]
     slow_start: dict[str, float]
     candidates: int
+    replica_id: str | None = None  # the replica that made it
+
+
+Outcome = tuple[datetime, str, str | None, str | None, bool, str]
+NO_REPLICA: Final = "-"  # recorded before replicas
 
 
 @dataclass(slots=True)
 class Tally:
     """What a re-run found. `outcomes`: (ts, selection id, recorded pick, re-run pick or
-    None, error) for each selection re-run, until `finish` sets aside those in gaps."""
+    None, error, replica) for each selection re-run, until `finish` sets aside those in
+    gaps. `per_replica`: replica id ("-" before replicas) -> [selections, reproduced]."""
 
     selections: int = 0
     in_gap: int = 0
@@ -89,7 +95,8 @@ class Tally:
     changed: int = 0
     no_gateway: int = 0
     per_gateway: dict[str, list[int]] = field(default_factory=dict)  # id -> [recorded, what-if]
-    outcomes: list[tuple[datetime, str, str | None, str | None, bool]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    per_replica: dict[str, list[int]] = field(default_factory=dict)
 
 
 class _RecordedCursor(SelectorState):
@@ -306,6 +313,10 @@ class Rerun:
                 else:
                     kept.append(outcome)
             tally.outcomes = kept
+        for *_, error, replica in tally.outcomes:
+            counts = tally.per_replica.setdefault(replica, [0, 0])
+            counts[0] += 1
+            counts[1] += not error
         return tally
 
     # Ordering ------------------------------------------------------------------------------
@@ -367,7 +378,7 @@ class Rerun:
         try:
             selection, draws = lane.rerun(record)
         except OutOfDraws:
-            self._count(ts, sid, record.gateway_id, None, error=True)
+            self._count(ts, sid, record.gateway_id, None, batch, error=True)
             self._differ(lane, batch, record, None, "needed more random draws than recorded")
             return
         if self.find == (batch.run, record.n) and self.found is not None:
@@ -376,21 +387,28 @@ class Rerun:
         if self.what_if is None:
             unused = draws.used < len(record.draws)
             wrong = pick != record.gateway_id or unused
-            self._count(ts, sid, record.gateway_id, pick, error=wrong)
+            self._count(ts, sid, record.gateway_id, pick, batch, error=wrong)
             if wrong:
                 why = selection.reason
                 if unused and pick == record.gateway_id:
                     why = f"drew {draws.used} of the {len(record.draws)} numbers recorded"
                 self._differ(lane, batch, record, pick, why, len(selection.members))
         else:
-            self._count(ts, sid, record.gateway_id, pick, error=False)
+            self._count(ts, sid, record.gateway_id, pick, batch, error=False)
 
     def _count(
-        self, ts: datetime, sid: str, recorded: str | None, pick: str | None, *, error: bool
+        self,
+        ts: datetime,
+        sid: str,
+        recorded: str | None,
+        pick: str | None,
+        batch: SelectionBatch,
+        *,
+        error: bool,
     ) -> None:
         tally = self.tally
         tally.selections += 1
-        tally.outcomes.append((ts, sid, recorded, pick, error))
+        tally.outcomes.append((ts, sid, recorded, pick, error, batch.replica_id or NO_REPLICA))
         if self.what_if is not None:
             tally.changed += pick != recorded
             tally.no_gateway += pick is None
@@ -398,8 +416,8 @@ class Rerun:
                 if gateway_id is not None:
                     tally.per_gateway.setdefault(gateway_id, [0, 0])[column] += 1
 
-    def _uncount(self, outcome: tuple[datetime, str, str | None, str | None, bool]) -> None:
-        _, sid, recorded, pick, error = outcome
+    def _uncount(self, outcome: Outcome) -> None:
+        _, sid, recorded, pick, error, _ = outcome
         tally = self.tally
         tally.selections -= 1
         if error:
@@ -437,6 +455,7 @@ class Rerun:
                 draws=record.draws,
                 slow_start=record.slow_start,
                 candidates=candidates,
+                replica_id=batch.replica_id,
             )
         )
 
