@@ -138,6 +138,7 @@ class Members:
         "_by_latency",
         "_by_load",
         "_by_score",
+        "_picked_since_built",
         "_weights",
         "gateways",
         "ids",
@@ -160,6 +161,7 @@ class Members:
         # two heartbeats to the same gateway (docs/ARCHITECTURE.md, "Load balancing").
         self.picks: dict[str, int] = {}
         self._by_load: Ranking | None = None
+        self._picked_since_built = False  # loads of picked gateways not yet updated
         self._by_latency: Ranking | None = None
         self._by_score: Ranking | None = None  # by -score: the highest first
         self._weights: Weights | None = None
@@ -190,7 +192,14 @@ class Members:
 
     @property
     def by_load(self) -> Ranking:
+        """Built on first use; until then a pick updates only `picks` (the load is read
+        through this ranking alone), and the loads of the picked are brought up to date here."""
         if self._by_load is None:
+            if self._picked_since_built:
+                for gateway_id, count in self.picks.items():
+                    i = bisect_left(self.ids, gateway_id)  # picks hold members only
+                    self.loads[i] = self._load(self.gateways[i], count)
+                self._picked_since_built = False
             self._by_load = Ranking(self.loads, self.ids)
         return self._by_load
 
@@ -234,11 +243,14 @@ class Members:
             return False
         picks = self.picks
         count = picks[gateway_id] = picks.get(gateway_id, 0) + times
+        by_load = self._by_load
+        if by_load is None:
+            self._picked_since_built = True
+            return True
         loads = self.loads
         old, new = loads[i], self._load(self.gateways[i], count)
         loads[i] = new
-        if self._by_load is not None:
-            self._by_load.move(old, new, gateway_id)
+        by_load.move(old, new, gateway_id)
         return True
 
     def put(self, g: GatewaySnapshot) -> None:

@@ -4,8 +4,10 @@ and one in a separate process.
     python -m bench select [--gateways 100 1000] [--audit both|on|off] [--background HZ]
                            [--clients N]
 
-Each case (fleet size x `audit.record_selections`) runs in a fresh process with its own
-embedded nats-server and Orchestrator (RoundRobin, probing off, heartbeats never stale).
+Each case (fleet size x `audit.record_selections` x probes) runs in a fresh process with
+its own embedded nats-server and Orchestrator (RoundRobin, heartbeats never stale), with
+latency probes as a user gets them (every 2 s; the client process answers every
+gateway's pings) unless `--probes off` (a second row, never the headline).
 Four subjects are measured:
 
 - `echo`: a bare nats-py responder on the orchestrator's *own* bus loop and connection
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +83,7 @@ REQUEST = encode(SelectRequest())
 TARGETS = ("echo", "echo-proc", "actor", "select")
 ORDER = (*TARGETS, *reversed(TARGETS))  # ABCD DCBA: cancels a linear drift
 REQUEST_TIMEOUT_S = 5.0
+PROBE_INTERVAL_MS = 2000  # the default
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Plan:
     inflight: int
     background_hz: float = 0.0  # heartbeats per gateway per second while measuring
     clients: int = 0  # sticky client ids the requests take in turn; 0: no client_id
+    probes: bool = True  # the orchestrator probes every gateway (the default), answered
 
 
 class Bodies:
@@ -111,8 +116,13 @@ def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, An
     """One case, in its own process: orchestrator + echo here, the client in a child."""
     prefix = f"sel{count}{'a' if record_selections else 'n'}"
     with embedded_server() as (server, tmp):
+        probing = {"probe_interval_ms": PROBE_INTERVAL_MS if plan.probes else 0}
         settings = bench_settings(
-            server.url, prefix, tmp, audit={"record_selections": record_selections}
+            server.url,
+            prefix,
+            tmp,
+            audit={"record_selections": record_selections},
+            health=probing,
         )
         with running_orchestrator(settings) as orchestrator:
             actor_echo, actor_subject = _actor_echo(orchestrator, f"{prefix}.bench.actor")
@@ -152,6 +162,7 @@ def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, An
         audit=record_selections,
         background_hz=plan.background_hz,
         clients=plan.clients,
+        probes=plan.probes,
         register_s=register_s,
         heartbeats_accepted=accepted,
     )
@@ -312,6 +323,8 @@ async def _client(
 ) -> None:
     nc = await connect(url, name="bench-client")
     templates = heartbeat_templates(prefix, count)
+    if plan.probes:
+        await nc.subscribe(f"{prefix}.gw.*.ping", cb=_pong)
     background: asyncio.Task[None] | None = None
     try:
         for template in templates:
@@ -354,6 +367,12 @@ async def _client(
             background.cancel()
             await asyncio.gather(background, return_exceptions=True)
         await nc.close()
+
+
+async def _pong(msg: Any) -> None:
+    """Every gateway's answer to a latency probe (`P.gw.<id>.ping`)."""
+    gateway_id = msg.subject.split(".")[-2]
+    await msg.respond(b'{"gateway_id":"%s"}' % gateway_id.encode())
 
 
 async def _heartbeats(nc: Any, templates: Sequence[HeartbeatTemplate], hz: float) -> None:
@@ -427,7 +446,9 @@ def _case(r: dict[str, Any]) -> str:
     hz = r["background_hz"]
     beats = f", {hz:g} hb/s/gw" if hz else ""
     clients = f", {r['clients']:,} clients" if r["clients"] else ""
-    return f"{r['gateways']:,} gw, audit {'on' if r['audit'] else 'off'}{beats}{clients}"
+    probes = "" if r["probes"] else ", probes off"
+    audit = f"audit {'on' if r['audit'] else 'off'}"
+    return f"{r['gateways']:,} gw, {audit}{beats}{clients}{probes}"
 
 
 def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
@@ -486,6 +507,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--gateways", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--audit", choices=("both", "on", "off"), default="both")
+    parser.add_argument(
+        "--probes",
+        choices=("both", "on", "off"),
+        default="on",
+        help="latency probes every 2 s, as a user gets them (default: on)",
+    )
     parser.add_argument("--requests", type=int, default=2000, help="sequential, per subject")
     parser.add_argument("--window", type=float, default=1.5, help="seconds per flood, x2")
     parser.add_argument("--inflight", type=int, default=64)
@@ -504,20 +531,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="heartbeats per gateway per second while measuring (default: none)",
     )
     args = parser.parse_args(argv)
-    audits = {"both": (False, True), "on": (True,), "off": (False,)}[args.audit]
+    choices = {"both": (True, False), "on": (True,), "off": (False,)}
+    audits = choices[args.audit]
     results = []
-    for count in args.gateways:
-        for record in audits:
-            started = time.perf_counter()
-            plan = Plan(args.requests, args.window, args.inflight, args.background, args.clients)
-            result = run_case(select_case, count, record, plan, timeout=300)
-            print(
-                f"  {count:,} gateways, audit {'on' if record else 'off'}: "
-                f"select p50 {result['select']['p50_us']:.0f} us, "
-                f"{result['select']['rate']:,.0f} req/s ({time.perf_counter() - started:.1f}s)",
-                flush=True,
-            )
-            results.append(result)
+    for count, record, probes in itertools.product(args.gateways, audits, choices[args.probes]):
+        started = time.perf_counter()
+        plan = Plan(
+            args.requests, args.window, args.inflight, args.background, args.clients, probes
+        )
+        result = run_case(select_case, count, record, plan, timeout=300)
+        print(
+            f"  {count:,} gateways, audit {'on' if record else 'off'}, "
+            f"probes {'on' if probes else 'off'}: "
+            f"select p50 {result['select']['p50_us']:.0f} us, "
+            f"{result['select']['rate']:,.0f} req/s ({time.perf_counter() - started:.1f}s)",
+            flush=True,
+        )
+        results.append(result)
     report(results, args.inflight)
 
 

@@ -287,6 +287,23 @@ def test_least_connections_counts_selections_since_the_last_heartbeat() -> None:
     assert pool.everyone.loads[i] == 0.1
 
 
+def test_picks_made_before_least_connections_is_first_used_count_when_it_is() -> None:
+    """Under another strategy a pick updates only the counts (nothing reads the loads);
+    the ranking LeastConnections builds on first use has them, as if kept all along."""
+    lazy = Members.of([gw("a", active=10, max_connections=100), gw("b", active=12)])
+    eager = Members.of([gw("a", active=10, max_connections=100), gw("b", active=12)])
+    eager.by_load  # noqa: B018 - built first: every pick moves it
+    for gateway_id in ("a", "a", "a", "b"):
+        lazy.picked(gateway_id)
+        eager.picked(gateway_id)
+    assert lazy.by_load.keys == eager.by_load.keys
+    assert [gateway_id for _, gateway_id in lazy.by_load.keys] == ["b", "a"]  # 0.013, 0.13
+    lazy.picked("b", 200)
+    eager.picked("b", 200)
+    assert lazy.by_load.keys == eager.by_load.keys
+    assert lazy.by_load.best() == 0.13
+
+
 def test_least_connections_unknown_count_is_last() -> None:
     fleet = [gw("a", active=None), gw("b", active=900)]
     assert pick("LeastConnections", fleet).gateway_id == "b"
