@@ -11,6 +11,8 @@ Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemove
 ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
 on every change: the supervisor), CounterBehind (a gateway answered `stale_version`),
 NotLeading (a DistributionActor stopped without acting: this replica no longer leads).
+A write of the store refused as fenced (another replica has written the key since: it
+leads now) makes this replica step down, as when it loses the lease.
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec or content lost, its store
 failing, its actor dying again and again; its DistributionActor emits every other step);
@@ -117,6 +119,7 @@ from actors.rollout import (
     split_by_previous,
 )
 from bus.edge import NOT_LEADING, RETRY_AFTER_MS, reply_error
+from bus.fenced_kv import Fenced
 from bus.jetstream import KvError
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
@@ -215,7 +218,7 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         if self.ctx.lease.still_leader():
-            self._lead()
+            self.handle(Leading(leading=True))
         self._subscriptions = self.serve("distributor", self.ctx)
 
     def on_stop(self) -> None:
@@ -311,6 +314,23 @@ class DistributorActor(SafeActor):
     # Messages ----------------------------------------------------------------------------
 
     def handle(self, message: Any) -> Any:
+        try:
+            return self._handle(message)
+        except Fenced as fenced:
+            self._fenced(fenced, message)
+            return None
+
+    def _fenced(self, fenced: Fenced, message: Any) -> None:
+        """A write was refused: another replica has written that key since this one read
+        it, so leads now. This replica steps down, as when it loses the lease, and leaves
+        the store as the other wrote it (what `message` had done is forgotten with the
+        rest); a request is answered as one reaching a standby."""
+        self.ctx.lease.step_down(why=str(fenced))
+        self._set_leading(False)
+        if isinstance(message, Request):
+            reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+
+    def _handle(self, message: Any) -> Any:
         if self._standing_by(message):
             return None
         match message:
