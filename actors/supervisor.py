@@ -23,7 +23,6 @@ from typing import Any
 
 import pykka
 
-from actors import maintenance
 from actors.base import SafeActor, safe_tell, stop_all
 from actors.coalescer import Coalescer
 from actors.context import Context
@@ -38,6 +37,7 @@ from actors.failover import (
     Release,
 )
 from actors.gateway import GatewayActor
+from actors.maintenance import MaintenanceStore
 from actors.messages import (
     Arrival,
     ChildDied,
@@ -57,7 +57,8 @@ from actors.messages import (
     SetThreshold,
 )
 from actors.routes import GatewayRoutes
-from bus.edge import reply_error
+from bus.edge import NOT_LEADING, RETRY_AFTER_MS, reply_error
+from bus.fenced_kv import Fenced
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
@@ -114,6 +115,7 @@ class SupervisorActor(SafeActor):
         # Maintenance as requested (gateway -> reason), and as the gateways report it
         # (a gateway turned off stays in maintenance until `rise` good heartbeats).
         self.maintenance: dict[str, str | None] = {}
+        self.maintenance_store = MaintenanceStore(context)
         self.in_maintenance: set[str] = set()
         # [[gateways]]: known before they beat, never forgotten, their role kept.
         self.configured = {entry.id: entry for entry in context.settings.gateways}
@@ -136,7 +138,7 @@ class SupervisorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        self.maintenance = maintenance.load(self.ctx)
+        self.maintenance = self.maintenance_store.load()
         for entry in self.configured.values():
             self._spawn(entry, Coalescer(), source="config")
         self.routes.start(self.actor_ref)
@@ -315,9 +317,13 @@ class SupervisorActor(SafeActor):
             return
         try:  # stored first: what the reply confirms outlives a restart
             if enabled:
-                maintenance.save(self.ctx, gateway_id, request.reason)
+                self.maintenance_store.save(gateway_id, request.reason)
             elif gateway_id in self.maintenance:
-                maintenance.delete(self.ctx, gateway_id)
+                self.maintenance_store.delete(gateway_id)
+        except Fenced as fenced:  # another replica leads now: it stored the key since
+            self.ctx.lease.step_down(why=str(fenced))
+            reply_error(self.replies, reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+            return
         except Exception:
             log.exception("could not store maintenance of %s", gateway_id)
             reply_error(self.replies, reply, "unavailable", "could not store the change; retry")

@@ -27,6 +27,12 @@ class Fenced(Exception):
     key since this one last read or wrote it. Not a failure to retry: the writer no
     longer leads, and steps down. `str()` says which key, for the log."""
 
+    def __init__(self, bucket: str, key: str) -> None:
+        super().__init__(
+            f"the {bucket} key {key} was written by another replica since this one last "
+            "read it (a newer leader)"
+        )
+
 
 class FencedKv:
     """One bucket's leader state, written by compare-and-set (any thread; one writer per
@@ -66,7 +72,7 @@ class FencedKv:
         try:
             revisions = self.kv.update_many(writes)
         except WrongRevision as exc:
-            raise Fenced(self._why(exc.key)) from None
+            raise Fenced(self.kv.name, exc.key) from None
         except KvError:
             with self._lock:
                 for key, (value, last) in writes.items():
@@ -105,15 +111,9 @@ class FencedKv:
                 self._uncertain[key] = uncertain
             raise
         if revision != before and data != tried:
-            raise Fenced(self._why(key))
+            raise Fenced(self.kv.name, key)
         self.remember(key, revision)
         return revision
-
-    def _why(self, key: str) -> str:
-        return (
-            f"the {self.kv.name} key {key} was written by another replica since this one "
-            "last read it (a newer leader)"
-        )
 
 
 def _matches(key: str, pattern: str) -> bool:

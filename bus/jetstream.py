@@ -106,6 +106,7 @@ class WrongRevision(Exception):
 
     def __init__(self, bucket: str, key: str) -> None:
         super().__init__(f"{bucket} key {key} is not at the revision this replica last knew")
+        self.bucket = bucket
         self.key = key
 
 
@@ -173,7 +174,7 @@ class KvStore:
     ) -> dict[str, int]:
         """Compare-and-set writes, all at once: each key is written only if it is still at
         the revision given with it (0: only if it does not exist, or is deleted); a value
-        None deletes the key (at a revision above 0). Returns each key's new revision (0
+        None deletes the key (at 0: there is none to delete). Returns each key's new revision (0
         for a delete: the key does not exist). Raises WrongRevision for a key that is not
         at its revision (the other keys are written all the same), KvError as `put` does.
 
@@ -205,21 +206,30 @@ class KvStore:
             return {}
         return self._retrying(f"put {_names(list(encoded))}", attempt)
 
+    def update_soon(
+        self, key: str, value: msgspec.Struct, last: int | None
+    ) -> concurrent.futures.Future[int]:
+        """`update` started like `put_soon`, and not tried again; `last` None: at the
+        revision the key has when the write starts. The future ends with the new
+        revision, WrongRevision, or the call's error."""
+        data = encode(value)
+
+        async def write() -> int:
+            at = (await self._fetch(key))[1] if last is None else last
+            revision = await self._write(key, data, at)
+            if revision is None:
+                raise WrongRevision(self._name, key)
+            return revision
+
+        return self._bus.submit(write())
+
     async def _update_all(
         self, writes: Mapping[str, tuple[bytes | None, int]], retried: set[str]
     ) -> dict[str, int | BaseException]:
         async def one(key: str, data: bytes | None, last: int) -> int:
-            try:
-                if data is None:
-                    await self._kv.delete(key, last=last)
-                    return 0
-                if last:
-                    return await self._kv.update(key, data, last=last)
-                return await self._kv.create(key, data)
-            except nats.js.errors.APIError as exc:
-                if not _wrong_revision(exc):
-                    raise
-            revision = await self._holding(key, data) if key in retried else None
+            revision = await self._write(key, data, last)
+            if revision is None and key in retried:
+                revision = await self._holding(key, data)
             if revision is None:
                 raise WrongRevision(self._name, key)
             return revision
@@ -230,27 +240,42 @@ class KvStore:
         )
         return dict(zip(writes, results, strict=True))
 
+    async def _write(self, key: str, data: bytes | None, last: int) -> int | None:
+        """One compare-and-set write (data None: a delete; of a key at revision 0, none
+        to make); its new revision (0 after a delete), or None if the key is not at
+        `last`."""
+        try:
+            if data is None:
+                if last:
+                    await self._kv.delete(key, last=last)
+                return 0
+            if last:
+                return await self._kv.update(key, data, last=last)
+            return await self._kv.create(key, data)
+        except nats.js.errors.APIError as exc:
+            if not _wrong_revision(exc):
+                raise
+        return None
+
     async def _holding(self, key: str, data: bytes | None) -> int | None:
         """The key's revision if it holds `data` (None: it is deleted; revision 0), else
         None."""
-        try:
-            entry = await self._kv.get(key)
-        except KeyNotFoundError:
-            return 0 if data is None else None
-        return entry.revision if data is not None and entry.value == data else None
+        found, revision = await self._fetch(key)
+        if data is None:
+            return 0 if found is None else None
+        return revision if found == data else None
 
     def get_at(self, key: str) -> tuple[bytes | None, int]:
         """The key's value (None: absent or deleted) and revision (0: never written; a
         deleted key's is its delete marker's)."""
+        return self._call(f"get {key}", lambda: self._fetch(key))
 
-        async def fetch() -> tuple[bytes | None, int]:
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError as exc:
-                return None, (exc.entry.revision or 0) if exc.entry else 0
-            return entry.value or b"", entry.revision or 0
-
-        return self._call(f"get {key}", fetch)
+    async def _fetch(self, key: str) -> tuple[bytes | None, int]:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError as exc:
+            return None, (exc.entry.revision or 0) if exc.entry else 0
+        return entry.value or b"", entry.revision or 0
 
     def put_soon(self, key: str, value: msgspec.Struct) -> concurrent.futures.Future[int]:
         """Starts the write and returns at once (for an actor on a loop, which must never
