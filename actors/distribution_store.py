@@ -49,6 +49,7 @@ from schemas.stored import (
     SpecV2,
     VersionCounter,
 )
+from schemas.types import DistributionStatus
 
 log = logging.getLogger(__name__)
 
@@ -392,9 +393,22 @@ def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> tuple[Distribution, Di
         gated_batch=progress.gated_batch,
         rollback_of=spec.rollback_of,
     )
-    if spec.abandoned and record.status not in TERMINAL_STATUSES:
+    if spec.abandoned and given_up(spec, record.status):
         return abandoned(record, spec.abandoned, utc_now()), spec
     return record, spec
+
+
+def given_up(spec: DistributionSpec, status: DistributionStatus) -> bool:
+    """Whether its distributor abandoned it unfinished (it ends failed, so)."""
+    return bool(spec.abandoned) and status not in TERMINAL_STATUSES
+
+
+def unstored_status(started: bool) -> DistributionStatus:
+    """The status of a distribution with no progress stored (or none readable): its
+    first step stored some chunks and then failed if a gateway was sent to (`started`):
+    it has started all the same (its actor resumes it, sending again to the gateways
+    marked sent); else it is pending."""
+    return "in_progress" if started else "pending"
 
 
 def _progress(
@@ -406,11 +420,7 @@ def _progress(
             return decode(data, DistributionProgress)
         except DecodeError as exc:
             loaded.cannot_read(f"progress of {dist_id}", exc, "taken from its gateways' states")
-    if any(d.attempts for d in gateways.values()):
-        # Its first step stored some chunks and then failed: it has started all the same
-        # (its actor resumes it, sending again to the gateways marked sent).
-        return DistributionProgress(status="in_progress")
-    return DistributionProgress(status="pending")
+    return DistributionProgress(status=unstored_status(any(d.attempts for d in gateways.values())))
 
 
 def _key_names(dist_id: str, keys: _Keys) -> list[str]:
