@@ -3,12 +3,12 @@ replica last read or wrote of its key, so that a leader that lost its lease with
 noticing yet (between its last check and its write) cannot overwrite what a newer leader
 has written since. Its write is refused (`Fenced`), and whoever gets that stops leading.
 
-The revisions are those read at the start of the tenure (`read_all`, or `remember`) and
-those of this replica's own writes since; a key it knows no revision of is created (its
-write is refused if it exists). A write whose outcome is unknown (KvError after the
-store's retries: it may have been made) leaves its key uncertain: the next write of it
-first reads it, and goes on if the key holds either the revision known before or the
-value of that write, else is fenced.
+The revisions are those read at the start of the tenure (`read_all`) and those of this
+replica's own writes since; a key it knows no revision of is created (its write is
+refused if it exists). A write whose outcome is unknown (KvError after the store's
+retries: it may have been made) leaves its key uncertain: the next write of it first
+reads it, and goes on if the key holds either the revision known before or the value of
+that write, else is fenced.
 """
 
 from __future__ import annotations
@@ -53,12 +53,6 @@ class FencedKv:
             self._revisions = {key: revision for key, (_, revision) in found.items()}
             self._uncertain.clear()
         return {key: data for key, (data, _) in found.items()}
-
-    def remember(self, key: str, revision: int) -> None:
-        """The revision of a key read outside `read_all`."""
-        with self._lock:
-            self._revisions[key] = revision
-            self._uncertain.pop(key, None)
 
     def put(self, key: str, value: msgspec.Struct | None) -> None:
         """Writes (None: deletes) the key if it is where this replica last left it."""
@@ -112,7 +106,8 @@ class FencedKv:
             raise
         if revision != before and data != tried:
             raise Fenced(self.kv.name, key)
-        self.remember(key, revision)
+        with self._lock:
+            self._revisions[key] = revision
         return revision
 
 
