@@ -30,7 +30,9 @@ not, it stops acting: nothing more is sent, stored or failed, the distribution s
 stored (its steps since the last store are redone from there), and the actor tells the
 distributor NotLeading and stops; the leader resumes it. Every push carries the lease's
 epoch; a gateway that answers `stale_epoch` has seen a higher one (another replica has
-led since): this replica steps down at once, and that gateway is no failure.
+led since): this replica steps down at once, and that gateway is no failure. So it does
+when a write of its record is refused as fenced (actors/distribution_store.py: another
+replica has written its keys since), and that record stays as the other replica wrote it.
 
 A step whose record cannot be stored (after the store's retries) is not carried out:
 the distribution ends failed ("cannot store its progress: <why>") as it was told last,
@@ -87,6 +89,7 @@ from actors.messages import (
 from actors.paging import distribution_page
 from actors.rollout import phase
 from bus.edge import Drops, reply_error
+from bus.fenced_kv import Fenced
 from bus.jetstream import KvError
 from bus.runtime import Reply, RequestFailed
 from schemas.api import Distribution
@@ -264,6 +267,9 @@ class DistributionActor(SafeActor):
             if _must_store(self._told, record, commands):
                 try:
                     self._store(record)
+                except Fenced as exc:
+                    self._store_fenced(exc)
+                    return False
                 except KvError as exc:
                     if self._leading_epoch() != epoch:
                         self._stop_acting()
@@ -305,7 +311,13 @@ class DistributionActor(SafeActor):
             gateway_id,
             held_epoch,
         )
-        self.ctx.lease.step_down(held_epoch)
+        self.ctx.lease.step_down(held_epoch, f"gateway {gateway_id} has seen epoch {held_epoch}")
+        self._stop_acting()
+
+    def _store_fenced(self, fenced: Fenced) -> None:
+        """A write of its record was refused: another replica has written its keys since,
+        so leads now. This replica steps down, as for a stale epoch."""
+        self.ctx.lease.step_down(why=str(fenced))
         self._stop_acting()
 
     def _stop_acting(self) -> None:
@@ -335,6 +347,9 @@ class DistributionActor(SafeActor):
         try:
             # Every state the step changed, as it was told (its changes are not done).
             self.store.put_progress(failed, [self._positions[gw] for gw in self.machine.changed])
+        except Fenced as fenced:
+            self._store_fenced(fenced)
+            return
         except KvError as exc:
             log.error(  # noqa: TRY400 - a known failure: one line, no traceback
                 "distribution %s failed and that cannot be stored either (%s): after a "

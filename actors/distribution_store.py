@@ -8,6 +8,11 @@ has one writer, named in schemas/stored.py; this class does not enforce it, the 
 roles do: the DistributorActor writes counters, contents, specs, the chunks of a
 distribution not yet started, and desired state; a DistributionActor its progress and
 chunks.
+
+Only the leader writes, and each write is fenced (bus/fenced_kv.py): a compare-and-set
+on the revision of its key read at the last `load` (the start of a tenure) or written
+since. A write refused because another replica wrote the key since (a newer leader)
+raises Fenced: the caller stops leading.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from actors.distribution_machine import (
     UNKNOWN_GATEWAY,
     abandoned,
 )
+from bus.fenced_kv import FencedKv
 from bus.jetstream import KvError, KvStore
 from schemas.api import Distribution, GatewayDelivery
 from schemas.codec import DecodeError, decode
@@ -43,6 +49,7 @@ from schemas.stored import (
     SpecV2,
     VersionCounter,
 )
+from schemas.types import DistributionStatus
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +109,10 @@ def content_key(config_type: str, version: int) -> str:
 
 class DistributionStore:
     def __init__(self, distributions: KvStore, desired: KvStore) -> None:
-        self._kv = distributions
-        self._desired = desired
+        # Leader state: every write a compare-and-set on the revision read at the last
+        # load or written since (bus/fenced_kv.py), so a stale leader's is refused.
+        self._kv = FencedKv(distributions)
+        self._desired = FencedKv(desired)
 
     # Start -------------------------------------------------------------------------------
 
@@ -113,9 +122,11 @@ class DistributionStore:
         abandoned ends failed. Leftovers of a distribution with no spec (its creation or
         deletion was cut short) are deleted."""
         loaded = Loaded()
-        self._migrate(loaded)
+        values = self._kv.read_all()
+        if self._migrate(values, loaded):
+            values = self._kv.read_all()
         distributions: dict[str, _Keys] = defaultdict(_Keys)
-        for key, data in self._kv.entries().items():
+        for key, data in values.items():
             try:
                 if key.startswith(VERSIONS_PREFIX):
                     counter = decode(data, VersionCounter)
@@ -150,7 +161,7 @@ class DistributionStore:
             last = loaded.versions.get(record.config_type, 0)
             loaded.versions[record.config_type] = max(last, last_version(spec))
         self._delete_leftovers(leftovers)
-        for key, data in self._desired.entries().items():
+        for key, data in self._desired.read_all().items():
             try:
                 value = decode(data, DesiredConfig)
             except DecodeError as exc:
@@ -169,9 +180,11 @@ class DistributionStore:
         except KvError as exc:
             log.warning("leftover keys not deleted (%s): tried again at the next start", exc)
 
-    def _migrate(self, loaded: Loaded) -> None:
+    def _migrate(self, values: dict[str, bytes], loaded: Loaded) -> bool:
+        """Brings the store (all its `values`) to the current layout; True if it wrote
+        any of them."""
         try:
-            stored = self._kv.get(LAYOUT_KEY, Layout)
+            stored = None if LAYOUT_KEY not in values else decode(values[LAYOUT_KEY], Layout)
         except DecodeError as exc:
             # Migrating again is safe: values of the current layout are left as they are.
             loaded.cannot_read(LAYOUT_KEY, exc, "taken as layout 1 and migrated again")
@@ -182,20 +195,22 @@ class DistributionStore:
                 f"the distributions store has layout {version}, newer than this gatefleet's "
                 f"{LAYOUT_VERSION}: upgrade gatefleet"
             )
-        if stored is None and not self._kv.keys():
+        if not values:
             self._kv.put(LAYOUT_KEY, Layout(version=LAYOUT_VERSION))  # a new store
-            return
-        if version < LAYOUT_VERSION:
-            self._migrate_to_3(loaded)
-            self._kv.put(LAYOUT_KEY, Layout(version=LAYOUT_VERSION))
-            log.info("distributions store migrated from layout %d to %d", version, LAYOUT_VERSION)
+            return False
+        if version == LAYOUT_VERSION:
+            return False
+        self._migrate_to_3(values, loaded)
+        self._kv.put(LAYOUT_KEY, Layout(version=LAYOUT_VERSION))
+        log.info("distributions store migrated from layout %d to %d", version, LAYOUT_VERSION)
+        return True
 
-    def _migrate_to_3(self, loaded: Loaded) -> None:
+    def _migrate_to_3(self, values: dict[str, bytes], loaded: Loaded) -> None:
         """Layouts 1 and 2 -> 3: each record split into chunks and its progress, each spec
         into its content and a spec without targets. Safe to run again if cut short: a
         distribution's new spec is written last, so one whose spec is new is done."""
         distributions: dict[str, _Keys] = defaultdict(_Keys)
-        for key, data in self._kv.entries().items():
+        for key, data in values.items():
             if match := DIST_KEY_RE.fullmatch(key):
                 dist_id, is_spec, chunk = match.groups()
                 if is_spec:
@@ -263,7 +278,7 @@ class DistributionStore:
 
     def content(self, config_type: str, version: int) -> dict[str, Any] | None:
         try:
-            found = self._kv.get(content_key(config_type, version), ConfigContent)
+            found = self._kv.kv.get(content_key(config_type, version), ConfigContent)
         except DecodeError as exc:
             log.warning("content of %s version %d does not decode: %s", config_type, version, exc)
             return None
@@ -271,7 +286,7 @@ class DistributionStore:
 
     def spec(self, dist_id: str) -> DistributionSpec | None:
         try:
-            return self._kv.get(dist_id + SPEC_SUFFIX, DistributionSpec)
+            return self._kv.kv.get(dist_id + SPEC_SUFFIX, DistributionSpec)
         except DecodeError as exc:
             log.warning("spec of %s does not decode: %s", dist_id, exc)
             return None
@@ -378,9 +393,22 @@ def _record(dist_id: str, keys: _Keys, loaded: Loaded) -> tuple[Distribution, Di
         gated_batch=progress.gated_batch,
         rollback_of=spec.rollback_of,
     )
-    if spec.abandoned and record.status not in TERMINAL_STATUSES:
+    if spec.abandoned and given_up(spec, record.status):
         return abandoned(record, spec.abandoned, utc_now()), spec
     return record, spec
+
+
+def given_up(spec: DistributionSpec, status: DistributionStatus) -> bool:
+    """Whether its distributor abandoned it unfinished (it ends failed, so)."""
+    return bool(spec.abandoned) and status not in TERMINAL_STATUSES
+
+
+def unstored_status(started: bool) -> DistributionStatus:
+    """The status of a distribution with no progress stored (or none readable): its
+    first step stored some chunks and then failed if a gateway was sent to (`started`):
+    it has started all the same (its actor resumes it, sending again to the gateways
+    marked sent); else it is pending."""
+    return "in_progress" if started else "pending"
 
 
 def _progress(
@@ -392,11 +420,7 @@ def _progress(
             return decode(data, DistributionProgress)
         except DecodeError as exc:
             loaded.cannot_read(f"progress of {dist_id}", exc, "taken from its gateways' states")
-    if any(d.attempts for d in gateways.values()):
-        # Its first step stored some chunks and then failed: it has started all the same
-        # (its actor resumes it, sending again to the gateways marked sent).
-        return DistributionProgress(status="in_progress")
-    return DistributionProgress(status="pending")
+    return DistributionProgress(status=unstored_status(any(d.attempts for d in gateways.values())))
 
 
 def _key_names(dist_id: str, keys: _Keys) -> list[str]:

@@ -6,11 +6,15 @@ version given per config type, one FIFO queue per config type whose head alone r
 distributions of a type are applied in order, so no gateway ends on the older one; types
 run side by side), the running DistributionActors (it is their parent: one that dies is
 restarted from its newest record), the ReconcileDriver (actors/reconcile_driver.py) that
-reconciliation runs through, and the distribution counts of `P.api.status`.
+reconciliation runs through, and the distribution counts of `P.api.status`. Only the
+leader holds records; a standby's counts follow the stored ones (a watch of the
+distributions bucket, actors/stored_statuses.py), so every replica counts alike.
 Receives: the requests below, DistributionChanged, GatewayUpdated, GatewayRemoved,
 ReconcileDue (its cooldown timers), ChildDied, ReportTo (whom to tell DistributionCounts
 on every change: the supervisor), CounterBehind (a gateway answered `stale_version`),
 NotLeading (a DistributionActor stopped without acting: this replica no longer leads).
+A write of the store refused as fenced (another replica has written the key since: it
+leads now) makes this replica step down, as when it loses the lease.
 Emits: `distribution.step` with step "queued" when a distribution waits behind another of
 its type, and "finished" for one it fails itself (spec or content lost, its store
 failing, its actor dying again and again; its DistributionActor emits every other step);
@@ -72,7 +76,7 @@ from typing import Any
 import pykka
 from msgspec.structs import replace
 
-from actors.base import SafeActor, safe_tell, stop_all
+from actors.base import SafeActor, safe_tell, stop_all, tell_latest
 from actors.context import Context
 from actors.distribution import DistributionActor
 from actors.distribution_machine import (
@@ -116,8 +120,11 @@ from actors.rollout import (
     split_batches,
     split_by_previous,
 )
+from actors.stored_statuses import StoredChanged, StoredStatuses
 from bus.edge import NOT_LEADING, RETRY_AFTER_MS, reply_error
+from bus.fenced_kv import Fenced
 from bus.jetstream import KvError
+from bus.kv_watch import KvWatch
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
 from schemas.api import (
@@ -186,6 +193,9 @@ class DistributorActor(SafeActor):
         self.durations = HistogramRecorder(DISTRIBUTION_BOUNDS_S)  # of those ended since start
         self.supervisor: pykka.ActorRef[Any] | None = None  # told DistributionCounts
         self._subscriptions: list[SubscriptionHandle] = []
+        # Standing by: the stored distributions' statuses, which the counts follow.
+        self.stored: StoredStatuses | None = None
+        self._stored_watch: KvWatch | None = None
 
     def _forget(self) -> None:
         """No distributions in memory: at start, and after leading (the store keeps them)."""
@@ -215,17 +225,21 @@ class DistributorActor(SafeActor):
 
     def on_start(self) -> None:
         if self.ctx.lease.still_leader():
-            self._lead()
+            self.handle(Leading(leading=True))
+        else:
+            self._watch_store()
         self._subscriptions = self.serve("distributor", self.ctx)
 
     def on_stop(self) -> None:
         for subscription in self._subscriptions:
             subscription.unsubscribe()
+        self._unwatch_store()
         stop_all(self.running.values(), timeout=5)
 
     def _lead(self) -> None:
         """This replica leads: the store's distributions loaded, the unfinished resumed."""
         self.leading = True
+        self._unwatch_store()
         for snapshot in self.fleet.values():
             self.reconcile.reconciler.on_gateway(snapshot)
         self._load()
@@ -247,6 +261,9 @@ class DistributorActor(SafeActor):
                 self.fleet[snapshot.gateway_id] = snapshot
             case GatewayRemoved(gateway_id=gateway_id):
                 self.fleet.pop(gateway_id, None)
+            case StoredChanged(key=key, value=value):
+                self._stored_changed(key, value)
+                return True
         if self.leading or isinstance(message, Leading | ReportTo):
             return False
         # A standby holds no distributions: the leader acts on these (requests reach it
@@ -273,6 +290,30 @@ class DistributorActor(SafeActor):
         )
         stop_all(self.running.values(), timeout=5)
         self._forget()
+        self._watch_store()
+
+    def _watch_store(self) -> None:
+        """Standing by: the counts follow the stored records (they are the leader's), so
+        that `status` counts the same distributions on every replica."""
+        self.stored = StoredStatuses(self.ctx.settings.orchestrator.distribution_history)
+        ref = self.actor_ref
+
+        def changed(key: str, value: bytes | None, _age_s: float) -> None:  # on the bus loop
+            tell_latest(ref, ("stored", key), StoredChanged(key, value))
+
+        self._stored_watch = self.ctx.buckets["distributions"].watch(changed)
+        self._stored_watch.start()
+
+    def _unwatch_store(self) -> None:
+        if self._stored_watch is not None:
+            self._stored_watch.stop()
+        self._stored_watch, self.stored = None, None
+
+    def _stored_changed(self, key: str, value: bytes | None) -> None:
+        if self.stored is None or not self.stored.apply(key, value):
+            return  # leading (told before the watch stopped), or no status changed
+        now = self.stored.statuses()
+        self._recount({s: now[s] - self.statuses[s] for s in now.keys() | self.statuses.keys()})
 
     def _load(self) -> None:
         """Records, version counters and desired state from the store; unfinished
@@ -311,6 +352,23 @@ class DistributorActor(SafeActor):
     # Messages ----------------------------------------------------------------------------
 
     def handle(self, message: Any) -> Any:
+        try:
+            return self._handle(message)
+        except Fenced as fenced:
+            self._fenced(fenced, message)
+            return None
+
+    def _fenced(self, fenced: Fenced, message: Any) -> None:
+        """A write was refused: another replica has written that key since this one read
+        it, so leads now. This replica steps down, as when it loses the lease, and leaves
+        the store as the other wrote it (what `message` had done is forgotten with the
+        rest); a request is answered as one reaching a standby."""
+        self.ctx.lease.step_down(why=str(fenced))
+        self._set_leading(False)
+        if isinstance(message, Request):
+            reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+
+    def _handle(self, message: Any) -> Any:
         if self._standing_by(message):
             return None
         match message:

@@ -2,7 +2,8 @@
 
 Owns: a `Balancer` (actors/balancer.py: the selection `Pool`, fed by GatewayActors' tells
 and never asked at selection time, the strategy and threshold in force, persisted in
-the `settings` bucket, round-robin cursors, sticky clients, slow start), and the
+the `settings` bucket by the leader (each write fenced: a compare-and-set on the revision
+it last wrote, issue 16), round-robin cursors, sticky clients, slow start), and the
 `sticky` bucket, which every replica shares (actors/sticky.py): written and watched on
 the API lane's connection.
 Receives: GatewayUpdated, GatewayRemoved, the requests below, ReportTo (from app.py:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +50,9 @@ from actors.paging import BadCursor, gateways_page
 from actors.pool import Pool
 from actors.selection_log import SelectionLog
 from actors.sticky import bucket_key
-from bus.edge import reply_error
-from bus.jetstream import STICKY_BUCKET, failure_reason, open_bucket
+from bus.edge import NOT_LEADING, RETRY_AFTER_MS, reply_error
+from bus.fenced_kv import Fenced
+from bus.jetstream import STICKY_BUCKET, WrongRevision, failure_reason, open_bucket
 from bus.kv_watch import KvWatch
 from bus.log_throttle import LogThrottle, held_back
 from schemas import endpoints as api
@@ -100,9 +103,14 @@ class LoadBalancerActor(SafeActor):
             share=self._share,
         )
         self.supervisor: pykka.ActorRef[Any] | None = None
-        # The settings asked for last (in force, or being stored), and how many are.
+        # The settings asked for last (in force, or being stored), and the writes asked
+        # for and not ended, one after the other (the first being written).
         self._requested = config
-        self._storing = 0
+        self._storing: deque[tuple[LoadBalancingConfig, str]] = deque()
+        # (epoch, revision) of the settings key as this replica last wrote it: its next
+        # write in the same tenure is a compare-and-set on it (issue 16). None, or
+        # another epoch: the first write of a tenure is at the revision read then.
+        self._settings_at: tuple[int | None, int] | None = None
         # First of this run's events (the load balancer starts first): what is in force now.
         self.ctx.emit(
             OrchestratorStarted(
@@ -312,7 +320,8 @@ class LoadBalancerActor(SafeActor):
 
     def _set(self, update: LoadBalancingUpdate, reply: str) -> None:
         """Stores the new settings without waiting; they are in force (and the reply
-        sent) once stored (`_stored`). Settings asked for meanwhile build on these."""
+        sent) once stored (`_stored`). Settings asked for meanwhile build on these, and
+        are written after them."""
         old = self._requested
         new = LoadBalancingConfig(
             strategy=update.strategy or old.strategy,
@@ -324,15 +333,34 @@ class LoadBalancerActor(SafeActor):
             self.replies.publish(reply, new)
             return
         self._requested = new
-        self._storing += 1
+        self._storing.append((new, reply))
+        if len(self._storing) == 1:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        """Starts the first write waiting, fenced: a compare-and-set on the revision this
+        replica wrote last in this tenure (a stale leader's is refused)."""
+        config, reply = self._storing[0]
+        epoch, known = self.ctx.lease.view.epoch, self._settings_at
+        last = known[1] if known is not None and known[0] == epoch else None
         ref = self.actor_ref
-        written = self.ctx.buckets["settings"].put_soon(SETTINGS_KEY, new)
-        written.add_done_callback(
-            lambda done: safe_tell(ref, _SettingsStored(new, reply, done.exception()))
-        )
+        written = self.ctx.buckets["settings"].update_soon(SETTINGS_KEY, config, last)
+
+        def done(written: Future[int]) -> None:
+            error = written.exception()
+            revision = None if error is not None else written.result()
+            safe_tell(ref, _SettingsStored(config, reply, epoch, revision, error))
+
+        written.add_done_callback(done)
 
     def _stored(self, stored: _SettingsStored) -> None:
-        self._storing -= 1
+        self._storing.popleft()
+        if isinstance(stored.error, WrongRevision):
+            self._fenced(stored.error, stored.reply)
+            return
+        self._settings_at = None if stored.revision is None else (stored.epoch, stored.revision)
+        if self._storing:
+            self._write_next()
         if stored.error is not None:
             error_id = f"err-{uuid.uuid4().hex[:12]}"
             log.error(
@@ -345,6 +373,20 @@ class LoadBalancerActor(SafeActor):
         if stored.config != self.config:
             self._in_force(stored.config)
         self.replies.publish(stored.reply, stored.config)
+
+    def _fenced(self, refused: WrongRevision, reply: str) -> None:
+        """Another replica has written the settings since this one did: it leads now.
+        This replica steps down; the writes asked of it are answered as a standby answers
+        them (the client's retry reaches the leader), and the settings stored are read
+        again (a leader ignores the watch: what it writes comes into force as stored)."""
+        self.ctx.lease.step_down(why=str(Fenced(refused.bucket, refused.key)))
+        for waiting in [reply, *(r for _, r in self._storing)]:
+            reply_error(self.replies, waiting, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+        self._storing.clear()
+        self._requested = self.config
+        self._settings_at = None
+        self._settings_watch.stop()
+        self._settings_watch = self._watch_settings()
 
     def _in_force(self, new: LoadBalancingConfig) -> None:
         old = self.config
@@ -374,6 +416,8 @@ class _SettingsStored:
 
     config: LoadBalancingConfig
     reply: str
+    epoch: int | None  # the tenure it was written in
+    revision: int | None  # its revision, once stored
     error: BaseException | None
 
 

@@ -2,9 +2,12 @@
 
 Stored in the `settings` bucket, one key per gateway (`maintenance.<gateway_id>`, so that
 no value grows with the fleet); the leader's supervisor is the only writer, and the
-standbys' supervisors follow its writes through a watch of the bucket. A key that does
-not read back is logged, alarmed (`ha.alarm` kind `bad_stored_value`) and skipped: no
-stored value stops start-up.
+standbys' supervisors follow its writes through a watch of the bucket. Each write is
+fenced (bus/fenced_kv.py, issue 16): a compare-and-set on the revision read at its first
+write as this tenure's leader, or written since, so that a leader that lost its lease
+without noticing yet cannot undo what a newer one stored. A key that does not read back
+is logged, alarmed (`ha.alarm` kind `bad_stored_value`) and skipped: no stored value
+stops start-up.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from actors.context import Context
+from bus.fenced_kv import FencedKv
 from schemas.codec import DecodeError, decode
 
 KEY_PREFIX = "maintenance."
@@ -24,19 +28,7 @@ class MaintenanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     since: datetime
 
 
-def load(ctx: Context) -> dict[str, str | None]:
-    """gateway id -> the reason it is in maintenance (the bucket read in one pass)."""
-    found: dict[str, str | None] = {}
-    for key, value in ctx.buckets["settings"].entries().items():
-        if not key.startswith(KEY_PREFIX):
-            continue
-        record = read(ctx, key, value)
-        if record is not None:
-            found[key.removeprefix(KEY_PREFIX)] = record.reason
-    return found
-
-
-def read(ctx: Context, key: str, value: bytes) -> MaintenanceRecord | None:
+def read_maintenance(ctx: Context, key: str, value: bytes) -> MaintenanceRecord | None:
     """The record stored at `key`; None (logged, alarmed) when it does not read back."""
     try:
         return decode(value, MaintenanceRecord)
@@ -45,10 +37,37 @@ def read(ctx: Context, key: str, value: bytes) -> MaintenanceRecord | None:
         return None
 
 
-def save(ctx: Context, gateway_id: str, reason: str | None) -> None:
-    record = MaintenanceRecord(reason=reason, since=datetime.now(UTC))
-    ctx.buckets["settings"].put(KEY_PREFIX + gateway_id, record)
+class MaintenanceStore:
+    """Blocking calls, for the supervisor's thread. `save` and `delete` raise Fenced when
+    another replica has written the key since, KvError when the store fails."""
 
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._kv = FencedKv(ctx.buckets["settings"])
+        self._epoch: int | None = None  # the tenure whose revisions `_kv` knows
 
-def delete(ctx: Context, gateway_id: str) -> None:
-    ctx.buckets["settings"].delete(KEY_PREFIX + gateway_id)
+    def load(self) -> dict[str, str | None]:
+        """gateway id -> the reason it is in maintenance (the bucket read in one pass)."""
+        found: dict[str, str | None] = {}
+        for key, value in self._kv.kv.entries().items():
+            if not key.startswith(KEY_PREFIX):
+                continue
+            record = read_maintenance(self._ctx, key, value)
+            if record is not None:
+                found[key.removeprefix(KEY_PREFIX)] = record.reason
+        return found
+
+    def save(self, gateway_id: str, reason: str | None) -> None:
+        record = MaintenanceRecord(reason=reason, since=datetime.now(UTC))
+        self._tenure_kv().put(KEY_PREFIX + gateway_id, record)
+
+    def delete(self, gateway_id: str) -> None:
+        self._tenure_kv().put(KEY_PREFIX + gateway_id, None)
+
+    def _tenure_kv(self) -> FencedKv:
+        """The bucket, its revisions read again at the first write of each tenure."""
+        epoch = self._ctx.lease.view.epoch
+        if epoch != self._epoch:
+            self._kv.read_all()
+            self._epoch = epoch
+        return self._kv

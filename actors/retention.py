@@ -12,14 +12,30 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 from actors.distribution_machine import TERMINAL_STATUSES
-from schemas.api import Distribution
+from schemas.types import DistributionStatus
 
 Version = tuple[str, int]  # (config type, version)
 
 
-def past_history(records: Iterable[Distribution], keep: int) -> list[Distribution]:
+class Kept(Protocol):
+    """What retention reads of a distribution (a record, or a standby's view of one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> DistributionStatus: ...
+    @property
+    def created_at(self) -> datetime: ...
+
+
+K = TypeVar("K", bound=Kept)
+
+
+def past_history(records: Iterable[K], keep: int) -> list[K]:
     """The finished records beyond the newest `keep` (by created_at, then id)."""
     finished = sorted(
         (r for r in records if r.status in TERMINAL_STATUSES), key=lambda r: (r.created_at, r.id)

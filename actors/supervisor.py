@@ -25,7 +25,6 @@ from typing import Any
 
 import pykka
 
-from actors import maintenance
 from actors.base import SafeActor, safe_tell, stop_all
 from actors.coalescer import Coalescer
 from actors.context import Context
@@ -40,6 +39,8 @@ from actors.failover import (
     Release,
 )
 from actors.gateway import GatewayActor
+from actors.maintenance import KEY_PREFIX as MAINTENANCE_PREFIX
+from actors.maintenance import MaintenanceStore, read_maintenance
 from actors.messages import (
     Arrival,
     ChildDied,
@@ -59,7 +60,8 @@ from actors.messages import (
     SetThreshold,
 )
 from actors.routes import GatewayRoutes
-from bus.edge import reply_error
+from bus.edge import NOT_LEADING, RETRY_AFTER_MS, reply_error
+from bus.fenced_kv import Fenced
 from bus.kv_watch import KvWatch
 from bus.runtime import SubscriptionHandle
 from schemas import endpoints as api
@@ -117,6 +119,7 @@ class SupervisorActor(SafeActor):
         # Maintenance as requested (gateway -> reason), and as the gateways report it
         # (a gateway turned off stays in maintenance until `rise` good heartbeats).
         self.maintenance: dict[str, str | None] = {}
+        self.maintenance_store = MaintenanceStore(context)
         self.in_maintenance: set[str] = set()
         # [[gateways]]: known before they beat, never forgotten, their role kept.
         self.configured = {entry.id: entry for entry in context.settings.gateways}
@@ -140,7 +143,7 @@ class SupervisorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        self.maintenance = maintenance.load(self.ctx)
+        self.maintenance = self.maintenance_store.load()
         self._maintenance_watch = self._watch_maintenance()
         for entry in self.configured.values():
             self._spawn(entry, Coalescer(), source="config")
@@ -324,9 +327,13 @@ class SupervisorActor(SafeActor):
             return
         try:  # stored first: what the reply confirms outlives a restart
             if enabled:
-                maintenance.save(self.ctx, gateway_id, request.reason)
+                self.maintenance_store.save(gateway_id, request.reason)
             elif gateway_id in self.maintenance:
-                maintenance.delete(self.ctx, gateway_id)
+                self.maintenance_store.delete(gateway_id)
+        except Fenced as fenced:  # another replica leads now: it stored the key since
+            self.ctx.lease.step_down(why=str(fenced))
+            reply_error(self.replies, reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
+            return
         except Exception:
             log.exception("could not store maintenance of %s", gateway_id)
             reply_error(self.replies, reply, "unavailable", "could not store the change; retry")
@@ -362,7 +369,7 @@ class SupervisorActor(SafeActor):
         ref = self.actor_ref
 
         def changed(key: str, value: bytes | None, _age_s: float) -> None:  # on the bus loop
-            if key.startswith(maintenance.KEY_PREFIX):
+            if key.startswith(MAINTENANCE_PREFIX):
                 safe_tell(ref, _MaintenanceStored(key, value))
 
         watch = self.ctx.buckets["settings"].watch(changed)
@@ -372,12 +379,12 @@ class SupervisorActor(SafeActor):
     def _maintenance_stored(self, key: str, value: bytes | None) -> None:
         if self.ctx.lease.still_leader():
             return  # the leader's own writes came into force as it made them
-        gateway_id = key.removeprefix(maintenance.KEY_PREFIX)
+        gateway_id = key.removeprefix(MAINTENANCE_PREFIX)
         if value is None:
             if gateway_id in self.maintenance:
                 self._maintain(gateway_id, False, None)
             return
-        record = maintenance.read(self.ctx, key, value)
+        record = read_maintenance(self.ctx, key, value)
         if record is None:
             return
         in_force = gateway_id in self.maintenance and self.maintenance[gateway_id] == record.reason

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import msgspec
 import nats.errors
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from bus.connection import BusError
@@ -50,6 +50,8 @@ ENTRIES_TIMEOUT_S = 300.0
 # first failure, so that losing one node of three fails no step.
 NO_ANSWER_PATIENCE_S = 12.0
 NO_ANSWER_WAIT_S = 1.0
+# One key-value call (all the writes of an update_many) gets an answer within this.
+CALL_TIMEOUT_S = 10.0
 
 
 def stream_name(prefix: str) -> str:
@@ -98,6 +100,16 @@ class KvError(Exception):
     reply or a distribution's `reason` (never an exception's text)."""
 
 
+class WrongRevision(Exception):
+    """A compare-and-set write refused: the key is not at the revision the writer gave
+    (another writer has written, created or deleted it since). Never tried again."""
+
+    def __init__(self, bucket: str, key: str) -> None:
+        super().__init__(f"{bucket} key {key} is not at the revision this replica last knew")
+        self.bucket = bucket
+        self.key = key
+
+
 def failure_reason(exc: BaseException) -> str:
     """Why a call to JetStream failed, in a few words."""
     if isinstance(exc, nats.js.errors.APIError):
@@ -144,19 +156,126 @@ class KvStore:
         self._backoff_s = backoff_s
         self._patience_s = patience_s
 
-    def put(self, key: str, value: msgspec.Struct) -> None:
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def put(self, key: str, value: msgspec.Struct) -> int:
+        """Writes the value whatever the key holds; returns its new revision."""
         data = encode(value)
-        self._call(f"put {key}", lambda: self._kv.put(key, data))
+        return self._call(f"put {key}", lambda: self._kv.put(key, data))
 
-    def put_many(self, values: Mapping[str, msgspec.Struct]) -> None:
-        """Puts every value, all at once (not one round trip each); retried as a whole."""
-        encoded = {key: encode(value) for key, value in values.items()}
+    def update(self, key: str, value: msgspec.Struct | None, last: int) -> int:
+        """`update_many` of one key."""
+        return self.update_many({key: (value, last)})[key]
 
-        async def put_all() -> None:
-            await asyncio.gather(*(self._kv.put(key, data) for key, data in encoded.items()))
+    def update_many(
+        self, writes: Mapping[str, tuple[msgspec.Struct | None, int]]
+    ) -> dict[str, int]:
+        """Compare-and-set writes, all at once: each key is written only if it is still at
+        the revision given with it (0: only if it does not exist, or is deleted); a value
+        None deletes the key (at 0: there is none to delete). Returns each key's new revision (0
+        for a delete: the key does not exist). Raises WrongRevision for a key that is not
+        at its revision (the other keys are written all the same), KvError as `put` does.
 
-        if encoded:
-            self._call(f"put {', '.join(list(encoded)[:3])}...", put_all)
+        Retried as `put` is, each key until written: a key tried again after an attempt
+        that got no answer may find its own value stored (the answer was lost, not the
+        write); that is its write, not another writer's."""
+        encoded = {
+            key: (None if value is None else encode(value), last)
+            for key, (value, last) in writes.items()
+        }
+        written: dict[str, int] = {}
+        tried: set[str] = set()
+
+        def attempt() -> dict[str, int]:
+            pending = {key: write for key, write in encoded.items() if key not in written}
+            retried = tried & pending.keys()
+            tried.update(pending)
+            # Only this thread reads or changes `written`: an attempt that timed out and
+            # ends later tells nobody.
+            outcomes = self._bus.run(self._update_all(pending, retried), CALL_TIMEOUT_S)
+            written.update((key, o) for key, o in outcomes.items() if isinstance(o, int))
+            failures = [o for o in outcomes.values() if isinstance(o, BaseException)]
+            refused = [f for f in failures if isinstance(f, WrongRevision)]
+            if refused or failures:
+                raise (refused or failures)[0]
+            return written
+
+        if not encoded:
+            return {}
+        return self._retrying(f"put {_names(list(encoded))}", attempt)
+
+    def update_soon(
+        self, key: str, value: msgspec.Struct, last: int | None
+    ) -> concurrent.futures.Future[int]:
+        """`update` started like `put_soon`, and not tried again; `last` None: at the
+        revision the key has when the write starts. The future ends with the new
+        revision, WrongRevision, or the call's error."""
+        data = encode(value)
+
+        async def write() -> int:
+            at = (await self._fetch(key))[1] if last is None else last
+            revision = await self._write(key, data, at)
+            if revision is None:
+                raise WrongRevision(self._name, key)
+            return revision
+
+        return self._bus.submit(write())
+
+    async def _update_all(
+        self, writes: Mapping[str, tuple[bytes | None, int]], retried: set[str]
+    ) -> dict[str, int | BaseException]:
+        async def one(key: str, data: bytes | None, last: int) -> int:
+            revision = await self._write(key, data, last)
+            if revision is None and key in retried:
+                revision = await self._holding(key, data)
+            if revision is None:
+                raise WrongRevision(self._name, key)
+            return revision
+
+        results = await asyncio.gather(
+            *(one(key, data, last) for key, (data, last) in writes.items()),
+            return_exceptions=True,
+        )
+        return dict(zip(writes, results, strict=True))
+
+    async def _write(self, key: str, data: bytes | None, last: int) -> int | None:
+        """One compare-and-set write (data None: a delete; of a key at revision 0, none
+        to make); its new revision (0 after a delete), or None if the key is not at
+        `last`."""
+        try:
+            if data is None:
+                if last:
+                    await self._kv.delete(key, last=last)
+                return 0
+            if last:
+                return await self._kv.update(key, data, last=last)
+            return await self._kv.create(key, data)
+        except nats.js.errors.APIError as exc:
+            if not _wrong_revision(exc):
+                raise
+        return None
+
+    async def _holding(self, key: str, data: bytes | None) -> int | None:
+        """The key's revision if it holds `data` (None: it is deleted; revision 0), else
+        None."""
+        found, revision = await self._fetch(key)
+        if data is None:
+            return 0 if found is None else None
+        return revision if found == data else None
+
+    def get_at(self, key: str) -> tuple[bytes | None, int]:
+        """The key's value (None: absent or deleted) and revision (0: never written; a
+        deleted key's is its delete marker's)."""
+        return self._call(f"get {key}", lambda: self._fetch(key))
+
+    async def _fetch(self, key: str) -> tuple[bytes | None, int]:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError as exc:
+            return None, (exc.entry.revision or 0) if exc.entry else 0
+        return entry.value or b"", entry.revision or 0
 
     def put_soon(self, key: str, value: msgspec.Struct) -> concurrent.futures.Future[int]:
         """Starts the write and returns at once (for an actor on a loop, which must never
@@ -173,14 +292,7 @@ class KvStore:
         return KvWatch(self._bus, self._kv, self._name, on_change)
 
     def get(self, key: str, kind: type[T]) -> T | None:
-        async def fetch() -> bytes | None:
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                return None
-            return entry.value
-
-        data = self._call(f"get {key}", fetch)
+        data, _ = self.get_at(key)
         return None if data is None else decode(data, kind)
 
     def delete(self, key: str) -> None:
@@ -202,15 +314,19 @@ class KvStore:
     def entries(self) -> dict[str, bytes]:
         """Every live key and its value, read in one pass (a watch of the whole bucket),
         not one round trip per key."""
+        return {key: data for key, (data, _) in self.entries_at().items()}
 
-        async def fetch() -> dict[str, bytes]:
+    def entries_at(self) -> dict[str, tuple[bytes, int]]:
+        """`entries`, each value with its revision."""
+
+        async def fetch() -> dict[str, tuple[bytes, int]]:
             watcher = await self._kv.watchall(ignore_deletes=True)
-            found: dict[str, bytes] = {}
+            found: dict[str, tuple[bytes, int]] = {}
             try:
                 async for entry in watcher:
                     if entry is None:  # the values there were at the start: all read
                         break
-                    found[entry.key] = entry.value or b""
+                    found[entry.key] = (entry.value or b"", entry.revision or 0)
             finally:
                 await watcher.stop()  # type: ignore[no-untyped-call]
             return found
@@ -227,12 +343,15 @@ class KvStore:
         return self._call("keys", fetch)
 
     def _call(
-        self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = 10.0
+        self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = CALL_TIMEOUT_S
     ) -> R:
+        return self._retrying(what, lambda: self._bus.run(call(), timeout))
+
+    def _retrying(self, what: str, attempt: Callable[[], R]) -> R:
         delay, retries, first_failure = self._backoff_s, 0, 0.0
         while True:
             try:
-                return self._bus.run(call(), timeout)
+                return attempt()
             except (nats.errors.Error, BusError, TimeoutError) as exc:
                 reason = failure_reason(exc)
                 first_failure = first_failure or time.monotonic()
@@ -263,6 +382,17 @@ class KvStore:
                     time.sleep(NO_ANSWER_WAIT_S)
                 else:
                     raise KvError(reason) from exc
+
+
+def _wrong_revision(exc: nats.js.errors.APIError) -> bool:
+    """Whether JetStream refused a write for its expected last revision (10071, or 10164
+    from some servers; nats-py tells it as KeyWrongLastSequenceError for an update)."""
+    return isinstance(exc, KeyWrongLastSequenceError) or exc.err_code in (10071, 10164)
+
+
+def _names(keys: list[str]) -> str:
+    """Keys for a log line: the first three."""
+    return ", ".join(keys[:3]) + ("..." if len(keys) > 3 else "")
 
 
 def _no_answer(exc: BaseException) -> bool:

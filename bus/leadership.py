@@ -141,14 +141,15 @@ class Lease:
         tenure = self._tenure
         return tenure is not None and self._clock() < tenure[2]
 
-    def step_down(self, higher_epoch: int = 0) -> None:
-        """Stop leading now (a gateway refused the epoch as stale); the next take-over
+    def step_down(self, higher_epoch: int = 0, why: str = "asked to step down") -> None:
+        """Stop leading now (a gateway refused the epoch as stale, or a write of leader
+        state was fenced: `why`, logged if this replica was leading); the next take-over
         waits out the lease like any standby's and uses an epoch above `higher_epoch`."""
         with self._lock:
             self._highest_epoch = max(self._highest_epoch, higher_epoch)
             self._sent = None
             if self._tenure is not None:
-                self._stand_down("asked to step down")
+                self._stand_down(why)
 
     def release(self) -> Write | None:
         """Stop leading and say so in the lease (a clean stop), so that a standby, or this

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pykka
 import pytest
+from msgspec.structs import replace
 
 from actors.distribution import DistributionActor, read_answer
 from actors.distribution_store import DistributionStore
@@ -36,14 +37,19 @@ STOOD_BY = "this replica stopped leading"
 PAUSED = "paused: this replica no longer leads"
 
 
-def stored(bus: Bus, prefix: str, dist_id: str) -> Distribution:
-    """The distribution as its store holds it: what the next leader resumes from."""
+def store(bus: Bus, prefix: str) -> DistributionStore:
+    """The orchestrator's distribution store, on the test's own connection."""
 
-    def store(name: str) -> KvStore:
+    def bucket(name: str) -> KvStore:
         kv = bus.run(bus.js.key_value(bucket_name(prefix, name)))
         return KvStore(bus, kv, bucket_name(prefix, name))
 
-    return DistributionStore(store("distributions"), store("desired")).load().records[dist_id]
+    return DistributionStore(bucket("distributions"), bucket("desired"))
+
+
+def stored(bus: Bus, prefix: str, dist_id: str) -> Distribution:
+    """The distribution as its store holds it: what the next leader resumes from."""
+    return store(bus, prefix).load().records[dist_id]
 
 
 def pushes(fleet: ConfigFleet, dist_id: str) -> dict[str, list[int | None]]:
@@ -143,6 +149,52 @@ def test_a_distribution_actor_stops_sending_once_its_replica_no_longer_leads(
     assert {gw: d.state for gw, d in record.gateways.items()} == {
         gw: "sent" if gw == first else "pending" for gw in fleet.agents
     }
+    for step in ("gateway_acked", "gateway_nacked", "gateway_timed_out", "finished"):
+        assert steps(event_log, dist_id, step) == []
+
+
+def test_a_stale_leaders_store_write_after_a_newer_leader_wrote_the_key_is_refused(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The leader has lost its lease without noticing yet: meanwhile a newer leader has
+    loaded the distribution and written its record. The old leader's next step is
+    refused as it stores its record (before it sends anything): it steps down, and the
+    newer leader's record is what stays stored."""
+    gate = asyncio.Event()
+
+    async def hold(push: ConfigPush) -> None:
+        await gate.wait()
+
+    async def open_gate() -> None:
+        gate.set()
+
+    for gw in ("gw-1", "gw-2", "gw-3"):
+        fleet.add(gw, "eu-west", interval_s=0.5, on_config=hold)
+    orchestrator = run(distribution_batch_size=1, distribution_ack_timeout_ms=10_000)
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
+
+    newer = store(bus, prefix)
+    record = newer.load().records[dist_id]
+    newers = replace(record, reason="as the newer leader left it")
+    newer.put_progress(newers, range(len(newers.target_gateways)))
+    bus.run(open_gate())  # the first gateway acks: the old leader's next step
+
+    wait_until(lambda: not orchestrator.lease.still_leader(), what="the old leader stepped down")
+    wait_until(no_distribution_actor, what="its actor stopped")
+    fenced = [r for r in caplog.records if "was written by another replica since" in r.message]
+    assert len(fenced) == 1, [r.message for r in fenced]
+    assert f"distributions key {dist_id}" in fenced[0].message
+    assert "stops leading" in fenced[0].message
+    assert stored(bus, prefix, dist_id) == newers
+    sent = {gw: epochs for gw, epochs in pushes(fleet, dist_id).items() if epochs}
+    assert len(sent) == 1  # the step's push to the next gateway was not sent
     for step in ("gateway_acked", "gateway_nacked", "gateway_timed_out", "finished"):
         assert steps(event_log, dist_id, step) == []
 

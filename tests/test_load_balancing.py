@@ -9,12 +9,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus.jetstream import bucket_name
+from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, InternalError, Unavailable
 from gatefleet.gateway import Metrics
-from schemas.api import SelectReply, SelectRequest
+from schemas.api import ErrorReply, LoadBalancingConfig, SelectReply, SelectRequest
+from schemas.codec import decode
 from schemas.events import Alarm, GatewayStatusChanged, LoadBalancingChanged
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
@@ -257,6 +258,31 @@ def test_settings_asked_in_a_row_build_on_each_other(
         "strategy": "LatencyBased",
         "health_threshold": 80.0,
     }
+
+
+def test_a_settings_write_after_another_replica_wrote_them_steps_the_leader_down(
+    gatefleet: Orchestrator, client: GatefleetClient, bus: Bus, prefix: str
+) -> None:
+    """The leader stored settings; another replica (a newer leader the old one does not
+    know of yet) stores others since: the old leader's next write is refused, it steps
+    down and answers `unavailable`, and the other's settings stay stored and come into
+    force here as on any standby."""
+    client.update_load_balancing_config("LatencyBased")
+    name = bucket_name(prefix, "settings")
+    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    newer = LoadBalancingConfig(strategy="LeastConnections", health_threshold=60.0)
+    settings_kv.put("load_balancing", newer)
+
+    answer = bus.ask(f"{prefix}.api.load-balancing.set", b'{"health_threshold": 80}', 5.0)
+    error = decode(answer, ErrorReply).error
+    assert (error.code, error.retry_after_ms is not None) == ("unavailable", True)
+    assert not gatefleet.lease.still_leader()
+    assert settings_kv.get("load_balancing", LoadBalancingConfig) == newer
+    wait_until(
+        lambda: client.get_load_balancing_config() == newer,
+        what="the stored settings in force",
+        show=client.get_load_balancing_config,
+    )
 
 
 def test_an_unreadable_stored_setting_is_alarmed_and_the_configured_one_used(

@@ -4,11 +4,14 @@ move to the backup, no selection, back through the rise rule, kept across a rest
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
 
 from actors.failover import FailoverPlanner, FindReplacement, MassFailureGuard, Redirect
+from actors.maintenance import MaintenanceRecord
+from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from schemas.api import MaintenanceReply, MaintenanceRequest
@@ -159,3 +162,31 @@ def test_maintenance_outlives_a_restart(
     wait_until(still_drained, what="primary back, still in maintenance")
     assert fleet.gateways()["primary"].maintenance_reason == "rack move"
     assert {select(fleet) for _ in range(6)} == {"backup"}
+
+
+def test_a_maintenance_write_after_another_replica_wrote_the_key_steps_the_leader_down(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """The leader has stored primary's maintenance; another replica (a newer leader the
+    old one does not know of yet) stores it since: the old leader's next write of that
+    key is refused, it steps down, and the other's value stays stored."""
+    leader = start_orchestrator(settings(make_settings))
+    fleet.add("primary")
+    healthy(event_log, "primary")
+    maintenance(fleet, "primary", True, "rack move")
+    name = bucket_name(prefix, "settings")
+    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    newer = MaintenanceRecord(reason="the newer leader's", since=datetime.now(UTC))
+    settings_kv.put("maintenance.primary", newer)
+
+    body = msgspec.json.encode({"gateway_id": "primary", "enabled": False})
+    error = fleet.raw_call("maintenance", body)["error"]
+    assert error["code"] == "unavailable"
+    assert error["retry_after_ms"]
+    assert not leader.lease.still_leader()
+    assert settings_kv.get("maintenance.primary", MaintenanceRecord) == newer

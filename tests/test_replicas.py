@@ -10,6 +10,7 @@ import queue
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -54,12 +55,17 @@ def pushed(fleet: Fleet, gateway_id: str) -> list[int]:
 
 
 def replica_settings(
-    make_settings: SettingsFactory, tmp_path: Path, replica_id: str, **health: int
+    make_settings: SettingsFactory,
+    tmp_path: Path,
+    replica_id: str,
+    health: dict[str, int] | None = None,
+    **orchestrator: Any,
 ) -> Settings:
     base = msgspec.to_builtins(ha_settings(make_settings))
     base["bus"]["data_dir"] = str(tmp_path / replica_id)
     base["cluster"] = {"replica_id": replica_id, "lease_ms": 5000}
-    base["health"] |= health
+    base["health"] |= health or {}
+    base["orchestrator"].update(orchestrator)
     return msgspec.convert(base, Settings)
 
 
@@ -74,8 +80,8 @@ def replicas(
     """Replica "a" starts first and leads; "b" joins as a standby (the event log is
     listening from before). Parametrized indirectly: health settings for both."""
     health: dict[str, int] = request.param
-    first = start_orchestrator(replica_settings(make_settings, tmp_path, "a", **health))
-    second = start_orchestrator(replica_settings(make_settings, tmp_path, "b", **health))
+    first = start_orchestrator(replica_settings(make_settings, tmp_path, "a", health))
+    second = start_orchestrator(replica_settings(make_settings, tmp_path, "b", health))
     wait_until(lambda: second.lease.view.leader == "a", what="b knows that a leads")
     return first, second
 
@@ -384,7 +390,7 @@ def test_after_a_hand_over_the_new_leader_probes_and_shares_its_results(
         show=standby.stats,
     )
 
-    c = start_orchestrator(replica_settings(make_settings, tmp_path, "c", **PROBING))
+    c = start_orchestrator(replica_settings(make_settings, tmp_path, "c", PROBING))
     joined = prober_of(c)
     wait_until(
         lambda: joined.stats().from_leader >= 3 and direct.probe_latency(c, "primary") is not None,
@@ -489,3 +495,61 @@ def test_each_replica_records_its_own_selections_and_replay_counts_them_apart(
         assert result.exit_code == 0, result.output
         explained.add(msgspec.json.decode(result.stdout_bytes)["replica_id"])
     assert explained == {"a", "b"}
+
+
+Counts = tuple[int, int, int, dict[str, int]]
+
+
+def counts_at(bus: Bus, prefix: str, replica_id: str) -> Counts:
+    """The distribution counts in `replica_id`'s status (asked until it is the one that
+    answers: the queue group picks one)."""
+    for _ in range(100):
+        status = decode(bus.ask(f"{prefix}.api.status", b"{}", 5.0), StatusReply)
+        if status.replica_id == replica_id:
+            return (
+                status.active_distributions,
+                status.successfully_completed_distributions,
+                status.failed_distributions,
+                status.distributions_by_state,
+            )
+    raise AssertionError(f"{replica_id} answered none of 100 statuses")
+
+
+def test_a_standby_counts_the_stored_distributions_as_the_leader_does(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    tmp_path: Path,
+    fleet: Fleet,
+    client: GatefleetClient,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """The standby's counts come from the stored records: after each distribution ends
+    they equal the leader's, also once the leader deletes the oldest finished ones
+    (`distribution_history` = 2), and at a replica that joins later."""
+
+    def start(replica_id: str) -> Orchestrator:
+        settings = replica_settings(make_settings, tmp_path, replica_id, distribution_history=2)
+        return start_orchestrator(settings)
+
+    start("a")
+    standby = start("b")
+    wait_until(lambda: standby.lease.view.leader == "a", what="b knows that a leads")
+    fleet.add("primary", "us-west")
+    wait_until(lambda: client.status().gateways_healthy >= 1, what="primary healthy")
+
+    def same_counts(*replicas: str) -> bool:
+        leaders = counts_at(bus, prefix, "a")
+        return all(counts_at(bus, prefix, r) == leaders for r in replicas)
+
+    def ended(dist_id: str) -> Callable[[], bool]:
+        return lambda: client.get_distribution(dist_id).completed_at is not None
+
+    for targets in (["primary"], ["primary"], ["primary"], ["ghost"]):  # ghost: unknown
+        reply = client.distribute("Route", {"routes": ["/v1"]}, targets)
+        wait_until(ended(reply.distribution_id), what="the distribution ended")
+        wait_until(lambda: same_counts("b"), what="b counts as a does")
+    start("c")
+    wait_until(lambda: same_counts("b", "c"), what="c counts as a does")
+    # The two newest finished are kept: the last completed, and the failed one.
+    assert counts_at(bus, prefix, "b") == (0, 1, 1, {"completed": 1, "failed": 1})
