@@ -646,19 +646,25 @@ def test_events_survive_an_orchestrator_restart_on_the_embedded_server(
     )
 
 
+def store_registrations(bus: Bus, subject: str, count: int) -> None:
+    """`count` gateway.registered events stored on `subject` (acked by the stream)."""
+
+    async def publish() -> None:
+        for n in range(count):
+            event = GatewayRegistered(gateway_id=f"g-{n}", region="r", source="heartbeat")
+            await bus.js.publish_async(subject, encode(event), headers={"Nats-Msg-Id": event.id})
+        await bus.js.publish_async_completed()
+
+    bus.run(publish(), timeout=60)
+
+
 def test_replay_holds_back_a_slow_reader_and_loses_nothing(
     gatefleet: Orchestrator, bus: Bus, prefix: str
 ) -> None:
     """Tiny batches and a two-batch buffer: the loop side must pause and resume often."""
     subject = Subjects(prefix).event("gateway.registered")
 
-    async def publish() -> None:
-        for n in range(3000):
-            event = GatewayRegistered(gateway_id=f"g-{n}", region="r", source="heartbeat")
-            await bus.js.publish_async(subject, encode(event), headers={"Nats-Msg-Id": event.id})
-        await bus.js.publish_async_completed()
-
-    bus.run(publish(), timeout=60)
+    store_registrations(bus, subject, 3000)
     replay = Replay(bus, stream_name(prefix), [subject], batch_size=7, max_buffered=2)
     with replay:
         seqs = [seq for batch in replay for seq, _, _ in batch]
@@ -673,13 +679,7 @@ def test_a_read_until_a_stored_time_includes_the_message_stored_then(
     exact (through a float timestamp, about 1 in 25 was left out, so explain failed)."""
     subject = Subjects(prefix).event("gateway.registered")
 
-    async def publish() -> None:
-        for n in range(200):
-            event = GatewayRegistered(gateway_id=f"g-{n}", region="r", source="heartbeat")
-            await bus.js.publish_async(subject, encode(event), headers={"Nats-Msg-Id": event.id})
-        await bus.js.publish_async_completed()
-
-    bus.run(publish(), timeout=60)
+    store_registrations(bus, subject, 200)
     with Replay(bus, stream_name(prefix), [subject]) as replay:
         stored = [(seq, ns) for batch in replay for seq, ns, _ in batch]
     assert len(stored) == 200

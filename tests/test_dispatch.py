@@ -338,6 +338,21 @@ def test_ask_from_outside_to_an_actor_on_the_loop() -> None:
     assert not ref2.is_alive()
 
 
+@pytest.fixture
+def on_loop() -> Iterator[OnLoop]:
+    """An OnLoop dispatcher on a loop of its own thread ("bus-loop")."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bus-loop")
+    thread.start()
+    dispatcher = OnLoop(loop)
+    dispatcher.start()
+    yield dispatcher
+    dispatcher.stop(timeout=WAIT)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(WAIT)
+    loop.close()
+
+
 class Relay(PooledActor):
     """Tells `to` what it receives, and records whether `to` had handled it already."""
 
@@ -351,83 +366,65 @@ class Relay(PooledActor):
         self.handled_at_once.append(message in actor_of(self.to).seen)
 
 
-def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested() -> None:
+def test_a_tell_on_the_loop_is_handled_at_once_but_never_nested(on_loop: OnLoop) -> None:
     """On the loop thread, outside a drain, a tell runs the actor's turn before it returns
     (a request handler's reply leaves in the same pass); inside a drain it waits for
     the next one, so one actor's turn never runs inside another's."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="bus-loop")
-    thread.start()
-    on_loop = OnLoop(loop)
-    on_loop.start()
-    try:
-        target = Recorder.start(on_loop)
-        relay = Relay.start(on_loop, target)
-        assert target.ask("target ready", timeout=WAIT) == "target ready"
-        assert relay.ask("relay ready", timeout=WAIT) is None
+    loop = on_loop.loop
+    target = Recorder.start(on_loop)
+    relay = Relay.start(on_loop, target)
+    assert target.ask("target ready", timeout=WAIT) == "target ready"
+    assert relay.ask("relay ready", timeout=WAIT) is None
 
-        async def tell_from_the_loop() -> tuple[bool, bool]:
-            target.tell("direct")
-            direct = "direct" in actor_of(target).seen
-            relay.tell("relayed")
-            return direct, "relayed" in actor_of(target).seen
+    async def tell_from_the_loop() -> tuple[bool, bool]:
+        target.tell("direct")
+        direct = "direct" in actor_of(target).seen
+        relay.tell("relayed")
+        return direct, "relayed" in actor_of(target).seen
 
-        direct, relayed = asyncio.run_coroutine_threadsafe(tell_from_the_loop(), loop).result(WAIT)
-        assert direct  # handled inside the tell
-        assert not relayed  # the relay's turn ran inside its tell; the target's in a later pass
-        expected = ["target ready", "relay ready", "direct", "relayed"]
-        assert target.ask("seen", timeout=WAIT) == expected
-        assert actor_of(relay).handled_at_once == [False, False]
-    finally:
-        on_loop.stop(timeout=WAIT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(WAIT)
-        loop.close()
+    direct, relayed = asyncio.run_coroutine_threadsafe(tell_from_the_loop(), loop).result(WAIT)
+    assert direct  # handled inside the tell
+    assert not relayed  # the relay's turn ran inside its tell; the target's in a later pass
+    expected = ["target ready", "relay ready", "direct", "relayed"]
+    assert target.ask("seen", timeout=WAIT) == expected
+    assert actor_of(relay).handled_at_once == [False, False]
 
 
-def test_receive_now_handles_an_idle_actors_message_at_once_and_keeps_the_order() -> None:
+def test_receive_now_handles_an_idle_actors_message_at_once_and_keeps_the_order(
+    on_loop: OnLoop,
+) -> None:
     """The request path's shortcut: on the loop thread, outside a drain, an idle actor
     handles the message before `receive_now` returns; with messages queued (or from
     another thread, or inside a drain) it declines, and a tell keeps the order."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="bus-loop")
-    thread.start()
-    on_loop = OnLoop(loop)
-    on_loop.start()
-    try:
-        target = Recorder.start(on_loop)
-        actor = actor_of(target)
-        assert target.ask("ready", timeout=WAIT) == "ready"
-        assert actor.receive_now("from another thread") is False
+    loop = on_loop.loop
+    target = Recorder.start(on_loop)
+    actor = actor_of(target)
+    assert target.ask("ready", timeout=WAIT) == "ready"
+    assert actor.receive_now("from another thread") is False
 
-        async def on_the_loop() -> list[bool]:
-            handled = [actor.receive_now("now")]
-            handled.append("now" in actor.seen)
-            # Told from another thread while the loop is busy here: queued, not yet run.
-            teller = threading.Thread(target=target.tell, args=("queued",))
-            teller.start()
-            teller.join(WAIT)
-            handled.append(actor.receive_now("after it"))
-            target.tell("after it")
-            return handled
+    async def on_the_loop() -> list[bool]:
+        handled = [actor.receive_now("now")]
+        handled.append("now" in actor.seen)
+        # Told from another thread while the loop is busy here: queued, not yet run.
+        teller = threading.Thread(target=target.tell, args=("queued",))
+        teller.start()
+        teller.join(WAIT)
+        handled.append(actor.receive_now("after it"))
+        target.tell("after it")
+        return handled
 
-        handled = asyncio.run_coroutine_threadsafe(on_the_loop(), loop).result(WAIT)
-        assert handled == [True, True, False]
-        assert target.ask("seen", timeout=WAIT) == ["ready", "now", "queued", "after it"]
+    handled = asyncio.run_coroutine_threadsafe(on_the_loop(), loop).result(WAIT)
+    assert handled == [True, True, False]
+    assert target.ask("seen", timeout=WAIT) == ["ready", "now", "queued", "after it"]
 
-        class Inner(Recorder):
-            def on_receive(self, message: Any) -> Any:
-                if message == "try":
-                    return actor.receive_now("nested")
-                return super().on_receive(message)
+    class Inner(Recorder):
+        def on_receive(self, message: Any) -> Any:
+            if message == "try":
+                return actor.receive_now("nested")
+            return super().on_receive(message)
 
-        inner = Inner.start(on_loop)
-        assert inner.ask("try", timeout=WAIT) is False  # inside a drain: never nested
-    finally:
-        on_loop.stop(timeout=WAIT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(WAIT)
-        loop.close()
+    inner = Inner.start(on_loop)
+    assert inner.ask("try", timeout=WAIT) is False  # inside a drain: never nested
 
 
 def test_a_burst_in_the_latest_lane_is_taken_a_turn_at_a_time() -> None:

@@ -7,7 +7,8 @@ leads stops acting, leaving its distribution as stored for the next leader.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pykka
 import pytest
@@ -110,6 +111,22 @@ def test_a_gateway_that_has_seen_a_higher_epoch_makes_the_leader_step_down(
         assert steps(event_log, dist_id, step) == []
 
 
+def holding_fleet(fleet: ConfigFleet) -> Callable[[], Coroutine[Any, Any, None]]:
+    """gw-1..3, each holding its ack to a push until the gate the returned coroutine
+    function opens (run it on the test bus)."""
+    gate = asyncio.Event()
+
+    async def hold(push: ConfigPush) -> None:
+        await gate.wait()
+
+    async def open_gate() -> None:
+        gate.set()
+
+    for gw in ("gw-1", "gw-2", "gw-3"):
+        fleet.add(gw, "eu-west", interval_s=0.5, on_config=hold)
+    return open_gate
+
+
 def test_a_distribution_actor_stops_sending_once_its_replica_no_longer_leads(
     run: Callable[..., Orchestrator],
     fleet: ConfigFleet,
@@ -121,16 +138,7 @@ def test_a_distribution_actor_stops_sending_once_its_replica_no_longer_leads(
 ) -> None:
     """Batches of one: the first gateway holds its ack until the lease is lost; its ack
     then finds no leader, and nothing more is sent, stored or failed."""
-    gate = asyncio.Event()
-
-    async def hold(push: ConfigPush) -> None:
-        await gate.wait()
-
-    async def open_gate() -> None:
-        gate.set()
-
-    for gw in ("gw-1", "gw-2", "gw-3"):
-        fleet.add(gw, "eu-west", interval_s=0.5, on_config=hold)
+    open_gate = holding_fleet(fleet)
     orchestrator = run(distribution_batch_size=1, distribution_ack_timeout_ms=10_000)
     epoch = orchestrator.lease.view.epoch
 
@@ -166,16 +174,7 @@ def test_a_stale_leaders_store_write_after_a_newer_leader_wrote_the_key_is_refus
     loaded the distribution and written its record. The old leader's next step is
     refused as it stores its record (before it sends anything): it steps down, and the
     newer leader's record is what stays stored."""
-    gate = asyncio.Event()
-
-    async def hold(push: ConfigPush) -> None:
-        await gate.wait()
-
-    async def open_gate() -> None:
-        gate.set()
-
-    for gw in ("gw-1", "gw-2", "gw-3"):
-        fleet.add(gw, "eu-west", interval_s=0.5, on_config=hold)
+    open_gate = holding_fleet(fleet)
     orchestrator = run(distribution_batch_size=1, distribution_ack_timeout_ms=10_000)
     dist_id = client.distribute("Route", ROUTE).distribution_id
     wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
