@@ -24,7 +24,7 @@ import msgspec
 import nats.errors
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from bus.connection import BusError
 from bus.kv_watch import KvWatch, OnChange
@@ -44,6 +44,7 @@ STICKY_BUCKET = "sticky"
 DUPLICATE_WINDOW_S = 120.0
 # Reading a whole bucket at start: a large store takes longer than one call.
 ENTRIES_TIMEOUT_S = 300.0
+ENTRY_WAIT_S = 5.0  # for the next value of a read of every entry (then it is tried again)
 # No JetStream stream answers while it elects a leader: 4-9 s after the node leading it
 # is lost (measured on the three-node test cluster). A key-value call that gets no answer
 # is tried again, once a second after its counted retries, until this long after its
@@ -317,16 +318,31 @@ class KvStore:
         return {key: data for key, (data, _) in self.entries_at().items()}
 
     def entries_at(self) -> dict[str, tuple[bytes, int]]:
-        """`entries`, each value with its revision."""
+        """`entries`, each value with its revision.
+
+        Read until every key the bucket held when the read began has come (history=1:
+        one message per key, a deleted key's marker included), not only until nats-py's
+        "initial values done" marker: that marker can come before the values when the
+        consumer delivered them all before its first info, and an empty read of a full
+        bucket was seen here (start-up, right after the server's)."""
 
         async def fetch() -> dict[str, tuple[bytes, int]]:
-            watcher = await self._kv.watchall(ignore_deletes=True)
+            held = (await self._bus.js.stream_info(self._stream)).state.messages
+            watcher = await self._kv.watchall()
             found: dict[str, tuple[bytes, int]] = {}
+            seen: set[str] = set()
+            marked = False
             try:
-                async for entry in watcher:
-                    if entry is None:  # the values there were at the start: all read
-                        break
-                    found[entry.key] = (entry.value or b"", entry.revision or 0)
+                while not (marked and len(seen) >= held):
+                    entry = await watcher.updates(timeout=ENTRY_WAIT_S)  # type: ignore[no-untyped-call]
+                    if entry is None:
+                        marked = True
+                        continue
+                    seen.add(entry.key)
+                    if entry.operation in (KV_DEL, KV_PURGE):
+                        found.pop(entry.key, None)
+                    else:
+                        found[entry.key] = (entry.value or b"", entry.revision or 0)
             finally:
                 await watcher.stop()  # type: ignore[no-untyped-call]
             return found
