@@ -349,15 +349,6 @@ class KvStore:
 
         return self._call("read every entry", fetch, timeout=ENTRIES_TIMEOUT_S)
 
-    def keys(self) -> list[str]:
-        async def fetch() -> list[str]:
-            try:
-                return list(await self._kv.keys())
-            except nats.js.errors.NoKeysError:
-                return []
-
-        return self._call("keys", fetch)
-
     def _call(
         self, what: str, call: Callable[[], Coroutine[Any, Any, R]], timeout: float = CALL_TIMEOUT_S
     ) -> R:

@@ -646,7 +646,7 @@ def test_a_queued_distribution_survives_a_restart_from_its_spec_alone(
     queued = client.distribute("Route", ROUTE, ["gw-other"]).distribution_id
     name = bucket_name(prefix, "distributions")
     kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
-    keys = set(kv.keys())
+    keys = set(kv.entries())
     assert {f"{first}.spec", f"{queued}.spec"} <= keys
     assert queued not in keys  # not started: its record is its actor's to write
     assert client.get_distribution(queued).status == "pending"

@@ -236,7 +236,7 @@ def test_desired_state_that_cannot_be_stored_fails_the_distribution_before_any_p
         end = finished(event_log, dist_id).details
         assert (end["status"], end["reason"]) == ("failed", f"cannot start it: {REFUSED}")
     assert not gw.received
-    assert desired.kv.keys() == []
+    assert desired.kv.entries() == {}
 
     desired.lift_limit()
     third = client.distribute("Route", ROUTE).distribution_id
