@@ -75,24 +75,36 @@ class KvWatch:
             self._task = None
 
     async def _follow(self) -> None:
-        watcher = await self._started()
+        watcher, held = await self._started()
+        # Caught up once nats-py's "initial values done" marker came and every key the
+        # bucket held (history=1: one message each) was told: the marker alone can come
+        # before the values (bus/jetstream.py, KvStore.entries_at).
+        told: set[str] = set()
+        marked = False
         try:
             async for entry in watcher:
-                if entry is None:  # every value held at the start was told
+                if entry is None:
+                    marked = True
+                else:
+                    deleted = entry.operation in (KV_DEL, KV_PURGE)
+                    try:
+                        self._on_change(entry.key, None if deleted else entry.value, _age(entry))
+                    except Exception:  # a reader's bug must not end the watch
+                        log.exception("watch of bucket %s: on_change failed", self._name)
+                    if not self.caught_up.is_set():
+                        told.add(entry.key)
+                if marked and not self.caught_up.is_set() and len(told) >= held:
                     self.caught_up.set()
-                    continue
-                deleted = entry.operation in (KV_DEL, KV_PURGE)
-                try:
-                    self._on_change(entry.key, None if deleted else entry.value, _age(entry))
-                except Exception:  # a reader's bug must not end the watch
-                    log.exception("watch of bucket %s: on_change failed", self._name)
+                    told.clear()
         finally:
             await _stopped(watcher)
 
-    async def _started(self) -> KeyValue.KeyWatcher:
+    async def _started(self) -> tuple[KeyValue.KeyWatcher, int]:
+        """The watcher, and how many keys the bucket held just before it started."""
         while True:
             try:
-                return await self._kv.watchall()
+                info = await self._bus.js.stream_info(f"KV_{self._name}")
+                return await self._kv.watchall(), info.state.messages
             except (nats.errors.Error, BusError, TimeoutError) as exc:
                 held = self._failures.admit("start")
                 if held is not None:

@@ -35,6 +35,10 @@ class Changes:
             self.ages.append(age_s)
             self._cond.notify_all()
 
+    def keys(self) -> set[str]:
+        with self._cond:
+            return {key for key, _ in self.seen}
+
     def wait_for(self, change: Change, timeout: float = 5.0) -> None:
         with self._cond:
             told = self._cond.wait_for(lambda: change in self.seen, timeout)
@@ -128,3 +132,21 @@ def test_the_watch_outlives_a_server_restart(tmp_path: Path, changes: Changes) -
         writer.stop()
         bus.stop()
         server.stop()
+
+
+def test_caught_up_only_once_every_value_held_at_the_start_was_told(bus: Bus, prefix: str) -> None:
+    """nats-py's "initial values done" marker can come before the values: a reader that
+    waits for `caught_up` (the load balancer, for the sticky clients) must find them all."""
+    bucket = store(bus, prefix)
+    for n in range(30):
+        bucket.put(f"client-{n}", value(f"gw-{n}"))
+    bucket.delete("client-0")  # a deleted key is told too (as None)
+    for _ in range(40):
+        changes = Changes()
+        watch = bucket.watch(changes.on_change)
+        watch.start()
+        try:
+            assert watch.caught_up.wait(5.0)
+            assert changes.keys() == {f"client-{n}" for n in range(30)}
+        finally:
+            watch.stop()
