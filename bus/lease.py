@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CALL_ERRORS = (nats.errors.Error, BusError, TimeoutError)
 RELEASE_TIMEOUT_S = 1.0
+STOP_TIMEOUT_S = 5.0  # for the keeper's task to end and the release to be written
 
 
 def lease_bucket(bus: Bus, prefix: str, replicas: int) -> KeyValue:
@@ -69,8 +70,12 @@ class LeaseKeeper:
                 except (*CALL_ERRORS, KeyWrongLastSequenceError) as exc:
                     log.info("lease: not released (%s); it expires instead", failure_reason(exc))
 
-        with contextlib.suppress(BusError):  # the bus has stopped: so has the task
-            self._bus.run(cancel())
+        try:
+            self._bus.run(cancel(), STOP_TIMEOUT_S)
+        except BusError:
+            pass  # the bus has stopped: so has the task
+        except TimeoutError:  # a stop must go on: the lease then expires, as after a crash
+            log.warning("lease: its keeper did not stop within %g s; not released", STOP_TIMEOUT_S)
 
     async def _run(self) -> None:
         lease = self.lease
