@@ -27,7 +27,7 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from bus.connection import BusError
-from bus.kv_watch import KvWatch, OnChange
+from bus.kv_watch import KvWatch, OnChange, watch_all
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from schemas.codec import decode, encode
@@ -318,27 +318,19 @@ class KvStore:
         return {key: data for key, (data, _) in self.entries_at().items()}
 
     def entries_at(self) -> dict[str, tuple[bytes, int]]:
-        """`entries`, each value with its revision.
-
-        Read until every key the bucket held when the read began has come (history=1:
-        one message per key, a deleted key's marker included), not only until nats-py's
-        "initial values done" marker: that marker can come before the values when the
-        consumer delivered them all before its first info, and an empty read of a full
-        bucket was seen here (start-up, right after the server's)."""
+        """`entries`, each value with its revision: read until every key the bucket held
+        when the read began has come (bus/kv_watch.py, InitialValues)."""
 
         async def fetch() -> dict[str, tuple[bytes, int]]:
-            held = (await self._bus.js.stream_info(self._stream)).state.messages
-            watcher = await self._kv.watchall()
+            watcher, initial = await watch_all(self._bus, self._kv, self._name)
             found: dict[str, tuple[bytes, int]] = {}
-            seen: set[str] = set()
-            marked = False
             try:
-                while not (marked and len(seen) >= held):
+                done = False
+                while not done:
                     entry = await watcher.updates(timeout=ENTRY_WAIT_S)  # type: ignore[no-untyped-call]
+                    done = initial.came(entry)
                     if entry is None:
-                        marked = True
                         continue
-                    seen.add(entry.key)
                     if entry.operation in (KV_DEL, KV_PURGE):
                         found.pop(entry.key, None)
                     else:

@@ -40,6 +40,36 @@ OnChange = Callable[[str, bytes | None, float], None]
 RETRY_S = 1.0
 
 
+class InitialValues:
+    """Whether a whole-bucket watch has told every value the bucket held when it began.
+    nats-py's "initial values done" marker (a None) can come before those values, when
+    the consumer delivered them all before its first info (an empty read of a full bucket
+    was seen here at start-up): so the keys told are also counted against the messages
+    the bucket held just before the watch (history=1: one per key, a deleted key's
+    marker included)."""
+
+    def __init__(self, held: int) -> None:
+        self._held = held
+        self._keys: set[str] = set()
+        self._marked = False
+
+    def came(self, entry: KeyValue.Entry | None) -> bool:
+        """Takes the watch's next item; True once every initial value has come."""
+        if entry is None:
+            self._marked = True
+        else:
+            self._keys.add(entry.key)
+        return self._marked and len(self._keys) >= self._held
+
+
+async def watch_all(
+    bus: Bus, kv: KeyValue, bucket: str
+) -> tuple[KeyValue.KeyWatcher, InitialValues]:
+    """A watch of every key (deletes told too), and what tells its initial values done."""
+    held = (await bus.js.stream_info(f"KV_{bucket}")).state.messages
+    return await kv.watchall(), InitialValues(held)
+
+
 class KvWatch:
     def __init__(
         self, bus: Bus, kv: KeyValue, name: str, on_change: OnChange, *, retry_s: float = RETRY_S
@@ -75,36 +105,25 @@ class KvWatch:
             self._task = None
 
     async def _follow(self) -> None:
-        watcher, held = await self._started()
-        # Caught up once nats-py's "initial values done" marker came and every key the
-        # bucket held (history=1: one message each) was told: the marker alone can come
-        # before the values (bus/jetstream.py, KvStore.entries_at).
-        told: set[str] = set()
-        marked = False
+        watcher, initial = await self._started()
         try:
             async for entry in watcher:
-                if entry is None:
-                    marked = True
-                else:
-                    deleted = entry.operation in (KV_DEL, KV_PURGE)
-                    try:
-                        self._on_change(entry.key, None if deleted else entry.value, _age(entry))
-                    except Exception:  # a reader's bug must not end the watch
-                        log.exception("watch of bucket %s: on_change failed", self._name)
-                    if not self.caught_up.is_set():
-                        told.add(entry.key)
-                if marked and not self.caught_up.is_set() and len(told) >= held:
+                if not self.caught_up.is_set() and initial.came(entry):
                     self.caught_up.set()
-                    told.clear()
+                if entry is None:
+                    continue
+                deleted = entry.operation in (KV_DEL, KV_PURGE)
+                try:
+                    self._on_change(entry.key, None if deleted else entry.value, _age(entry))
+                except Exception:  # a reader's bug must not end the watch
+                    log.exception("watch of bucket %s: on_change failed", self._name)
         finally:
             await _stopped(watcher)
 
-    async def _started(self) -> tuple[KeyValue.KeyWatcher, int]:
-        """The watcher, and how many keys the bucket held just before it started."""
+    async def _started(self) -> tuple[KeyValue.KeyWatcher, InitialValues]:
         while True:
             try:
-                info = await self._bus.js.stream_info(f"KV_{self._name}")
-                return await self._kv.watchall(), info.state.messages
+                return await watch_all(self._bus, self._kv, self._name)
             except (nats.errors.Error, BusError, TimeoutError) as exc:
                 held = self._failures.admit("start")
                 if held is not None:

@@ -68,6 +68,13 @@ def healthy(event_log: EventLog, *ids: str, since: int = 0) -> None:
         )
 
 
+def add_pair(fleet: Fleet, event_log: EventLog) -> None:
+    """A primary with its backup (us-west) and a gateway elsewhere (eu-west), healthy."""
+    for gateway_id, region in (("primary", "us-west"), ("backup", "us-west"), ("other", "eu-west")):
+        fleet.add(gateway_id, region)
+    healthy(event_log, "primary", "backup", "other")
+
+
 @pytest.fixture
 def pair(
     make_settings: SettingsFactory,
@@ -79,9 +86,7 @@ def pair(
     """A primary with its backup and a gateway elsewhere; ha options from the test's marker."""
     marker = request.node.get_closest_marker("ha")
     start_orchestrator(ha_settings(make_settings, **(marker.kwargs if marker else {})))
-    for gateway_id, region in (("primary", "us-west"), ("backup", "us-west"), ("other", "eu-west")):
-        fleet.add(gateway_id, region)
-    healthy(event_log, "primary", "backup", "other")
+    add_pair(fleet, event_log)
     return fleet
 
 
@@ -220,9 +225,7 @@ def test_ha_disabled_detects_but_does_not_fail_over(
         settings, orchestrator=msgspec.structs.replace(settings.orchestrator, ha_enabled=False)
     )
     start_orchestrator(settings)
-    for gateway_id, region in (("primary", "us-west"), ("backup", "us-west"), ("other", "eu-west")):
-        fleet.add(gateway_id, region)
-    healthy(event_log, "primary", "backup", "other")
+    add_pair(fleet, event_log)
     redirects = Redirects(bus, prefix)
     fleet.agents["primary"].pause_heartbeats()
     event_log.wait_for(lambda e: isinstance(e, GatewayDown))

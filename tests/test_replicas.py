@@ -44,7 +44,7 @@ from schemas.events import (
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
-from tests.test_ha import FALL, Redirects, ha_settings, healthy
+from tests.test_ha import FALL, Redirects, add_pair, ha_settings, healthy
 
 PROBING = {"probe_interval_ms": 200, "probe_timeout_ms": 200}
 
@@ -141,9 +141,7 @@ def test_a_failure_is_redirected_and_recorded_once_with_two_replicas(
     prefix: str,
     event_log: EventLog,
 ) -> None:
-    for gateway_id, region in (("primary", "us-west"), ("backup", "us-west"), ("other", "eu-west")):
-        fleet.add(gateway_id, region)
-    healthy(event_log, "primary", "backup", "other")
+    add_pair(fleet, event_log)
     redirects = Redirects(bus, prefix)
     fleet.agents["primary"].pause_heartbeats()
     event_log.wait_for(lambda e: isinstance(e, Failover))

@@ -36,7 +36,7 @@ from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.distribution_events import finished
 from tests.fleet import Fleet
-from tests.test_ha import healthy
+from tests.test_ha import add_pair
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 GATEWAYS = [
@@ -158,9 +158,7 @@ def test_a_running_fleets_messages_match_the_schemas(
             gateways=GATEWAYS,
         )
     )
-    for gateway_id, region in (("primary", "us-west"), ("backup", "us-west"), ("other", "eu-west")):
-        fleet.add(gateway_id, region)
-    healthy(event_log, "primary", "backup", "other")
+    add_pair(fleet, event_log)
 
     # A client calls every endpoint.
     calls: list[tuple[str, msgspec.Struct | bytes]] = [
