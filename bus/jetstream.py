@@ -161,14 +161,10 @@ class KvStore:
     def name(self) -> str:
         return self._name
 
-    def put(self, key: str, value: msgspec.Struct) -> int:
-        """Writes the value whatever the key holds; returns its new revision."""
+    def put(self, key: str, value: msgspec.Struct) -> None:
+        """Writes the value whatever the key holds."""
         data = encode(value)
-        return self._call(f"put {key}", lambda: self._kv.put(key, data))
-
-    def update(self, key: str, value: msgspec.Struct | None, last: int) -> int:
-        """`update_many` of one key."""
-        return self.update_many({key: (value, last)})[key]
+        self._call(f"put {key}", lambda: self._kv.put(key, data))
 
     def update_many(
         self, writes: Mapping[str, tuple[msgspec.Struct | None, int]]
@@ -199,7 +195,7 @@ class KvStore:
             written.update((key, o) for key, o in outcomes.items() if isinstance(o, int))
             failures = [o for o in outcomes.values() if isinstance(o, BaseException)]
             refused = [f for f in failures if isinstance(f, WrongRevision)]
-            if refused or failures:
+            if failures:
                 raise (refused or failures)[0]
             return written
 
