@@ -245,13 +245,18 @@ lease_ms = {options.lease_ms}
         return "\n".join(text.splitlines()[-lines:])
 
 
-def retrying(call: Callable[[], T], timeout_s: float) -> T:
-    """`call()` until it does not raise GatefleetError (nobody answering, or unavailable)."""
+def retrying(
+    call: Callable[[], T],
+    timeout_s: float,
+    errors: tuple[type[Exception], ...] = (GatefleetError,),
+) -> T:
+    """`call()` until it does not raise one of `errors` (by default GatefleetError:
+    nobody answering, or unavailable)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return call()
-        except GatefleetError:
+        except errors:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

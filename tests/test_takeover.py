@@ -264,14 +264,8 @@ def leaders_at_once(events: list[Event]) -> list[str]:
 def stored_after_election(bus: Bus, prefix: str, dist_id: str) -> Distribution:
     """`stored`, asked again while the bucket's stream elects a new leader after a node's
     loss (4-9 s with no answer)."""
-    deadline = time.monotonic() + 20.0
-    while True:
-        try:
-            return stored(bus, prefix, dist_id)
-        except (nats.errors.TimeoutError, KvError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    errors = (nats.errors.TimeoutError, KvError)
+    return retrying(lambda: stored(bus, prefix, dist_id), 20.0, errors)
 
 
 @pytest.mark.slow
