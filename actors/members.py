@@ -235,11 +235,9 @@ class Members:
 
     def picked(self, gateway_id: str, times: int = 1) -> bool:
         """A selection chose it: one more connection until its next heartbeat says (or
-        `times` more: picks given back, see Pool.without). False if it is not a member.
-        On every selection's path: `find` inlined."""
-        ids = self.ids
-        i = bisect_left(ids, gateway_id)
-        if i == len(ids) or ids[i] != gateway_id:
+        `times` more: picks given back, see Pool.without). False if it is not a member."""
+        i = self.find(gateway_id)
+        if i is None:
             return False
         picks = self.picks
         count = picks[gateway_id] = picks.get(gateway_id, 0) + times
