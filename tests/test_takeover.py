@@ -24,6 +24,7 @@ import nats.errors
 import pytest
 
 from bench.bench_chaos import missing_events, retrying
+from bus.connection import BusError
 from bus.jetstream import KvError, bucket_name, stream_name
 from bus.runtime import Bus, Inbound
 from gatefleet.audit.stream import Replay
@@ -115,10 +116,15 @@ class Observer:
         return retrying(lambda: self.client.get_distribution(dist_id), ANSWER_TIMEOUT_S)
 
     def stored_events(self) -> list[Event]:
-        """Every event the stream holds, read back from JetStream."""
+        """Every event the stream holds, read back from JetStream (asked again while the
+        stream elects a new leader after a node's loss: no answer meanwhile)."""
         subjects = [f"{self.prefix}.events.>"]
-        with Replay(self.bus, stream_name(self.prefix), subjects) as replay:
-            return [decode_event(data) for batch in replay for _, _, data in batch]
+
+        def read() -> list[Event]:
+            with Replay(self.bus, stream_name(self.prefix), subjects) as replay:
+                return [decode_event(data) for batch in replay for _, _, data in batch]
+
+        return retrying(read, ANSWER_TIMEOUT_S, (nats.errors.TimeoutError, BusError))
 
     def close(self) -> None:
         self.fleet.close()
