@@ -1,5 +1,6 @@
 """`gatefleet up --config <file>` in a subprocess, as an operator runs it: tests that
-SIGKILL it (a crash) and start it again."""
+SIGKILL it (a crash) and start it again. Its stderr is kept beside the config
+(`gatefleet.log`), to read after a failure (pytest keeps the last runs' temp dirs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ READY_TIMEOUT_S = 15.0
 
 
 class GatefleetUp:
-    """`gatefleet up --config <file>` in a subprocess, its stderr drained in the background."""
+    """`gatefleet up --config <file>` in a subprocess, its stderr drained in the background
+    into `lines` and the log file beside the config."""
 
     def __init__(self, config: Path) -> None:
         self.process = subprocess.Popen(
@@ -23,16 +25,20 @@ class GatefleetUp:
             text=True,
         )
         self.lines: list[str] = []
+        self.log_path = config.with_name("gatefleet.log")
         self.ready = threading.Event()
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self._drainer.start()
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if "gatefleet ready" in line:
-                self.ready.set()
+        with self.log_path.open("a") as log:
+            for line in self.process.stderr:
+                self.lines.append(line)
+                log.write(line)
+                log.flush()
+                if "gatefleet ready" in line:
+                    self.ready.set()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         assert self.ready.wait(timeout), "".join(self.lines)
