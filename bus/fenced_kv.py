@@ -9,6 +9,12 @@ refused if it exists). A write whose outcome is unknown (KvError after the store
 retries: it may have been made) leaves its key uncertain: the next write of it first
 reads it, and goes on if the key holds either the revision known before or the value of
 that write, else is fenced.
+
+Each `read_all` starts a new tenure of this replica's (it leads again). A write begun in
+an earlier one that ends after it teaches the new tenure nothing: the revision it made
+is not the one this tenure read, so the next write of that key is fenced (the store is
+then read again). A writer that says which tenure it writes for (`tenure`) is refused
+once another has begun: a DistributionActor of a tenure that has ended.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ class Fenced(Exception):
     key since this one last read or wrote it. Not a failure to retry: the writer no
     longer leads, and steps down. `str()` says which key, for the log."""
 
-    def __init__(self, bucket: str, key: str) -> None:
+    def __init__(self, bucket: str, key: str, *, by: str = "another replica") -> None:
+        self.key = key
         super().__init__(
-            f"the {bucket} key {key} was written by another replica since this one last "
-            "read it (a newer leader)"
+            f"the {bucket} key {key} was written by {by} since this one last read it "
+            "(a newer leader)"
         )
 
 
@@ -44,24 +51,33 @@ class FencedKv:
         self._revisions: dict[str, int] = {}
         # Keys whose last write ended in KvError: the revision before it, and its value.
         self._uncertain: dict[str, tuple[int, bytes | None]] = {}
+        self.tenure = 0  # how many times the store has been read whole
 
     def read_all(self) -> dict[str, bytes]:
         """Every key's value, read now: the revisions from here on (those known before
-        are forgotten)."""
+        are forgotten), for a new tenure."""
+        with self._lock:
+            self.tenure += 1  # from now on, writes begun before change nothing here
         found = self.kv.entries_at()
         with self._lock:
             self._revisions = {key: revision for key, (_, revision) in found.items()}
             self._uncertain.clear()
         return {key: data for key, (data, _) in found.items()}
 
-    def put(self, key: str, value: msgspec.Struct | None) -> None:
+    def put(self, key: str, value: msgspec.Struct | None, *, tenure: int | None = None) -> None:
         """Writes (None: deletes) the key if it is where this replica last left it."""
-        self.put_many({key: value})
+        self.put_many({key: value}, tenure=tenure)
 
-    def put_many(self, values: Mapping[str, msgspec.Struct | None]) -> None:
-        """`put` of each, all at once. Raises Fenced (the first key refused), or KvError."""
+    def put_many(
+        self, values: Mapping[str, msgspec.Struct | None], *, tenure: int | None = None
+    ) -> None:
+        """`put` of each, all at once; `tenure`: only in that tenure. Raises Fenced (the
+        first key refused), or KvError."""
         if not values:
             return
+        began = self.tenure
+        if tenure is not None and tenure != began:
+            raise Fenced(self.kv.name, next(iter(values)), by="this replica's next tenure")
         writes = {key: (value, self._last(key)) for key, value in values.items()}
         try:
             revisions = self.kv.update_many(writes)
@@ -69,27 +85,32 @@ class FencedKv:
             raise Fenced(self.kv.name, exc.key) from None
         except KvError:
             with self._lock:
-                for key, (value, last) in writes.items():
-                    self._uncertain[key] = (last, None if value is None else encode(value))
+                if self.tenure == began:
+                    for key, (value, last) in writes.items():
+                        self._uncertain[key] = (last, None if value is None else encode(value))
             raise
         with self._lock:
-            self._revisions.update(revisions)
+            if self.tenure == began:
+                self._revisions.update(revisions)
 
     def purge(self, keys: Iterable[str]) -> None:
         """KvStore.purge, and the keys forgotten (created if written again)."""
         keys = list(keys)
         with self._lock:
-            known = [key for key in self._revisions if any(_matches(key, p) for p in keys)]
+            began, revisions = self.tenure, dict(self._revisions)
+        known = {key: n for key, n in revisions.items() if any(_matches(key, p) for p in keys)}
         try:
             self.kv.purge(keys)
         except KvError:
             with self._lock:
-                for key in known:
-                    self._uncertain[key] = (self._revisions[key], None)
+                if self.tenure == began:
+                    for key, revision in known.items():
+                        self._uncertain[key] = (revision, None)
             raise
         with self._lock:
-            for key in known:
-                del self._revisions[key]
+            if self.tenure == began:
+                for key in known:
+                    self._revisions.pop(key, None)
 
     def _last(self, key: str) -> int:
         """The revision to write `key` at, once an uncertain write of it is resolved."""

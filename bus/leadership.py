@@ -141,14 +141,21 @@ class Lease:
         tenure = self._tenure
         return tenure is not None and self._clock() < tenure[2]
 
-    def step_down(self, higher_epoch: int = 0, why: str = "asked to step down") -> None:
+    def step_down(
+        self, higher_epoch: int = 0, why: str = "asked to step down", *, epoch: int | None = None
+    ) -> None:
         """Stop leading now (a gateway refused the epoch as stale, or a write of leader
         state was fenced: `why`, logged if this replica was leading); the next take-over
-        waits out the lease like any standby's and uses an epoch above `higher_epoch`."""
+        waits out the lease like any standby's and uses an epoch above `higher_epoch`.
+        `epoch`: only if this replica leads in that epoch still (a step of an earlier
+        tenure of this replica, ending late, leaves the present one alone)."""
         with self._lock:
             self._highest_epoch = max(self._highest_epoch, higher_epoch)
+            tenure = self._tenure
+            if epoch is not None and (tenure is None or tenure[0] != epoch):
+                return
             self._sent = None
-            if self._tenure is not None:
+            if tenure is not None:
                 self._stand_down(why)
 
     def release(self) -> Write | None:

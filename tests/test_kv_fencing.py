@@ -4,6 +4,9 @@ server stored it) is no conflict when tried again; another writer's write is."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import nats.errors
 import pytest
 from nats.js.kv import KeyValue
@@ -59,6 +62,40 @@ class Overtaken(LosesAnswers):
         except nats.errors.TimeoutError:
             await self.put(key, encode(counter(7)))
             raise
+
+
+class Held(KeyValue):
+    """The bucket as the server keeps it, but the next write after `hold()` waits until
+    `release` (run on the bus loop) lets it through: a write still on its way while
+    other things happen."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.__dict__.update(vars(kv))
+        self.gate = asyncio.Event()
+        self.waiting = threading.Event()  # the held write has come
+        self._armed = False
+
+    def hold(self) -> None:
+        self.gate.clear()
+        self.waiting.clear()
+        self._armed = True
+
+    async def release(self) -> None:
+        self.gate.set()
+
+    async def _update(
+        self,
+        key: str,
+        value: bytes,
+        last: int | None = None,
+        validate_keys: bool = True,
+        msg_ttl: float | None = None,
+    ) -> int:
+        if self._armed:
+            self._armed = False
+            self.waiting.set()
+            await self.gate.wait()
+        return await super()._update(key, value, last, validate_keys, msg_ttl)
 
 
 def update(kv: KvStore, key: str, value: VersionCounter | None, last: int) -> int:
@@ -186,6 +223,37 @@ def test_fenced_kv_after_a_write_of_unknown_outcome_goes_on_from_where_it_left_t
     with pytest.raises(Fenced):
         overtaken.put("c", counter(2))
     assert made.kv.get("c", VersionCounter) == counter(7)
+
+
+def test_a_write_of_an_earlier_tenure_landing_late_teaches_the_next_tenure_nothing(
+    bus: Bus, name: str
+) -> None:
+    """A write begun before the store is read whole again (this replica leads again)
+    lands after that read: the new tenure did not read what it wrote, so its own next
+    write of the key is fenced, not made over it. A writer that names its tenure is
+    refused, unwritten, once another has begun."""
+    held = Held(bus.run(bus.js.key_value(name)))
+    fenced = FencedKv(KvStore(bus, held, name))
+    fenced.put("a", counter(1))
+    first = fenced.tenure
+    held.hold()
+    late = threading.Thread(target=fenced.put, args=("a", counter(2)))
+    late.start()
+    assert held.waiting.wait(5)
+
+    assert fenced.read_all() == {"a": encode(counter(1))}
+    bus.run(held.release())
+    late.join(10)
+    assert fenced.kv.get("a", VersionCounter) == counter(2)  # it landed
+    with pytest.raises(Fenced, match="key a was written by another replica since"):
+        fenced.put("a", counter(3))
+
+    fenced.read_all()
+    with pytest.raises(Fenced, match="key b was written by this replica's next tenure"):
+        fenced.put_many({"b": counter(1)}, tenure=first)
+    assert fenced.kv.get("b", VersionCounter) is None
+    fenced.put_many({"b": counter(1)}, tenure=fenced.tenure)
+    assert fenced.kv.get("b", VersionCounter) == counter(1)
 
 
 def test_a_read_of_every_entry_has_every_key_each_time_and_no_deleted_one(

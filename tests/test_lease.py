@@ -213,6 +213,27 @@ def test_step_down_stops_at_once_and_waits_out_its_own_lease(clock: Clock) -> No
     assert step.record.epoch == stale + 1
 
 
+def test_a_step_down_for_an_earlier_tenure_leaves_the_present_one_leading(clock: Clock) -> None:
+    """A step of this replica's earlier tenure, ending late (a write refused as fenced),
+    asks to step down in its own epoch: once the replica leads again, that changes
+    nothing; asked in the present epoch, it steps down."""
+    lease, _ = make_lease(clock)
+    first = lead(lease)
+    lease.step_down()
+    assert read(lease, 1, first.record) is None  # its own lease waited out first
+    clock.advance(LEASE_S)
+    again = read(lease, 1, first.record)
+    assert again is not None
+    lease.written(again, 2)
+    assert again.record.epoch > first.record.epoch
+
+    lease.step_down(why="a late step of the first tenure", epoch=first.record.epoch)
+    assert lease.still_leader()
+    assert lease.view.epoch == again.record.epoch
+    lease.step_down(why="a step of this tenure", epoch=again.record.epoch)
+    assert not lease.still_leader()
+
+
 def test_a_leader_that_lost_its_renewals_takes_its_own_lease_again_at_once(
     clock: Clock,
 ) -> None:
