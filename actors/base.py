@@ -160,7 +160,10 @@ class SafeActor(PooledActor):
                 safe_tell(
                     self.parent,
                     ChildDied(
-                        kind=type(self).__name__, key=self.supervision_key, error=repr(exc_value)
+                        kind=type(self).__name__,
+                        key=self.supervision_key,
+                        error=repr(exc_value),
+                        urn=self.actor_urn,
                     ),
                 )
 

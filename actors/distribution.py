@@ -38,8 +38,15 @@ A step whose record cannot be stored (after the store's retries) is not carried 
 the distribution ends failed ("cannot store its progress: <why>") as it was told last,
 and the actor stops, so its type's queue moves on. If the replica lost the lease while
 the write was tried (a store gets no answer while its stream elects a leader), it stops
-acting instead, as above; if the write was made all the same, the step's events are
-recorded (the next leader resumes after that step), nothing else of it is done.
+acting instead, as above; if the write was made, or may have been (its outcome is not
+known, or its gateways' states were stored and its progress refused), the step's events
+are recorded (the next leader resumes after that step), nothing else of it is done.
+
+Each actor acts in one tenure of the lease (the epoch it was started in): once this
+replica has stepped down, even if it leads again at once, the actor stops at its next
+step, and its writes are refused (DistributionStore.tenure: the next tenure read the
+store again). A write still in flight from the tenure before may land; the next tenure's
+write of that key is then fenced, and the store read again.
 
 Its parent, the distributor, writes its desired state (schemas/stored.py) before
 starting it, and starts a new one from the stored record if it dies (SafeActor tells it
@@ -158,15 +165,22 @@ class DistributionActor(SafeActor):
         *,
         parent: pykka.ActorRef[Any],
         store: DistributionStore,
+        epoch: int,
         unhealthy: Mapping[str, str] | None = None,
+        unstored: bool = False,
     ) -> None:
-        """`unhealthy`: its targets not healthy now (GatewayHealth keeps it current)."""
+        """`epoch`: the lease's tenure it acts in, and only in (this replica may lead
+        again, in a newer one, while this actor is still stopping). `unhealthy`: its
+        targets not healthy now (GatewayHealth keeps it current). `unstored`: `record`
+        may be ahead of the store (see DistributionMachine.unsaved)."""
         super().__init__(context.runtime.dispatcher(self.dispatch, "distribution"))
         self._replies = context.runtime.api_bus  # answers to Control
         self.ctx = context
         self.bus = context.bus
         self.config_data = config_data
         self.store = store  # its progress and chunks are this actor's alone to write
+        self._epoch = epoch
+        self._tenure = store.tenure  # its writes are refused once the store is read again
         self.distributor = parent
         self.parent = parent  # told ChildDied if this actor dies (SafeActor)
         self.supervision_key = record.id
@@ -178,6 +192,8 @@ class DistributionActor(SafeActor):
             retry_delay_s=settings.distribution_retry_delay_ms / 1000,
             unhealthy=unhealthy,
         )
+        if unstored:
+            self.machine.unsaved()
         self.ack_timeout_s = settings.distribution_ack_timeout_ms / 1000
         # Each target's position, which says in which chunk its state is stored.
         self._positions = {gw: n for n, gw in enumerate(record.target_gateways)}
@@ -268,10 +284,13 @@ class DistributionActor(SafeActor):
                 try:
                     self._store(record)
                 except Fenced as exc:
+                    if exc.key == record.id:  # its gateways' states were stored
+                        self._tell_stored(record, commands)
                     self._store_fenced(exc)
                     return False
                 except KvError as exc:
                     if self._leading_epoch() != epoch:
+                        self._tell_stored(record, commands)  # it may have been stored
                         self._stop_acting()
                     else:
                         self._give_up(f"cannot store its progress: {exc}")
@@ -287,17 +306,19 @@ class DistributionActor(SafeActor):
         return True
 
     def _tell_stored(self, record: Distribution, commands: list[Command]) -> None:
-        """The events of a step stored as the lease was lost: the next leader resumes
-        after that step and will not tell them (nothing else of the step is done)."""
+        """The events of a step stored (or maybe stored: a write whose outcome is not
+        known) as the lease was lost: the next leader resumes after that step and will
+        not tell them (nothing else of the step is done). A step recorded so that was
+        not stored after all is done again, and recorded twice: never a gap."""
         for command in commands:
             if isinstance(command, Emit):
                 self.ctx.emit_stored(step_event(record, command))
 
     def _leading_epoch(self) -> int | None:
-        """The epoch of this replica's lease while it leads, else None."""
+        """Its epoch while this replica leads in it, else None."""
         lease = self.ctx.lease
         view = lease.view
-        if view.role != "leader" or not lease.still_leader():
+        if view.role != "leader" or view.epoch != self._epoch or not lease.still_leader():
             return None
         return view.epoch
 
@@ -311,13 +332,15 @@ class DistributionActor(SafeActor):
             gateway_id,
             held_epoch,
         )
-        self.ctx.lease.step_down(held_epoch, f"gateway {gateway_id} has seen epoch {held_epoch}")
+        why = f"gateway {gateway_id} has seen epoch {held_epoch}"
+        self.ctx.lease.step_down(held_epoch, why, epoch=self._epoch)
         self._stop_acting()
 
     def _store_fenced(self, fenced: Fenced) -> None:
         """A write of its record was refused: another replica has written its keys since,
-        so leads now. This replica steps down, as for a stale epoch."""
-        self.ctx.lease.step_down(why=str(fenced))
+        so leads now. This replica steps down, as for a stale epoch (unless it leads in a
+        newer tenure already: the write was of this actor's, which has ended)."""
+        self.ctx.lease.step_down(why=str(fenced), epoch=self._epoch)
         self._stop_acting()
 
     def _stop_acting(self) -> None:
@@ -332,13 +355,13 @@ class DistributionActor(SafeActor):
             told.status,
             told.batch,
         )
-        safe_tell(self.distributor, NotLeading(distribution_id=told.id))
+        safe_tell(self.distributor, NotLeading(distribution_id=told.id, urn=self.actor_urn))
         self.stop()
 
     def _store(self, record: Distribution) -> None:
         """Its progress and the states changed since the last store (the machine's)."""
         changed = [self._positions[gw] for gw in self.machine.changed]
-        self.store.put_progress(record, changed)
+        self.store.put_progress(record, changed, tenure=self._tenure)
         self.machine.saved()
 
     def _give_up(self, reason: str) -> None:
@@ -346,7 +369,8 @@ class DistributionActor(SafeActor):
         failed = abandoned(self._told, reason, utc_now())
         try:
             # Every state the step changed, as it was told (its changes are not done).
-            self.store.put_progress(failed, [self._positions[gw] for gw in self.machine.changed])
+            changed = [self._positions[gw] for gw in self.machine.changed]
+            self.store.put_progress(failed, changed, tenure=self._tenure)
         except Fenced as fenced:
             self._store_fenced(fenced)
             return

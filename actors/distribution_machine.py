@@ -332,6 +332,11 @@ class DistributionMachine:
         """The record as it is now is stored."""
         self._changed.clear()
 
+    def unsaved(self) -> None:
+        """The record may be ahead of the store (resumed from memory, after an actor died,
+        with acks not stored yet): every target sent to is stored with the next step."""
+        self._changed.update(gw for gw, d in self._record.gateways.items() if d.attempts)
+
     def told(self) -> frozenset[str]:
         """The gateways whose state has changed since the last call (what the distributor
         is told with the record)."""

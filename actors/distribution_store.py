@@ -314,15 +314,25 @@ class DistributionStore:
 
     # Chunks and progress -----------------------------------------------------------------
 
-    def put_gateways(self, record: Distribution, positions: Iterable[int]) -> None:
-        """Stores the states of the targets at these positions (in target order)."""
-        self._kv.put_many(_chunks(record, positions))
+    @property
+    def tenure(self) -> int:
+        """This replica's tenure as the distributions' writer: a new one at each `load`."""
+        return self._kv.tenure
 
-    def put_progress(self, record: Distribution, positions: Iterable[int]) -> None:
+    def put_gateways(
+        self, record: Distribution, positions: Iterable[int], *, tenure: int | None = None
+    ) -> None:
+        """Stores the states of the targets at these positions (in target order);
+        `tenure`: only while it lasts (else Fenced)."""
+        self._kv.put_many(_chunks(record, positions), tenure=tenure)
+
+    def put_progress(
+        self, record: Distribution, positions: Iterable[int], *, tenure: int | None = None
+    ) -> None:
         """A DistributionActor's step: the states changed (at these positions), then the
-        progress."""
-        self.put_gateways(record, positions)
-        self._kv.put(record.id, progress_of(record))
+        progress; `tenure`: only while it lasts (else Fenced)."""
+        self.put_gateways(record, positions, tenure=tenure)
+        self._kv.put(record.id, progress_of(record), tenure=tenure)
 
 
 def progress_of(record: Distribution) -> DistributionProgress:

@@ -186,6 +186,7 @@ class DistributorActor(SafeActor):
         self.bus = context.bus
         self.store = DistributionStore(context.buckets["distributions"], context.buckets["desired"])
         self.leading = False  # only the leading replica holds distributions (issue 16)
+        self.epoch: int | None = None  # the lease's while leading: each actor acts in it
         # The newest snapshot of each gateway, kept while standing by too, so that a
         # replica that starts leading knows the fleet at once.
         self.fleet: dict[str, GatewaySnapshot] = {}
@@ -224,8 +225,9 @@ class DistributorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        if self.ctx.lease.still_leader():
-            self.handle(Leading(leading=True))
+        view = self.ctx.lease.view
+        if view.role == "leader" and self.ctx.lease.still_leader():
+            self.handle(Leading(leading=True, epoch=view.epoch))
         else:
             self._watch_store()
         self._subscriptions = self.serve("distributor", self.ctx)
@@ -272,11 +274,12 @@ class DistributorActor(SafeActor):
             reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
         return True
 
-    def _set_leading(self, leading: bool) -> None:
-        if leading and not self.leading:
-            self._lead()
-        elif not leading and self.leading:
+    def _set_leading(self, leading: bool, epoch: int | None) -> None:
+        if self.leading and (not leading or epoch != self.epoch):
             self._stand_by()
+        if leading and not self.leading:
+            self.epoch = epoch
+            self._lead()
         if self.supervisor is not None:
             self.supervisor.tell(self._counts())
 
@@ -363,8 +366,8 @@ class DistributorActor(SafeActor):
         it, so leads now. This replica steps down, as when it loses the lease, and leaves
         the store as the other wrote it (what `message` had done is forgotten with the
         rest); a request is answered as one reaching a standby."""
-        self.ctx.lease.step_down(why=str(fenced))
-        self._set_leading(False)
+        self.ctx.lease.step_down(why=str(fenced), epoch=self.epoch)
+        self._set_leading(False, None)
         if isinstance(message, Request):
             reply_error(self.replies, message.reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
 
@@ -372,8 +375,8 @@ class DistributorActor(SafeActor):
         if self._standing_by(message):
             return None
         match message:
-            case Leading(leading=leading):
-                self._set_leading(leading)
+            case Leading(leading=leading, epoch=epoch):
+                self._set_leading(leading, epoch)
             case ReportTo(supervisor=supervisor):
                 self.supervisor = supervisor
                 supervisor.tell(self._counts())
@@ -428,10 +431,12 @@ class DistributorActor(SafeActor):
                 self.reconcile.check([gateway_id])
             case CounterBehind(distribution_id=dist_id, held_version=held, content=content):
                 self._move_version(dist_id, held, content)
-            case ChildDied(kind="DistributionActor", key=dist_id, error=error):
-                self._restart(dist_id, error)
-            case NotLeading(distribution_id=dist_id):
-                self.running.pop(dist_id, None)  # as stored: the leader resumes it
+            case ChildDied(kind="DistributionActor", key=dist_id, error=error, urn=urn):
+                if self._runs(dist_id, urn):
+                    self._restart(dist_id, error)
+            case NotLeading(distribution_id=dist_id, urn=urn):
+                if self._runs(dist_id, urn):
+                    del self.running[dist_id]  # as stored: the leader resumes it
             case _:
                 return super().handle(message)
         return None
@@ -679,9 +684,9 @@ class DistributorActor(SafeActor):
                     failed.append(self._fail(record, reason))
         return failed
 
-    def _start(self, record: Distribution) -> str | None:
+    def _start(self, record: Distribution, *, unstored: bool = False) -> str | None:
         """Starts its DistributionActor (writing desired state first if it sets it);
-        or why it cannot start."""
+        or why it cannot start. `unstored`: the record may be ahead of the store."""
         try:
             spec = self.store.spec(record.id)
             content = self.store.content(record.config_type, record.version)
@@ -704,8 +709,16 @@ class DistributorActor(SafeActor):
                 for gw in record.target_gateways
                 if (why := status(gw) or "unknown") != "healthy"
             }
+        assert self.epoch is not None  # only the leader starts distributions
         self.running[record.id] = DistributionActor.start(
-            self.ctx, record, content, parent=self.actor_ref, store=self.store, unhealthy=unhealthy
+            self.ctx,
+            record,
+            content,
+            parent=self.actor_ref,
+            store=self.store,
+            epoch=self.epoch,
+            unhealthy=unhealthy,
+            unstored=unstored,
         )
         if sets_desired:
             self.reconcile.check(None, [record.config_type])
@@ -1063,13 +1076,20 @@ class DistributorActor(SafeActor):
         self.ctx.emit(DistributionEvent.of(failed.id, failed.config_type, failed.version, step))
         return failed
 
+    def _runs(self, dist_id: str, urn: str) -> bool:
+        """Whether that actor runs the distribution: not ended, and not one of this
+        replica's earlier tenure whose message comes late (another runs it now)."""
+        running = self.running.get(dist_id)
+        return running is not None and running.actor_urn == urn
+
     def _restart(self, dist_id: str, error: str) -> None:
         """Its DistributionActor died: a new one resumes it from the newest record.
 
         That is the one it told us last (it tells every step, and ChildDied comes after
-        them), not the stored one, which lags by the acks since the last send."""
-        if self.running.pop(dist_id, None) is None:
-            return  # it had ended already
+        them), not the stored one, which lags by the acks since the last send: the new
+        actor stores every state with its first step (a chunk otherwise unchanged would
+        keep them unacked in the store)."""
+        del self.running[dist_id]
         record = self.records[dist_id]
         if record.status in HANDED_OVER:
             return
@@ -1080,7 +1100,7 @@ class DistributorActor(SafeActor):
             return
         self.ctx.restarts.add("DistributionActor")
         log.warning("distribution actor %s died (%s): restarting it", dist_id, error)
-        cannot = self._start(record)
+        cannot = self._start(record, unstored=True)
         if cannot is not None:
             self._finished(self._fail(record, cannot))
 

@@ -107,9 +107,11 @@ class Request(_Message, frozen=True, gc=False):
 
 class Leading(_Message, frozen=True):
     """app.py -> Distributor, at each change of this replica's role: only the leader
-    loads, runs and resumes distributions and reconciles (issue 16)."""
+    loads, runs and resumes distributions and reconciles (issue 16). `epoch`: the
+    lease's, while leading (each tenure has its own)."""
 
     leading: bool
+    epoch: int | None = None
 
 
 class ReportTo(_Message, frozen=True):
@@ -197,9 +199,12 @@ class VersionMoved(_Message, frozen=True):
 
 class NotLeading(_Message, frozen=True):
     """DistributionActor -> Distributor: this replica no longer leads, so the actor has
-    stopped without acting; the distribution stays as stored, for the leader to resume."""
+    stopped without acting; the distribution stays as stored, for the leader to resume.
+    `urn`: the actor's (this replica may lead again, and run the distribution in another
+    actor, before this one's message arrives)."""
 
     distribution_id: str
+    urn: str
 
 
 class StartHead(_Message, frozen=True):
@@ -245,6 +250,7 @@ class ChildDied(_Message, frozen=True):
     kind: str  # the actor class, e.g. "GatewayActor"
     key: str  # what it looked after: a gateway id, a distribution id
     error: str
+    urn: str = ""  # the dead actor's: another may look after `key` already
 
 
 # High availability -----------------------------------------------------------------------

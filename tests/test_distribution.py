@@ -99,11 +99,16 @@ def run(
 ) -> Callable[..., Orchestrator]:
     """Starts an orchestrator (FAST timings, overridable), then waits for the fleet."""
 
-    def start(gateways: list[dict[str, str]] | None = None, **orchestrator: Any) -> Orchestrator:
+    def start(
+        gateways: list[dict[str, str]] | None = None,
+        cluster: dict[str, Any] | None = None,
+        **orchestrator: Any,
+    ) -> Orchestrator:
         settings = make_settings(
             orchestrator={**FAST, **orchestrator},
             health={"heartbeat_interval_ms": 500},
             gateways=gateways or [],
+            cluster=cluster or {},
         )
         started = start_orchestrator(settings)
         wait_until(

@@ -8,6 +8,7 @@ lease is recorded once, by it."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -15,10 +16,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pykka
 import pytest
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+import actors.distribution_store
+from actors.base import CRASH
+from actors.distribution import DistributionActor
 from actors.distribution_machine import new_distribution
 from actors.distribution_store import DistributionStore
 from bus.jetstream import KvError, KvStore, bucket_name, ensure_bucket
@@ -30,7 +35,7 @@ from schemas.events import Alarm, DistributionEvent
 from schemas.settings import Settings
 from schemas.stored import DistributionSpec
 from schemas.wire import ConfigAck, ConfigPush
-from tests import test_distribution
+from tests import test_distribution, test_fencing
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.distribution_events import finished, steps
 from tests.test_distribution import FAST, ROUTE, ConfigFleet
@@ -364,6 +369,48 @@ def test_a_step_stored_while_its_replica_lost_the_lease_is_recorded_and_the_lead
 
 
 # Bad stored values -----------------------------------------------------------------------
+
+
+def test_an_actor_restarted_from_memory_stores_the_acks_its_predecessor_had_not(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunks of two gateways. gw-1 and gw-2 ack (not stored: acks alone are not) while
+    gw-3 holds its ack; then the DistributionActor dies. The new one resumes from the
+    record in memory, in which they are acked, and only ever changes the second chunk
+    again: it must store the first one too, or the store says they were never acked."""
+    monkeypatch.setattr(actors.distribution_store, "CHUNK_GATEWAYS", 2)
+    gate = asyncio.Event()
+
+    async def hold(push: ConfigPush) -> None:
+        await gate.wait()
+
+    async def open_gate() -> None:
+        gate.set()
+
+    fleet.add_many("gw-1", "gw-2", "gw-4")
+    fleet.add("gw-3", "eu-west", interval_s=0.5, on_config=hold)
+    run(distribution_ack_timeout_ms=10_000)  # batches of three
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(
+        lambda: len(steps(event_log, dist_id, "gateway_acked")) == 2, what="gw-1, gw-2 acked"
+    )
+    [actor] = pykka.ActorRegistry.get_by_class(DistributionActor)
+    actor.tell(CRASH)
+    wait_until(lambda: not actor.is_alive(), what="the actor dead")
+    bus.run(open_gate())
+
+    assert finished(event_log, dist_id).details["status"] == "completed"
+    record = test_fencing.stored(bus, prefix, dist_id)
+    assert (record.status, sorted(record.successful_gateways)) == (
+        "completed",
+        sorted(fleet.agents),
+    )
 
 
 def test_no_stored_value_stops_start_up_each_bad_one_is_alarmed_and_skipped_or_replaced(

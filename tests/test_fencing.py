@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import pykka
 import pytest
 from msgspec.structs import replace
+from nats.js.kv import KeyValue
 
 from actors.distribution import DistributionActor, read_answer
 from actors.distribution_store import DistributionStore
+from actors.distributor import DistributorActor
 from bus.edge import Drops
 from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus, Reply
@@ -26,13 +29,16 @@ from schemas.codec import decode, encode
 from schemas.wire import ConfigAck, ConfigPush
 from tests import test_distribution
 from tests.conftest import EventLog, wait_until
-from tests.distribution_events import steps
+from tests.distribution_events import finished, steps
 from tests.test_distribution import ROUTE, ConfigFleet
+from tests.test_kv_fencing import Held
 
 # The fixtures of the distribution tests: a fleet whose gateways record what they apply,
 # and `run` to start an orchestrator with short timings.
 fleet = test_distribution.fleet
 run = test_distribution.run
+
+K = TypeVar("K", bound=KeyValue)
 
 STOOD_BY = "this replica stopped leading"
 PAUSED = "paused: this replica no longer leads"
@@ -109,6 +115,40 @@ def test_a_gateway_that_has_seen_a_higher_epoch_makes_the_leader_step_down(
     assert record.failed_gateways == []
     for step in ("gateway_nacked", "gateway_timed_out", "finished"):
         assert steps(event_log, dist_id, step) == []
+
+
+def under_the_store(wrap: Callable[[KeyValue], K]) -> K:
+    """Puts `wrap` around the bucket under the leader's distribution store: a fault on
+    the way to the real server (FencedKv -> KvStore -> nats KeyValue)."""
+    [distributor] = pykka.ActorRegistry.get_by_class(DistributorActor)
+    kv = distributor.proxy().store.get()._kv.kv
+    kv._kv = wrapped = wrap(kv._kv)
+    return wrapped
+
+
+class StoredThenCut(KeyValue):
+    """The bucket as the server keeps it, but the first write of a gateways' chunk is
+    stored and then its answer lost for good, the lease lost meanwhile (`cut`)."""
+
+    def __init__(self, kv: KeyValue, cut: Callable[[], None]) -> None:
+        self.__dict__.update(vars(kv))
+        self.cut = cut
+        self.done = False
+
+    async def _update(
+        self,
+        key: str,
+        value: bytes,
+        last: int | None = None,
+        validate_keys: bool = True,
+        msg_ttl: float | None = None,
+    ) -> int:
+        revision = await super()._update(key, value, last, validate_keys, msg_ttl)
+        if ".gw." in key and not self.done:
+            self.done = True
+            self.cut()
+            raise nats.errors.ConnectionClosedError
+        return revision
 
 
 def holding_fleet(fleet: ConfigFleet) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -196,6 +236,83 @@ def test_a_stale_leaders_store_write_after_a_newer_leader_wrote_the_key_is_refus
     assert len(sent) == 1  # the step's push to the next gateway was not sent
     for step in ("gateway_acked", "gateway_nacked", "gateway_timed_out", "finished"):
         assert steps(event_log, dist_id, step) == []
+
+
+def test_a_step_whose_write_may_have_been_made_as_the_lease_is_lost_is_recorded(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """The first gateway's ack: its step's write is stored, but its answer is lost for
+    good while the lease is lost. Nothing more of the step is done, but its events are
+    recorded: the next leader resumes after that step (it is in the store) and would
+    never tell them."""
+    open_gate = holding_fleet(fleet)
+    orchestrator = run(
+        distribution_batch_size=1, distribution_ack_timeout_ms=10_000, kv_write_retries=0
+    )
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
+    [first] = [gw for gw, epochs in pushes(fleet, dist_id).items() if epochs]
+    cut = under_the_store(lambda kv: StoredThenCut(kv, orchestrator.lease.step_down))
+    bus.run(open_gate())
+
+    wait_until(no_distribution_actor, what="its actor stopped")
+    assert cut.done
+    record = stored(bus, prefix, dist_id)
+    assert record.gateways[first].state == "acked"
+    wait_until(lambda: steps(event_log, dist_id, "gateway_acked") != [], what="the ack")
+    assert [e.gateway_id for e in steps(event_log, dist_id, "gateway_acked")] == [first]
+    sent = {gw: epochs for gw, epochs in pushes(fleet, dist_id).items() if epochs}
+    assert list(sent) == [first]  # the step's push to the next gateway was not sent
+
+
+def test_a_late_step_of_this_replicas_earlier_tenure_leaves_the_present_one_alone(
+    run: Callable[..., Orchestrator],
+    fleet: ConfigFleet,
+    client: GatefleetClient,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """This replica steps down while a step's write is held on its way, and leads again
+    (a new epoch) before it lands: the new tenure resumes the distribution from the
+    store and completes it. The old step's write then comes back refused (the new tenure
+    wrote the key): that actor stops, and the present tenure keeps leading."""
+    open_gate = holding_fleet(fleet)
+    orchestrator = run(
+        distribution_batch_size=1, distribution_ack_timeout_ms=10_000, cluster={"lease_ms": 2000}
+    )
+    lease = orchestrator.lease
+    first_epoch = lease.view.epoch
+    dist_id = client.distribute("Route", ROUTE).distribution_id
+    wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
+    held = under_the_store(Held)
+    held.hold()
+    bus.run(open_gate())  # the first ack: its step's write is held
+    assert held.waiting.wait(5)
+
+    lease.step_down()
+    wait_until(
+        lambda: lease.still_leader() and lease.view.epoch != first_epoch,
+        timeout=15,
+        what="this replica leading again",
+    )
+    second_epoch = lease.view.epoch
+    assert finished(event_log, dist_id, timeout=15).details["status"] == "completed"
+    bus.run(held.release())
+    wait_until(no_distribution_actor, what="the earlier tenure's actor stopped")
+
+    assert lease.still_leader()
+    assert lease.view.epoch == second_epoch
+    record = stored(bus, prefix, dist_id)
+    assert record.status == "completed"
+    assert {d.state for d in record.gateways.values()} == {"acked"}
+    for agent in fleet.agents.values():
+        assert agent.config_versions == {"Route": 1}
 
 
 @pytest.mark.parametrize(
