@@ -8,7 +8,6 @@ lease is recorded once, by it."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import time
@@ -385,16 +384,8 @@ def test_an_actor_restarted_from_memory_stores_the_acks_its_predecessor_had_not(
     record in memory, in which they are acked, and only ever changes the second chunk
     again: it must store the first one too, or the store says they were never acked."""
     monkeypatch.setattr(actors.distribution_store, "CHUNK_GATEWAYS", 2)
-    gate = asyncio.Event()
-
-    async def hold(push: ConfigPush) -> None:
-        await gate.wait()
-
-    async def open_gate() -> None:
-        gate.set()
-
     fleet.add_many("gw-1", "gw-2", "gw-4")
-    fleet.add("gw-3", "eu-west", interval_s=0.5, on_config=hold)
+    open_gate = test_fencing.holding_fleet(fleet, "gw-3")
     run(distribution_ack_timeout_ms=10_000)  # batches of three
     dist_id = client.distribute("Route", ROUTE).distribution_id
     wait_until(

@@ -7,7 +7,7 @@ leads stops acting, leaving its distribution as stored for the next leader.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import nats.errors
@@ -31,7 +31,7 @@ from tests import test_distribution
 from tests.conftest import EventLog, wait_until
 from tests.distribution_events import finished, steps
 from tests.test_distribution import ROUTE, ConfigFleet
-from tests.test_kv_fencing import Held
+from tests.test_kv_fencing import Faulty, Held
 
 # The fixtures of the distribution tests: a fleet whose gateways record what they apply,
 # and `run` to start an orchestrator with short timings.
@@ -40,6 +40,7 @@ run = test_distribution.run
 
 K = TypeVar("K", bound=KeyValue)
 
+GW_1_TO_3 = ("gw-1", "gw-2", "gw-3")
 STOOD_BY = "this replica stopped leading"
 PAUSED = "paused: this replica no longer leads"
 
@@ -126,24 +127,17 @@ def under_the_store(wrap: Callable[[KeyValue], K]) -> K:
     return wrapped
 
 
-class StoredThenCut(KeyValue):
-    """The bucket as the server keeps it, but the first write of a gateways' chunk is
-    stored and then its answer lost for good, the lease lost meanwhile (`cut`)."""
+class StoredThenCut(Faulty):
+    """The first write of a gateways' chunk is stored and then its answer lost for good,
+    the lease lost meanwhile (`cut`)."""
 
     def __init__(self, kv: KeyValue, cut: Callable[[], None]) -> None:
-        self.__dict__.update(vars(kv))
+        super().__init__(kv)
         self.cut = cut
         self.done = False
 
-    async def _update(
-        self,
-        key: str,
-        value: bytes,
-        last: int | None = None,
-        validate_keys: bool = True,
-        msg_ttl: float | None = None,
-    ) -> int:
-        revision = await super()._update(key, value, last, validate_keys, msg_ttl)
+    async def write(self, key: str, make: Callable[[], Awaitable[int]]) -> int:
+        revision = await make()
         if ".gw." in key and not self.done:
             self.done = True
             self.cut()
@@ -151,9 +145,9 @@ class StoredThenCut(KeyValue):
         return revision
 
 
-def holding_fleet(fleet: ConfigFleet) -> Callable[[], Coroutine[Any, Any, None]]:
-    """gw-1..3, each holding its ack to a push until the gate the returned coroutine
-    function opens (run it on the test bus)."""
+def holding_fleet(fleet: ConfigFleet, *gateway_ids: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Adds these gateways, each holding its ack to a push until the gate the returned
+    coroutine function opens (run it on the test bus)."""
     gate = asyncio.Event()
 
     async def hold(push: ConfigPush) -> None:
@@ -162,7 +156,7 @@ def holding_fleet(fleet: ConfigFleet) -> Callable[[], Coroutine[Any, Any, None]]
     async def open_gate() -> None:
         gate.set()
 
-    for gw in ("gw-1", "gw-2", "gw-3"):
+    for gw in gateway_ids:
         fleet.add(gw, "eu-west", interval_s=0.5, on_config=hold)
     return open_gate
 
@@ -178,7 +172,7 @@ def test_a_distribution_actor_stops_sending_once_its_replica_no_longer_leads(
 ) -> None:
     """Batches of one: the first gateway holds its ack until the lease is lost; its ack
     then finds no leader, and nothing more is sent, stored or failed."""
-    open_gate = holding_fleet(fleet)
+    open_gate = holding_fleet(fleet, *GW_1_TO_3)
     orchestrator = run(distribution_batch_size=1, distribution_ack_timeout_ms=10_000)
     epoch = orchestrator.lease.view.epoch
 
@@ -214,7 +208,7 @@ def test_a_stale_leaders_store_write_after_a_newer_leader_wrote_the_key_is_refus
     loaded the distribution and written its record. The old leader's next step is
     refused as it stores its record (before it sends anything): it steps down, and the
     newer leader's record is what stays stored."""
-    open_gate = holding_fleet(fleet)
+    open_gate = holding_fleet(fleet, *GW_1_TO_3)
     orchestrator = run(distribution_batch_size=1, distribution_ack_timeout_ms=10_000)
     dist_id = client.distribute("Route", ROUTE).distribution_id
     wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
@@ -250,7 +244,7 @@ def test_a_step_whose_write_may_have_been_made_as_the_lease_is_lost_is_recorded(
     good while the lease is lost. Nothing more of the step is done, but its events are
     recorded: the next leader resumes after that step (it is in the store) and would
     never tell them."""
-    open_gate = holding_fleet(fleet)
+    open_gate = holding_fleet(fleet, *GW_1_TO_3)
     orchestrator = run(
         distribution_batch_size=1, distribution_ack_timeout_ms=10_000, kv_write_retries=0
     )
@@ -282,7 +276,7 @@ def test_a_late_step_of_this_replicas_earlier_tenure_leaves_the_present_one_alon
     (a new epoch) before it lands: the new tenure resumes the distribution from the
     store and completes it. The old step's write then comes back refused (the new tenure
     wrote the key): that actor stops, and the present tenure keeps leading."""
-    open_gate = holding_fleet(fleet)
+    open_gate = holding_fleet(fleet, *GW_1_TO_3)
     orchestrator = run(
         distribution_batch_size=1, distribution_ack_timeout_ms=10_000, cluster={"lease_ms": 2000}
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 import pytest
@@ -18,15 +19,12 @@ from schemas.codec import encode
 from schemas.stored import VersionCounter
 
 
-class LosesAnswers(KeyValue):
-    """The bucket as the server keeps it, but the answer to the first write of each key
-    in `keys` is lost on its way back (as when the connection drops right after the
-    server stored the write): the write is made, the writer hears nothing."""
+class Faulty(KeyValue):
+    """The bucket as the server keeps it, with a fault around each write: `write` gets
+    the key and the write itself, to make (or not) when and as it likes."""
 
-    def __init__(self, kv: KeyValue, *keys: str) -> None:
+    def __init__(self, kv: KeyValue) -> None:
         self.__dict__.update(vars(kv))
-        self.to_lose = set(keys)
-        self.attempts: list[str] = []
 
     async def _update(
         self,
@@ -36,10 +34,27 @@ class LosesAnswers(KeyValue):
         validate_keys: bool = True,
         msg_ttl: float | None = None,
     ) -> int:
-        self.attempts.append(key)
-        revision = await super()._update(
-            key, value, last=last, validate_keys=validate_keys, msg_ttl=msg_ttl
+        return await self.write(
+            key, lambda: KeyValue._update(self, key, value, last, validate_keys, msg_ttl)
         )
+
+    async def write(self, key: str, make: Callable[[], Awaitable[int]]) -> int:
+        return await make()
+
+
+class LosesAnswers(Faulty):
+    """The answer to the first write of each key in `keys` is lost on its way back (as
+    when the connection drops right after the server stored the write): the write is
+    made, the writer hears nothing."""
+
+    def __init__(self, kv: KeyValue, *keys: str) -> None:
+        super().__init__(kv)
+        self.to_lose = set(keys)
+        self.attempts: list[str] = []
+
+    async def write(self, key: str, make: Callable[[], Awaitable[int]]) -> int:
+        self.attempts.append(key)
+        revision = await make()
         if key in self.to_lose:
             self.to_lose.discard(key)
             raise nats.errors.TimeoutError
@@ -49,28 +64,20 @@ class LosesAnswers(KeyValue):
 class Overtaken(LosesAnswers):
     """After a lost answer, another writer writes the key before the retry."""
 
-    async def _update(
-        self,
-        key: str,
-        value: bytes,
-        last: int | None = None,
-        validate_keys: bool = True,
-        msg_ttl: float | None = None,
-    ) -> int:
+    async def write(self, key: str, make: Callable[[], Awaitable[int]]) -> int:
         try:
-            return await super()._update(key, value, last, validate_keys, msg_ttl)
+            return await super().write(key, make)
         except nats.errors.TimeoutError:
             await self.put(key, encode(counter(7)))
             raise
 
 
-class Held(KeyValue):
-    """The bucket as the server keeps it, but the next write after `hold()` waits until
-    `release` (run on the bus loop) lets it through: a write still on its way while
-    other things happen."""
+class Held(Faulty):
+    """The next write after `hold()` waits until `release` (run on the bus loop) lets it
+    through: a write still on its way while other things happen."""
 
     def __init__(self, kv: KeyValue) -> None:
-        self.__dict__.update(vars(kv))
+        super().__init__(kv)
         self.gate = asyncio.Event()
         self.waiting = threading.Event()  # the held write has come
         self._armed = False
@@ -83,19 +90,12 @@ class Held(KeyValue):
     async def release(self) -> None:
         self.gate.set()
 
-    async def _update(
-        self,
-        key: str,
-        value: bytes,
-        last: int | None = None,
-        validate_keys: bool = True,
-        msg_ttl: float | None = None,
-    ) -> int:
+    async def write(self, key: str, make: Callable[[], Awaitable[int]]) -> int:
         if self._armed:
             self._armed = False
             self.waiting.set()
             await self.gate.wait()
-        return await super()._update(key, value, last, validate_keys, msg_ttl)
+        return await make()
 
 
 def update(kv: KvStore, key: str, value: VersionCounter | None, last: int) -> int:
