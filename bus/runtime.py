@@ -40,6 +40,8 @@ T = TypeVar("T")
 Body = bytes | msgspec.Struct
 
 # Deliberately deep buffers: heartbeats from thousands of gateways arrive in bursts.
+# How long a stop waits for the tasks still running on the loop to end once cancelled.
+END_TASKS_TIMEOUT_S = 2.0
 SUBSCRIPTION_PENDING_MSGS = 512 * 1024
 SUBSCRIPTION_PENDING_BYTES = 256 * 1024 * 1024
 
@@ -89,6 +91,20 @@ class SubscriptionHandle:
         self._bus.call_soon(self._bus.spawn, self._sub.unsubscribe())
 
 
+def _end_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancels the tasks still running on a stopped loop and lets them end (as
+    asyncio.run does): a watch stopped just before, or a call given up on, would
+    otherwise be destroyed pending ("Task was destroyed but it is pending!")."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    ended = asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        loop.run_until_complete(asyncio.wait_for(ended, END_TASKS_TIMEOUT_S))
+
+
 class Bus:
     """A NATS connection on a private event loop thread."""
 
@@ -132,6 +148,7 @@ class Bus:
             self._loop = loop
             loop_ready.set()
             loop.run_forever()
+            _end_tasks(loop)
             loop.close()
 
         self._thread = threading.Thread(target=run_loop, name="gatefleet-bus", daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -146,6 +147,27 @@ def test_publish_after_stop_is_a_clear_error(nats_server: EmbeddedServer) -> Non
     bus.stop()
     with pytest.raises(BusError, match="not running"):
         bus.publish("anything", b"x")
+
+
+def test_a_stop_ends_the_tasks_still_running_on_the_loop(nats_server: EmbeddedServer) -> None:
+    """A task left running at a stop (a watch stopped just before it, whose cancel was
+    only scheduled) is cancelled and ends on its loop, its cleanup run, instead of being
+    destroyed pending when the loop closes."""
+    bus = Bus(nats_server.url)
+    bus.start()
+    started, cleaned_up = threading.Event(), threading.Event()
+
+    async def follow() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned_up.set()
+
+    bus.call_soon(lambda: bus.loop.create_task(follow()))
+    assert started.wait(5)
+    bus.stop()
+    assert cleaned_up.is_set()
 
 
 def test_run_on_the_loop_thread_is_refused(bus: Bus) -> None:
