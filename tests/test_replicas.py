@@ -280,8 +280,11 @@ def test_a_write_while_no_replica_leads_is_retried_by_the_client_until_one_does(
     assert keeper is not None
     keeper.stop(release=False)
     a.lease.step_down()
-    # Until b has waited out a's lease (5 s) every replica answers unavailable, with
-    # retry_after_ms: the client asks again, and the write is done once.
+    # ... and serving nothing more: alive, with its keeper gone, it would answer every
+    # request the queue group gives it `unavailable` for good (it never learns who leads).
+    a.stop()
+    # Until b has waited out a's lease (5 s) it answers unavailable, with retry_after_ms:
+    # the client asks again, and the write is done once.
     with GatefleetClient(nats_server.url, prefix=prefix, timeout=10.0) as client:
         reply = client.distribute("Route", {"routes": ["/v1"]}, ["primary"])
         assert b.lease.still_leader()
