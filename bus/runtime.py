@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Body = bytes | msgspec.Struct
 
-# Deliberately deep buffers: heartbeats from thousands of gateways arrive in bursts.
 # How long a stop waits for the tasks still running on the loop to end once cancelled.
 END_TASKS_TIMEOUT_S = 2.0
+# Deliberately deep buffers: heartbeats from thousands of gateways arrive in bursts.
 SUBSCRIPTION_PENDING_MSGS = 512 * 1024
 SUBSCRIPTION_PENDING_BYTES = 256 * 1024 * 1024
 
