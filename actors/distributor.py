@@ -225,9 +225,9 @@ class DistributorActor(SafeActor):
     # Life cycle --------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        view = self.ctx.lease.view
-        if view.role == "leader" and self.ctx.lease.still_leader():
-            self.handle(Leading(leading=True, epoch=view.epoch))
+        leading = Leading.of(self.ctx.lease.view)
+        if leading.leading and self.ctx.lease.still_leader():
+            self.handle(leading)
         else:
             self._watch_store()
         self._subscriptions = self.serve("distributor", self.ctx)

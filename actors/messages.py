@@ -5,7 +5,7 @@ Requests from the bus carry `reply`, the subject the actor publishes its answer 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import pykka
@@ -15,6 +15,9 @@ from schemas.api import Distribution, GatewaySnapshot, Histogram, LoadBalancingC
 from schemas.endpoints import Endpoint
 from schemas.types import GatewayStatus
 from schemas.wire import Heartbeat
+
+if TYPE_CHECKING:
+    from bus.leadership import LeaseView
 
 # A heartbeat waiting for its actor, with its arrival time on the receiver's monotonic clock.
 Arrival = tuple[Heartbeat, float]
@@ -112,6 +115,12 @@ class Leading(_Message, frozen=True):
 
     leading: bool
     epoch: int | None = None
+
+    @classmethod
+    def of(cls, view: LeaseView) -> Leading:
+        """What the lease's view says of this replica's role."""
+        leads = view.role == "leader"
+        return cls(leading=leads, epoch=view.epoch if leads else None)
 
 
 class ReportTo(_Message, frozen=True):

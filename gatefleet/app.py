@@ -184,8 +184,8 @@ class Orchestrator:
         # Only the leader distributes: the distributor hears each change of role (and the
         # role now, in case it changed while the distributor started).
         lease = self.lease
-        lease.on_change(lambda view: safe_tell(distributor, _leading(view)))
-        safe_tell(distributor, _leading(lease.view))
+        lease.on_change(lambda view: safe_tell(distributor, Leading.of(view)))
+        safe_tell(distributor, Leading.of(lease.view))
         self._report_leadership(context.emit)  # orchestrator.started told the first view
         # What start-up built lives as long as the process: keep it out of every collection.
         gc.freeze()
@@ -369,11 +369,6 @@ class Orchestrator:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _leading(view: LeaseView) -> Leading:
-    leads = view.role == "leader"
-    return Leading(leading=leads, epoch=view.epoch if leads else None)
 
 
 def _sweep_actors() -> None:
