@@ -80,7 +80,7 @@ from actors.distribution_machine import (
     abandoned,
     finished_step,
 )
-from actors.distribution_store import DistributionStore
+from actors.distribution_store import DistributionStore, states_stored
 from actors.messages import (
     Control,
     CounterBehind,
@@ -284,7 +284,7 @@ class DistributionActor(SafeActor):
                 try:
                     self._store(record)
                 except Fenced as exc:
-                    if exc.key == record.id:  # its gateways' states were stored
+                    if states_stored(exc, record):
                         self._tell_stored(record, commands)
                     self._store_fenced(exc)
                     return False

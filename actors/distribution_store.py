@@ -32,7 +32,7 @@ from actors.distribution_machine import (
     UNKNOWN_GATEWAY,
     abandoned,
 )
-from bus.fenced_kv import FencedKv
+from bus.fenced_kv import Fenced, FencedKv
 from bus.jetstream import KvError, KvStore
 from schemas.api import Distribution, GatewayDelivery
 from schemas.codec import DecodeError, decode
@@ -333,6 +333,12 @@ class DistributionStore:
         progress; `tenure`: only while it lasts (else Fenced)."""
         self.put_gateways(record, positions, tenure=tenure)
         self._kv.put(record.id, progress_of(record), tenure=tenure)
+
+
+def states_stored(fenced: Fenced, record: Distribution) -> bool:
+    """Whether `put_progress` of `record`, fenced, had stored its gateways' states: its
+    progress (the key named after it, written last) was the write refused."""
+    return fenced.key == record.id
 
 
 def progress_of(record: Distribution) -> DistributionProgress:
