@@ -54,6 +54,7 @@ from schemas.events import (
     CandidateView,
     DistributionEvent,
     Event,
+    FinishedStep,
     GatewayDown,
     GatewayRegistered,
     GatewaySelected,
@@ -533,6 +534,16 @@ def test_state_at_equals_the_live_snapshot_then(
     mark = event_log.mark()
     fleet.agents["edge-2"].resume_heartbeats()
     healthy(event_log, "edge-2", since=mark)
+    # Its return reconciles the Route it missed. Waited for: between a distribution's
+    # creation and its actor's first step, the list shows it and no event does yet.
+    event_log.wait_for(
+        lambda e: (
+            isinstance(e, DistributionEvent)
+            and isinstance(e.detail, FinishedStep)
+            and e.detail.successful == ["edge-2"]
+        ),
+        since=mark,
+    )
     fleet.call(
         "load-balancing.set", LoadBalancingUpdate(strategy="LatencyBased"), LoadBalancingConfig
     )
@@ -561,6 +572,8 @@ def test_state_at_equals_the_live_snapshot_then(
     assert scenario.snapshots["failed"].gateways["edge-2"] == ("down", 0.0)
     assert scenario.snapshots["end"].load_balancing == ("LeastConnections", 75.0)
     assert later_live.load_balancing == ("LatencyBased", 75.0)
+    reconciled = [d for d in later_live.distributions.values() if d[3] == ["edge-2"]]
+    assert [d[0] for d in reconciled] == ["completed"]
     text = run_audit(config_file, "state", "--at", scenario.end.isoformat()).stdout
     assert "LeastConnections" in text
     assert "partially_failed" in text

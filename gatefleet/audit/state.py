@@ -11,7 +11,8 @@ What events cannot tell, and so neither can this:
 - the load-balancing settings before the first `lb.changed` read: the caller passes the
   configured ones (`LoadBalancingState(since=None)` says so);
 - a distribution waiting in its type's queue has no targets yet (they come with its
-  `created` step).
+  `created` step), and one between its creation and its actor's first step (a few ms)
+  is not in the events at all, though `distributions.list` shows it `pending`.
 
 A gateway's registration can be published just *after* its first status change (the
 gateway actor handles the first heartbeat while the supervisor is still registering it):
