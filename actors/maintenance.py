@@ -46,6 +46,11 @@ class MaintenanceStore:
         self._kv = FencedKv(ctx.buckets["settings"])
         self._epoch: int | None = None  # the tenure whose revisions `_kv` knows
 
+    @property
+    def epoch(self) -> int | None:
+        """The tenure of the last write (the one whose revisions the store knows)."""
+        return self._epoch
+
     def load(self) -> dict[str, str | None]:
         """gateway id -> the reason it is in maintenance (the bucket read in one pass)."""
         found: dict[str, str | None] = {}

@@ -331,7 +331,8 @@ class SupervisorActor(SafeActor):
             elif gateway_id in self.maintenance:
                 self.maintenance_store.delete(gateway_id)
         except Fenced as fenced:  # another replica leads now: it stored the key since
-            self.ctx.lease.step_down(why=str(fenced))
+            # Unless this replica leads in a newer tenure than the write's already.
+            self.ctx.lease.step_down(why=str(fenced), epoch=self.maintenance_store.epoch)
             reply_error(self.replies, reply, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
             return
         except Exception:

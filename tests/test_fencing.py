@@ -30,6 +30,7 @@ from schemas.wire import ConfigAck, ConfigPush
 from tests import test_distribution
 from tests.conftest import EventLog, wait_until
 from tests.distribution_events import finished, steps
+from tests.tenures import lead_again
 from tests.test_distribution import ROUTE, ConfigFleet
 from tests.test_kv_fencing import Faulty, Held
 
@@ -281,7 +282,6 @@ def test_a_late_step_of_this_replicas_earlier_tenure_leaves_the_present_one_alon
         distribution_batch_size=1, distribution_ack_timeout_ms=10_000, cluster={"lease_ms": 2000}
     )
     lease = orchestrator.lease
-    first_epoch = lease.view.epoch
     dist_id = client.distribute("Route", ROUTE).distribution_id
     wait_until(lambda: any(pushes(fleet, dist_id).values()), what="the first batch sent")
     held = under_the_store(Held)
@@ -289,13 +289,7 @@ def test_a_late_step_of_this_replicas_earlier_tenure_leaves_the_present_one_alon
     bus.run(open_gate())  # the first ack: its step's write is held
     assert held.waiting.wait(5)
 
-    lease.step_down()
-    wait_until(
-        lambda: lease.still_leader() and lease.view.epoch != first_epoch,
-        timeout=15,
-        what="this replica leading again",
-    )
-    second_epoch = lease.view.epoch
+    second_epoch = lead_again(lease)
     assert finished(event_log, dist_id, timeout=15).details["status"] == "completed"
     bus.run(held.release())
     wait_until(no_distribution_actor, what="the earlier tenure's actor stopped")

@@ -21,6 +21,7 @@ from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet, MutableMetrics
 from tests.selections import recorded
+from tests.tenures import hold_settings_key, lead_again
 
 
 def load(cpu: float, connections: int, latency: float) -> MutableMetrics:
@@ -283,6 +284,36 @@ def test_a_settings_write_after_another_replica_wrote_them_steps_the_leader_down
         what="the stored settings in force",
         show=client.get_load_balancing_config,
     )
+
+
+def test_a_settings_write_of_an_earlier_tenure_refused_late_leaves_the_present_one_leading(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """A settings write is held on its way while this replica steps down and leads
+    again; another writer stores the settings meanwhile, so the write comes back refused.
+    It was the earlier tenure's: it is answered `unavailable`, and the present tenure
+    leads on."""
+    gatefleet = start_orchestrator(make_settings(cluster={"lease_ms": 2000}))
+    held = hold_settings_key("load_balancing")
+    held.hold()
+    body = b'{"strategy": "LatencyBased"}'
+    asked = bus.submit(bus.nc.request(f"{prefix}.api.load-balancing.set", body, timeout=30))
+    assert held.waiting.wait(5)
+    epoch = lead_again(gatefleet.lease)
+    name = bucket_name(prefix, "settings")
+    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    newer = LoadBalancingConfig(strategy="LeastConnections", health_threshold=60.0)
+    settings_kv.put("load_balancing", newer)
+
+    bus.run(held.release())
+    error = decode(asked.result(10).data, ErrorReply).error
+    assert error.code == "unavailable"
+    assert gatefleet.lease.still_leader()
+    assert gatefleet.lease.view.epoch == epoch
+    assert settings_kv.get("load_balancing", LoadBalancingConfig) == newer
 
 
 def test_an_unreadable_stored_setting_is_alarmed_and_the_configured_one_used(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,6 +25,7 @@ from schemas.events import (
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
+from tests.tenures import hold_settings_key, lead_again
 from tests.test_ha import Redirects, healthy, select
 
 
@@ -56,8 +58,9 @@ def test_maintenance_of_a_gateway_already_failed_over_asks_for_nothing() -> None
 # End to end ------------------------------------------------------------------------------
 
 
-def settings(make_settings: SettingsFactory) -> Settings:
+def settings(make_settings: SettingsFactory, **extra: Any) -> Settings:
     return make_settings(
+        **extra,
         health={"heartbeat_interval_ms": 100, "fall": 3, "rise": 2},
         orchestrator={"load_balancing_strategy": "RegionAware"},
         gateways=[
@@ -189,4 +192,38 @@ def test_a_maintenance_write_after_another_replica_wrote_the_key_steps_the_leade
     assert error["code"] == "unavailable"
     assert error["retry_after_ms"]
     assert not leader.lease.still_leader()
+    assert settings_kv.get("maintenance.primary", MaintenanceRecord) == newer
+
+
+def test_a_maintenance_write_of_an_earlier_tenure_refused_late_leaves_the_present_one_leading(
+    make_settings: SettingsFactory,
+    start_orchestrator: Callable[[Settings], Orchestrator],
+    fleet: Fleet,
+    event_log: EventLog,
+    bus: Bus,
+    prefix: str,
+) -> None:
+    """A maintenance write is held on its way while this replica steps down and leads
+    again; another writer stores the key meanwhile, so the write comes back refused. It
+    was the earlier tenure's: the request is answered `unavailable`, and the present
+    tenure leads on."""
+    leader = start_orchestrator(settings(make_settings, cluster={"lease_ms": 2000}))
+    fleet.add("primary")
+    healthy(event_log, "primary")
+    held = hold_settings_key("maintenance.primary")
+    held.hold()
+    body = msgspec.json.encode({"gateway_id": "primary", "enabled": True, "reason": "rack"})
+    asked = bus.submit(bus.nc.request(f"{prefix}.api.maintenance", body, timeout=30))
+    assert held.waiting.wait(5)
+    epoch = lead_again(leader.lease)
+    name = bucket_name(prefix, "settings")
+    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    newer = MaintenanceRecord(reason="another writer's", since=datetime.now(UTC))
+    settings_kv.put("maintenance.primary", newer)
+
+    bus.run(held.release())
+    error = msgspec.json.decode(asked.result(10).data)["error"]
+    assert error["code"] == "unavailable"
+    assert leader.lease.still_leader()
+    assert leader.lease.view.epoch == epoch
     assert settings_kv.get("maintenance.primary", MaintenanceRecord) == newer
