@@ -105,6 +105,7 @@ class SafeActor(PooledActor):
         server: Server,
         context: Context,
         direct: Mapping[Endpoint[Any, Any], Callable[[Any], msgspec.Struct]] | None = None,
+        endpoints: Iterable[Endpoint[msgspec.Struct, msgspec.Struct]] | None = None,
     ) -> list[SubscriptionHandle]:
         """Subscribes to the endpoints `server` serves, on the API lane (a connection of
         its own, so requests never wait unread behind heartbeats): each request becomes a
@@ -112,7 +113,8 @@ class SafeActor(PooledActor):
         an `unavailable` reply at once (shed, counted). Requests keep their place among
         the actor's other messages, so a reply reflects everything told before it.
         `direct` endpoints are answered on the lane itself, from what the function
-        returns: it must only read what the actor publishes for that (immutable views)."""
+        returns: it must only read what the actor publishes for that (immutable views).
+        `endpoints`: these of the server's only (the benchmark's copy of a path)."""
         ref, bus, shed = self.actor_ref, context.runtime.api_bus, context.shed
         self._replies = bus
         told = [0]  # the loop's count; `requests_handled` is the actor's: no lock
@@ -141,7 +143,7 @@ class SafeActor(PooledActor):
         return serve(
             bus,
             context.subjects,
-            served_by(server),
+            served_by(server) if endpoints is None else endpoints,
             on_request,
             context.drops,
             context.runtime.service,

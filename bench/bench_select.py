@@ -15,9 +15,10 @@ Four subjects are measured:
   "on the same loop" (it shares the loop with the heartbeats);
 - `echo-proc`: the same bare responder in a process of its own (its own connection and
   uvloop, nothing else to do): the baseline "in a separate process";
-- `actor`: the load balancer's path without the selection: the product's request_handler
-  decodes a SelectRequest on the loop and tells a pykka actor, which publishes the same
-  fixed answer through the Bus facade (the cost of the thread hop alone);
+- `path`: the load balancer's request path without the selection: an actor on the API
+  lane's loop, served by the product's own edge (`SafeActor.serve`: the lane's connection,
+  decode, timing, the inbox run at once), that publishes the same fixed answer. Its ratio
+  to the echoes is the most any selection served that way could reach;
 - `select`: `P.api.select-gateway` itself.
 
 A client *process* registers N gateways (one heartbeat each), then measures the four with
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -44,6 +46,9 @@ import nats
 import nats.errors
 import pykka
 
+from actors.base import SafeActor
+from actors.context import Context
+from actors.load_balancer import LoadBalancerActor
 from actors.messages import Request
 from bench.common import (
     HeartbeatTemplate,
@@ -63,8 +68,7 @@ from bench.common import (
     table_stats,
     wait_for,
 )
-from bus.edge import request_handler
-from bus.runtime import Bus, SubscriptionHandle
+from bus.subjects import Subjects
 from gatefleet.app import Orchestrator
 from gatefleet.gateway import connect
 from schemas import endpoints as api
@@ -80,7 +84,7 @@ ECHO_REPLY = encode(
     )
 )
 REQUEST = encode(SelectRequest())
-TARGETS = ("echo", "echo-proc", "actor", "select")
+TARGETS = ("echo", "echo-proc", "path", "select")
 ORDER = (*TARGETS, *reversed(TARGETS))  # ABCD DCBA: cancels a linear drift
 REQUEST_TIMEOUT_S = 5.0
 PROBE_INTERVAL_MS = 2000  # the default
@@ -125,13 +129,14 @@ def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, An
             health=probing,
         )
         with running_orchestrator(settings) as orchestrator:
-            actor_echo, actor_subject = _actor_echo(orchestrator, f"{prefix}.bench.actor")
+            path = _PathEcho.start(_context(), Subjects(f"{prefix}.bench"))
+            path_subject = Subjects(f"{prefix}.bench").api(api.SELECT_GATEWAY.name)
             ctx = spawn()
             echo_proc = _EchoProcess(ctx, server.url, f"{prefix}.bench.echo-proc")
             subjects = {
                 "echo": _bare_echo(orchestrator, f"{prefix}.bench.echo"),
                 "echo-proc": echo_proc.subject,
-                "actor": actor_subject,
+                "path": path_subject,
                 "select": f"{prefix}.api.select-gateway",
             }
             here, there = ctx.Pipe()
@@ -151,7 +156,7 @@ def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, An
                 result = _follow_client(here)
                 client.join(30)
             finally:
-                actor_echo.stop()
+                path.stop(timeout=5)
                 echo_proc.stop()
                 if client.is_alive():
                     client.terminate()
@@ -232,41 +237,32 @@ def echo_main(url: str, subject: str, ready: Any, stop: Any) -> None:
     asyncio.run(serve())
 
 
-class _EchoActor(pykka.ThreadingActor):
-    """The load balancer's path without the selection: it replies a fixed body itself."""
+class _PathEcho(SafeActor):
+    """Served as the load balancer is (on the API lane's loop, through the product's
+    edge), for `select-gateway` under another prefix; it answers a fixed reply."""
 
-    def __init__(self, bus: Bus) -> None:
-        super().__init__()
-        self.bus = bus
+    dispatch = "api"
 
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, Request):
-            self.bus.publish(message.reply, ECHO_REPLY)
+    def __init__(self, context: Context, subjects: Subjects) -> None:
+        super().__init__(context.runtime.dispatcher(self.dispatch, "bench-path"))
+        self.bus = context.bus
+        served = dataclasses.replace(context, subjects=subjects)
+        self._subscriptions = self.serve("load_balancer", served, endpoints=[api.SELECT_GATEWAY])
 
+    def on_stop(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.unsubscribe()
 
-class _ActorEcho:
-    def __init__(self, ref: pykka.ActorRef[Any], subscription: SubscriptionHandle) -> None:
-        self._ref = ref
-        self._subscription = subscription
-
-    def stop(self) -> None:
-        self._subscription.unsubscribe()
-        self._ref.stop(timeout=5)
+    def handle(self, message: Any) -> None:
+        if type(message) is Request:
+            self.replies.publish(message.reply, ECHO_REPLY)
 
 
-def _actor_echo(orchestrator: Orchestrator, subject: str) -> tuple[_ActorEcho, str]:
-    """An actor served like `P.api.select-gateway` (request_handler decodes a SelectRequest
-    on the loop and tells a Request; the actor publishes through the bus facade), that
-    answers a fixed reply: the cost of the actor hop alone."""
-    bus = orchestrator.bus
-    assert bus is not None
-    ref = _EchoActor.start(bus)
-
-    def on_request(request: SelectRequest, reply: str) -> None:
-        ref.tell(Request(endpoint=api.SELECT_GATEWAY, body=request, reply=reply))
-
-    handler = request_handler(bus, SelectRequest, on_request, orchestrator.drops)
-    return _ActorEcho(ref, bus.subscribe(subject, handler)), subject
+def _context() -> Context:
+    """The running orchestrator's actor context (the load balancer's)."""
+    [balancer] = pykka.ActorRegistry.get_by_class(LoadBalancerActor)
+    context: Context = balancer.proxy().ctx.get()
+    return context
 
 
 def _follow_client(conn: Any) -> dict[str, Any]:
@@ -454,13 +450,13 @@ def _case(r: dict[str, Any]) -> str:
 def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
     latency_rows, rate_rows = [], []
     for r in results:
-        echo, proc, actor, sel = r["echo"], r["echo-proc"], r["actor"], r["select"]
+        echo, proc, path, sel = r["echo"], r["echo-proc"], r["path"], r["select"]
         p50_ratios = [safe_div(sel["p50_us"], base["p50_us"]) for base in (echo, proc)]
         rate_ratios = [safe_div(sel["rate"], base["rate"]) for base in (echo, proc)]
         latency_rows.append(
             [
                 _case(r),
-                *(f"{x['p50_us']:.0f}" for x in (echo, proc, actor, sel)),
+                *(f"{x['p50_us']:.0f}" for x in (echo, proc, path, sel)),
                 *(fmt_ratio(x) for x in p50_ratios),
                 *(f"{x['p99_us']:.0f}" for x in (echo, proc, sel)),
                 "yes" if max(p50_ratios) <= P50_AIM else "no",
@@ -469,9 +465,10 @@ def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
         rate_rows.append(
             [
                 _case(r),
-                *(f"{x['rate']:,.0f}" for x in (echo, proc, actor, sel)),
+                *(f"{x['rate']:,.0f}" for x in (echo, proc, path, sel)),
                 *(fmt_ratio(x) for x in rate_ratios),
-                *(f"{x['cpu_us_per_req']:.0f}" for x in (echo, actor, sel)),
+                fmt_ratio(safe_div(path["rate"], echo["rate"])),
+                *(f"{x['cpu_us_per_req']:.0f}" for x in (echo, path, sel)),
                 str(sum(r[name]["errors"] for name in TARGETS)),
                 "yes" if min(rate_ratios) >= RATE_AIM else "no",
             ]
@@ -480,7 +477,7 @@ def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
         f"Selection latency, sequential requests, in microseconds ({machine_line()})",
         [
             "case",
-            *("echo p50", "echo-proc p50", "actor p50", "select p50"),
+            *("echo p50", "echo-proc p50", "path p50", "select p50"),
             *("select/echo", "select/echo-proc"),
             *("echo p99", "echo-proc p99", "select p99"),
             f"aim <={P50_AIM}x (both)",
@@ -491,9 +488,9 @@ def report(results: Sequence[dict[str, Any]], inflight: int) -> None:
         f"Selection throughput, {inflight} requests in flight",
         [
             "case",
-            *("echo req/s", "echo-proc req/s", "actor req/s", "select req/s"),
-            *("select/echo", "select/echo-proc"),
-            *("echo CPU us/req", "actor CPU", "select CPU"),
+            *("echo req/s", "echo-proc req/s", "path req/s", "select req/s"),
+            *("select/echo", "select/echo-proc", "path/echo"),
+            *("echo CPU us/req", "path CPU", "select CPU"),
             "errors",
             f"aim >={RATE_AIM}x (both)",
         ],
