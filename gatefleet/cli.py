@@ -39,7 +39,7 @@ from gatefleet.cli_common import (
     settings_or_exit,
 )
 from gatefleet.client import GatefleetClient, GatefleetError, NotFound, Refused
-from gatefleet.config import discover_url, split_host_port
+from gatefleet.config import config_warnings, discover_url, split_host_port
 from gatefleet.http import HttpApi
 from gatefleet.schema_cli import schema
 from gatefleet.security.access import exposure_problem
@@ -157,6 +157,8 @@ def up(
         fail(problem, EXIT_CONFIG)
     if not settings.bus.url and not settings.bus.auth:
         log.warning("[bus] auth = false: anyone who can reach the NATS port can do anything")
+    for line in config_warnings(settings):
+        log.warning("%s", line)
     orchestrator = Orchestrator(settings, on_fatal=give_up)
     started = time.monotonic()
     try:

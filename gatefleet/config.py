@@ -273,6 +273,21 @@ def _check_semantics(settings: Settings) -> None:
             raise _KeyPathError(["http", "listen"], str(e)) from None
 
 
+def config_warnings(settings: Settings) -> list[str]:
+    """Settings that are allowed but void a guarantee: each a line to log at start."""
+    health = settings.health
+    # bus/awareness.py: a live gateway survives a lag of gatefleet's own only while three
+    # lag thresholds stay below (fall - 1/2) heartbeat intervals.
+    limit = (health.fall - 0.5) / 3
+    if health.lag_suspend_share < limit:
+        return []
+    return [
+        f"health.lag_suspend_share = {health.lag_suspend_share:g} is not below "
+        f"(health.fall - 1/2) / 3 = {limit:.2f} (health.fall = {health.fall}): after a lag "
+        "of gatefleet's own, a live gateway may be marked down"
+    ]
+
+
 def discover_url(settings: Settings, env: dict[str, str] | os._Environ[str]) -> str:
     """The NATS URL a client should use: configured, or the embedded server's."""
     if settings.bus.url:

@@ -12,6 +12,7 @@ import tomli
 
 from gatefleet.config import (
     ConfigError,
+    config_warnings,
     format_key_path,
     load_settings,
     resolve_data_dir,
@@ -145,6 +146,24 @@ def test_gatefleet_config_env_names_the_file(tmp_path: Path) -> None:
     env = {"GATEFLEET_CONFIG": str(from_env)}
     assert load_settings(env=env).health.fall == 7
     assert load_settings(explicit, env=env).health.fall == 9
+
+
+@pytest.mark.parametrize(
+    ("health", "warned"),
+    [
+        ("", False),  # the defaults: fall 3, share 0.5 (limit 0.83)
+        ("fall = 1\n", True),  # limit 0.17
+        ("fall = 1\nlag_suspend_share = 0.1\n", False),
+        ("lag_suspend_share = 0.9\n", True),
+    ],
+)
+def test_a_lag_share_that_voids_the_fall_rule_is_warned_of(
+    tmp_path: Path, health: str, warned: bool
+) -> None:
+    settings = load_settings(write(tmp_path, "[health]\n" + health), env={})
+    lines = config_warnings(settings)
+    assert len(lines) == int(warned)
+    assert all(line.startswith("health.lag_suspend_share = ") for line in lines)
 
 
 def test_nats_url_overrides_bus_url(tmp_path: Path) -> None:
