@@ -213,29 +213,31 @@ class KvStore:
 
         async def write() -> int:
             at = (await self._fetch(key))[1] if last is None else last
-            revision = await self._write(key, data, at)
-            if revision is None:
-                raise WrongRevision(self._name, key)
-            return revision
+            return await self._written(key, data, at, retried=False)
 
         return self._bus.submit(write())
 
     async def _update_all(
         self, writes: Mapping[str, tuple[bytes | None, int]], retried: set[str]
     ) -> dict[str, int | BaseException]:
-        async def one(key: str, data: bytes | None, last: int) -> int:
-            revision = await self._write(key, data, last)
-            if revision is None and key in retried:
-                revision = await self._holding(key, data)
-            if revision is None:
-                raise WrongRevision(self._name, key)
-            return revision
-
         results = await asyncio.gather(
-            *(one(key, data, last) for key, (data, last) in writes.items()),
+            *(
+                self._written(key, data, last, retried=key in retried)
+                for key, (data, last) in writes.items()
+            ),
             return_exceptions=True,
         )
         return dict(zip(writes, results, strict=True))
+
+    async def _written(self, key: str, data: bytes | None, last: int, *, retried: bool) -> int:
+        """One compare-and-set write; its new revision, or WrongRevision. `retried`: an
+        earlier try may have stored it already (its answer lost), which is no conflict."""
+        revision = await self._write(key, data, last)
+        if revision is None and retried:
+            revision = await self._holding(key, data)
+        if revision is None:
+            raise WrongRevision(self._name, key)
+        return revision
 
     async def _write(self, key: str, data: bytes | None, last: int) -> int | None:
         """One compare-and-set write (data None: a delete; of a key at revision 0, none
