@@ -356,7 +356,7 @@ class LoadBalancerActor(SafeActor):
     def _stored(self, stored: _SettingsStored) -> None:
         self._storing.popleft()
         if isinstance(stored.error, WrongRevision):
-            self._fenced(stored)
+            self._fenced(stored.error, stored.reply, stored.epoch)
             return
         self._settings_at = None if stored.revision is None else (stored.epoch, stored.revision)
         if self._storing:
@@ -374,17 +374,16 @@ class LoadBalancerActor(SafeActor):
             self._in_force(stored.config)
         self.replies.publish(stored.reply, stored.config)
 
-    def _fenced(self, stored: _SettingsStored) -> None:
+    def _fenced(self, refused: WrongRevision, reply: str, epoch: int | None) -> None:
         """Another replica has written the settings since this one did: it leads now.
         This replica steps down (unless it leads in a newer tenure than the write's
         already); the writes asked of it are answered as a standby answers them (the
         client's retry reaches the leader), and the settings stored are read again (a
-        leader ignores the watch: what it writes comes into force as stored)."""
-        refused = stored.error
-        assert isinstance(refused, WrongRevision)
+        leader ignores the watch: what it writes comes into force as stored). `epoch`:
+        the tenure the refused write was made in."""
         why = str(Fenced(refused.bucket, refused.key))
-        self.ctx.lease.step_down(why=why, epoch=stored.epoch)
-        for waiting in [stored.reply, *(r for _, r in self._storing)]:
+        self.ctx.lease.step_down(why=why, epoch=epoch)
+        for waiting in [reply, *(r for _, r in self._storing)]:
             reply_error(self.replies, waiting, "unavailable", NOT_LEADING, RETRY_AFTER_MS)
         self._storing.clear()
         self._requested = self.config

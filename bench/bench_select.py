@@ -129,14 +129,14 @@ def select_case(count: int, record_selections: bool, plan: Plan) -> dict[str, An
             health=probing,
         )
         with running_orchestrator(settings) as orchestrator:
-            path = _PathEcho.start(_context(), Subjects(f"{prefix}.bench"))
-            path_subject = Subjects(f"{prefix}.bench").api(api.SELECT_GATEWAY.name)
+            path_subjects = Subjects(f"{prefix}.bench")
+            path = _PathEcho.start(_context(), path_subjects)
             ctx = spawn()
             echo_proc = _EchoProcess(ctx, server.url, f"{prefix}.bench.echo-proc")
             subjects = {
                 "echo": _bare_echo(orchestrator, f"{prefix}.bench.echo"),
                 "echo-proc": echo_proc.subject,
-                "path": path_subject,
+                "path": path_subjects.api(api.SELECT_GATEWAY.name),
                 "select": f"{prefix}.api.select-gateway",
             }
             here, there = ctx.Pipe()
