@@ -158,11 +158,19 @@ def test_maintenance_outlives_a_restart(
 
     start_orchestrator(settings(make_settings))
 
-    def still_drained() -> bool:
-        row = fleet.gateways().get("primary")
-        return row is not None and row.maintenance and row.status == "healthy"
+    def still_drained_and_backup_healthy() -> bool:
+        rows = fleet.gateways()
+        primary, backup = rows.get("primary"), rows.get("backup")
+        return (
+            primary is not None
+            and primary.maintenance
+            and primary.status == "healthy"
+            and backup is not None
+            and backup.status == "healthy"
+        )
 
-    wait_until(still_drained, what="primary back, still in maintenance")
+    # Both rows are new to this process: each is selectable only once heard again.
+    wait_until(still_drained_and_backup_healthy, what="primary back in maintenance, backup healthy")
     assert fleet.gateways()["primary"].maintenance_reason == "rack move"
     assert {select(fleet) for _ in range(6)} == {"backup"}
 
