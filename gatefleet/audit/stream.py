@@ -33,7 +33,7 @@ from typing import Final
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bus.connection import BusError
 from bus.runtime import Bus
@@ -61,6 +61,7 @@ MAX_BUFFERED_BATCHES: Final = 64
 PENDING_MSGS: Final = 256 * 1024
 PENDING_BYTES: Final = 256 * 1024 * 1024
 _POLL_S: Final = 0.5
+_PROBE_INACTIVE_S: Final = 30.0
 _ACK_V1_TOKENS: Final = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
 
 
@@ -174,8 +175,11 @@ class Replay:
         if len(self._subjects) > 1:
             config.filter_subjects = list(self._subjects)
         if self._since is not None:
-            config.deliver_policy = DeliverPolicy.BY_START_TIME
-            config.opt_start_time = self._since
+            # By sequence, not by time: given several filter subjects and a start time,
+            # nats-server 2.15 may start past messages stored since then (it skipped one of
+            # the second filter stored before two of the first; cf. nats-server#6076).
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = await self._first_seq_since(self._since)
         try:
             sub = await js.subscribe(
                 self._subjects[0],
@@ -189,9 +193,6 @@ class Replay:
         except nats.js.errors.Error as exc:
             raise ReplayError(f"cannot read {self.stream}: {exc}") from exc
         self._sub = sub
-        # nats-py recreates an ordered consumer (after a gap or a reconnect) from this very
-        # config, by start *sequence*: a start time left in it would conflict.
-        config.opt_start_time = None
         try:
             consumer = await sub.consumer_info()
         except nats.js.errors.NotFoundError:
@@ -200,6 +201,28 @@ class Replay:
         self.total = (consumer.num_pending or 0) + delivered
         if not self._follow and self.total == 0:
             self._end()
+
+    async def _first_seq_since(self, since: datetime) -> int:
+        """The sequence of the first message stored at or after `since` (the last one's
+        plus one if none is), as the server finds it for an unfiltered consumer."""
+        js = self._bus.js
+        probe = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=since,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=_PROBE_INACTIVE_S,  # gone on its own if we die before the delete
+            mem_storage=True,
+        )
+        try:
+            info = await js.add_consumer(self.stream, probe)
+        except nats.js.errors.Error as exc:
+            raise ReplayError(f"cannot read {self.stream}: {exc}") from exc
+        with contextlib.suppress(nats.js.errors.Error):
+            await js.delete_consumer(self.stream, info.name)
+        if info.delivered is None:
+            raise ReplayError(f"cannot read {self.stream}: the server did not say where to start")
+        # A new consumer's "delivered" is the message before its first.
+        return info.delivered.stream_seq + 1
 
     async def _on_msg(self, msg: Msg) -> None:
         if self._done:
