@@ -735,7 +735,11 @@ class AuditProcess:
     """`gatefleet audit` in a subprocess, its stdout lines read in the background."""
 
     def __init__(self, *args: str) -> None:
-        code = "from gatefleet.audit import audit; audit(prog_name='gatefleet audit')"
+        # SIGINT as at a terminal: a child of a background job inherits it ignored.
+        code = (
+            "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from gatefleet.audit import audit; audit(prog_name='gatefleet audit')"
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, *args],
             stdout=subprocess.PIPE,
