@@ -759,7 +759,12 @@ class AuditProcess:
 
     def stop(self) -> tuple[int, bytes]:
         self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(10)
+        try:
+            code = self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # a failed test leaves no process behind
+            self.process.wait(10)
+            raise
         self.reader.join(5)
         assert self.process.stderr is not None
         assert self.process.stdout is not None
