@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -34,6 +35,8 @@ from gatefleet.security.command import AUTH_CONF, EXAMPLE_CONF, ROUTE_PORT
 from schemas.settings import Settings
 from tests.cluster import free_ports
 from tests.conftest import wait_until
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "/app/config/compose.toml"
@@ -276,7 +279,16 @@ class LiveCluster:
 
     def bus(self, creds: str, url: str | None = None) -> Bus:
         bus = Bus(url or self.url, name="compose-check", use_uvloop=False, auth=ClientAuth(creds))
-        bus.start(connect_timeout=READY_TIMEOUT_S)
+        try:
+            bus.start(connect_timeout=READY_TIMEOUT_S)
+        except AccessRefused:
+            for node in self.nodes:  # why, as each node says it (they run with --debug)
+                lines = node.log.read_text(errors="replace").splitlines()[-400:]
+                said = [line for line in lines if re.search(r"(?i)auth|jwt|account", line)]
+                log.warning(
+                    "%s refused a connection; it logged:\n%s", node.name, "\n".join(said[-20:])
+                )
+            raise
         return bus
 
 
@@ -339,6 +351,7 @@ def live_cluster(
             )
             assert checked.returncode == 0, checked.stderr
             command = with_option(compose["services"][node.name]["command"], "--config", conf)
+            command.append("--debug")  # a refusal's reason is logged at debug level
             with node.log.open("wb") as log:
                 node.process = subprocess.Popen(
                     [find_nats_server(), *command], stdout=subprocess.DEVNULL, stderr=log
