@@ -56,9 +56,9 @@ import msgspec
 
 from bench.common import workdir
 from bus.jetstream import stream_name
+from bus.replay import Replay
 from bus.runtime import Bus
 from bus.server import EmbeddedServer
-from gatefleet.audit.stream import Replay
 from gatefleet.client import GatefleetClient, GatefleetError
 from gatefleet.simulate import PushRecord
 from schemas import endpoints as api

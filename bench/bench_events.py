@@ -50,9 +50,9 @@ from bench.common import (
 )
 from bus.jetstream import JetStream, stream_name
 from bus.outbox import EventOutbox
+from bus.replay import Replay
 from bus.runtime import Bus
 from bus.subjects import Subjects
-from gatefleet.audit.stream import Replay
 from schemas.codec import encode
 from schemas.events import Event, decode_event, new_event_id, utc_now
 

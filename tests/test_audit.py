@@ -25,6 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from bus.jetstream import stream_name
+from bus.replay import Replay, epoch_ns, until_stored
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet.app import Orchestrator
@@ -34,7 +35,6 @@ from gatefleet.audit.read import ReadProgress
 from gatefleet.audit.render import show_selection, strategy_input, summary
 from gatefleet.audit.rerun import selection_ts
 from gatefleet.audit.state import FleetState
-from gatefleet.audit.stream import Replay, epoch_ns, until_stored
 from gatefleet.client import GatefleetClient
 from gatefleet.config import load_settings
 from gatefleet.gateway import ConfigResult

@@ -24,13 +24,13 @@ from nats.js.api import DiscardPolicy
 
 from bus.jetstream import JetStream, stream_name
 from bus.outbox import EventOutbox, unclean_stop_gap
+from bus.replay import Replay
 from bus.runtime import Bus
 from bus.server import EmbeddedServer
 from bus.subjects import Subjects
 from gatefleet import metrics
 from gatefleet.app import Orchestrator
 from gatefleet.audit import audit
-from gatefleet.audit.stream import Replay
 from schemas.events import (
     Alarm,
     AuditGap,

@@ -26,8 +26,8 @@ import pytest
 from bench.bench_chaos import missing_events, retrying
 from bus.connection import BusError
 from bus.jetstream import KvError, bucket_name, stream_name
+from bus.replay import Replay
 from bus.runtime import Bus, Inbound
-from gatefleet.audit.stream import Replay
 from gatefleet.client import GatefleetClient, GatefleetError
 from schemas.api import Distribution
 from schemas.events import Event, OrchestratorLeader, OrchestratorStarted, decode_event

@@ -7,7 +7,7 @@
     gatefleet audit replay [--since T] [--until T] [--json]
     gatefleet audit whatif --strategy S [--threshold X] [--since T] [--until T] [--json]
 
-Reading is done by `gatefleet.audit.stream.Replay` (an ordered consumer, filtered by
+Reading is done by `bus.replay.Replay` (an ordered consumer, filtered by
 subject on the server: `--type` and `--distribution` narrow the subjects); `--gateway`
 and `--distribution` are then checked here on the decoded events. `--json` writes each
 stored event as it is, one per line, without decoding it when no check here needs it.
@@ -31,6 +31,7 @@ import msgspec
 
 from actors.selection_log import selection_event
 from actors.strategies import Selection
+from bus.replay import StoredEvent, epoch_ns, until_stored
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet import output
@@ -48,7 +49,6 @@ from gatefleet.audit.render import (
 from gatefleet.audit.rerun import Lane, Rerun, Tally, WhatIf, request_of, selection_ts
 from gatefleet.audit.selections import feed, find_batch, parse_selection_id
 from gatefleet.audit.state import FOLDED_TYPES, FleetFold, FleetState, LoadBalancingState
-from gatefleet.audit.stream import StoredEvent, epoch_ns, until_stored
 from gatefleet.cli_common import client_options, fail, settings_or_exit
 from schemas.codec import DecodeError, encode
 from schemas.events import Event, GatewaySelected, SelectionBatch, SelectionRecord

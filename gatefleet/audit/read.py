@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bus.connection import AccessRefused, BusError
 from bus.jetstream import stream_name
+from bus.replay import Replay, StoredEvent
 from bus.runtime import Bus
-from gatefleet.audit.stream import Replay, StoredEvent
 from gatefleet.cli_common import EXIT_CONFIG, client_auth, fail
 from gatefleet.config import discover_url
 from schemas.codec import DecodeError

@@ -12,10 +12,10 @@ import click
 import msgspec
 from rich.table import Table
 
+from bus.replay import EPOCH
 from gatefleet import output
 from gatefleet.audit.rerun import Tally, busiest_share
 from gatefleet.audit.state import DistributionState, FleetState
-from gatefleet.audit.stream import EPOCH
 from schemas.events import (
     Alarm,
     AuditGap,

@@ -14,11 +14,11 @@ from datetime import datetime
 
 import msgspec
 
+from bus.replay import StoredEvent
 from bus.runtime import Bus
 from bus.subjects import Subjects
 from gatefleet.audit.read import Decoder, read
 from gatefleet.audit.rerun import Rerun
-from gatefleet.audit.stream import StoredEvent
 from schemas.settings import Settings
 
 SUBJECTS = ("lb.selections", "lb.snapshot", "audit.gap")
