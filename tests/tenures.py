@@ -9,7 +9,9 @@ import pykka
 from nats.js.kv import KeyValue
 
 from actors.load_balancer import LoadBalancerActor
+from bus.jetstream import KvStore, bucket_name
 from bus.leadership import Lease
+from bus.runtime import Bus
 from tests.conftest import wait_until
 from tests.test_kv_fencing import Held
 
@@ -34,6 +36,12 @@ def hold_settings_key(key: str) -> HeldKey:
     store = balancer.proxy().ctx.get().buckets["settings"]
     store._kv = held = HeldKey(store._kv, key)
     return held
+
+
+def settings_store(bus: Bus, prefix: str) -> KvStore:
+    """The `settings` bucket as another writer (another replica) sees it."""
+    name = bucket_name(prefix, "settings")
+    return KvStore(bus, bus.run(bus.js.key_value(name)), name)
 
 
 def lead_again(lease: Lease, timeout: float = 15.0) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus.jetstream import KvStore, bucket_name
+from bus.jetstream import bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from gatefleet.client import BadRequest, GatefleetClient, InternalError, Unavailable
@@ -21,7 +21,7 @@ from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet, MutableMetrics
 from tests.selections import recorded
-from tests.tenures import hold_settings_key, lead_again
+from tests.tenures import hold_settings_key, lead_again, settings_store
 
 
 def load(cpu: float, connections: int, latency: float) -> MutableMetrics:
@@ -269,8 +269,7 @@ def test_a_settings_write_after_another_replica_wrote_them_steps_the_leader_down
     down and answers `unavailable`, and the other's settings stay stored and come into
     force here as on any standby."""
     client.update_load_balancing_config("LatencyBased")
-    name = bucket_name(prefix, "settings")
-    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    settings_kv = settings_store(bus, prefix)
     newer = LoadBalancingConfig(strategy="LeastConnections", health_threshold=60.0)
     settings_kv.put("load_balancing", newer)
 
@@ -303,8 +302,7 @@ def test_a_settings_write_of_an_earlier_tenure_refused_late_leaves_the_present_o
     asked = bus.submit(bus.nc.request(f"{prefix}.api.load-balancing.set", body, timeout=30))
     assert held.waiting.wait(5)
     epoch = lead_again(gatefleet.lease)
-    name = bucket_name(prefix, "settings")
-    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    settings_kv = settings_store(bus, prefix)
     newer = LoadBalancingConfig(strategy="LeastConnections", health_threshold=60.0)
     settings_kv.put("load_balancing", newer)
 

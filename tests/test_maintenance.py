@@ -12,7 +12,6 @@ import pytest
 
 from actors.failover import FailoverPlanner, FindReplacement, MassFailureGuard, Redirect
 from actors.maintenance import MaintenanceRecord
-from bus.jetstream import KvStore, bucket_name
 from bus.runtime import Bus
 from gatefleet.app import Orchestrator
 from schemas.api import MaintenanceReply, MaintenanceRequest
@@ -25,7 +24,7 @@ from schemas.events import (
 from schemas.settings import Settings
 from tests.conftest import EventLog, SettingsFactory, wait_until
 from tests.fleet import Fleet
-from tests.tenures import hold_settings_key, lead_again
+from tests.tenures import hold_settings_key, lead_again, settings_store
 from tests.test_ha import Redirects, healthy, select
 
 
@@ -190,8 +189,7 @@ def test_a_maintenance_write_after_another_replica_wrote_the_key_steps_the_leade
     fleet.add("primary")
     healthy(event_log, "primary")
     maintenance(fleet, "primary", True, "rack move")
-    name = bucket_name(prefix, "settings")
-    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    settings_kv = settings_store(bus, prefix)
     newer = MaintenanceRecord(reason="the newer leader's", since=datetime.now(UTC))
     settings_kv.put("maintenance.primary", newer)
 
@@ -224,8 +222,7 @@ def test_a_maintenance_write_of_an_earlier_tenure_refused_late_leaves_the_presen
     asked = bus.submit(bus.nc.request(f"{prefix}.api.maintenance", body, timeout=30))
     assert held.waiting.wait(5)
     epoch = lead_again(leader.lease)
-    name = bucket_name(prefix, "settings")
-    settings_kv = KvStore(bus, bus.run(bus.js.key_value(name)), name)
+    settings_kv = settings_store(bus, prefix)
     newer = MaintenanceRecord(reason="another writer's", since=datetime.now(UTC))
     settings_kv.put("maintenance.primary", newer)
 
